@@ -1,1 +1,23 @@
-//! placeholder
+//! A pure bitmap allocator with kube-apiserver's allocation semantics, shared by the ClusterIP
+//! and NodePort allocators and the cloud load-balancer address pool. No Kubernetes types here.
+//!
+//! - [`Bitmap`]: indices `[0, size)` with a static lower band (KEP-3070 for ClusterIPs, KEP-3668
+//!   for NodePorts). Dynamic picks start at a random index inside the upper band and scan
+//!   linearly with wrap-around; only when the upper band is full do they scan the static band
+//!   the same way. Requested indices may be anywhere.
+//! - [`IpRange`]: a CIDR view (network address and IPv4 broadcast never allocated, IPv6 ranges
+//!   capped at 65536 addresses as upstream's bitmap, `--service-cluster-ip-range` size limits).
+//! - [`PortRange`]: a port span view, with [`PortSpan`] parsing `--service-node-port-range`.
+//!
+//! For another pool (e.g. load-balancer addresses) build an [`IpRange`] with
+//! [`IpRange::new_capped`] or a [`Bitmap`] with the band that pool wants (0 for none).
+//! Randomness is passed in, so callers pick `rand::rng()` in production and a seeded RNG in
+//! tests.
+
+pub mod bitmap;
+pub mod ip;
+pub mod port;
+
+pub use bitmap::{Band, Bitmap, BitmapError, Snapshot};
+pub use ip::{IpError, IpFamily, IpRange, Placement, clusterip_static_band};
+pub use port::{PortError, PortRange, PortSpan, PortSpanError, nodeport_static_band};
