@@ -1,0 +1,979 @@
+//! AWS Network Load Balancers (`--cloud-provider=aws`): one NLB per Service, one target group
+//! per Service port with instance targets on the NodePort, one listener per port.
+//!
+//! Reconcile by diff: describe what exists (batched where the API allows), compare with
+//! [`spec::desired`], mutate only what differs, so a resync of a converged Service makes no
+//! mutating call. Everything is found by deterministic name and proven ours by tags
+//! (`kubernetes.io/cluster/<cluster>=owned`, `kubernetes.io/service-name=<ns>/<name>`) before
+//! it is changed; anything else with our name is reported, never touched.
+//!
+//! Emulator-proofing (moto differs from AWS, see issue 6): we look up by name before every
+//! create (moto's CreateLoadBalancer duplicates, its CreateTargetGroup fails on an existing
+//! name); a changed NodePort gets a new target group rather than re-registered ports (moto keys
+//! targets by instance alone); a listener protocol change is delete-then-create (moto cannot
+//! ModifyListener to UDP); we never parse ARNs (moto's say `app`).
+//!
+//! Deliberate gaps: no EC2 API (it would more than double build time), so subnets come from the
+//! annotation or `subnets` in the cloud config (IDs only, no discovery by tag), and
+//! `loadBalancerSourceRanges` is validated but not enforced (NLB source filtering lives in EC2
+//! security groups).
+
+pub mod budget;
+pub mod spec;
+
+/// The ELBv2 SDK, re-exported for tests and benchmarks that inspect what the provider made.
+pub use aws_sdk_elasticloadbalancingv2 as elbv2_sdk;
+
+/// An ELBv2 client with static dummy credentials for an emulator at `endpoint` (tests and
+/// benchmarks; production uses [`AwsProvider::new`] and the SDK's default chain).
+pub fn emulator_client(endpoint: &str, region: &str, max_attempts: u32) -> elbv2::Client {
+    let conf = elbv2::Config::builder()
+        .behavior_version(elbv2::config::BehaviorVersion::latest())
+        .region(elbv2::config::Region::new(region.to_string()))
+        .endpoint_url(endpoint)
+        .credentials_provider(elbv2::config::Credentials::new(
+            "test", "test", None, None, "static",
+        ))
+        .retry_config(
+            elbv2::config::retry::RetryConfig::standard().with_max_attempts(max_attempts.max(1)),
+        )
+        .build();
+    elbv2::Client::from_conf(conf)
+}
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use aws_sdk_elasticloadbalancingv2 as elbv2;
+use elbv2::error::{ProvideErrorMetadata, SdkError};
+use elbv2::types::{
+    Action, ActionTypeEnum, IpAddressType, LoadBalancerAttribute, LoadBalancerSchemeEnum,
+    LoadBalancerTypeEnum, ProtocolEnum, Tag, TargetDescription, TargetGroupAttribute,
+    TargetTypeEnum,
+};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Node, Service};
+use serde::Deserialize;
+use tracing::{debug, info, warn};
+
+use crate::provider::{LoadBalancerProvider, ProviderError};
+use budget::{Budget, OpClass, RateLimits};
+use spec::{DesiredLb, DesiredTargetGroup, HealthCheck, Scheme};
+
+/// The AWS provider's `--cloud-config` file (YAML or JSON).
+///
+/// ```yaml
+/// region: us-east-1            # else the SDK's default chain (AWS_REGION, profile, IMDS)
+/// endpointURL: http://127.0.0.1:5000   # else AWS_ENDPOINT_URL / the SDK default
+/// subnets: [subnet-0abc, subnet-0def]  # for Services without the subnets annotation
+/// maxAttempts: 3               # SDK attempts per call (retries of throttling and 5xx)
+/// rateLimits:                  # client-side budget per operation class
+///   describe: {qps: 10, burst: 40}
+///   mutate:   {qps: 10, burst: 40}
+///   targets:  {qps: 4,  burst: 20}
+/// ```
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AwsCloudConfig {
+    /// Region override.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// ELBv2 endpoint override.
+    #[serde(default, rename = "endpointURL")]
+    pub endpoint_url: Option<String>,
+    /// Default subnet IDs.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    /// SDK attempts per call.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Client-side budgets.
+    #[serde(default)]
+    pub rate_limits: RateLimits,
+}
+
+/// What we saw of an existing load balancer.
+#[derive(Clone, Debug)]
+struct LbObs {
+    arn: String,
+    dns: Option<String>,
+    vpc: Option<String>,
+    scheme: Option<String>,
+}
+
+/// What we saw of an existing target group.
+#[derive(Clone, Debug)]
+struct TgObs {
+    arn: String,
+    name: String,
+    port: Option<i32>,
+    health: HealthCheck,
+}
+
+/// Network load balancers through ELBv2.
+pub struct AwsProvider {
+    client: elbv2::Client,
+    budget: Budget,
+    defaults: spec::Defaults,
+    calls: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+fn classify<E>(op: &'static str, e: SdkError<E>) -> ProviderError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let code = e.code().unwrap_or("").to_string();
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let msg = format!("{op}: {}", elbv2::error::DisplayErrorContext(&e));
+    match code.as_str() {
+        "Throttling"
+        | "ThrottlingException"
+        | "RequestLimitExceeded"
+        | "TooManyRequestsException" => ProviderError::Throttled {
+            message: msg,
+            retry_after: None,
+        },
+        // The request itself is wrong for this Service: retrying cannot help until it changes.
+        "ValidationError"
+        | "InvalidConfigurationRequest"
+        | "UnsupportedProtocol"
+        | "InvalidSubnet"
+        | "SubnetNotFound"
+        | "InvalidScheme"
+        | "AvailabilityZoneNotSupported" => ProviderError::Permanent(msg),
+        _ => {
+            if status == Some(429) {
+                ProviderError::Throttled {
+                    message: msg,
+                    retry_after: None,
+                }
+            } else {
+                ProviderError::Retryable(msg)
+            }
+        }
+    }
+}
+
+fn is_code<E: ProvideErrorMetadata>(e: &SdkError<E>, codes: &[&str]) -> bool {
+    e.code().is_some_and(|c| codes.contains(&c))
+}
+
+fn health_of(tg: &elbv2::types::TargetGroup) -> HealthCheck {
+    let protocol = tg
+        .health_check_protocol()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    HealthCheck {
+        path: if protocol == "TCP" {
+            None
+        } else {
+            tg.health_check_path().map(str::to_string)
+        },
+        protocol,
+        port: tg.health_check_port().unwrap_or("").to_string(),
+        interval: tg.health_check_interval_seconds().unwrap_or(0),
+        timeout: tg.health_check_timeout_seconds().unwrap_or(0),
+        healthy: tg.healthy_threshold_count().unwrap_or(0),
+        unhealthy: tg.unhealthy_threshold_count().unwrap_or(0),
+    }
+}
+
+fn tg_obs(tg: &elbv2::types::TargetGroup) -> Option<TgObs> {
+    Some(TgObs {
+        arn: tg.target_group_arn()?.to_string(),
+        name: tg.target_group_name()?.to_string(),
+        port: tg.port(),
+        health: health_of(tg),
+    })
+}
+
+fn lb_obs(lb: &elbv2::types::LoadBalancer) -> Option<LbObs> {
+    Some(LbObs {
+        arn: lb.load_balancer_arn()?.to_string(),
+        dns: lb.dns_name().map(str::to_string),
+        vpc: lb.vpc_id().map(str::to_string),
+        scheme: lb.scheme().map(|s| s.as_str().to_string()),
+    })
+}
+
+fn tags_vec(tags: &BTreeMap<String, String>) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn owned_by(tags: &BTreeMap<String, String>, cluster: &str, svc: &Service) -> bool {
+    let want = format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or(""),
+        svc.metadata.name.as_deref().unwrap_or("")
+    );
+    tags.get(&spec::cluster_tag_key(cluster))
+        .map(String::as_str)
+        == Some("owned")
+        && tags.get(spec::SERVICE_TAG) == Some(&want)
+}
+
+impl AwsProvider {
+    /// A provider from the SDK's default chain (credentials, region, `AWS_ENDPOINT_URL`) with
+    /// `cfg`'s overrides.
+    pub async fn new(cfg: AwsCloudConfig) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = &cfg.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        if let Some(u) = &cfg.endpoint_url {
+            loader = loader.endpoint_url(u.clone());
+        }
+        if let Some(n) = cfg.max_attempts {
+            loader = loader.retry_config(
+                aws_config::retry::RetryConfig::standard().with_max_attempts(n.max(1)),
+            );
+        }
+        let shared = loader.load().await;
+        Self::with_client(elbv2::Client::new(&shared), cfg)
+    }
+
+    /// A provider around an existing client (tests and benchmarks).
+    pub fn with_client(client: elbv2::Client, cfg: AwsCloudConfig) -> Self {
+        AwsProvider {
+            client,
+            budget: Budget::new(cfg.rate_limits),
+            defaults: spec::Defaults {
+                subnets: cfg.subnets,
+            },
+            calls: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// ELBv2 calls made so far, by operation name (for metrics and the benchmark).
+    pub fn call_counts(&self) -> BTreeMap<&'static str, u64> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn before(&self, class: OpClass, op: &'static str) {
+        self.budget.acquire(class).await;
+        *self
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(op)
+            .or_default() += 1;
+    }
+
+    /// Load balancers named `name` (moto may hold several; AWS at most one).
+    async fn find_lbs(&self, name: &str) -> Result<Vec<elbv2::types::LoadBalancer>, ProviderError> {
+        self.before(OpClass::Describe, "DescribeLoadBalancers")
+            .await;
+        match self
+            .client
+            .describe_load_balancers()
+            .names(name)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.load_balancers().to_vec()),
+            Err(e) if is_code(&e, &["LoadBalancerNotFound"]) => Ok(vec![]),
+            Err(e) => Err(classify("DescribeLoadBalancers", e)),
+        }
+    }
+
+    /// Tags of up to any number of ARNs (batched by 20, the API's limit).
+    async fn tags(
+        &self,
+        arns: &[String],
+    ) -> Result<HashMap<String, BTreeMap<String, String>>, ProviderError> {
+        let mut out = HashMap::new();
+        for chunk in arns.chunks(20) {
+            self.before(OpClass::Describe, "DescribeTags").await;
+            let r = self
+                .client
+                .describe_tags()
+                .set_resource_arns(Some(chunk.to_vec()))
+                .send()
+                .await;
+            match r {
+                Ok(r) => {
+                    for d in r.tag_descriptions() {
+                        let Some(arn) = d.resource_arn() else {
+                            continue;
+                        };
+                        let tags = d
+                            .tags()
+                            .iter()
+                            .filter_map(|t| {
+                                Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))
+                            })
+                            .collect();
+                        out.insert(arn.to_string(), tags);
+                    }
+                }
+                // A resource deleted between describe and tag lookup has no tags to prove
+                // ownership: treat as absent.
+                Err(e) if is_code(&e, &["LoadBalancerNotFound", "TargetGroupNotFound"]) => {}
+                Err(e) => return Err(classify("DescribeTags", e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Our load balancer for `svc` if it exists. Several owned ones (an emulator that
+    /// duplicates on create) are collapsed to the oldest; the rest are deleted. One with our
+    /// name that we do not own is an error: never touch it.
+    async fn find_owned_lb(
+        &self,
+        cluster: &str,
+        svc: &Service,
+        name: &str,
+    ) -> Result<Option<LbObs>, ProviderError> {
+        let mut lbs = self.find_lbs(name).await?;
+        if lbs.is_empty() {
+            return Ok(None);
+        }
+        lbs.sort_by_key(|l| l.created_time().map(|t| (t.secs(), t.subsec_nanos())));
+        let arns: Vec<String> = lbs
+            .iter()
+            .filter_map(|l| l.load_balancer_arn().map(str::to_string))
+            .collect();
+        let tags = self.tags(&arns).await?;
+        let mut owned: Vec<LbObs> = lbs
+            .iter()
+            .filter_map(lb_obs)
+            .filter(|o| tags.get(&o.arn).is_some_and(|t| owned_by(t, cluster, svc)))
+            .collect();
+        if owned.is_empty() {
+            return Err(ProviderError::Permanent(format!(
+                "a load balancer named {name} exists but is not tagged as owned by cluster {cluster} and this Service; not touching it"
+            )));
+        }
+        let keep = owned.remove(0);
+        for dup in owned {
+            warn!(lb = %name, arn = %dup.arn, "deleting duplicate load balancer");
+            self.delete_lb_arn(&dup.arn).await?;
+        }
+        Ok(Some(keep))
+    }
+
+    async fn delete_lb_arn(&self, arn: &str) -> Result<(), ProviderError> {
+        self.before(OpClass::Mutate, "DeleteLoadBalancer").await;
+        match self
+            .client
+            .delete_load_balancer()
+            .load_balancer_arn(arn)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, &["LoadBalancerNotFound"]) => Ok(()),
+            Err(e) => Err(classify("DeleteLoadBalancer", e)),
+        }
+    }
+
+    async fn create_lb(&self, d: &DesiredLb) -> Result<LbObs, ProviderError> {
+        self.before(OpClass::Mutate, "CreateLoadBalancer").await;
+        let scheme = match d.scheme {
+            Scheme::Internal => LoadBalancerSchemeEnum::Internal,
+            Scheme::InternetFacing => LoadBalancerSchemeEnum::InternetFacing,
+        };
+        let out = self
+            .client
+            .create_load_balancer()
+            .name(&d.name)
+            .r#type(LoadBalancerTypeEnum::Network)
+            .scheme(scheme)
+            .ip_address_type(IpAddressType::from(d.ip_address_type.as_str()))
+            .set_subnets(Some(d.subnets.clone()))
+            .set_tags(Some(tags_vec(&d.tags)))
+            .send()
+            .await
+            .map_err(|e| classify("CreateLoadBalancer", e))?;
+        let lb = out
+            .load_balancers()
+            .first()
+            .and_then(lb_obs)
+            .ok_or_else(|| {
+                ProviderError::Retryable("CreateLoadBalancer returned no load balancer".into())
+            })?;
+        info!(lb = %d.name, arn = %lb.arn, "created load balancer");
+        Ok(lb)
+    }
+
+    /// Target groups attached to the load balancer (through its listeners).
+    async fn attached_tgs(&self, lb_arn: &str) -> Result<Vec<TgObs>, ProviderError> {
+        self.before(OpClass::Describe, "DescribeTargetGroups").await;
+        match self
+            .client
+            .describe_target_groups()
+            .load_balancer_arn(lb_arn)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.target_groups().iter().filter_map(tg_obs).collect()),
+            Err(e) if is_code(&e, &["LoadBalancerNotFound", "TargetGroupNotFound"]) => Ok(vec![]),
+            Err(e) => Err(classify("DescribeTargetGroups", e)),
+        }
+    }
+
+    /// Target groups by name; one call when all exist, else one per name (the API fails the
+    /// whole request if any name is missing).
+    async fn tgs_by_name(&self, names: &[String]) -> Result<Vec<TgObs>, ProviderError> {
+        if names.is_empty() {
+            return Ok(vec![]);
+        }
+        self.before(OpClass::Describe, "DescribeTargetGroups").await;
+        match self
+            .client
+            .describe_target_groups()
+            .set_names(Some(names.to_vec()))
+            .send()
+            .await
+        {
+            Ok(out) => return Ok(out.target_groups().iter().filter_map(tg_obs).collect()),
+            Err(e) if is_code(&e, &["TargetGroupNotFound"]) => {}
+            Err(e) => return Err(classify("DescribeTargetGroups", e)),
+        }
+        if names.len() == 1 {
+            return Ok(vec![]);
+        }
+        let mut found = vec![];
+        for n in names {
+            self.before(OpClass::Describe, "DescribeTargetGroups").await;
+            match self.client.describe_target_groups().names(n).send().await {
+                Ok(out) => found.extend(out.target_groups().iter().filter_map(tg_obs)),
+                Err(e) if is_code(&e, &["TargetGroupNotFound"]) => {}
+                Err(e) => return Err(classify("DescribeTargetGroups", e)),
+            }
+        }
+        Ok(found)
+    }
+
+    async fn create_tg(
+        &self,
+        d: &DesiredTargetGroup,
+        vpc: Option<&str>,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<TgObs, ProviderError> {
+        self.before(OpClass::Mutate, "CreateTargetGroup").await;
+        let hc = &d.health;
+        let out = self
+            .client
+            .create_target_group()
+            .name(&d.name)
+            .protocol(ProtocolEnum::from(d.protocol.as_str()))
+            .port(d.node_port)
+            .set_vpc_id(vpc.map(str::to_string))
+            .target_type(TargetTypeEnum::Instance)
+            .health_check_protocol(ProtocolEnum::from(hc.protocol.as_str()))
+            .health_check_port(&hc.port)
+            .set_health_check_path(hc.path.clone())
+            .health_check_interval_seconds(hc.interval)
+            .health_check_timeout_seconds(hc.timeout)
+            .healthy_threshold_count(hc.healthy)
+            .unhealthy_threshold_count(hc.unhealthy)
+            .set_tags(Some(tags_vec(tags)))
+            .send()
+            .await
+            .map_err(|e| classify("CreateTargetGroup", e))?;
+        out.target_groups().first().and_then(tg_obs).ok_or_else(|| {
+            ProviderError::Retryable("CreateTargetGroup returned no target group".into())
+        })
+    }
+
+    async fn modify_health(&self, arn: &str, hc: &HealthCheck) -> Result<(), ProviderError> {
+        self.before(OpClass::Mutate, "ModifyTargetGroup").await;
+        self.client
+            .modify_target_group()
+            .target_group_arn(arn)
+            .health_check_protocol(ProtocolEnum::from(hc.protocol.as_str()))
+            .health_check_port(&hc.port)
+            .set_health_check_path(hc.path.clone())
+            .health_check_interval_seconds(hc.interval)
+            .health_check_timeout_seconds(hc.timeout)
+            .healthy_threshold_count(hc.healthy)
+            .unhealthy_threshold_count(hc.unhealthy)
+            .send()
+            .await
+            .map_err(|e| classify("ModifyTargetGroup", e))?;
+        Ok(())
+    }
+
+    async fn ensure_tg_attributes(
+        &self,
+        arn: &str,
+        want: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        if want.is_empty() {
+            return Ok(());
+        }
+        self.before(OpClass::Describe, "DescribeTargetGroupAttributes")
+            .await;
+        let cur = self
+            .client
+            .describe_target_group_attributes()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeTargetGroupAttributes", e))?;
+        let have: BTreeMap<&str, &str> = cur
+            .attributes()
+            .iter()
+            .filter_map(|a| Some((a.key()?, a.value().unwrap_or(""))))
+            .collect();
+        let changes: Vec<TargetGroupAttribute> = want
+            .iter()
+            .filter(|(k, v)| have.get(k.as_str()) != Some(&v.as_str()))
+            .map(|(k, v)| TargetGroupAttribute::builder().key(k).value(v).build())
+            .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.before(OpClass::Mutate, "ModifyTargetGroupAttributes")
+            .await;
+        self.client
+            .modify_target_group_attributes()
+            .target_group_arn(arn)
+            .set_attributes(Some(changes))
+            .send()
+            .await
+            .map_err(|e| classify("ModifyTargetGroupAttributes", e))?;
+        Ok(())
+    }
+
+    async fn ensure_lb_attributes(
+        &self,
+        arn: &str,
+        want: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        if want.is_empty() {
+            return Ok(());
+        }
+        self.before(OpClass::Describe, "DescribeLoadBalancerAttributes")
+            .await;
+        let cur = self
+            .client
+            .describe_load_balancer_attributes()
+            .load_balancer_arn(arn)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeLoadBalancerAttributes", e))?;
+        let have: BTreeMap<&str, &str> = cur
+            .attributes()
+            .iter()
+            .filter_map(|a| Some((a.key()?, a.value().unwrap_or(""))))
+            .collect();
+        let changes: Vec<LoadBalancerAttribute> = want
+            .iter()
+            .filter(|(k, v)| have.get(k.as_str()) != Some(&v.as_str()))
+            .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
+            .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.before(OpClass::Mutate, "ModifyLoadBalancerAttributes")
+            .await;
+        self.client
+            .modify_load_balancer_attributes()
+            .load_balancer_arn(arn)
+            .set_attributes(Some(changes))
+            .send()
+            .await
+            .map_err(|e| classify("ModifyLoadBalancerAttributes", e))?;
+        Ok(())
+    }
+
+    /// Adds or corrects tags we want; never removes tags (others may have added them).
+    async fn ensure_tags(
+        &self,
+        arn: &str,
+        have: Option<&BTreeMap<String, String>>,
+        want: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        let missing: BTreeMap<String, String> = want
+            .iter()
+            .filter(|(k, v)| have.and_then(|h| h.get(*k)) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.before(OpClass::Mutate, "AddTags").await;
+        self.client
+            .add_tags()
+            .resource_arns(arn)
+            .set_tags(Some(tags_vec(&missing)))
+            .send()
+            .await
+            .map_err(|e| classify("AddTags", e))?;
+        Ok(())
+    }
+
+    /// Registers and deregisters so that exactly `instances` are targets on `port`.
+    async fn ensure_targets(
+        &self,
+        tg_arn: &str,
+        port: i32,
+        instances: &BTreeSet<String>,
+    ) -> Result<(), ProviderError> {
+        self.before(OpClass::Describe, "DescribeTargetHealth").await;
+        let cur = self
+            .client
+            .describe_target_health()
+            .target_group_arn(tg_arn)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeTargetHealth", e))?;
+        let have: BTreeSet<(String, i32)> = cur
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|d| {
+                let t = d.target()?;
+                Some((t.id()?.to_string(), t.port().unwrap_or(port)))
+            })
+            .collect();
+        let want: BTreeSet<(String, i32)> = instances.iter().map(|i| (i.clone(), port)).collect();
+        let remove: Vec<TargetDescription> = have
+            .difference(&want)
+            .map(|(id, p)| TargetDescription::builder().id(id).port(*p).build())
+            .collect();
+        let add: Vec<TargetDescription> = want
+            .difference(&have)
+            .map(|(id, p)| TargetDescription::builder().id(id).port(*p).build())
+            .collect();
+        // Deregister first: an emulator keyed by instance alone would otherwise drop the new
+        // registration when the old port is removed.
+        if !remove.is_empty() {
+            self.before(OpClass::Targets, "DeregisterTargets").await;
+            match self
+                .client
+                .deregister_targets()
+                .target_group_arn(tg_arn)
+                .set_targets(Some(remove))
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_code(&e, &["InvalidTarget"]) => {}
+                Err(e) => return Err(classify("DeregisterTargets", e)),
+            }
+        }
+        if !add.is_empty() {
+            self.before(OpClass::Targets, "RegisterTargets").await;
+            self.client
+                .register_targets()
+                .target_group_arn(tg_arn)
+                .set_targets(Some(add))
+                .send()
+                .await
+                .map_err(|e| classify("RegisterTargets", e))?;
+        }
+        Ok(())
+    }
+
+    async fn delete_tg(&self, arn: &str) -> Result<(), ProviderError> {
+        self.before(OpClass::Mutate, "DeleteTargetGroup").await;
+        match self
+            .client
+            .delete_target_group()
+            .target_group_arn(arn)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, &["TargetGroupNotFound"]) => Ok(()),
+            Err(e) => Err(classify("DeleteTargetGroup", e)),
+        }
+    }
+
+    async fn ensure_listeners(
+        &self,
+        lb_arn: &str,
+        d: &DesiredLb,
+        tg_arns: &HashMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        self.before(OpClass::Describe, "DescribeListeners").await;
+        let cur = self
+            .client
+            .describe_listeners()
+            .load_balancer_arn(lb_arn)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeListeners", e))?;
+        let mut existing: BTreeMap<i32, (String, String, Option<String>)> = BTreeMap::new();
+        for l in cur.listeners() {
+            let (Some(arn), Some(port)) = (l.listener_arn(), l.port()) else {
+                continue;
+            };
+            let proto = l
+                .protocol()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            let tg = l.default_actions().first().and_then(|a| {
+                a.target_group_arn().map(str::to_string).or_else(|| {
+                    a.forward_config()?
+                        .target_groups()
+                        .first()?
+                        .target_group_arn()
+                        .map(str::to_string)
+                })
+            });
+            existing.insert(port, (arn.to_string(), proto, tg));
+        }
+        let wanted_ports: BTreeSet<i32> = d.listeners.iter().map(|l| l.port).collect();
+        for (port, (arn, _, _)) in &existing {
+            if !wanted_ports.contains(port) {
+                self.delete_listener(arn).await?;
+            }
+        }
+        for l in &d.listeners {
+            let Some(tg_arn) = tg_arns.get(&l.target_group) else {
+                return Err(ProviderError::Retryable(format!(
+                    "target group {} missing",
+                    l.target_group
+                )));
+            };
+            let forward = Action::builder()
+                .r#type(ActionTypeEnum::Forward)
+                .target_group_arn(tg_arn)
+                .build();
+            match existing.get(&l.port) {
+                Some((_, proto, tg))
+                    if proto == &l.protocol && tg.as_deref() == Some(tg_arn.as_str()) => {}
+                Some((arn, proto, _)) if proto == &l.protocol => {
+                    self.before(OpClass::Mutate, "ModifyListener").await;
+                    self.client
+                        .modify_listener()
+                        .listener_arn(arn)
+                        .default_actions(forward)
+                        .send()
+                        .await
+                        .map_err(|e| classify("ModifyListener", e))?;
+                }
+                other => {
+                    // A protocol change is delete then create (ModifyListener to UDP fails in
+                    // moto, and a brief gap is unavoidable for a protocol change anyway).
+                    if let Some((arn, _, _)) = other {
+                        self.delete_listener(arn).await?;
+                    }
+                    self.before(OpClass::Mutate, "CreateListener").await;
+                    self.client
+                        .create_listener()
+                        .load_balancer_arn(lb_arn)
+                        .port(l.port)
+                        .protocol(ProtocolEnum::from(l.protocol.as_str()))
+                        .default_actions(forward)
+                        .send()
+                        .await
+                        .map_err(|e| classify("CreateListener", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_listener(&self, arn: &str) -> Result<(), ProviderError> {
+        self.before(OpClass::Mutate, "DeleteListener").await;
+        match self.client.delete_listener().listener_arn(arn).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, &["ListenerNotFound"]) => Ok(()),
+            Err(e) => Err(classify("DeleteListener", e)),
+        }
+    }
+
+    /// Everything we own for `svc`: the load balancer (if any) and target groups found through
+    /// it or by their deterministic names (a crash can leave groups not yet attached).
+    async fn owned_resources(
+        &self,
+        cluster: &str,
+        svc: &Service,
+    ) -> Result<(Option<LbObs>, Vec<TgObs>), ProviderError> {
+        let name = spec::load_balancer_name(cluster, svc);
+        let lb = self.find_owned_lb(cluster, svc, &name).await?;
+        let mut tgs = match &lb {
+            Some(lb) => self.attached_tgs(&lb.arn).await?,
+            None => vec![],
+        };
+        let known: BTreeSet<String> = tgs.iter().map(|t| t.name.clone()).collect();
+        let by_name: Vec<String> = spec::target_group_names(cluster, svc)
+            .into_iter()
+            .filter(|n| !known.contains(n))
+            .collect();
+        tgs.extend(self.tgs_by_name(&by_name).await?);
+        let arns: Vec<String> = tgs.iter().map(|t| t.arn.clone()).collect();
+        let tags = self.tags(&arns).await?;
+        tgs.retain(|t| {
+            tags.get(&t.arn)
+                .is_some_and(|tg| owned_by(tg, cluster, svc))
+        });
+        Ok((lb, tgs))
+    }
+
+    async fn delete_all(&self, cluster: &str, svc: &Service) -> Result<(), ProviderError> {
+        let (lb, tgs) = self.owned_resources(cluster, svc).await?;
+        if let Some(lb) = &lb {
+            // Deleting the load balancer deletes its listeners.
+            self.delete_lb_arn(&lb.arn).await?;
+            info!(arn = %lb.arn, "deleted load balancer");
+        }
+        for tg in &tgs {
+            match self.delete_tg(&tg.arn).await {
+                // AWS keeps a group "in use" briefly after its load balancer is gone.
+                Err(ProviderError::Retryable(m)) if m.contains("ResourceInUse") => {
+                    return Err(ProviderError::Retryable(m));
+                }
+                r => r?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LoadBalancerProvider for AwsProvider {
+    fn provider_name(&self) -> &'static str {
+        "aws"
+    }
+
+    fn load_balancer_name(&self, cluster: &str, service: &Service) -> String {
+        spec::load_balancer_name(cluster, service)
+    }
+
+    async fn get(
+        &self,
+        cluster: &str,
+        service: &Service,
+    ) -> Result<Option<LoadBalancerStatus>, ProviderError> {
+        let name = spec::load_balancer_name(cluster, service);
+        Ok(self
+            .find_owned_lb(cluster, service, &name)
+            .await?
+            .map(|lb| status_of(&lb)))
+    }
+
+    async fn ensure(
+        &self,
+        cluster: &str,
+        service: &Service,
+        nodes: &[Node],
+    ) -> Result<LoadBalancerStatus, ProviderError> {
+        let d = spec::desired(cluster, service, &self.defaults)?;
+        let instances = spec::instance_ids(nodes);
+        let mut lb = self.find_owned_lb(cluster, service, &d.name).await?;
+        if let Some(cur) = &lb
+            && cur
+                .scheme
+                .as_deref()
+                .is_some_and(|s| s != d.scheme.as_str())
+        {
+            // The scheme cannot change in place: replace the load balancer.
+            info!(lb = %d.name, "scheme changed: replacing load balancer");
+            self.delete_lb_arn(&cur.arn).await?;
+            lb = None;
+        }
+        let lb = match lb {
+            Some(lb) => lb,
+            None => self.create_lb(&d).await?,
+        };
+        self.ensure_lb_attributes(&lb.arn, &d.lb_attributes).await?;
+
+        // Target groups: those attached, plus desired ones found by name (adoption after a
+        // crash between CreateTargetGroup and CreateListener).
+        let mut tgs = self.attached_tgs(&lb.arn).await?;
+        let known: BTreeSet<String> = tgs.iter().map(|t| t.name.clone()).collect();
+        let missing: Vec<String> = d
+            .target_groups
+            .iter()
+            .map(|t| t.name.clone())
+            .filter(|n| !known.contains(n))
+            .collect();
+        tgs.extend(self.tgs_by_name(&missing).await?);
+        let mut arns: Vec<String> = vec![lb.arn.clone()];
+        arns.extend(tgs.iter().map(|t| t.arn.clone()));
+        let tags = self.tags(&arns).await?;
+        self.ensure_tags(&lb.arn, tags.get(&lb.arn), &d.tags)
+            .await?;
+        for t in &tgs {
+            let owned = tags
+                .get(&t.arn)
+                .is_some_and(|tg| owned_by(tg, cluster, service));
+            if !owned && d.target_groups.iter().any(|w| w.name == t.name) {
+                return Err(ProviderError::Permanent(format!(
+                    "a target group named {} exists but is not owned by this Service; not touching it",
+                    t.name
+                )));
+            }
+        }
+        let mut tg_arns: HashMap<String, String> = HashMap::new();
+        for want in &d.target_groups {
+            let tg = match tgs.iter().find(|t| t.name == want.name) {
+                Some(t) => {
+                    if t.health != want.health {
+                        debug!(tg = %t.name, have = ?t.health, want = ?want.health, "health check differs");
+                        self.modify_health(&t.arn, &want.health).await?;
+                    }
+                    self.ensure_tags(&t.arn, tags.get(&t.arn), &d.tags).await?;
+                    t.clone()
+                }
+                None => self.create_tg(want, lb.vpc.as_deref(), &d.tags).await?,
+            };
+            self.ensure_tg_attributes(&tg.arn, &want.attributes).await?;
+            self.ensure_targets(&tg.arn, tg.port.unwrap_or(want.node_port), &instances)
+                .await?;
+            tg_arns.insert(want.name.clone(), tg.arn);
+        }
+        self.ensure_listeners(&lb.arn, &d, &tg_arns).await?;
+        // Groups no longer wanted (a port removed, a NodePort changed): delete once no
+        // listener points at them any more. Only groups we own.
+        for t in &tgs {
+            let wanted = d.target_groups.iter().any(|w| w.name == t.name);
+            let owned = tags
+                .get(&t.arn)
+                .is_some_and(|tg| owned_by(tg, cluster, service));
+            if !wanted && owned {
+                self.delete_tg(&t.arn).await?;
+            }
+        }
+        Ok(status_of(&lb))
+    }
+
+    async fn update_hosts(
+        &self,
+        cluster: &str,
+        service: &Service,
+        nodes: &[Node],
+    ) -> Result<(), ProviderError> {
+        let name = spec::load_balancer_name(cluster, service);
+        let Some(lb) = self.find_owned_lb(cluster, service, &name).await? else {
+            return Ok(());
+        };
+        let instances = spec::instance_ids(nodes);
+        let tgs = self.attached_tgs(&lb.arn).await?;
+        let arns: Vec<String> = tgs.iter().map(|t| t.arn.clone()).collect();
+        let tags = self.tags(&arns).await?;
+        for t in tgs {
+            if !tags
+                .get(&t.arn)
+                .is_some_and(|tg| owned_by(tg, cluster, service))
+            {
+                continue;
+            }
+            let Some(port) = t.port else { continue };
+            self.ensure_targets(&t.arn, port, &instances).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_deleted(&self, cluster: &str, service: &Service) -> Result<(), ProviderError> {
+        self.delete_all(cluster, service).await
+    }
+}
+
+fn status_of(lb: &LbObs) -> LoadBalancerStatus {
+    LoadBalancerStatus {
+        ingress: lb.dns.as_ref().map(|d| {
+            vec![LoadBalancerIngress {
+                hostname: Some(d.clone()),
+                ..Default::default()
+            }]
+        }),
+    }
+}

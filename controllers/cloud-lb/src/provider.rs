@@ -1,0 +1,152 @@
+//! The load-balancer provider contract: what a cloud (or the local address pool) implements so
+//! that the service controller can point a load balancer at the cluster's nodes.
+//!
+//! # Adding a provider
+//!
+//! Implement [`LoadBalancerProvider`] and register a constructor in the binary's
+//! `--cloud-provider` switch (see [`crate::ProviderKind`]). The controller guarantees:
+//!
+//! * It calls you only for Services it serves (type `LoadBalancer`, matching
+//!   `spec.loadBalancerClass`), after the finalizer `service.kubernetes.io/load-balancer-cleanup`
+//!   is on the Service, so [`LoadBalancerProvider::ensure_deleted`] always gets its chance.
+//! * Calls for one Service never overlap; calls for different Services run concurrently (up to
+//!   `--concurrent-service-syncs`), so the provider must be `Send + Sync` and keep shared state
+//!   behind its own locks.
+//! * `nodes` is upstream's *stable node set*: nodes not being deleted, not labelled
+//!   `node.kubernetes.io/exclude-from-external-load-balancers` (true or unparsable), not tainted
+//!   `ToBeDeletedByClusterAutoscaler`. Readiness is deliberately not filtered; the load
+//!   balancer's own health checks decide whether a node gets traffic. Nodes may lack
+//!   `spec.providerID`; skip those if you need it.
+//! * It writes the returned [`LoadBalancerStatus`] to `status.loadBalancer` only if it differs.
+//!
+//! What the provider must do:
+//!
+//! * Be idempotent and convergent: `ensure` is called on every Service change and resync, and
+//!   after crashes; it must find what an earlier, interrupted call created (by deterministic name
+//!   and ownership marks) instead of creating it again, and must not mutate anything that already
+//!   matches.
+//! * Never modify or delete resources it cannot prove it owns.
+//! * Classify failures with [`ProviderError`]: the controller retries `Retryable` with
+//!   per-Service exponential backoff (5 s to 300 s), waits at least the hinted delay for
+//!   `Throttled`, and for `Permanent` (e.g. an invalid annotation) records a Warning Event and
+//!   does not retry until the Service changes.
+//!
+//! The contract follows k8s.io/cloud-provider's `LoadBalancer` interface (GetLoadBalancer,
+//! GetLoadBalancerName, EnsureLoadBalancer, UpdateLoadBalancer, EnsureLoadBalancerDeleted).
+//! Deliberate differences: errors are typed instead of free-form, there is no
+//! `ImplementedElsewhere` (class filtering happens in the controller), and
+//! [`LoadBalancerProvider::restore`] lets stateful providers rebuild from Services at start.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
+
+/// Why a provider call failed, which decides how the controller retries it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// A transient failure (network, 5xx, a conflicting concurrent change): retry with backoff.
+    #[error("{0}")]
+    Retryable(String),
+    /// The Service asks for something this provider cannot do (bad annotation, address outside
+    /// every pool, unsupported protocol). Reported as a Warning Event; not retried until the
+    /// Service changes.
+    #[error("{0}")]
+    Permanent(String),
+    /// The cloud API throttled us; retry no sooner than `retry_after` if given.
+    #[error("throttled: {message}")]
+    Throttled {
+        /// What the API said.
+        message: String,
+        /// The earliest sensible retry, if the provider knows it.
+        retry_after: Option<Duration>,
+    },
+}
+
+impl ProviderError {
+    /// A short, bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ProviderError::Retryable(_) => "provider_retryable",
+            ProviderError::Permanent(_) => "provider_permanent",
+            ProviderError::Throttled { .. } => "provider_throttled",
+        }
+    }
+
+    /// True for errors that must not be retried until the Service changes.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ProviderError::Permanent(_))
+    }
+}
+
+/// A load-balancer implementation chosen at run time by `--cloud-provider`.
+///
+/// All methods take the cluster name (`--cluster-name`) so a provider can namespace and tag what
+/// it creates, and the Service as last seen by the controller's cache.
+#[async_trait]
+pub trait LoadBalancerProvider: Send + Sync {
+    /// The provider's name as given to `--cloud-provider` (for logs and metrics).
+    fn provider_name(&self) -> &'static str;
+
+    /// The load balancer's name for this Service: deterministic (same cluster and Service, same
+    /// name across restarts and replicas) and valid for the cloud. Must not call the network.
+    fn load_balancer_name(&self, cluster: &str, service: &Service) -> String;
+
+    /// The status of the Service's load balancer if it exists (`None` if it does not).
+    async fn get(
+        &self,
+        cluster: &str,
+        service: &Service,
+    ) -> Result<Option<LoadBalancerStatus>, ProviderError>;
+
+    /// Creates the load balancer or brings an existing one to the desired state for `service`
+    /// and `nodes`, and returns the status to publish. Must mutate nothing that already matches.
+    async fn ensure(
+        &self,
+        cluster: &str,
+        service: &Service,
+        nodes: &[Node],
+    ) -> Result<LoadBalancerStatus, ProviderError>;
+
+    /// Points the existing load balancer at `nodes` (called when only the node set changed).
+    /// A missing load balancer is not an error: the next `ensure` creates it.
+    async fn update_hosts(
+        &self,
+        cluster: &str,
+        service: &Service,
+        nodes: &[Node],
+    ) -> Result<(), ProviderError>;
+
+    /// Deletes the Service's load balancer and everything created for it; succeeds if nothing
+    /// is left (including when nothing existed).
+    async fn ensure_deleted(&self, cluster: &str, service: &Service) -> Result<(), ProviderError>;
+
+    /// Called once after the caches have synced and before any other call, with every Service
+    /// the controller serves, so a stateful provider can rebuild its state (the local pool
+    /// re-reserves published addresses). The default does nothing.
+    async fn restore(&self, _cluster: &str, _services: &[Service]) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+/// Which provider `--cloud-provider` selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// AWS Network Load Balancers (`aws`).
+    Aws,
+    /// Addresses from local pools (`local`).
+    Local,
+}
+
+impl std::str::FromStr for ProviderKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "aws" => Ok(ProviderKind::Aws),
+            "local" => Ok(ProviderKind::Local),
+            other => Err(format!(
+                "unknown cloud provider {other:?} (expected aws or local)"
+            )),
+        }
+    }
+}
