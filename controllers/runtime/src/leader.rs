@@ -75,7 +75,8 @@ impl LeaderGate {
 #[derive(Debug, PartialEq, Eq)]
 enum Attempt {
     Held,
-    HeldByOther,
+    /// Another candidate holds an unexpired lease; it expires (by our clock) after this long.
+    HeldByOther(Duration),
 }
 
 /// Runs a candidate until `shutdown`; `tx` carries leadership. Releases the Lease on shutdown
@@ -89,6 +90,7 @@ pub async fn run_elector(
     let mut observed: Option<(String, Instant)> = None; // (resourceVersion, when we saw it change)
     let mut last_renew: Option<Instant> = None;
     loop {
+        let mut wait = cfg.retry_period;
         let leading = *tx.borrow();
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -102,7 +104,13 @@ pub async fn run_elector(
                     let _ = tx.send(true);
                 }
             }
-            Ok(Ok(Attempt::HeldByOther)) => {
+            Ok(Ok(Attempt::HeldByOther(expires_in))) => {
+                // Try again right at expiry rather than up to a retry period after it, so a
+                // dead leader is replaced within lease duration plus one retry period of its
+                // last renewal being observed.
+                if !expires_in.is_zero() {
+                    wait = wait.min(expires_in + Duration::from_millis(10));
+                }
                 if leading {
                     warn!(lease = %cfg.name, "lease taken by another candidate; stepping down");
                     let _ = tx.send(false);
@@ -123,7 +131,7 @@ pub async fn run_elector(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(jittered(cfg.retry_period, !*tx.borrow())) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     if *tx.borrow() {
@@ -133,15 +141,6 @@ pub async fn run_elector(
             Err(e) => warn!(lease = %cfg.name, error = %e, "could not release lease"),
         }
     }
-}
-
-/// client-go adds up to 20% jitter to a follower's retry period so candidates don't stampede.
-fn jittered(d: Duration, follower: bool) -> Duration {
-    if !follower {
-        return d;
-    }
-    let f: f64 = rand::random::<f64>() * 0.2;
-    d.mul_f64(1.0 + f)
 }
 
 fn now_micro() -> MicroTime {
@@ -176,7 +175,7 @@ async fn try_acquire_or_renew(
                 *observed = Some((l.resource_version().unwrap_or_default(), Instant::now()));
                 Ok(Attempt::Held)
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::HeldByOther),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::HeldByOther(Duration::ZERO)),
             Err(e) => Err(e),
         };
     };
@@ -195,7 +194,7 @@ async fn try_acquire_or_renew(
         );
         let seen_at = observed.as_ref().map(|(_, t)| *t).unwrap_or(now);
         if seen_at + duration > now {
-            return Ok(Attempt::HeldByOther);
+            return Ok(Attempt::HeldByOther(seen_at + duration - now));
         }
     }
     let mut new_spec = spec.clone();
@@ -213,7 +212,7 @@ async fn try_acquire_or_renew(
             *observed = Some((l.resource_version().unwrap_or_default(), Instant::now()));
             Ok(Attempt::Held)
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::HeldByOther),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::HeldByOther(Duration::ZERO)),
         Err(e) => Err(e),
     }
 }
@@ -240,16 +239,6 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<(), kube::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn follower_retry_is_jittered_within_twenty_percent() {
-        let d = Duration::from_secs(2);
-        for _ in 0..100 {
-            let j = jittered(d, true);
-            assert!(j >= d && j <= d.mul_f64(1.2));
-        }
-        assert_eq!(jittered(d, false), d);
-    }
 
     #[tokio::test]
     async fn gate_follows_sender() {

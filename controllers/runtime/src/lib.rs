@@ -7,6 +7,7 @@
 //! [`WorkQueue`], and calls [`run_workers`] with a reconcile function that applies the plan.
 //! Workers only run while this process leads.
 
+pub mod client;
 pub mod events;
 pub mod leader;
 pub mod metrics;
@@ -221,7 +222,6 @@ pub async fn run_workers<K, F, Fut, E>(
                 queue.done(&key);
                 queue.add(key);
             }
-            drop(inflight);
             continue;
         }
         // Shutdown: let in-flight reconciles finish for a bounded time, then abandon them.
@@ -230,7 +230,10 @@ pub async fn run_workers<K, F, Fut, E>(
                 finish(ctx, &queue, &name, key, result);
             }
         };
-        if tokio::time::timeout(config.drain_timeout, drain).await.is_err() {
+        if tokio::time::timeout(config.drain_timeout, drain)
+            .await
+            .is_err()
+        {
             warn!(controller = %name, "shutdown: abandoning in-flight reconciles");
         }
         queue.shut_down();

@@ -73,10 +73,9 @@ impl Metrics {
         let mut registry = Registry::default();
         let reconciles = Family::<ControllerLabel, Counter>::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        let reconcile_duration =
-            Family::<ControllerLabel, Histogram>::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-            });
+        let reconcile_duration = Family::<ControllerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
         let workqueue_depth = Family::<QueueLabel, Gauge>::default();
         let workqueue_adds = Family::<QueueLabel, Counter>::default();
         let workqueue_retries = Family::<QueueLabel, Counter>::default();
@@ -141,6 +140,21 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// Creates a controller's series at zero, so dashboards see it before its first reconcile.
+    pub fn register_controller(&self, controller: &str) {
+        let label = ControllerLabel {
+            controller: controller.to_string(),
+        };
+        self.reconciles.get_or_create(&label);
+        self.reconcile_duration.get_or_create(&label);
+        let q = QueueLabel {
+            name: controller.to_string(),
+        };
+        self.workqueue_depth.get_or_create(&q);
+        self.workqueue_adds.get_or_create(&q);
+        self.workqueue_retries.get_or_create(&q);
     }
 
     /// Starts timing one reconcile of `controller`; the duration is recorded when dropped.

@@ -1,1 +1,457 @@
-//! placeholder
+//! Test support for service-controller-manager: starts the local control plane (a real etcd and
+//! kube-apiserver, `bin/controlplane`), hands out clients, creates Nodes and Pods and sets their
+//! status the way a kubelet would, runs the manager binary, and waits for conditions by polling
+//! with a deadline.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Namespace, Node, NodeSpec, Pod, PodCondition, PodIP, PodSpec,
+    PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::OnceCell;
+
+pub mod moto;
+
+/// The repository root (where `bin/` and `target/` live).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+/// A tool built by `make tools` into `bin/` (controlplane, kubectl, kube-controller-manager, helm).
+pub fn tool(name: &str) -> Result<PathBuf> {
+    let p = repo_root().join("bin").join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        bail!("{} is missing: run `make tools` first", p.display())
+    }
+}
+
+/// Options for a control plane.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneOptions {
+    /// kube-apiserver `--service-cluster-ip-range`.
+    pub service_cluster_ip_range: String,
+    /// kube-apiserver `--service-node-port-range`.
+    pub service_node_port_range: String,
+    /// Extra kube-apiserver flags.
+    pub apiserver_args: Vec<String>,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        ControlPlaneOptions {
+            service_cluster_ip_range: "10.96.0.0/16".into(),
+            service_node_port_range: "30000-32767".into(),
+            apiserver_args: vec![],
+        }
+    }
+}
+
+/// A running local control plane; stopped (and its data removed) when dropped or when the
+/// test process exits, since it shuts down when its stdin closes.
+pub struct ControlPlane {
+    /// Admin kubeconfig path.
+    pub kubeconfig: PathBuf,
+    /// API server URL.
+    pub server: String,
+    /// Options it was started with.
+    pub options: ControlPlaneOptions,
+    _dir: tempfile::TempDir,
+    child: Mutex<Option<Child>>,
+    _stdin: Mutex<Option<ChildStdin>>,
+}
+
+static SHARED: OnceCell<ControlPlane> = OnceCell::const_new();
+
+impl ControlPlane {
+    /// Starts a control plane with `opts` and waits until `/readyz` answers.
+    pub async fn start(opts: ControlPlaneOptions) -> Result<ControlPlane> {
+        let bin = tool("controlplane")?;
+        let dir = tempfile::Builder::new().prefix("scm-test-cp-").tempdir()?;
+        let kubeconfig = dir.path().join("admin.kubeconfig");
+        let mut cmd = Command::new(bin);
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--exit-on-stdin-close")
+            .arg(format!(
+                "--service-cluster-ip-range={}",
+                opts.service_cluster_ip_range
+            ))
+            .arg(format!(
+                "--service-node-port-range={}",
+                opts.service_node_port_range
+            ));
+        for a in &opts.apiserver_args {
+            cmd.arg(format!("--apiserver-arg={a}"));
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("starting bin/controlplane")?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let tail = Arc::new(Mutex::new(Vec::<String>::new()));
+        let t2 = tail.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let mut t = t2.lock().unwrap_or_else(|e| e.into_inner());
+                t.push(l);
+                if t.len() > 40 {
+                    t.remove(0);
+                }
+            }
+        });
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(180), async {
+            while let Some(l) = lines.next_line().await? {
+                if let Some(rest) = l.strip_prefix("controlplane ready: ") {
+                    return Ok::<_, anyhow::Error>(Some(rest.to_string()));
+                }
+            }
+            Ok(None)
+        })
+        .await;
+        let line = match ready {
+            Ok(Ok(Some(l))) => l,
+            other => {
+                let t = tail.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+                bail!("control plane did not become ready ({other:?}); stderr tail:\n{t}");
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let server = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("server="))
+            .unwrap_or_default()
+            .to_string();
+        Ok(ControlPlane {
+            kubeconfig,
+            server,
+            options: opts,
+            _dir: dir,
+            child: Mutex::new(Some(child)),
+            _stdin: Mutex::new(stdin),
+        })
+    }
+
+    /// The control plane shared by every test in this test binary (default options).
+    pub async fn shared() -> Result<&'static ControlPlane> {
+        SHARED
+            .get_or_try_init(|| ControlPlane::start(ControlPlaneOptions::default()))
+            .await
+    }
+
+    /// A client authenticated as the admin (system:masters).
+    pub async fn client(&self) -> Result<Client> {
+        let cfg = self.config().await?;
+        Ok(Client::try_from(cfg)?)
+    }
+
+    /// The admin client configuration.
+    pub async fn config(&self) -> Result<Config> {
+        let kc = Kubeconfig::read_from(&self.kubeconfig)?;
+        Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
+    }
+
+    /// Stops the control plane now (it also stops on drop).
+    pub async fn stop(&self) {
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self._stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut c) = child {
+            let _ = tokio::time::timeout(Duration::from_secs(15), c.wait()).await;
+            let _ = c.start_kill();
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates a namespace with a unique name starting with `prefix` and returns its name.
+pub async fn namespace(client: &Client, prefix: &str) -> Result<String> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{prefix}-")),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let created = api.create(&PostParams::default(), &ns).await?;
+    created
+        .metadata
+        .name
+        .ok_or_else(|| anyhow!("namespace without name"))
+}
+
+/// A Node to create: what a test may set.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSpecBuilder {
+    /// Node name.
+    pub name: String,
+    /// `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+    /// `spec.providerID`.
+    pub provider_id: Option<String>,
+    /// Extra labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Creates a Node and marks it Ready through the status subresource.
+pub async fn create_node(client: &Client, b: NodeSpecBuilder) -> Result<Node> {
+    let api: Api<Node> = Api::all(client.clone());
+    let mut labels = b.labels.clone();
+    labels.insert("kubernetes.io/hostname".into(), b.name.clone());
+    if let Some(z) = &b.zone {
+        labels.insert("topology.kubernetes.io/zone".into(), z.clone());
+    }
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(b.name.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: b.provider_id.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &node).await?;
+    let status = serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "test"}]}});
+    Ok(api
+        .patch_status(&b.name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?)
+}
+
+/// A Pod to create: what a test may set.
+#[derive(Clone, Debug, Default)]
+pub struct PodBuilder {
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Node the pod is bound to.
+    pub node_name: Option<String>,
+    /// Container ports as (name, port, protocol).
+    pub ports: Vec<(Option<String>, i32, String)>,
+    /// `spec.hostname`.
+    pub hostname: Option<String>,
+    /// `spec.subdomain`.
+    pub subdomain: Option<String>,
+}
+
+impl PodBuilder {
+    /// A pod `name` in `namespace` with `labels`.
+    pub fn new(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Self {
+        PodBuilder {
+            name: name.into(),
+            namespace: namespace.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The Pod object.
+    pub fn build(&self) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(self.labels.clone()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: self.node_name.clone(),
+                hostname: self.hostname.clone(),
+                subdomain: self.subdomain.clone(),
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some("nginx".into()),
+                    ports: if self.ports.is_empty() {
+                        None
+                    } else {
+                        Some(
+                            self.ports
+                                .iter()
+                                .map(|(n, p, proto)| ContainerPort {
+                                    name: n.clone(),
+                                    container_port: *p,
+                                    protocol: Some(proto.clone()),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        )
+                    },
+                    ..Default::default()
+                }],
+                termination_grace_period_seconds: Some(30),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+}
+
+/// Creates a pod.
+pub async fn create_pod(client: &Client, b: &PodBuilder) -> Result<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &b.namespace);
+    Ok(api.create(&PostParams::default(), &b.build()).await?)
+}
+
+/// Sets a pod's status as a kubelet would: phase Running, the given IPs, and the Ready condition.
+pub async fn set_pod_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    ready: bool,
+    ips: &[&str],
+) -> Result<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let ready_s = if ready { "True" } else { "False" };
+    let status = PodStatus {
+        phase: Some("Running".into()),
+        pod_ip: ips.first().map(|s| s.to_string()),
+        pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
+        conditions: Some(vec![
+            PodCondition {
+                type_: "Ready".into(),
+                status: ready_s.into(),
+                ..Default::default()
+            },
+            PodCondition {
+                type_: "ContainersReady".into(),
+                status: ready_s.into(),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
+    let patch = serde_json::json!({ "status": status });
+    Ok(api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?)
+}
+
+/// Path of the manager binary Cargo built for this test run.
+pub fn manager_binary() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_service-controller-manager") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"));
+    target.join("debug").join("service-controller-manager")
+}
+
+/// A running manager process whose output is captured.
+pub struct Manager {
+    /// The child process.
+    pub child: Child,
+    /// Everything it has logged (stdout and stderr), line by line.
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Manager {
+    /// Starts the manager binary with `args` against `cp`.
+    pub fn start(cp: &ControlPlane, args: &[&str]) -> Result<Manager> {
+        let mut cmd = Command::new(manager_binary());
+        cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
+        cmd.args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Starts a prepared command (for custom environments).
+    pub fn spawn(mut cmd: Command) -> Result<Manager> {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("starting the manager")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        for out in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    logs.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+                }
+            });
+        }
+        Ok(Manager { child, logs })
+    }
+
+    /// A copy of the log lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM` as 15) to the process.
+    pub fn signal(&self, sig: i32) -> Result<()> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow!("manager already exited"))?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{sig} {pid} failed");
+        }
+        Ok(())
+    }
+}

@@ -36,10 +36,10 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 
 	"github.com/spf13/pflag"
+	"k8s.io/client-go/rest"
+	basecompatibility "k8s.io/component-base/compatibility"
 	"k8s.io/component-base/featuregate"
 	logsapi "k8s.io/component-base/logs/api/v1"
-	basecompatibility "k8s.io/component-base/compatibility"
-	"k8s.io/client-go/rest"
 	"k8s.io/kubernetes/cmd/kube-apiserver/app"
 	"k8s.io/kubernetes/cmd/kube-apiserver/app/options"
 )
@@ -65,6 +65,7 @@ func run() error {
 		securePort    = flag.Int("secure-port", 0, "kube-apiserver port on 127.0.0.1 (0: a free port)")
 		exitOnStdin   = flag.Bool("exit-on-stdin-close", false, "shut down when standard input reaches end of file (so a test harness that dies takes the control plane with it)")
 		pidFile       = flag.String("pid-file", "", "write this process's pid here")
+		advertise     = flag.String("advertise-address", "192.0.2.10", "address kube-apiserver publishes in default/kubernetes (must not be loopback)")
 		readyTimeout  = flag.Duration("ready-timeout", 3*time.Minute, "give up if /readyz does not answer ok within this time")
 		extraArgs     stringList
 	)
@@ -150,7 +151,10 @@ func run() error {
 	args := []string{
 		"--etcd-servers=" + etcdURL,
 		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
+		// kube-apiserver refuses a loopback advertise address (it publishes it in the
+		// default/kubernetes Endpoints). Nothing connects to it here, so a documentation
+		// address (TEST-NET-1) stands in; clients use the loopback URL in the kubeconfig.
+		"--advertise-address=" + *advertise,
 		"--secure-port=" + strconv.Itoa(port),
 		"--cert-dir=" + filepath.Join(*dataDir, "pki", "serving"),
 		"--tls-cert-file=" + pki.servingCert,

@@ -1,0 +1,474 @@
+//! Command-line flags, named and defaulted as kube-controller-manager's where it has them.
+//! Every value is checked here, before anything starts; a bad value is a one-line error
+//! naming its flag.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ipnet::IpNet;
+
+/// Every controller this binary can run, in start order, as named in `--controllers`.
+pub const CONTROLLERS: &[&str] = &[
+    "clusterip-alloc",
+    "service-cidr",
+    "nodeport-alloc",
+    "endpointslice",
+    "endpointslice-mirroring",
+    "endpoints",
+    "cloud-lb",
+];
+
+/// service-controller-manager: the Kubernetes Service control plane.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "service-controller-manager", version, about, long_about = None)]
+pub struct Flags {
+    /// Path to a kubeconfig. Else $KUBECONFIG, else in-cluster configuration.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Controllers to run: '*' is every controller on by default, 'foo' enables foo, '-foo'
+    /// disables foo (as kube-controller-manager). Known: clusterip-alloc, service-cidr,
+    /// nodeport-alloc, endpointslice, endpointslice-mirroring, endpoints, cloud-lb.
+    #[arg(long, value_delimiter = ',', default_value = "*", value_parser = parse_controller_item)]
+    pub controllers: Vec<String>,
+
+    /// CIDR range(s) for Service ClusterIPs, one or two of different families (e.g.
+    /// 10.96.0.0/16,fd00::/108). If unset, ranges are read from ServiceCIDR objects.
+    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+    pub service_cluster_ip_range: Vec<IpNet>,
+
+    /// Port range reserved for Services with NodePort visibility (inclusive, e.g. 30000-32767).
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    pub service_node_port_range: PortRange,
+
+    /// Instance prefix for the cluster; tags cloud resources so ownership is provable.
+    #[arg(long, default_value = "kubernetes", value_parser = parse_cluster_name)]
+    pub cluster_name: String,
+
+    /// Cloud provider for load balancers: 'aws' or 'local'. Empty: the cloud-lb controller is off.
+    #[arg(long, default_value = "", value_parser = ["", "aws", "local"])]
+    pub cloud_provider: String,
+
+    /// Path to the cloud provider configuration file.
+    #[arg(long)]
+    pub cloud_config: Option<PathBuf>,
+
+    /// Load balancer class this manager implements (spec.loadBalancerClass).
+    #[arg(
+        long,
+        default_value = "service-controller-manager.k8s.io/load-balancer"
+    )]
+    pub load_balancer_class: String,
+
+    /// Also serve LoadBalancer Services that set no loadBalancerClass (be the cluster's default
+    /// implementation, as a cloud-controller-manager is).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub default_load_balancer: bool,
+
+    /// QPS to use while talking with the API server.
+    #[arg(long, default_value_t = 20.0, value_parser = parse_qps)]
+    pub kube_api_qps: f64,
+
+    /// Burst to use while talking with the API server.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kube_api_burst: u32,
+
+    /// Services whose ClusterIPs are reconciled at once.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrent_clusterip_syncs: u16,
+
+    /// ServiceCIDRs reconciled at once.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrent_service_cidr_syncs: u16,
+
+    /// Services whose NodePorts are reconciled at once.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrent_nodeport_syncs: u16,
+
+    /// Services whose EndpointSlices are synced at once.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrent_service_endpoint_syncs: u16,
+
+    /// Services whose Endpoints are mirrored into EndpointSlices at once.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    pub mirroring_concurrent_service_endpoint_syncs: u16,
+
+    /// Services whose legacy Endpoints objects are synced at once.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrent_endpoint_syncs: u16,
+
+    /// LoadBalancer Services synced at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrent_service_syncs: u16,
+
+    /// Maximum endpoints per EndpointSlice (1-1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_endpoints_per_slice: u16,
+
+    /// Maximum addresses mirrored per Endpoints subset (1-1000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub mirroring_max_endpoints_per_subset: u16,
+
+    /// Batch EndpointSlice updates caused by pod changes over this period (e.g. 1s; 0 = off).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub endpointslice_updates_batch_period: Duration,
+
+    /// Batch mirrored EndpointSlice updates over this period (0 = off).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub mirroring_endpointslice_updates_batch_period: Duration,
+
+    /// Adopt EndpointSlices managed by kube-controller-manager (migration from upstream).
+    #[arg(long, default_value_t = false)]
+    pub endpointslice_takeover: bool,
+
+    /// Only serve Services matching this label selector (e.g. 'app in (a,b)'); empty: all.
+    #[arg(long, default_value = "")]
+    pub service_label_selector: String,
+
+    /// Start a leader election client and gain leadership before reconciling.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
+    /// How long a follower waits after the last observed renewal before taking the lease.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease_duration: Duration,
+
+    /// How long the leader keeps retrying a renewal before it stops leading.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub leader_elect_renew_deadline: Duration,
+
+    /// How long candidates wait between attempts to acquire or renew.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub leader_elect_retry_period: Duration,
+
+    /// Name of the Lease object used for leader election.
+    #[arg(long, default_value = "service-controller-manager")]
+    pub leader_elect_resource_name: String,
+
+    /// Namespace of the Lease object used for leader election.
+    #[arg(long, default_value = "kube-system")]
+    pub leader_elect_resource_namespace: String,
+
+    /// Address serving /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:10270")]
+    pub http_address: SocketAddr,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. 'info' or 'info,endpointslice=debug').
+    #[arg(long, default_value = "info", env = "SCM_LOG")]
+    pub log_level: String,
+
+    /// Log format: 'text' or 'json'.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// An inclusive port range such as 30000-32767.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub base: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    // Upstream also accepts "base+size"; take both forms.
+    let (base, last) = if let Some((a, b)) = s.split_once('-') {
+        let a: u32 = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{a}' is not a port"))?;
+        let b: u32 = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{b}' is not a port"))?;
+        (a, b)
+    } else if let Some((a, n)) = s.split_once('+') {
+        let a: u32 = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{a}' is not a port"))?;
+        let n: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{n}' is not a size"))?;
+        (a, a.saturating_add(n))
+    } else {
+        return Err("expected a range like 30000-32767".into());
+    };
+    if base == 0 || base > 65535 || last == 0 || last > 65535 {
+        return Err("ports must be within 1-65535".into());
+    }
+    if last < base {
+        return Err(format!("range is reversed ({base} > {last})"));
+    }
+    Ok(PortRange {
+        base: base as u16,
+        last: last as u16,
+    })
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a CIDR"))?;
+    if net.network() != net.addr() {
+        return Err(format!(
+            "'{s}' has host bits set (did you mean {})",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_controller_item(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    let bare = name.strip_prefix('-').unwrap_or(name);
+    if name == "*" || CONTROLLERS.contains(&bare) {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "unknown controller '{bare}' (known: {})",
+            CONTROLLERS.join(", ")
+        ))
+    }
+}
+
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 63 {
+        return Err("must be 1-63 characters".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_qps(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err("must be a non-negative number".into());
+    }
+    Ok(v)
+}
+
+/// Parses Go-style durations as kube-controller-manager's flags take them: 15s, 1m30s, 500ms.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("'{s}' lacks a unit (e.g. 15s)"))?;
+        let (num, tail) = rest.split_at(num_end);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("'{s}' is not a duration"))?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let mult = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("'{s}' has an unknown unit '{unit}'")),
+        };
+        total += n * mult;
+        rest = tail;
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Which controllers `--controllers` enables, given whether a cloud provider is configured.
+pub fn enabled_controllers(items: &[String], cloud: bool) -> Result<Vec<&'static str>, String> {
+    let star = items.iter().any(|i| i == "*");
+    let mut out = Vec::new();
+    for &name in CONTROLLERS {
+        let disabled = items.iter().any(|i| i.strip_prefix('-') == Some(name));
+        let named = items.iter().any(|i| i == name);
+        if disabled && named {
+            return Err(format!(
+                "--controllers: '{name}' is both enabled and disabled"
+            ));
+        }
+        let on = if name == "cloud-lb" {
+            // cloud-lb needs a provider; with '*' it follows --cloud-provider.
+            if named && !cloud {
+                return Err("--controllers: cloud-lb needs --cloud-provider".into());
+            }
+            (named || star) && !disabled && cloud
+        } else {
+            (named || star) && !disabled
+        };
+        if on {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+impl Flags {
+    /// Checks relations between flags that no single value parser can see.
+    pub fn validate(&self) -> Result<(), String> {
+        let ranges = &self.service_cluster_ip_range;
+        if ranges.len() > 2 {
+            return Err("--service-cluster-ip-range: at most two CIDRs".into());
+        }
+        if ranges.len() == 2 && ranges[0].addr().is_ipv4() == ranges[1].addr().is_ipv4() {
+            return Err(
+                "--service-cluster-ip-range: two CIDRs must be of different IP families".into(),
+            );
+        }
+        for r in ranges {
+            // kube-apiserver's bitmap limits: IPv4 /12 or longer, IPv6 /108 or longer.
+            match r {
+                IpNet::V4(n) if n.prefix_len() < 12 => {
+                    return Err(format!(
+                        "--service-cluster-ip-range: {r} is larger than a /12"
+                    ));
+                }
+                IpNet::V6(n) if n.prefix_len() < 108 => {
+                    return Err(format!(
+                        "--service-cluster-ip-range: {r} is larger than a /108"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.leader_elect {
+            if self.leader_elect_renew_deadline >= self.leader_elect_lease_duration {
+                return Err(
+                    "--leader-elect-renew-deadline must be less than --leader-elect-lease-duration"
+                        .into(),
+                );
+            }
+            if self.leader_elect_retry_period.is_zero()
+                || self.leader_elect_retry_period >= self.leader_elect_renew_deadline
+            {
+                return Err("--leader-elect-retry-period must be positive and less than --leader-elect-renew-deadline".into());
+            }
+            if self.leader_elect_resource_name.is_empty() {
+                return Err("--leader-elect-resource-name must not be empty".into());
+            }
+        }
+        enabled_controllers(&self.controllers, !self.cloud_provider.is_empty())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Result<Flags, String> {
+        let mut all = vec!["service-controller-manager"];
+        all.extend_from_slice(args);
+        let f = Flags::try_parse_from(all).map_err(|e| e.to_string())?;
+        f.validate()?;
+        Ok(f)
+    }
+
+    #[test]
+    fn defaults_match_kube_controller_manager() {
+        let f = flags(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            f.service_node_port_range,
+            PortRange {
+                base: 30000,
+                last: 32767
+            }
+        );
+        assert_eq!(f.leader_elect_lease_duration, Duration::from_secs(15));
+        assert_eq!(f.leader_elect_renew_deadline, Duration::from_secs(10));
+        assert_eq!(f.leader_elect_retry_period, Duration::from_secs(2));
+        assert!(f.leader_elect);
+        assert_eq!(f.kube_api_qps, 20.0);
+        assert_eq!(f.kube_api_burst, 30);
+        assert_eq!(f.cluster_name, "kubernetes");
+    }
+
+    #[test]
+    fn controllers_star_and_minus() {
+        let on = |items: &[&str], cloud| {
+            let v: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+            enabled_controllers(&v, cloud)
+        };
+        assert_eq!(
+            on(&["*"], false).map(|v| v.len()),
+            Ok(CONTROLLERS.len() - 1)
+        );
+        assert_eq!(on(&["*"], true).map(|v| v.len()), Ok(CONTROLLERS.len()));
+        assert_eq!(
+            on(&["*", "-endpoints"], false).map(|v| v.contains(&"endpoints")),
+            Ok(false)
+        );
+        assert_eq!(on(&["endpointslice"], false), Ok(vec!["endpointslice"]));
+        assert!(on(&["cloud-lb"], false).is_err());
+        assert!(on(&["endpoints", "-endpoints"], false).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_the_flag() {
+        for (args, flag) in [
+            (
+                vec!["--service-cluster-ip-range=10.0.0.0/33"],
+                "--service-cluster-ip-range",
+            ),
+            (
+                vec!["--service-cluster-ip-range=10.0.0.1/24"],
+                "--service-cluster-ip-range",
+            ),
+            (
+                vec!["--service-cluster-ip-range=10.0.0.0/8"],
+                "--service-cluster-ip-range",
+            ),
+            (
+                vec!["--service-cluster-ip-range=10.0.0.0/16,10.1.0.0/16"],
+                "--service-cluster-ip-range",
+            ),
+            (
+                vec!["--service-node-port-range=0-100"],
+                "--service-node-port-range",
+            ),
+            (
+                vec!["--service-node-port-range=30000-70000"],
+                "--service-node-port-range",
+            ),
+            (
+                vec!["--service-node-port-range=32767-30000"],
+                "--service-node-port-range",
+            ),
+            (vec!["--controllers=*,bogus"], "--controllers"),
+            (
+                vec!["--leader-elect-lease-duration=5s"],
+                "--leader-elect-renew-deadline",
+            ),
+            (
+                vec!["--max-endpoints-per-slice=1001"],
+                "--max-endpoints-per-slice",
+            ),
+        ] {
+            let e = flags(&args).err().unwrap_or_default();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5x").is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! service-controller-manager: flags, the leader gate, controllers, health and metrics, shutdown.
+
+mod controllers;
+mod flags;
+mod http;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use scm_runtime::client::{RateLimit, rate_limited_client};
+use scm_runtime::leader::{LeaseConfig, run_elector};
+use scm_runtime::metrics::LeaseLabel;
+use scm_runtime::{LeaderGate, Metrics, Readiness};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::flags::Flags;
+
+/// How long after SIGTERM we wait for controllers and the Lease release before exiting anyway.
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(8);
+
+fn main() -> ExitCode {
+    let flags = match Flags::try_parse() {
+        Ok(f) => f,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line naming the flag; clap's own rendering adds usage hints over several.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid flags");
+            eprintln!("{first}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(msg) = flags.validate() {
+        eprintln!("error: {msg}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = init_logging(&flags) {
+        eprintln!("error: --log-level: {e}");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(flags)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(flags: &Flags) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&flags.log_level)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if flags.log_format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+    Ok(())
+}
+
+async fn kube_config(flags: &Flags) -> anyhow::Result<kube::Config> {
+    match &flags.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig: reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig: {}", path.display()))
+        }
+        None => kube::Config::incluster()
+            .context("no --kubeconfig or KUBECONFIG, and not running in a cluster"),
+    }
+}
+
+/// client-go's identity: the hostname plus a random suffix, so two replicas on one host differ.
+fn identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    format!("{host}_{:016x}", rand::random::<u64>())
+}
+
+async fn run(flags: Flags) -> anyhow::Result<()> {
+    let enabled = flags::enabled_controllers(&flags.controllers, !flags.cloud_provider.is_empty())
+        .map_err(anyhow::Error::msg)?;
+    let config = kube_config(&flags).await?;
+    let client = rate_limited_client(
+        config,
+        RateLimit {
+            qps: flags.kube_api_qps,
+            burst: flags.kube_api_burst,
+        },
+    )?;
+
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    let metrics = Metrics::new();
+    let readiness = Readiness::default();
+    let identity = identity();
+
+    let http = http::serve(
+        flags.http_address,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("--http-address: binding {}", flags.http_address))?;
+
+    // Leadership: the elector's own token outlives the controllers' so that the Lease is
+    // released only after workers have stopped writing.
+    let elector_stop = CancellationToken::new();
+    let (gate, elector) = if flags.leader_elect {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let api: Api<Lease> =
+            Api::namespaced(client.clone(), &flags.leader_elect_resource_namespace);
+        let cfg = LeaseConfig {
+            name: flags.leader_elect_resource_name.clone(),
+            namespace: flags.leader_elect_resource_namespace.clone(),
+            identity: identity.clone(),
+            lease_duration: flags.leader_elect_lease_duration,
+            renew_deadline: flags.leader_elect_renew_deadline,
+            retry_period: flags.leader_elect_retry_period,
+        };
+        let handle = tokio::spawn(run_elector(api, cfg, tx, elector_stop.clone()));
+        (LeaderGate::from_receiver(rx), Some(handle))
+    } else {
+        let (gate, tx) = LeaderGate::fixed(true);
+        // Keep the sender alive for the life of the process so the gate stays open.
+        std::mem::forget(tx);
+        (gate, None)
+    };
+    spawn_leader_gauge(
+        gate.clone(),
+        metrics.clone(),
+        flags.leader_elect_resource_name.clone(),
+    );
+
+    info!(
+        identity = %identity,
+        controllers = ?enabled,
+        leader_elect = flags.leader_elect,
+        http = %flags.http_address,
+        "starting service-controller-manager"
+    );
+    let base = controllers::Base {
+        client: client.clone(),
+        leader: gate.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        shutdown: shutdown.clone(),
+        identity: identity.clone(),
+    };
+    let mut tasks = controllers::start(&enabled, &flags, &base).await?;
+
+    shutdown.cancelled().await;
+    info!("shutting down: no new work is taken");
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
+    while let Some(res) = tokio::time::timeout_at(deadline, tasks.join_next())
+        .await
+        .ok()
+        .flatten()
+    {
+        match res {
+            Ok((name, Ok(()))) => info!(controller = name, "stopped"),
+            Ok((name, Err(e))) => warn!(
+                controller = name,
+                error = format!("{e:#}"),
+                "stopped with error"
+            ),
+            Err(e) => warn!(error = %e, "controller task failed"),
+        }
+    }
+    tasks.abort_all();
+    elector_stop.cancel();
+    if let Some(h) = elector {
+        let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), h).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), http).await;
+    info!("bye");
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("received SIGTERM"),
+            _ = int.recv() => info!("received SIGINT"),
+        }
+        shutdown.cancel();
+        // A second signal: stop waiting for anything.
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        std::process::exit(1);
+    });
+}
+
+fn spawn_leader_gauge(mut gate: LeaderGate, metrics: Metrics, lease: String) {
+    tokio::spawn(async move {
+        let g = metrics
+            .leader
+            .get_or_create(&LeaseLabel { name: lease })
+            .clone();
+        loop {
+            g.set(0);
+            if !gate.wait_leading().await {
+                return;
+            }
+            g.set(1);
+            gate.wait_lost().await;
+        }
+    });
+}

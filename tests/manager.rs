@@ -1,0 +1,234 @@
+//! The manager binary against the real local control plane: flags, health and metrics,
+//! leader election and failover, and clean shutdown.
+
+use std::net::TcpListener;
+use std::process::Command as StdCommand;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use test_support::{ControlPlane, Manager, manager_binary, wait_for};
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let a = l.local_addr().expect("local addr");
+    a.to_string()
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(url).await.ok()?;
+    let code = r.status().as_u16();
+    Some((code, r.text().await.ok()?))
+}
+
+/// The value of `leader_election_master_status` on a manager, if it serves metrics.
+async fn leader_status(addr: &str) -> Option<i64> {
+    let (_, body) = get(&format!("http://{addr}/metrics")).await?;
+    body.lines()
+        .find(|l| l.starts_with("leader_election_master_status{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn invalid_flags_exit_nonzero_with_one_line_naming_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--service-cluster-ip-range=10.0.0.0/33"],
+            "--service-cluster-ip-range",
+        ),
+        (
+            &["--service-cluster-ip-range=not-a-cidr"],
+            "--service-cluster-ip-range",
+        ),
+        (
+            &["--service-node-port-range=0-100"],
+            "--service-node-port-range",
+        ),
+        (
+            &["--service-node-port-range=30000-70000"],
+            "--service-node-port-range",
+        ),
+        (
+            &["--service-node-port-range=32767-30000"],
+            "--service-node-port-range",
+        ),
+        (&["--controllers=*,no-such-controller"], "--controllers"),
+        (&["--controllers=cloud-lb"], "--controllers"),
+    ];
+    for (args, flag) in cases {
+        let addr = free_addr();
+        let out = StdCommand::new(manager_binary())
+            .args(*args)
+            .arg(format!("--http-address={addr}"))
+            .arg("--kubeconfig=/nonexistent")
+            .output()
+            .expect("run the manager");
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {stderr}");
+        assert!(lines[0].contains(flag), "{args:?}: {stderr}");
+        // Nothing started: the HTTP address was never bound.
+        assert!(TcpListener::bind(&addr).is_ok());
+    }
+}
+
+#[tokio::test]
+async fn serves_health_readiness_metrics_and_exits_cleanly_on_sigterm() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let addr = free_addr();
+    let ns = test_support::namespace(&cp.client().await.expect("client"), "mgr")
+        .await
+        .expect("namespace");
+    let mut m = Manager::start(
+        cp,
+        &[
+            &format!("--http-address={addr}"),
+            &format!("--leader-elect-resource-namespace={ns}"),
+            "--leader-elect-lease-duration=4s",
+            "--leader-elect-renew-deadline=3s",
+            "--leader-elect-retry-period=1s",
+        ],
+    )
+    .expect("start manager");
+
+    wait_for("/healthz ok", Duration::from_secs(30), || async {
+        get(&format!("http://{addr}/healthz"))
+            .await
+            .filter(|(c, b)| *c == 200 && b == "ok")
+    })
+    .await
+    .expect("healthz");
+    wait_for("/readyz ok", Duration::from_secs(30), || async {
+        get(&format!("http://{addr}/readyz"))
+            .await
+            .filter(|(c, b)| *c == 200 && b == "ok")
+    })
+    .await
+    .expect("readyz");
+    wait_for("leader status 1", Duration::from_secs(30), || async {
+        leader_status(&addr).await.filter(|v| *v == 1)
+    })
+    .await
+    .expect("leads");
+    let (_, metrics) = get(&format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics");
+    for family in [
+        "# TYPE leader_election_master_status gauge",
+        "# TYPE service_controller_manager_reconcile counter",
+        "# TYPE service_controller_manager_reconcile_duration_seconds histogram",
+        "# TYPE workqueue_depth gauge",
+    ] {
+        assert!(metrics.contains(family), "missing {family} in\n{metrics}");
+    }
+
+    let client = cp.client().await.expect("client");
+    let leases: Api<Lease> = Api::namespaced(client, &ns);
+    let held = leases
+        .get("service-controller-manager")
+        .await
+        .expect("lease exists");
+    assert!(
+        held.spec
+            .and_then(|s| s.holder_identity)
+            .is_some_and(|h| !h.is_empty())
+    );
+
+    let started = Instant::now();
+    m.signal(15).expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), m.child.wait())
+        .await
+        .expect("exits within 10 s")
+        .expect("wait");
+    assert!(
+        status.success(),
+        "exit status {status:?}; logs:\n{}",
+        m.log_lines().join("\n")
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The Lease was released, so a successor need not wait for it to expire.
+    let released = leases
+        .get("service-controller-manager")
+        .await
+        .expect("lease");
+    assert_eq!(
+        released
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default(),
+        "",
+        "lease still held after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let ns = test_support::namespace(&cp.client().await.expect("client"), "leader")
+        .await
+        .expect("namespace");
+    let lease_duration = Duration::from_secs(4);
+    let retry = Duration::from_secs(1);
+    let start = |addr: &str| {
+        Manager::start(
+            cp,
+            &[
+                &format!("--http-address={addr}"),
+                &format!("--leader-elect-resource-namespace={ns}"),
+                "--leader-elect-lease-duration=4s",
+                "--leader-elect-renew-deadline=3s",
+                "--leader-elect-retry-period=1s",
+            ],
+        )
+        .expect("start manager")
+    };
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let mut a = start(&a_addr);
+    let mut b = start(&b_addr);
+
+    let (leader_addr, follower_addr) =
+        wait_for("exactly one leader", Duration::from_secs(30), || async {
+            let la = leader_status(&a_addr).await?;
+            let lb = leader_status(&b_addr).await?;
+            match (la, lb) {
+                (1, 0) => Some((a_addr.clone(), b_addr.clone())),
+                (0, 1) => Some((b_addr.clone(), a_addr.clone())),
+                _ => None,
+            }
+        })
+        .await
+        .expect("one leader");
+    // Both are ready, the follower included.
+    for addr in [&a_addr, &b_addr] {
+        let (code, _) = get(&format!("http://{addr}/readyz")).await.expect("readyz");
+        assert_eq!(code, 200);
+    }
+    // It stays that way over several renewals.
+    for _ in 0..3 {
+        tokio::time::sleep(retry).await;
+        assert_eq!(leader_status(&leader_addr).await, Some(1));
+        assert_eq!(leader_status(&follower_addr).await, Some(0));
+    }
+
+    let (leader, follower) = if leader_addr == a_addr {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let killed = Instant::now();
+    leader.signal(9).expect("SIGKILL");
+    let _ = leader.child.wait().await;
+    wait_for(
+        "the follower to take over",
+        lease_duration + retry + Duration::from_secs(1),
+        || async { leader_status(&follower_addr).await.filter(|v| *v == 1) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; follower logs:\n{}", follower.log_lines().join("\n")));
+    let took = killed.elapsed();
+    eprintln!("failover took {took:?} (lease {lease_duration:?} + retry {retry:?})");
+    follower.signal(15).expect("SIGTERM");
+    let _ = follower.child.wait().await;
+}
