@@ -232,3 +232,95 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
     follower.signal(15).expect("SIGTERM");
     let _ = follower.child.wait().await;
 }
+
+#[tokio::test]
+async fn a_leader_whose_lease_is_taken_stops_leading() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let client = cp.client().await.expect("client");
+    let ns = test_support::namespace(&client, "steal")
+        .await
+        .expect("namespace");
+    let addr = free_addr();
+    let mut m = Manager::start(
+        cp,
+        &[
+            &format!("--http-address={addr}"),
+            &format!("--leader-elect-resource-namespace={ns}"),
+            "--leader-elect-lease-duration=4s",
+            "--leader-elect-renew-deadline=3s",
+            "--leader-elect-retry-period=1s",
+        ],
+    )
+    .expect("start manager");
+    wait_for("leader", Duration::from_secs(30), || async {
+        leader_status(&addr).await.filter(|v| *v == 1)
+    })
+    .await
+    .expect("leads");
+    let leases: Api<Lease> = Api::namespaced(client, &ns);
+    let patch =
+        serde_json::json!({"spec": {"holderIdentity": "intruder", "leaseDurationSeconds": 600}});
+    leases
+        .patch(
+            "service-controller-manager",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .expect("steal the lease");
+    // The next renewal attempt (one retry period) sees another holder and steps down.
+    wait_for("step down", Duration::from_secs(3), || async {
+        leader_status(&addr).await.filter(|v| *v == 0)
+    })
+    .await
+    .expect("stepped down");
+    // And it does not take the lease back while the intruder's lease is valid.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(leader_status(&addr).await, Some(0));
+    m.signal(15).expect("SIGTERM");
+    let _ = m.child.wait().await;
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_stops_leading_within_the_renew_deadline() {
+    // Its own control plane: this test stops it.
+    let cp = ControlPlane::start(Default::default())
+        .await
+        .expect("control plane");
+    let addr = free_addr();
+    let mut m = Manager::start(
+        &cp,
+        &[
+            &format!("--http-address={addr}"),
+            "--leader-elect-resource-namespace=default",
+            "--leader-elect-lease-duration=4s",
+            "--leader-elect-renew-deadline=3s",
+            "--leader-elect-retry-period=1s",
+        ],
+    )
+    .expect("start manager");
+    wait_for("leader", Duration::from_secs(30), || async {
+        leader_status(&addr).await.filter(|v| *v == 1)
+    })
+    .await
+    .expect("leads");
+    cp.stop().await;
+    let lost = Instant::now();
+    wait_for(
+        "step down after the renew deadline",
+        Duration::from_secs(3 + 2 + 1),
+        || async { leader_status(&addr).await.filter(|v| *v == 0) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", m.log_lines().join("\n")));
+    eprintln!(
+        "stepped down {:?} after the API server went away",
+        lost.elapsed()
+    );
+    m.signal(15).expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), m.child.wait())
+        .await
+        .expect("exits within 10 s even without an API server")
+        .expect("wait");
+    assert!(status.success());
+}

@@ -138,7 +138,7 @@ mod tests {
         .layer(Echo);
         let start = Instant::now();
         for i in 0..5 {
-            assert_eq!(svc.ready().await.ok().map(|s| s.call(i)).is_some(), true);
+            assert!(svc.ready().await.ok().map(|s| s.call(i)).is_some());
         }
         assert!(start.elapsed() < Duration::from_millis(1));
         for i in 0..10 {

@@ -64,10 +64,12 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
+type NamedFlags = Vec<(String, Arc<AtomicBool>)>;
+
 /// One flag per controller saying its caches have synced; `/readyz` is ok once all are set.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    flags: Arc<std::sync::Mutex<Vec<(String, Arc<AtomicBool>)>>>,
+    flags: Arc<std::sync::Mutex<NamedFlags>>,
 }
 
 /// A controller's handle on its own readiness flag.
@@ -271,4 +273,143 @@ fn finish<K, E>(
         }
     }
     debug!(controller = %name, "reconcile finished");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[derive(Debug)]
+    struct Boom;
+    impl std::fmt::Display for Boom {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("boom")
+        }
+    }
+    impl ReconcileError for Boom {
+        fn metric_label(&self) -> &'static str {
+            "boom"
+        }
+    }
+
+    fn context(leading: bool) -> (ControllerContext, tokio::sync::watch::Sender<bool>) {
+        // A client that is never used to connect: the worker loop only needs the context.
+        let cfg = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
+        let client = kube::Client::try_from(cfg).expect("client");
+        let (gate, tx) = LeaderGate::fixed(leading);
+        let ready = Readiness::default().register("test");
+        (
+            ControllerContext {
+                name: "test".into(),
+                events: EventRecorder::new(client.clone(), "test", None),
+                client,
+                leader: gate,
+                metrics: Metrics::new(),
+                shutdown: CancellationToken::new(),
+                ready,
+            },
+            tx,
+        )
+    }
+
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn followers_do_not_reconcile_and_lost_leadership_abandons_in_flight_work() {
+        let (ctx, tx) = context(false);
+        let queue = WorkQueue::new(Backoff::default());
+        let started = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let (s, f) = (started.clone(), finished.clone());
+        let worker = tokio::spawn({
+            let ctx = ctx.clone();
+            let queue = queue.clone();
+            async move {
+                let cfg = WorkerConfig {
+                    concurrency: 2,
+                    drain_timeout: Duration::from_millis(100),
+                };
+                run_workers(&ctx, queue, cfg, move |_k: String| {
+                    let (s, f) = (s.clone(), f.clone());
+                    async move {
+                        s.fetch_add(1, Ordering::SeqCst);
+                        // Blocks until abandoned: only losing the lease or shutdown ends it.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        f.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, Boom>(Requeue::Done)
+                    }
+                })
+                .await
+            }
+        });
+        queue.add("a".to_string());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(started.load(Ordering::SeqCst), 0, "a follower reconciled");
+        tx.send(true).ok();
+        eventually("reconcile starts when leading", || {
+            started.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        tx.send(false).ok();
+        // The abandoned key goes back to the queue for the next term.
+        eventually("key requeued", || queue.len() == 1).await;
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+        tx.send(true).ok();
+        eventually("reconciled again in the next term", || {
+            started.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        ctx.shutdown.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(10), worker).await;
+        assert!(r.is_ok(), "workers did not stop after the drain timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_retried_with_backoff_and_counted() {
+        let (ctx, _tx) = context(true);
+        let queue = WorkQueue::new(Backoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_secs(1),
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let w = tokio::spawn({
+            let ctx = ctx.clone();
+            let queue = queue.clone();
+            async move {
+                run_workers(&ctx, queue, WorkerConfig::default(), move |_k: String| {
+                    let c = c.clone();
+                    async move {
+                        if c.fetch_add(1, Ordering::SeqCst) < 2 {
+                            Err(Boom)
+                        } else {
+                            Ok(Requeue::Done)
+                        }
+                    }
+                })
+                .await
+            }
+        });
+        queue.add("k".into());
+        eventually("three attempts", || calls.load(Ordering::SeqCst) == 3).await;
+        assert_eq!(
+            queue.failures(&"k".to_string()),
+            0,
+            "success forgets failures"
+        );
+        let text = ctx.metrics.encode();
+        assert!(
+            text.contains("service_controller_manager_reconcile_errors_total{controller=\"test\",error=\"boom\"} 2"),
+            "{text}"
+        );
+        ctx.shutdown.cancel();
+        let _ = w.await;
+    }
 }

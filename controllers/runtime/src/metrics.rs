@@ -147,14 +147,14 @@ impl Metrics {
         let label = ControllerLabel {
             controller: controller.to_string(),
         };
-        self.reconciles.get_or_create(&label);
-        self.reconcile_duration.get_or_create(&label);
+        let _ = self.reconciles.get_or_create(&label);
+        let _ = self.reconcile_duration.get_or_create(&label);
         let q = QueueLabel {
             name: controller.to_string(),
         };
-        self.workqueue_depth.get_or_create(&q);
-        self.workqueue_adds.get_or_create(&q);
-        self.workqueue_retries.get_or_create(&q);
+        let _ = self.workqueue_depth.get_or_create(&q);
+        let _ = self.workqueue_adds.get_or_create(&q);
+        let _ = self.workqueue_retries.get_or_create(&q);
     }
 
     /// Starts timing one reconcile of `controller`; the duration is recorded when dropped.
