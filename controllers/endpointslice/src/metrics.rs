@@ -1,0 +1,242 @@
+//! Metric families, named as kube-controller-manager names them
+//! (`endpoint_slice_controller_*`, `endpoint_slice_mirroring_controller_*`), plus our own
+//! writes-per-reconcile histogram. prometheus-client follows OpenMetrics, so counters gain a
+//! `_total` suffix that upstream's names lack (a deliberate, unavoidable difference).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use scm_runtime::{Metrics, ObjectKey};
+
+/// `operation` label of `changes`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    /// create, update or delete.
+    pub operation: String,
+}
+
+/// `result` label of `syncs`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// success, stale or error.
+    pub result: String,
+}
+
+/// Labels of `endpointslices_changed_per_sync`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangedLabels {
+    /// Auto or Disabled.
+    pub topology: String,
+    /// The trafficDistribution in effect, or empty.
+    pub traffic_distribution: String,
+}
+
+/// Label of `services_count_by_traffic_distribution`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficDistributionLabel {
+    /// The trafficDistribution value.
+    pub traffic_distribution: String,
+}
+
+/// Label of our writes-per-reconcile histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    /// Controller name.
+    pub controller: String,
+}
+
+#[derive(Default)]
+struct PerService {
+    desired_endpoints: usize,
+    num_slices: usize,
+    desired_slices: usize,
+    traffic_distribution: Option<String>,
+}
+
+/// The families one slice controller reports.
+#[derive(Clone)]
+pub struct SliceMetrics {
+    /// endpoints_added_per_sync.
+    pub added: Family<Vec<(String, String)>, Histogram>,
+    /// endpoints_removed_per_sync.
+    pub removed: Family<Vec<(String, String)>, Histogram>,
+    /// endpoints_desired.
+    pub desired: Gauge,
+    /// num_endpoint_slices.
+    pub num_slices: Gauge,
+    /// desired_endpoint_slices.
+    pub desired_slices: Gauge,
+    /// changes{operation}.
+    pub changes: Family<OperationLabel, Counter>,
+    /// endpointslices_changed_per_sync{topology,traffic_distribution}.
+    pub changed_per_sync: Family<ChangedLabels, Histogram>,
+    /// syncs{result}.
+    pub syncs: Family<ResultLabel, Counter>,
+    /// services_count_by_traffic_distribution.
+    pub by_traffic_distribution: Family<TrafficDistributionLabel, Gauge>,
+    /// Ours: API writes made by one reconcile.
+    pub writes_per_reconcile: Family<ControllerLabel, Histogram>,
+    per_service: Arc<Mutex<HashMap<ObjectKey, PerService>>>,
+}
+
+fn hist_family<L: Clone + std::hash::Hash + Eq>() -> Family<L, Histogram> {
+    Family::new_with_constructor(|| Histogram::new(exponential_buckets(2.0, 2.0, 15)))
+}
+
+impl SliceMetrics {
+    /// Registers the families under `subsystem` (e.g. `endpoint_slice_controller`).
+    pub fn register(m: &Metrics, subsystem: &str, controller: &str) -> Self {
+        let s = SliceMetrics {
+            added: hist_family(),
+            removed: hist_family(),
+            desired: Gauge::default(),
+            num_slices: Gauge::default(),
+            desired_slices: Gauge::default(),
+            changes: Family::default(),
+            changed_per_sync: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1.0, 2.0, 12))
+            }),
+            syncs: Family::default(),
+            by_traffic_distribution: Family::default(),
+            writes_per_reconcile: Family::new_with_constructor(|| {
+                Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
+            }),
+            per_service: Arc::default(),
+        };
+        let mut r = m.registry();
+        let name = |n: &str| format!("{subsystem}_{n}");
+        r.register(
+            name("endpoints_added_per_sync"),
+            "Number of endpoints added on each Service sync",
+            s.added.clone(),
+        );
+        r.register(
+            name("endpoints_removed_per_sync"),
+            "Number of endpoints removed on each Service sync",
+            s.removed.clone(),
+        );
+        r.register(
+            name("endpoints_desired"),
+            "Number of endpoints desired",
+            s.desired.clone(),
+        );
+        r.register(
+            name("num_endpoint_slices"),
+            "Number of EndpointSlices",
+            s.num_slices.clone(),
+        );
+        r.register(
+            name("desired_endpoint_slices"),
+            "Number of EndpointSlices that would exist with perfect endpoint allocation",
+            s.desired_slices.clone(),
+        );
+        r.register(
+            name("changes"),
+            "Number of EndpointSlice changes",
+            s.changes.clone(),
+        );
+        r.register(
+            name("endpointslices_changed_per_sync"),
+            "Number of EndpointSlices changed on each Service sync",
+            s.changed_per_sync.clone(),
+        );
+        r.register(
+            name("syncs"),
+            "Number of EndpointSlice syncs",
+            s.syncs.clone(),
+        );
+        if subsystem == "endpoint_slice_controller" {
+            r.register(
+                name("services_count_by_traffic_distribution"),
+                "Number of Services using some specific trafficDistribution",
+                s.by_traffic_distribution.clone(),
+            );
+        }
+        r.register(
+            format!(
+                "service_controller_manager_{}_writes_per_reconcile",
+                controller.replace('-', "_")
+            ),
+            "API writes made by one reconcile",
+            s.writes_per_reconcile.clone(),
+        );
+        s
+    }
+
+    /// Counts one write.
+    pub fn change(&self, op: &str) {
+        self.changes
+            .get_or_create(&OperationLabel {
+                operation: op.into(),
+            })
+            .inc();
+    }
+
+    /// Counts one sync by result.
+    pub fn sync(&self, result: &str) {
+        self.syncs
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Records a Service's figures and refreshes the totals (upstream's metrics cache).
+    pub fn set_service(
+        &self,
+        key: &ObjectKey,
+        desired_endpoints: usize,
+        num_slices: usize,
+        desired_slices: usize,
+        traffic_distribution: Option<String>,
+    ) {
+        let mut m = self.per_service.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(
+            key.clone(),
+            PerService {
+                desired_endpoints,
+                num_slices,
+                desired_slices,
+                traffic_distribution,
+            },
+        );
+        self.refresh(&m);
+    }
+
+    /// Forgets a deleted Service.
+    pub fn delete_service(&self, key: &ObjectKey) {
+        let mut m = self.per_service.lock().unwrap_or_else(|e| e.into_inner());
+        if m.remove(key).is_some() {
+            self.refresh(&m);
+        }
+    }
+
+    fn refresh(&self, m: &HashMap<ObjectKey, PerService>) {
+        let (mut d, mut n, mut ds) = (0i64, 0i64, 0i64);
+        let mut td: HashMap<String, i64> = HashMap::new();
+        for v in m.values() {
+            d += v.desired_endpoints as i64;
+            n += v.num_slices as i64;
+            ds += v.desired_slices as i64;
+            if let Some(t) = &v.traffic_distribution {
+                *td.entry(t.clone()).or_default() += 1;
+            }
+        }
+        self.desired.set(d);
+        self.num_slices.set(n);
+        self.desired_slices.set(ds);
+        for t in ["PreferClose", "PreferSameZone", "PreferSameNode"] {
+            self.by_traffic_distribution
+                .get_or_create(&TrafficDistributionLabel {
+                    traffic_distribution: t.into(),
+                })
+                .set(td.get(t).copied().unwrap_or(0));
+        }
+    }
+}
