@@ -1,0 +1,132 @@
+{{/* Names, labels and the controller/RBAC tables shared by the templates. */}}
+
+{{- define "scm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "scm.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "scm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "scm.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "scm.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "scm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: controller
+{{- end }}
+
+{{- define "scm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "scm.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "scm.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Every controller the binary knows, in its start order (src/flags.rs CONTROLLERS).
+*/}}
+{{- define "scm.allControllers" -}}
+clusterip-alloc,service-cidr,nodeport-alloc,endpointslice,endpointslice-mirroring,endpoints,cloud-lb
+{{- end }}
+
+{{/*
+The controllers that will run, comma-separated: those switched on in .Values.controllers, with
+cloud-lb only when a cloud provider is configured (as the binary's '*' treats it). The Deployment
+passes exactly this list to --controllers, and the ClusterRole grants exactly these controllers'
+rules, so the two cannot drift apart.
+*/}}
+{{- define "scm.enabledControllers" -}}
+{{- $out := list }}
+{{- range $name := splitList "," (include "scm.allControllers" .) }}
+{{- if index $.Values.controllers $name }}
+{{- if or (ne $name "cloud-lb") $.Values.cloudProvider.name }}
+{{- $out = append $out $name }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- join "," $out }}
+{{- end }}
+
+{{/*
+What each controller does to the API, as RBAC rules (group, resource, verbs). Based on upstream's
+bootstrap roles (system:controller:endpointslice-controller, endpointslicemirroring-controller,
+endpoint-controller, service-cidrs-controller, and the cloud-provider service-controller) and
+narrowed or widened to what our controllers actually call:
+- the allocators (clusterip-alloc, nodeport-alloc) repair Services with update;
+- cloud-lb puts its finalizer on with a merge patch (services patch) and reads a Service back
+  after a status conflict (get);
+- services/finalizers and endpoints/finalizers update are what upstream grants so that slices
+  may set blockOwnerDeletion in their owner references (OwnerReferencesPermissionEnforcement).
+Events are one shared rule (see clusterrole.yaml); the Lease is a namespaced Role.
+*/}}
+{{- define "scm.controllerRules" -}}
+clusterip-alloc:
+  - {group: "", resource: services, verbs: [get, list, watch, update]}
+  - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch]}
+service-cidr:
+  - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch, patch, update]}
+  - {group: networking.k8s.io, resource: servicecidrs/finalizers, verbs: [patch, update]}
+  - {group: networking.k8s.io, resource: servicecidrs/status, verbs: [patch, update]}
+  - {group: networking.k8s.io, resource: ipaddresses, verbs: [get, list, watch]}
+nodeport-alloc:
+  - {group: "", resource: services, verbs: [get, list, watch, update]}
+endpointslice:
+  - {group: "", resource: services, verbs: [get, list, watch]}
+  - {group: "", resource: pods, verbs: [get, list, watch]}
+  - {group: "", resource: nodes, verbs: [get, list, watch]}
+  - {group: "", resource: services/finalizers, verbs: [update]}
+  - {group: discovery.k8s.io, resource: endpointslices, verbs: [get, list, watch, create, update, delete]}
+endpointslice-mirroring:
+  - {group: "", resource: services, verbs: [get, list, watch]}
+  - {group: "", resource: endpoints, verbs: [get, list, watch]}
+  - {group: "", resource: services/finalizers, verbs: [update]}
+  - {group: "", resource: endpoints/finalizers, verbs: [update]}
+  - {group: discovery.k8s.io, resource: endpointslices, verbs: [get, list, watch, create, update, delete]}
+endpoints:
+  - {group: "", resource: services, verbs: [get, list, watch]}
+  - {group: "", resource: pods, verbs: [get, list, watch]}
+  - {group: "", resource: endpoints, verbs: [get, list, watch, create, update, delete]}
+  - {group: "", resource: endpoints/restricted, verbs: [create]}
+cloud-lb:
+  - {group: "", resource: services, verbs: [get, list, watch, patch]}
+  - {group: "", resource: services/status, verbs: [patch, update]}
+  - {group: "", resource: nodes, verbs: [list, watch]}
+{{- end }}
+
+{{/* Canonical verb order, so rendered rules read the same way as upstream's. */}}
+{{- define "scm.verbOrder" -}}
+get,list,watch,create,update,patch,delete
+{{- end }}
+
+{{/* --http-address: host:port, with IPv6 hosts bracketed. */}}
+{{- define "scm.httpAddress" -}}
+{{- if contains ":" .Values.httpBindAddress }}
+{{- printf "[%s]:%d" .Values.httpBindAddress (int .Values.httpPort) }}
+{{- else }}
+{{- printf "%s:%d" .Values.httpBindAddress (int .Values.httpPort) }}
+{{- end }}
+{{- end }}
