@@ -3,3 +3,6 @@
 //! repair loop reports), and assigns ports where a non-allocating API server left them empty.
 
 pub mod core;
+pub mod shell;
+
+pub use shell::{Error, NodePortAllocConfig, run};
