@@ -20,7 +20,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{Child, Command};
 use tokio::sync::OnceCell;
 
 pub mod moto;
@@ -74,19 +74,25 @@ pub struct ControlPlane {
     /// Options it was started with.
     pub options: ControlPlaneOptions,
     _dir: tempfile::TempDir,
-    child: Mutex<Option<Child>>,
-    _stdin: Mutex<Option<ChildStdin>>,
+    child: Mutex<Option<std::process::Child>>,
+    _stdin: Mutex<Option<std::process::ChildStdin>>,
 }
 
 static SHARED: OnceCell<ControlPlane> = OnceCell::const_new();
 
 impl ControlPlane {
     /// Starts a control plane with `opts` and waits until `/readyz` answers.
+    ///
+    /// The child is a plain std process writing to files, not tied to the async runtime of the
+    /// test that started it: the shared control plane outlives that test, and a Go program whose
+    /// stdout or stderr pipe closes dies of SIGPIPE at its next log line.
     pub async fn start(opts: ControlPlaneOptions) -> Result<ControlPlane> {
         let bin = tool("controlplane")?;
         let dir = tempfile::Builder::new().prefix("scm-test-cp-").tempdir()?;
         let kubeconfig = dir.path().join("admin.kubeconfig");
-        let mut cmd = Command::new(bin);
+        let out_path = dir.path().join("stdout.log");
+        let err_path = dir.path().join("stderr.log");
+        let mut cmd = std::process::Command::new(bin);
         cmd.arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--kubeconfig")
@@ -104,43 +110,32 @@ impl ControlPlane {
             cmd.arg(format!("--apiserver-arg={a}"));
         }
         cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stdout(std::fs::File::create(&out_path)?)
+            .stderr(std::fs::File::create(&err_path)?);
         let mut child = cmd.spawn().context("starting bin/controlplane")?;
         let stdin = child.stdin.take();
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        let tail = Arc::new(Mutex::new(Vec::<String>::new()));
-        let t2 = tail.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                let mut t = t2.lock().unwrap_or_else(|e| e.into_inner());
-                t.push(l);
-                if t.len() > 40 {
-                    t.remove(0);
-                }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let line = loop {
+            let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+            if let Some(l) = out
+                .lines()
+                .find_map(|l| l.strip_prefix("controlplane ready: "))
+            {
+                break l.to_string();
             }
-        });
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(180), async {
-            while let Some(l) = lines.next_line().await? {
-                if let Some(rest) = l.strip_prefix("controlplane ready: ") {
-                    return Ok::<_, anyhow::Error>(Some(rest.to_string()));
-                }
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                let _ = child.kill();
+                let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+                let tail: Vec<&str> = err.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "control plane did not become ready (exit: {exited:?}); stderr tail:\n{}",
+                    tail.join("\n")
+                );
             }
-            Ok(None)
-        })
-        .await;
-        let line = match ready {
-            Ok(Ok(Some(l))) => l,
-            other => {
-                let t = tail.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
-                bail!("control plane did not become ready ({other:?}); stderr tail:\n{t}");
-            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let server = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("server="))
@@ -175,13 +170,64 @@ impl ControlPlane {
         Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
     }
 
-    /// Stops the control plane now (it also stops on drop).
+    /// A client configuration that authenticates with a bearer token (e.g. a ServiceAccount's)
+    /// instead of the admin certificate.
+    pub async fn token_config(&self, token: &str) -> Result<Config> {
+        let mut cfg = self.config().await?;
+        cfg.auth_info = kube::config::AuthInfo {
+            token: Some(token.to_string().into()),
+            ..Default::default()
+        };
+        Ok(cfg)
+    }
+
+    /// Writes a kubeconfig that authenticates with `token`, for running a binary as a
+    /// ServiceAccount, and returns its path.
+    pub fn write_token_kubeconfig(&self, token: &str, path: &Path) -> Result<PathBuf> {
+        let admin = Kubeconfig::read_from(&self.kubeconfig)?;
+        let ca = admin
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.as_ref())
+            .and_then(|c| c.certificate_authority_data.clone())
+            .ok_or_else(|| anyhow!("admin kubeconfig has no CA data"))?;
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: token\n  user:\n    token: {}\ncontexts:\n- name: local\n  context:\n    cluster: local\n    user: token\ncurrent-context: local\n",
+            self.server, ca, token
+        );
+        std::fs::write(path, text)?;
+        Ok(path.to_path_buf())
+    }
+
+    /// Stops the control plane now (it also stops when dropped or when the test process exits).
     pub async fn stop(&self) {
         let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Closing stdin asks for an orderly stop that removes the data directory.
         self._stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut c) = child {
-            let _ = tokio::time::timeout(Duration::from_secs(15), c.wait()).await;
-            let _ = c.start_kill();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self._stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // Give it a moment to clean up after the stdin close, then make sure it is gone.
+            for _ in 0..100 {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }

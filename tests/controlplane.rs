@@ -1,0 +1,166 @@
+//! The local control plane itself: a real kube-apiserver that kubectl can reach, with RBAC and
+//! service-account tokens, settable ranges, and clean removal of its data on SIGTERM.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
+use test_support::{ControlPlane, ControlPlaneOptions, tool};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[tokio::test]
+async fn kubectl_reads_readyz_through_the_admin_kubeconfig() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let out = tokio::process::Command::new(tool("kubectl").expect("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&cp.kubeconfig)
+        .args(["get", "--raw", "/readyz"])
+        .output()
+        .await
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[tokio::test]
+async fn service_account_tokens_authenticate_and_rbac_authorizes() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let client = cp.client().await.expect("client");
+    let ns = test_support::namespace(&client, "sa").await.expect("ns");
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("probe".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    sas.create(&PostParams::default(), &sa)
+        .await
+        .expect("create sa");
+    let tr = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("probe", &PostParams::default(), &tr)
+        .await
+        .expect("token request")
+        .status
+        .and_then(|s| s.token)
+        .unwrap_or_default();
+    assert!(!token.is_empty());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = cp
+        .write_token_kubeconfig(&token, &dir.path().join("sa.kubeconfig"))
+        .expect("token kubeconfig");
+    let out = tokio::process::Command::new(tool("kubectl").expect("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
+        .output()
+        .await
+        .expect("kubectl auth whoami");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("system:serviceaccount:{ns}:probe"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sa_client =
+        kube::Client::try_from(cp.token_config(&token).await.expect("config")).expect("client");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(sa_client, &ns);
+    match pods.list(&Default::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ranges_are_settable_and_sigterm_removes_the_data_directory() {
+    let cp = ControlPlane::start(ControlPlaneOptions {
+        service_cluster_ip_range: "10.123.0.0/24".into(),
+        service_node_port_range: "31000-31010".into(),
+        apiserver_args: vec![],
+    })
+    .await
+    .expect("control plane");
+    let client = cp.client().await.expect("client");
+    let svcs: Api<Service> = Api::namespaced(client, "default");
+    let svc = Service {
+        metadata: ObjectMeta {
+            name: Some("np".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("NodePort".into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let created = svcs
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("service");
+    let spec = created.spec.unwrap_or_default();
+    assert!(spec.cluster_ip.unwrap_or_default().starts_with("10.123.0."));
+    let np = spec.ports.unwrap_or_default()[0]
+        .node_port
+        .unwrap_or_default();
+    assert!((31000..=31010).contains(&np), "node port {np}");
+    cp.stop().await;
+
+    // A control plane in a directory of our choosing removes its data when told to stop.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(tool("controlplane").expect("controlplane"))
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("ready in time")
+        .expect("read")
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("controlplane ready: server=https://127.0.0.1:"),
+        "{line}"
+    );
+    assert!(data.join("etcd").exists());
+    let pid = child.id().expect("pid");
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("stops in time")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(!data.join("etcd").exists(), "etcd data left behind");
+    assert!(!data.join("pki").exists(), "certificates left behind");
+}
