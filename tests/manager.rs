@@ -21,6 +21,40 @@ async fn get(url: &str) -> Option<(u16, String)> {
     Some((code, r.text().await.ok()?))
 }
 
+/// Reconciles a manager's `controller` has started, from its metrics.
+async fn reconciles(addr: &str, controller: &str) -> Option<u64> {
+    let (_, body) = get(&format!("http://{addr}/metrics")).await?;
+    let prefix =
+        format!("service_controller_manager_reconcile_total{{controller=\"{controller}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Creates a selector Service in `ns`, for a controller to reconcile.
+async fn create_service(client: &kube::Client, ns: &str, name: &str) {
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    let svc = Service {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some([("app".to_string(), name.to_string())].into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns)
+        .create(&Default::default(), &svc)
+        .await
+        .expect("create service");
+}
+
 /// The value of `leader_election_master_status` on a manager, if it serves metrics.
 async fn leader_status(addr: &str) -> Option<i64> {
     let (_, body) = get(&format!("http://{addr}/metrics")).await?;
@@ -205,11 +239,26 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
         let (code, _) = get(&format!("http://{addr}/readyz")).await.expect("readyz");
         assert_eq!(code, 200);
     }
+    // Only the leader reconciles: a new Service is handled by it and never by the follower.
+    let client = cp.client().await.expect("client");
+    create_service(&client, &ns, "before-failover").await;
+    wait_for(
+        "the leader to reconcile",
+        Duration::from_secs(30),
+        || async {
+            reconciles(&leader_addr, "endpointslice")
+                .await
+                .filter(|n| *n > 0)
+        },
+    )
+    .await
+    .expect("leader reconciled");
     // It stays that way over several renewals.
     for _ in 0..3 {
         tokio::time::sleep(retry).await;
         assert_eq!(leader_status(&leader_addr).await, Some(1));
         assert_eq!(leader_status(&follower_addr).await, Some(0));
+        assert_eq!(reconciles(&follower_addr, "endpointslice").await, Some(0));
     }
 
     let (leader, follower) = if leader_addr == a_addr {
@@ -229,6 +278,21 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
     .unwrap_or_else(|e| panic!("{e}; follower logs:\n{}", follower.log_lines().join("\n")));
     let took = killed.elapsed();
     eprintln!("failover took {took:?} (lease {lease_duration:?} + retry {retry:?})");
+    // The new leader reconciles: its caches were warm, so the new Service gets its slice.
+    create_service(&client, &ns, "after-failover").await;
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), &ns);
+    wait_for(
+        "a slice from the new leader",
+        Duration::from_secs(30),
+        || async {
+            let lp = kube::api::ListParams::default()
+                .labels("kubernetes.io/service-name=after-failover");
+            slices.list(&lp).await.ok().filter(|l| !l.items.is_empty())
+        },
+    )
+    .await
+    .expect("new leader reconciles");
     follower.signal(15).expect("SIGTERM");
     let _ = follower.child.wait().await;
 }
