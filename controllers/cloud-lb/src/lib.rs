@@ -212,6 +212,30 @@ struct Shell {
     metrics: LbMetrics,
 }
 
+/// Event notes are limited to 1024 bytes by the API; longer ones are cut at a char boundary.
+fn note(s: String) -> String {
+    const MAX: usize = 1024;
+    if s.len() <= MAX {
+        return s;
+    }
+    let mut end = MAX - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn notes_fit_the_api_limit() {
+        assert_eq!(super::note("short".into()), "short");
+        let long = "é".repeat(900);
+        let n = super::note(long);
+        assert!(n.len() <= 1024 && n.ends_with("..."));
+    }
+}
+
 fn reference(svc: &Service) -> ObjectReference {
     svc.object_ref(&())
 }
@@ -558,7 +582,9 @@ impl Shell {
                         &r,
                         "SyncLoadBalancerFailed",
                         "Ensure",
-                        format!("Error syncing load balancer: failed to ensure load balancer: {e}"),
+                        note(format!(
+                            "Error syncing load balancer: failed to ensure load balancer: {e}"
+                        )),
                     )
                     .await;
                 if e.is_permanent() {
@@ -664,10 +690,10 @@ impl Shell {
                         &r,
                         "UpdateLoadBalancerFailed",
                         "Update",
-                        format!(
+                        note(format!(
                             "Error updating load balancer with new hosts {names:?} [node names limited, total number of nodes: {}], error: {e}",
                             nodes.len()
-                        ),
+                        )),
                     )
                     .await;
                 Err(e.into())
@@ -696,7 +722,7 @@ impl Shell {
                         &r,
                         "DeleteLoadBalancerFailed",
                         "Delete",
-                        format!("Error deleting load balancer: {e}"),
+                        note(format!("Error deleting load balancer: {e}")),
                     )
                     .await;
                 return Err(e.into());

@@ -124,7 +124,13 @@ where
 {
     let code = e.code().unwrap_or("").to_string();
     let status = e.raw_response().map(|r| r.status().as_u16());
-    let msg = format!("{op}: {}", elbv2::error::DisplayErrorContext(&e));
+    // The API's code and message when there is one (short enough for an Event); the full
+    // error chain only for transport failures.
+    let msg = match (e.code(), e.message()) {
+        (Some(c), Some(m)) => format!("{op}: {c}: {m}"),
+        (Some(c), None) => format!("{op}: {c}"),
+        _ => format!("{op}: {}", elbv2::error::DisplayErrorContext(&e)),
+    };
     match code.as_str() {
         "Throttling"
         | "ThrottlingException"
@@ -946,7 +952,19 @@ impl LoadBalancerProvider for AwsProvider {
             return Ok(());
         };
         let instances = spec::instance_ids(nodes);
-        let tgs = self.attached_tgs(&lb.arn).await?;
+        let mut tgs = self.attached_tgs(&lb.arn).await?;
+        // Groups a listener was moved to are not always reported as attached (moto's
+        // ModifyListener does not record the association): look those up by name.
+        if let Ok(d) = spec::desired(cluster, service, &self.defaults) {
+            let known: BTreeSet<String> = tgs.iter().map(|t| t.name.clone()).collect();
+            let missing: Vec<String> = d
+                .target_groups
+                .iter()
+                .map(|t| t.name.clone())
+                .filter(|n| !known.contains(n))
+                .collect();
+            tgs.extend(self.tgs_by_name(&missing).await?);
+        }
         let arns: Vec<String> = tgs.iter().map(|t| t.arn.clone()).collect();
         let tags = self.tags(&arns).await?;
         for t in tgs {

@@ -1,0 +1,1121 @@
+//! The cloud-lb controller against the real local control plane and moto's real server on
+//! loopback (installed by tests/moto/install.sh). Faults are scripted only by the thin layer in
+//! front of moto (`test_support::moto::FaultProxy`); moto does everything it can do itself.
+//!
+//! Nodes are cluster-scoped and the control plane is shared, so the tests in this binary run
+//! one at a time (a global lock) and each starts from no nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use cloud_lb::aws::elbv2_sdk as elbv2;
+use cloud_lb::aws::{
+    AwsCloudConfig, AwsProvider, budget::Rate, budget::RateLimits, emulator_client,
+};
+use cloud_lb::local::{LocalCloudConfig, LocalProvider, REQUESTED_IPS_ANNOTATION};
+use cloud_lb::{CloudLbConfig, LoadBalancerProvider, ProviderKind, run_with_provider};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
+use test_support::moto::{Fault, FaultKind, FaultProxy, Moto, REGION, is_mutating};
+use test_support::{ControlPlane, NodeSpecBuilder, create_node, namespace, wait_for};
+use tokio_util::sync::CancellationToken;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const T: Duration = Duration::from_secs(60);
+const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
+
+/// A controller running in this process (a crash is `abort`).
+struct Ctrl {
+    token: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    metrics: Metrics,
+    _leader: tokio::sync::watch::Sender<bool>,
+}
+
+impl Ctrl {
+    fn start(
+        client: &kube::Client,
+        config: CloudLbConfig,
+        provider: Arc<dyn LoadBalancerProvider>,
+    ) -> Ctrl {
+        // Logs with RUST_LOG=cloud_lb=debug (and --nocapture).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let token = CancellationToken::new();
+        let (leader, tx) = LeaderGate::fixed(true);
+        let metrics = Metrics::new();
+        let ctx = ControllerContext {
+            name: "cloud-lb".into(),
+            client: client.clone(),
+            leader,
+            metrics: metrics.clone(),
+            events: EventRecorder::new(client.clone(), "service-controller", None),
+            shutdown: token.clone(),
+            ready: Readiness::default().register("cloud-lb"),
+        };
+        let task = tokio::spawn(async move {
+            if let Err(e) = run_with_provider(ctx, config, provider).await {
+                eprintln!("controller stopped: {e}");
+            }
+        });
+        Ctrl {
+            token,
+            task: Some(task),
+            metrics,
+            _leader: tx,
+        }
+    }
+
+    /// Reconciles completed so far.
+    fn reconciles_done(&self) -> u64 {
+        self.metrics
+            .encode()
+            .lines()
+            .find(|l| l.starts_with("service_controller_manager_reconcile_duration_seconds_count"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+
+    fn crash(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Ctrl {
+    // A failing test must not leave its controller running into the next one.
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+struct Aws {
+    moto: Moto,
+    proxy: FaultProxy,
+    /// Straight to moto, for assertions (not counted by the proxy).
+    elb: elbv2::Client,
+    subnets: Vec<String>,
+    cluster: String,
+}
+
+impl Aws {
+    async fn start(cluster: &str) -> Result<Aws> {
+        let moto = Moto::start().await?;
+        let proxy = FaultProxy::start(&moto.addr).await?;
+        let subnets = moto.default_subnets().await?;
+        let elb = emulator_client(&moto.endpoint, REGION, 1);
+        Ok(Aws {
+            moto,
+            proxy,
+            elb,
+            subnets,
+            cluster: cluster.into(),
+        })
+    }
+
+    fn provider(&self) -> Arc<AwsProvider> {
+        let fast = Rate {
+            qps: 1000.0,
+            burst: 1000,
+        };
+        Arc::new(AwsProvider::with_client(
+            // Two SDK attempts: most injected faults surface to the controller's backoff.
+            emulator_client(&self.proxy.endpoint, REGION, 2),
+            AwsCloudConfig {
+                subnets: self.subnets[..1].to_vec(),
+                rate_limits: RateLimits {
+                    describe: fast,
+                    mutate: fast,
+                    targets: fast,
+                },
+                ..Default::default()
+            },
+        ))
+    }
+
+    fn config(&self, class: &str, default: bool) -> CloudLbConfig {
+        CloudLbConfig {
+            cloud_provider: ProviderKind::Aws,
+            cloud_config: None,
+            cluster_name: self.cluster.clone(),
+            concurrent_service_syncs: 4,
+            load_balancer_class: Some(class.into()),
+            default_load_balancer: default,
+        }
+    }
+
+    async fn lbs_named(&self, name: &str) -> Vec<elbv2::types::LoadBalancer> {
+        match self.elb.describe_load_balancers().names(name).send().await {
+            Ok(o) => o.load_balancers().to_vec(),
+            Err(_) => vec![],
+        }
+    }
+
+    async fn lb_of(&self, svc: &Service) -> Option<elbv2::types::LoadBalancer> {
+        let name = cloud_lb::aws::spec::load_balancer_name(&self.cluster, svc);
+        self.lbs_named(&name).await.into_iter().next()
+    }
+
+    async fn tgs_of(&self, lb_arn: &str) -> Vec<elbv2::types::TargetGroup> {
+        self.elb
+            .describe_target_groups()
+            .load_balancer_arn(lb_arn)
+            .send()
+            .await
+            .map(|o| o.target_groups().to_vec())
+            .unwrap_or_default()
+    }
+
+    async fn targets(&self, tg_arn: &str) -> BTreeSet<(String, i32)> {
+        self.elb
+            .describe_target_health()
+            .target_group_arn(tg_arn)
+            .send()
+            .await
+            .map(|o| {
+                o.target_health_descriptions()
+                    .iter()
+                    .filter_map(|d| {
+                        let t = d.target()?;
+                        Some((t.id()?.to_string(), t.port()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Listeners as port → (protocol, target group ARN).
+    async fn listeners(&self, lb_arn: &str) -> BTreeMap<i32, (String, String)> {
+        self.elb
+            .describe_listeners()
+            .load_balancer_arn(lb_arn)
+            .send()
+            .await
+            .map(|o| {
+                o.listeners()
+                    .iter()
+                    .filter_map(|l| {
+                        Some((
+                            l.port()?,
+                            (
+                                l.protocol()?.as_str().to_string(),
+                                l.default_actions().first()?.target_group_arn()?.to_string(),
+                            ),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every load balancer and target group tagged with the Service `ns/name` (a tag scan).
+    async fn tagged(&self, ns: &str, name: &str) -> Result<Vec<String>> {
+        let mut arns: Vec<String> = vec![];
+        let lbs = self.elb.describe_load_balancers().send().await?;
+        arns.extend(
+            lbs.load_balancers()
+                .iter()
+                .filter_map(|l| l.load_balancer_arn().map(str::to_string)),
+        );
+        let tgs = self.elb.describe_target_groups().send().await?;
+        arns.extend(
+            tgs.target_groups()
+                .iter()
+                .filter_map(|t| t.target_group_arn().map(str::to_string)),
+        );
+        let mut out = vec![];
+        for chunk in arns.chunks(20) {
+            let r = self
+                .elb
+                .describe_tags()
+                .set_resource_arns(Some(chunk.to_vec()))
+                .send()
+                .await?;
+            for d in r.tag_descriptions() {
+                let ours = d.tags().iter().any(|t| {
+                    t.key() == Some("kubernetes.io/service-name")
+                        && t.value() == Some(&format!("{ns}/{name}"))
+                });
+                if ours {
+                    out.extend(d.resource_arn().map(str::to_string));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+async fn setup() -> Result<(kube::Client, String)> {
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    // Start from no nodes: they are cluster-wide and would be targets of every test.
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in nodes.list(&ListParams::default()).await?.items {
+        if let Some(name) = n.metadata.name {
+            let _ = nodes.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+    wait_for("nodes gone", T, || {
+        let nodes = nodes.clone();
+        async move {
+            nodes
+                .list(&ListParams::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+        }
+    })
+    .await?;
+    let ns = namespace(&client, "cloudlb").await?;
+    Ok((client, ns))
+}
+
+fn instance(name: &str) -> String {
+    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("i-{hex}")
+}
+
+async fn node(client: &kube::Client, name: &str) -> Result<Node> {
+    create_node(
+        client,
+        NodeSpecBuilder {
+            name: name.into(),
+            zone: Some("us-east-1a".into()),
+            provider_id: Some(format!("aws:///us-east-1a/{}", instance(name))),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+fn lb_service(
+    ns: &str,
+    name: &str,
+    class: Option<&str>,
+    ports: &[(&str, i32, &str, Option<i32>)],
+) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            load_balancer_class: class.map(str::to_string),
+            selector: Some([("app".to_string(), name.to_string())].into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p, proto, np)| ServicePort {
+                        name: Some(n.to_string()),
+                        port: *p,
+                        protocol: Some(proto.to_string()),
+                        node_port: *np,
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+async fn create(client: &kube::Client, svc: &Service) -> Result<Service> {
+    let api: Api<Service> = Api::namespaced(
+        client.clone(),
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+    );
+    Ok(api.create(&PostParams::default(), svc).await?)
+}
+
+async fn get(client: &kube::Client, ns: &str, name: &str) -> Option<Service> {
+    Api::<Service>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn hostname(s: &Service) -> Option<String> {
+    s.status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?
+        .hostname
+        .clone()
+}
+
+fn ips(s: &Service) -> Vec<String> {
+    s.status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone())
+        .collect()
+}
+
+fn has_finalizer(s: &Service) -> bool {
+    s.metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == FINALIZER)
+}
+
+async fn wait_status(client: &kube::Client, ns: &str, name: &str) -> Result<Service> {
+    wait_for(&format!("{ns}/{name} load balancer status"), T, || async {
+        get(client, ns, name)
+            .await
+            .filter(|s| hostname(s).is_some() || !ips(s).is_empty())
+    })
+    .await
+}
+
+async fn events(client: &kube::Client, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .map(|e| e.note.unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn wait_event(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    contains: &str,
+) -> Result<String> {
+    wait_for(
+        &format!("{reason} event on {ns}/{name} containing {contains:?}"),
+        T,
+        || async {
+            events(client, ns, name, reason)
+                .await
+                .into_iter()
+                .find(|n| n.contains(contains))
+        },
+    )
+    .await
+}
+
+async fn patch(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    p: serde_json::Value,
+) -> Result<Service> {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&p))
+        .await?)
+}
+
+async fn wait_targets(aws: &Aws, tg_arn: &str, want: BTreeSet<(String, i32)>) -> Result<()> {
+    wait_for(&format!("targets {want:?}"), T, || {
+        let want = want.clone();
+        async move { (aws.targets(tg_arn).await == want).then_some(()) }
+    })
+    .await
+}
+
+fn node_port(s: &Service, port: i32) -> i32 {
+    s.spec
+        .as_ref()
+        .and_then(|sp| sp.ports.as_ref())
+        .and_then(|ps| ps.iter().find(|p| p.port == port))
+        .and_then(|p| p.node_port)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn create_update_ports_and_delete() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-ports").await?;
+    let class = "test.example.com/ports";
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    node(&client, "ports-a").await?;
+    node(&client, "ports-b").await?;
+
+    create(
+        &client,
+        &lb_service(&ns, "web", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let svc = wait_status(&client, &ns, "web").await?;
+    assert!(
+        has_finalizer(&svc),
+        "finalizer is added before the cloud call"
+    );
+    let lb = aws
+        .lb_of(&svc)
+        .await
+        .ok_or_else(|| anyhow!("no load balancer"))?;
+    assert_eq!(hostname(&svc).as_deref(), lb.dns_name());
+    let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+    let np80 = node_port(&svc, 80);
+    let tgs = aws.tgs_of(&lb_arn).await;
+    assert_eq!(tgs.len(), 1);
+    let tg = &tgs[0];
+    assert_eq!(tg.port(), Some(np80), "targets on the NodePort");
+    assert_eq!(tg.health_check_protocol().map(|p| p.as_str()), Some("TCP"));
+    assert_eq!(tg.health_check_port(), Some("traffic-port"));
+    assert!(tg.target_group_name().is_some_and(|n| n.len() <= 32));
+    let want: BTreeSet<_> = ["ports-a", "ports-b"]
+        .iter()
+        .map(|n| (instance(n), np80))
+        .collect();
+    wait_targets(&aws, tg.target_group_arn().unwrap_or_default(), want).await?;
+    let l = aws.listeners(&lb_arn).await;
+    assert_eq!(l.get(&80).map(|(p, _)| p.as_str()), Some("TCP"));
+    assert_eq!(
+        aws.tagged(&ns, "web").await?.len(),
+        2,
+        "load balancer and target group carry the Service tag"
+    );
+    wait_event(&client, &ns, "web", "EnsuredLoadBalancer", "").await?;
+
+    // Add DNS on 53 over TCP and UDP (one TCP_UDP listener, one shared nodePort).
+    let p = serde_json::json!({"spec": {"ports": [
+        {"name": "http", "port": 80, "protocol": "TCP", "nodePort": np80},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "nodePort": 31053},
+        {"name": "dns-udp", "port": 53, "protocol": "UDP", "nodePort": 31053},
+    ]}});
+    patch(&client, &ns, "web", p).await?;
+    wait_for("TCP_UDP listener on 53", T, || async {
+        let l = aws.listeners(&lb_arn).await;
+        (l.get(&53).map(|(p, _)| p.as_str()) == Some("TCP_UDP") && l.len() == 2).then_some(())
+    })
+    .await?;
+
+    // Move port 80 to another NodePort: a new target group, the old one deleted.
+    let p = serde_json::json!({"spec": {"ports": [
+        {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 31080},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "nodePort": 31053},
+        {"name": "dns-udp", "port": 53, "protocol": "UDP", "nodePort": 31053},
+    ]}});
+    patch(&client, &ns, "web", p).await?;
+    let new_tg = wait_for("listener 80 on a target group at 31080", T, || async {
+        let l = aws.listeners(&lb_arn).await;
+        let arn = l.get(&80)?.1.clone();
+        // By ARN: moto does not record a moved listener's group as attached.
+        let tgs = aws
+            .elb
+            .describe_target_groups()
+            .target_group_arns(&arn)
+            .send()
+            .await
+            .ok()?;
+        tgs.target_groups()
+            .iter()
+            .find(|t| t.port() == Some(31080))
+            .map(|_| arn.clone())
+    })
+    .await?;
+    let want: BTreeSet<_> = ["ports-a", "ports-b"]
+        .iter()
+        .map(|n| (instance(n), 31080))
+        .collect();
+    wait_targets(&aws, &new_tg, want).await?;
+    wait_for("old target group deleted", T, || async {
+        let all = aws.elb.describe_target_groups().send().await.ok()?;
+        let n = all.target_groups().len();
+        (n == 2).then_some(())
+    })
+    .await?;
+
+    // Delete: the Service goes away only after every ELBv2 resource it owned is gone.
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .delete("web", &DeleteParams::default())
+        .await?;
+    wait_for("service gone", T, || async {
+        get(&client, &ns, "web").await.is_none().then_some(())
+    })
+    .await?;
+    assert!(
+        aws.tagged(&ns, "web").await?.is_empty(),
+        "tag scan finds leftovers"
+    );
+    assert!(
+        aws.elb
+            .describe_load_balancers()
+            .send()
+            .await?
+            .load_balancers()
+            .is_empty()
+    );
+    drop(svc);
+    ctrl.stop().await;
+    drop(aws.moto);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_added_removed_and_excluded() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-nodes").await?;
+    let class = "test.example.com/nodes";
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    node(&client, "n-a").await?;
+    node(&client, "n-b").await?;
+    create(
+        &client,
+        &lb_service(&ns, "app", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let svc = wait_status(&client, &ns, "app").await?;
+    let np = node_port(&svc, 80);
+    let lb = aws.lb_of(&svc).await.ok_or_else(|| anyhow!("no lb"))?;
+    let tg_arn = aws.tgs_of(lb.load_balancer_arn().unwrap_or_default()).await[0]
+        .target_group_arn()
+        .unwrap_or_default()
+        .to_string();
+    let set = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| (instance(n), np))
+            .collect::<BTreeSet<_>>()
+    };
+    wait_targets(&aws, &tg_arn, set(&["n-a", "n-b"])).await?;
+
+    // Additions: a batch of nodes arrives; every one becomes a target.
+    aws.proxy.reset_counts();
+    for n in ["n-c", "n-d", "n-e", "n-f"] {
+        node(&client, n).await?;
+    }
+    wait_targets(
+        &aws,
+        &tg_arn,
+        set(&["n-a", "n-b", "n-c", "n-d", "n-e", "n-f"]),
+    )
+    .await?;
+    let c = aws.proxy.counts();
+    eprintln!("calls for 4 node additions: {c:?}");
+    assert!(!c.contains_key("CreateLoadBalancer") && !c.contains_key("CreateTargetGroup"));
+    wait_event(&client, &ns, "app", "UpdatedLoadBalancer", "new hosts").await?;
+
+    // A node with no AWS providerID cannot be a target; readiness does not matter.
+    create_node(
+        &client,
+        NodeSpecBuilder {
+            name: "n-noid".into(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let not_ready = serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "test"}]}});
+    nodes
+        .patch_status("n-f", &PatchParams::default(), &Patch::Merge(&not_ready))
+        .await?;
+
+    // The exclusion label removes a node (read as upstream: "true" excludes).
+    let label = serde_json::json!({"metadata": {"labels": {"node.kubernetes.io/exclude-from-external-load-balancers": "true"}}});
+    nodes
+        .patch("n-a", &PatchParams::default(), &Patch::Merge(&label))
+        .await?;
+    wait_targets(&aws, &tg_arn, set(&["n-b", "n-c", "n-d", "n-e", "n-f"])).await?;
+
+    // Deletions.
+    nodes.delete("n-b", &DeleteParams::default()).await?;
+    nodes.delete("n-c", &DeleteParams::default()).await?;
+    wait_targets(&aws, &tg_arn, set(&["n-d", "n-e", "n-f"])).await?;
+
+    // A label unrelated to load balancing triggers nothing.
+    aws.proxy.reset_counts();
+    let done = ctrl.reconciles_done();
+    let other = serde_json::json!({"metadata": {"labels": {"team": "blue"}}});
+    nodes
+        .patch("n-d", &PatchParams::default(), &Patch::Merge(&other))
+        .await?;
+    // Followed by a change that does trigger, so we know the first was processed.
+    nodes.delete("n-e", &DeleteParams::default()).await?;
+    wait_targets(&aws, &tg_arn, set(&["n-d", "n-f"])).await?;
+    let c = aws.proxy.counts();
+    assert_eq!(c.get("DeregisterTargets"), Some(&1), "{c:?}");
+    assert!(!c.contains_key("RegisterTargets"), "{c:?}");
+    assert!(ctrl.reconciles_done() > done);
+
+    // Every node excluded: no hosts, and an UnAvailableLoadBalancer Warning.
+    for n in ["n-d", "n-f", "n-noid"] {
+        nodes.delete(n, &DeleteParams::default()).await?;
+    }
+    wait_targets(&aws, &tg_arn, BTreeSet::new()).await?;
+    wait_event(
+        &client,
+        &ns,
+        "app",
+        "UnAvailableLoadBalancer",
+        "no available nodes",
+    )
+    .await?;
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn external_traffic_policy_local_health_checks() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-etp").await?;
+    let class = "test.example.com/etp";
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    node(&client, "etp-a").await?;
+    let mut s = lb_service(&ns, "local", Some(class), &[("http", 80, "TCP", None)]);
+    if let Some(spec) = s.spec.as_mut() {
+        spec.external_traffic_policy = Some("Local".into());
+    }
+    create(&client, &s).await?;
+    let svc = wait_status(&client, &ns, "local").await?;
+    let hc_port = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.health_check_node_port)
+        .unwrap_or(0);
+    assert!(hc_port > 0);
+    let lb = aws.lb_of(&svc).await.ok_or_else(|| anyhow!("no lb"))?;
+    let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+    let tg = aws
+        .tgs_of(&lb_arn)
+        .await
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("no tg"))?;
+    assert_eq!(tg.health_check_protocol().map(|p| p.as_str()), Some("HTTP"));
+    assert_eq!(tg.health_check_port(), Some(hc_port.to_string().as_str()));
+    assert_eq!(tg.health_check_path(), Some("/healthz"));
+    // Local gets the same node set as Cluster.
+    wait_targets(
+        &aws,
+        tg.target_group_arn().unwrap_or_default(),
+        [(instance("etp-a"), node_port(&svc, 80))].into(),
+    )
+    .await?;
+
+    // Back to Cluster: a TCP check on the traffic port, changed in place.
+    patch(
+        &client,
+        &ns,
+        "local",
+        serde_json::json!({"spec": {"externalTrafficPolicy": "Cluster"}}),
+    )
+    .await?;
+    wait_for("TCP traffic-port health check", T, || async {
+        let tg = aws.tgs_of(&lb_arn).await.into_iter().next()?;
+        (tg.health_check_protocol().map(|p| p.as_str()) == Some("TCP")
+            && tg.health_check_port() == Some("traffic-port"))
+        .then_some(())
+    })
+    .await?;
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn class_filtering_and_type_change() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-class").await?;
+    let ours = "test.example.com/ours";
+    node(&client, "cls-a").await?;
+    // Only our class; not the default implementation.
+    let ctrl = Ctrl::start(&client, aws.config(ours, false), aws.provider());
+    create(
+        &client,
+        &lb_service(
+            &ns,
+            "foreign",
+            Some("other.example.com/lb"),
+            &[("http", 80, "TCP", None)],
+        ),
+    )
+    .await?;
+    create(
+        &client,
+        &lb_service(&ns, "classless", None, &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    create(
+        &client,
+        &lb_service(&ns, "mine", Some(ours), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let mine = wait_status(&client, &ns, "mine").await?;
+    // Services were created before ours, and the controller has finished everything queued.
+    wait_for("idle controller", T, || async {
+        (ctrl.reconciles_done() >= 1).then_some(())
+    })
+    .await?;
+    for name in ["foreign", "classless"] {
+        let s = get(&client, &ns, name)
+            .await
+            .ok_or_else(|| anyhow!("{name} missing"))?;
+        assert!(!has_finalizer(&s), "{name} must not be touched");
+        assert!(hostname(&s).is_none());
+        assert!(aws.lb_of(&s).await.is_none());
+    }
+    ctrl.stop().await;
+
+    // As the default implementation, class-less Services are ours too; foreign ones still not.
+    let ctrl = Ctrl::start(&client, aws.config(ours, true), aws.provider());
+    wait_status(&client, &ns, "classless").await?;
+    let foreign = get(&client, &ns, "foreign")
+        .await
+        .ok_or_else(|| anyhow!("foreign missing"))?;
+    assert!(!has_finalizer(&foreign));
+
+    // Type change away from LoadBalancer: load balancer deleted, status cleared, finalizer gone.
+    patch(
+        &client,
+        &ns,
+        "mine",
+        serde_json::json!({"spec": {"type": "ClusterIP"}}),
+    )
+    .await?;
+    let s = wait_for("mine cleaned up", T, || async {
+        get(&client, &ns, "mine")
+            .await
+            .filter(|s| !has_finalizer(s) && hostname(s).is_none())
+    })
+    .await?;
+    assert!(aws.lb_of(&mine).await.is_none());
+    assert!(aws.tagged(&ns, "mine").await?.is_empty());
+    assert_eq!(
+        s.spec.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("ClusterIP")
+    );
+    wait_event(&client, &ns, "mine", "DeletedLoadBalancer", "").await?;
+    wait_event(&client, &ns, "mine", "DeletingLoadBalancer", "").await?;
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_mid_create_then_restart_adopts() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-crash").await?;
+    let class = "test.example.com/crash";
+    node(&client, "crash-a").await?;
+    // CreateLoadBalancer reaches moto (the load balancer exists) but the answer never comes.
+    aws.proxy.inject(Fault {
+        action: Some("CreateLoadBalancer".into()),
+        kind: FaultKind::ForwardThenHang,
+        times: 1,
+    });
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    let svc = create(
+        &client,
+        &lb_service(&ns, "crashy", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let name = cloud_lb::aws::spec::load_balancer_name(&aws.cluster, &svc);
+    wait_for("half-created load balancer", T, || async {
+        (!aws.lbs_named(&name).await.is_empty()).then_some(())
+    })
+    .await?;
+    ctrl.crash();
+
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    let svc = wait_status(&client, &ns, "crashy").await?;
+    let lbs = aws.lbs_named(&name).await;
+    assert_eq!(
+        lbs.len(),
+        1,
+        "adopted, not duplicated (moto would duplicate on a second create)"
+    );
+    assert_eq!(hostname(&svc).as_deref(), lbs[0].dns_name());
+    assert_eq!(aws.proxy.counts().get("CreateLoadBalancer"), Some(&1));
+    let tgs = aws
+        .tgs_of(lbs[0].load_balancer_arn().unwrap_or_default())
+        .await;
+    assert_eq!(tgs.len(), 1);
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_annotation_event_without_api_call_then_fixed() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-bad").await?;
+    let class = "test.example.com/bad";
+    node(&client, "bad-a").await?;
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    let mut s = lb_service(&ns, "bad", Some(class), &[("http", 80, "TCP", None)]);
+    s.metadata.annotations = Some(
+        [(
+            "service.beta.kubernetes.io/aws-load-balancer-scheme".to_string(),
+            "public".to_string(),
+        )]
+        .into(),
+    );
+    create(&client, &s).await?;
+    let note = wait_event(
+        &client,
+        &ns,
+        "bad",
+        "SyncLoadBalancerFailed",
+        "aws-load-balancer-scheme",
+    )
+    .await?;
+    assert!(note.contains("public"), "{note}");
+    assert!(
+        aws.proxy.counts().is_empty(),
+        "no ELBv2 call for an invalid Service: {:?}",
+        aws.proxy.counts()
+    );
+    // No retry until the Service changes.
+    let done = ctrl.reconciles_done();
+    assert!(
+        events(&client, &ns, "bad", "SyncLoadBalancerFailed")
+            .await
+            .len()
+            == 1
+    );
+    // Fixing the annotation converges.
+    patch(&client, &ns, "bad", serde_json::json!({"metadata": {"annotations": {"service.beta.kubernetes.io/aws-load-balancer-scheme": "internal"}}})).await?;
+    let svc = wait_status(&client, &ns, "bad").await?;
+    assert!(ctrl.reconciles_done() > done);
+    let lb = aws.lb_of(&svc).await.ok_or_else(|| anyhow!("no lb"))?;
+    assert_eq!(lb.scheme().map(|s| s.as_str()), Some("internal"));
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn throttling_and_5xx_converge_and_steady_state_is_quiet() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-faults").await?;
+    let class = "test.example.com/faults";
+    node(&client, "f-a").await?;
+    node(&client, "f-b").await?;
+    aws.proxy
+        // Each call makes 2 SDK attempts: 7 throttles over 3 Services make at least two
+        // CreateLoadBalancer calls fail outright and reach the controller's backoff.
+        .inject(Fault::throttle(Some("CreateLoadBalancer"), 7));
+    aws.proxy
+        .inject(Fault::unavailable(Some("CreateTargetGroup"), 2));
+    aws.proxy
+        .inject(Fault::throttle(Some("RegisterTargets"), 1));
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    for n in ["s1", "s2", "s3"] {
+        create(
+            &client,
+            &lb_service(&ns, n, Some(class), &[("http", 80, "TCP", None)]),
+        )
+        .await?;
+    }
+    let deadline = Duration::from_secs(120);
+    for n in ["s1", "s2", "s3"] {
+        wait_for(
+            &format!("{n} converges despite faults"),
+            deadline,
+            || async { get(&client, &ns, n).await.filter(|s| hostname(s).is_some()) },
+        )
+        .await?;
+    }
+    assert_eq!(aws.proxy.injected(), 10, "every scripted fault was served");
+    let failed: usize = {
+        let mut n = 0;
+        for s in ["s1", "s2", "s3"] {
+            n += events(&client, &ns, s, "SyncLoadBalancerFailed")
+                .await
+                .len();
+        }
+        n
+    };
+    assert!(
+        failed >= 1,
+        "faults beyond the SDK's own retries reach the controller"
+    );
+    for n in ["s1", "s2", "s3"] {
+        let s = get(&client, &ns, n).await.ok_or_else(|| anyhow!("gone"))?;
+        assert_eq!(
+            aws.lbs_named(&cloud_lb::aws::spec::load_balancer_name(&aws.cluster, &s))
+                .await
+                .len(),
+            1
+        );
+    }
+    ctrl.stop().await;
+
+    // Steady state: a fresh controller re-ensures everything and changes nothing.
+    aws.proxy.reset_counts();
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    wait_for("three reconciles", T, || async {
+        (ctrl.reconciles_done() >= 3).then_some(())
+    })
+    .await?;
+    let c = aws.proxy.counts();
+    let mutating: BTreeMap<_, _> = c.iter().filter(|(k, _)| is_mutating(k)).collect();
+    assert!(
+        mutating.is_empty(),
+        "mutating calls at steady state: {mutating:?}"
+    );
+    assert!(
+        c.get("DescribeLoadBalancers").is_some_and(|n| *n >= 3),
+        "{c:?}"
+    );
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_pools_requests_exhaustion_and_restart() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let class = "test.example.com/local";
+    let pools = || {
+        Arc::new(
+            LocalProvider::new(LocalCloudConfig {
+                // Two usable addresses: .1 and .2.
+                pools: vec!["10.200.0.0/30".parse().expect("cidr")],
+                ip_mode: None,
+            })
+            .expect("valid pools"),
+        )
+    };
+    let config = CloudLbConfig {
+        cloud_provider: ProviderKind::Local,
+        cloud_config: None,
+        cluster_name: "it-local".into(),
+        concurrent_service_syncs: 2,
+        load_balancer_class: Some(class.into()),
+        default_load_balancer: false,
+    };
+    let ctrl = Ctrl::start(&client, config.clone(), pools());
+    let mut a = lb_service(&ns, "a", Some(class), &[("http", 80, "TCP", None)]);
+    a.metadata.annotations = Some(
+        [(
+            REQUESTED_IPS_ANNOTATION.to_string(),
+            "10.200.0.2".to_string(),
+        )]
+        .into(),
+    );
+    create(&client, &a).await?;
+    let a = wait_status(&client, &ns, "a").await?;
+    assert_eq!(ips(&a), vec!["10.200.0.2"]);
+    let mode = a
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .and_then(|i| i[0].ip_mode.clone());
+    assert_eq!(mode.as_deref(), Some("VIP"));
+    create(
+        &client,
+        &lb_service(&ns, "b", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let b = wait_status(&client, &ns, "b").await?;
+    assert_eq!(ips(&b), vec!["10.200.0.1"]);
+
+    // Exhausted: an Event, and retries.
+    create(
+        &client,
+        &lb_service(&ns, "c", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    wait_event(
+        &client,
+        &ns,
+        "c",
+        "SyncLoadBalancerFailed",
+        "no free IPv4 address",
+    )
+    .await?;
+    // Outside the pools, and taken: Events.
+    let mut d = lb_service(&ns, "d", Some(class), &[("http", 80, "TCP", None)]);
+    d.metadata.annotations =
+        Some([(REQUESTED_IPS_ANNOTATION.to_string(), "10.9.9.9".to_string())].into());
+    create(&client, &d).await?;
+    wait_event(
+        &client,
+        &ns,
+        "d",
+        "SyncLoadBalancerFailed",
+        "outside every local pool",
+    )
+    .await?;
+    let mut e = lb_service(&ns, "e", Some(class), &[("http", 80, "TCP", None)]);
+    e.metadata.annotations = Some(
+        [(
+            REQUESTED_IPS_ANNOTATION.to_string(),
+            "10.200.0.2".to_string(),
+        )]
+        .into(),
+    );
+    create(&client, &e).await?;
+    wait_event(&client, &ns, "e", "SyncLoadBalancerFailed", "already used").await?;
+
+    // Restart with empty memory: a and b keep their addresses; c still waits.
+    ctrl.stop().await;
+    let ctrl = Ctrl::start(&client, config.clone(), pools());
+    wait_for("reconciles after restart", T, || async {
+        (ctrl.reconciles_done() >= 5).then_some(())
+    })
+    .await?;
+    assert_eq!(
+        ips(&get(&client, &ns, "a").await.ok_or_else(|| anyhow!("a"))?),
+        vec!["10.200.0.2"]
+    );
+    assert_eq!(
+        ips(&get(&client, &ns, "b").await.ok_or_else(|| anyhow!("b"))?),
+        vec!["10.200.0.1"]
+    );
+    assert!(ips(&get(&client, &ns, "c").await.ok_or_else(|| anyhow!("c"))?).is_empty());
+
+    // Deleting a releases 10.200.0.2; c gets it on its next retry.
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .delete("a", &DeleteParams::default())
+        .await?;
+    wait_for("a gone", T, || async {
+        get(&client, &ns, "a").await.is_none().then_some(())
+    })
+    .await?;
+    let c = wait_for(
+        "c gets the freed address",
+        Duration::from_secs(90),
+        || async { get(&client, &ns, "c").await.filter(|s| !ips(s).is_empty()) },
+    )
+    .await?;
+    assert_eq!(ips(&c), vec!["10.200.0.2"]);
+    ctrl.stop().await;
+    Ok(())
+}
