@@ -225,17 +225,6 @@ fn note(s: String) -> String {
     format!("{}...", &s[..end])
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn notes_fit_the_api_limit() {
-        assert_eq!(super::note("short".into()), "short");
-        let long = "é".repeat(900);
-        let n = super::note(long);
-        assert!(n.len() <= 1024 && n.ends_with("..."));
-    }
-}
-
 fn reference(svc: &Service) -> ObjectReference {
     svc.object_ref(&())
 }
@@ -835,5 +824,16 @@ impl Shell {
         Err(Error::Provider(ProviderError::Retryable(
             "status write kept conflicting".into(),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn notes_fit_the_api_limit() {
+        assert_eq!(super::note("short".into()), "short");
+        let long = "é".repeat(900);
+        let n = super::note(long);
+        assert!(n.len() <= 1024 && n.ends_with("..."));
     }
 }
