@@ -110,6 +110,13 @@ struct TgObs {
     health: HealthCheck,
 }
 
+/// What exists for one Service.
+struct Observed {
+    lb: Option<LbObs>,
+    tgs: Vec<TgObs>,
+    tags: HashMap<String, BTreeMap<String, String>>,
+}
+
 /// Network load balancers through ELBv2.
 pub struct AwsProvider {
     client: elbv2::Client,
@@ -358,6 +365,47 @@ impl AwsProvider {
             self.delete_lb_arn(&dup.arn).await?;
         }
         Ok(Some(keep))
+    }
+
+    /// Everything that exists for `svc` in as few describes as the API allows: the load
+    /// balancer by name, the groups attached to it plus `tg_names` not among them (groups a
+    /// crash left unattached, or that moto does not report as attached), and all their tags in
+    /// one batched call. A load balancer with our name that we do not own is an error.
+    async fn observe(
+        &self,
+        cluster: &str,
+        svc: &Service,
+        name: &str,
+        tg_names: &[String],
+    ) -> Result<Observed, ProviderError> {
+        let lbs = self.find_lbs(name).await?;
+        let lb = if lbs.len() > 1 {
+            self.find_owned_lb(cluster, svc, name).await?
+        } else {
+            lbs.first().and_then(lb_obs)
+        };
+        let mut tgs = match &lb {
+            Some(l) => self.attached_tgs(&l.arn).await?,
+            None => vec![],
+        };
+        let known: BTreeSet<String> = tgs.iter().map(|t| t.name.clone()).collect();
+        let missing: Vec<String> = tg_names
+            .iter()
+            .filter(|n| !known.contains(*n))
+            .cloned()
+            .collect();
+        tgs.extend(self.tgs_by_name(&missing).await?);
+        let mut arns: Vec<String> = lb.iter().map(|l| l.arn.clone()).collect();
+        arns.extend(tgs.iter().map(|t| t.arn.clone()));
+        let tags = self.tags(&arns).await?;
+        if let Some(l) = &lb
+            && !tags.get(&l.arn).is_some_and(|t| owned_by(t, cluster, svc))
+        {
+            return Err(ProviderError::Permanent(format!(
+                "a load balancer named {name} exists but is not tagged as owned by cluster {cluster} and this Service; not touching it"
+            )));
+        }
+        Ok(Observed { lb, tgs, tags })
     }
 
     async fn delete_lb_arn(&self, arn: &str) -> Result<(), ProviderError> {
@@ -793,19 +841,9 @@ impl AwsProvider {
         svc: &Service,
     ) -> Result<(Option<LbObs>, Vec<TgObs>), ProviderError> {
         let name = spec::load_balancer_name(cluster, svc);
-        let lb = self.find_owned_lb(cluster, svc, &name).await?;
-        let mut tgs = match &lb {
-            Some(lb) => self.attached_tgs(&lb.arn).await?,
-            None => vec![],
-        };
-        let known: BTreeSet<String> = tgs.iter().map(|t| t.name.clone()).collect();
-        let by_name: Vec<String> = spec::target_group_names(cluster, svc)
-            .into_iter()
-            .filter(|n| !known.contains(n))
-            .collect();
-        tgs.extend(self.tgs_by_name(&by_name).await?);
-        let arns: Vec<String> = tgs.iter().map(|t| t.arn.clone()).collect();
-        let tags = self.tags(&arns).await?;
+        let Observed { lb, mut tgs, tags } = self
+            .observe(cluster, svc, &name, &spec::target_group_names(cluster, svc))
+            .await?;
         tgs.retain(|t| {
             tags.get(&t.arn)
                 .is_some_and(|tg| owned_by(tg, cluster, svc))
@@ -863,8 +901,15 @@ impl LoadBalancerProvider for AwsProvider {
     ) -> Result<LoadBalancerStatus, ProviderError> {
         let d = spec::desired(cluster, service, &self.defaults)?;
         let instances = spec::instance_ids(nodes);
-        let mut lb = self.find_owned_lb(cluster, service, &d.name).await?;
-        if let Some(cur) = &lb
+        let desired_tgs: Vec<String> = d.target_groups.iter().map(|t| t.name.clone()).collect();
+        let Observed {
+            lb: mut found,
+            tgs,
+            mut tags,
+        } = self
+            .observe(cluster, service, &d.name, &desired_tgs)
+            .await?;
+        if let Some(cur) = &found
             && cur
                 .scheme
                 .as_deref()
@@ -873,28 +918,17 @@ impl LoadBalancerProvider for AwsProvider {
             // The scheme cannot change in place: replace the load balancer.
             info!(lb = %d.name, "scheme changed: replacing load balancer");
             self.delete_lb_arn(&cur.arn).await?;
-            lb = None;
+            found = None;
         }
-        let lb = match lb {
+        let lb = match found {
             Some(lb) => lb,
-            None => self.create_lb(&d).await?,
+            None => {
+                let lb = self.create_lb(&d).await?;
+                tags.insert(lb.arn.clone(), d.tags.clone());
+                lb
+            }
         };
         self.ensure_lb_attributes(&lb.arn, &d.lb_attributes).await?;
-
-        // Target groups: those attached, plus desired ones found by name (adoption after a
-        // crash between CreateTargetGroup and CreateListener).
-        let mut tgs = self.attached_tgs(&lb.arn).await?;
-        let known: BTreeSet<String> = tgs.iter().map(|t| t.name.clone()).collect();
-        let missing: Vec<String> = d
-            .target_groups
-            .iter()
-            .map(|t| t.name.clone())
-            .filter(|n| !known.contains(n))
-            .collect();
-        tgs.extend(self.tgs_by_name(&missing).await?);
-        let mut arns: Vec<String> = vec![lb.arn.clone()];
-        arns.extend(tgs.iter().map(|t| t.arn.clone()));
-        let tags = self.tags(&arns).await?;
         self.ensure_tags(&lb.arn, tags.get(&lb.arn), &d.tags)
             .await?;
         for t in &tgs {
@@ -948,25 +982,17 @@ impl LoadBalancerProvider for AwsProvider {
         nodes: &[Node],
     ) -> Result<(), ProviderError> {
         let name = spec::load_balancer_name(cluster, service);
-        let Some(lb) = self.find_owned_lb(cluster, service, &name).await? else {
-            return Ok(());
-        };
-        let instances = spec::instance_ids(nodes);
-        let mut tgs = self.attached_tgs(&lb.arn).await?;
         // Groups a listener was moved to are not always reported as attached (moto's
-        // ModifyListener does not record the association): look those up by name.
-        if let Ok(d) = spec::desired(cluster, service, &self.defaults) {
-            let known: BTreeSet<String> = tgs.iter().map(|t| t.name.clone()).collect();
-            let missing: Vec<String> = d
-                .target_groups
-                .iter()
-                .map(|t| t.name.clone())
-                .filter(|n| !known.contains(n))
-                .collect();
-            tgs.extend(self.tgs_by_name(&missing).await?);
+        // ModifyListener does not record the association): look those up by name too.
+        let desired_tgs: Vec<String> = spec::desired(cluster, service, &self.defaults)
+            .map(|d| d.target_groups.into_iter().map(|t| t.name).collect())
+            .unwrap_or_default();
+        let Observed { lb, tgs, tags } =
+            self.observe(cluster, service, &name, &desired_tgs).await?;
+        if lb.is_none() {
+            return Ok(());
         }
-        let arns: Vec<String> = tgs.iter().map(|t| t.arn.clone()).collect();
-        let tags = self.tags(&arns).await?;
+        let instances = spec::instance_ids(nodes);
         for t in tgs {
             if !tags
                 .get(&t.arn)
