@@ -1119,3 +1119,119 @@ async fn local_pools_requests_exhaustion_and_restart() -> Result<()> {
     ctrl.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn annotations_reach_elbv2() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-ann").await?;
+    let class = "test.example.com/ann";
+    node(&client, "ann-a").await?;
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    let a = "service.beta.kubernetes.io/aws-load-balancer-";
+    let mut s = lb_service(&ns, "ann", Some(class), &[("http", 80, "TCP", None)]);
+    s.metadata.annotations = Some(
+        [
+            ("type", "nlb"),
+            ("internal", "true"),
+            ("cross-zone-load-balancing-enabled", "true"),
+            ("additional-resource-tags", "team=payments,env=test"),
+            (
+                "target-group-attributes",
+                "deregistration_delay.timeout_seconds=15",
+            ),
+            ("healthcheck-protocol", "HTTP"),
+            ("healthcheck-path", "/ready"),
+            ("healthcheck-interval", "20"),
+            ("healthcheck-timeout", "5"),
+            ("healthcheck-healthy-threshold", "4"),
+            ("subnets", aws.subnets[0].as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{a}{k}"), v.to_string()))
+        .collect(),
+    );
+    create(&client, &s).await?;
+    let svc = wait_status(&client, &ns, "ann").await?;
+    let lb = aws.lb_of(&svc).await.ok_or_else(|| anyhow!("no lb"))?;
+    let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+    assert_eq!(lb.scheme().map(|s| s.as_str()), Some("internal"));
+    let attrs = aws
+        .elb
+        .describe_load_balancer_attributes()
+        .load_balancer_arn(&lb_arn)
+        .send()
+        .await?;
+    let cross = attrs
+        .attributes()
+        .iter()
+        .find(|x| x.key() == Some("load_balancing.cross_zone.enabled"))
+        .and_then(|x| x.value());
+    assert_eq!(cross, Some("true"));
+    let tg = aws
+        .tgs_of(&lb_arn)
+        .await
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("no tg"))?;
+    let tg_arn = tg.target_group_arn().unwrap_or_default().to_string();
+    assert_eq!(tg.health_check_protocol().map(|p| p.as_str()), Some("HTTP"));
+    assert_eq!(tg.health_check_path(), Some("/ready"));
+    assert_eq!(tg.health_check_interval_seconds(), Some(20));
+    assert_eq!(tg.health_check_timeout_seconds(), Some(5));
+    assert_eq!(tg.healthy_threshold_count(), Some(4));
+    let tg_attrs = aws
+        .elb
+        .describe_target_group_attributes()
+        .target_group_arn(&tg_arn)
+        .send()
+        .await?;
+    let delay = tg_attrs
+        .attributes()
+        .iter()
+        .find(|x| x.key() == Some("deregistration_delay.timeout_seconds"))
+        .and_then(|x| x.value());
+    assert_eq!(delay, Some("15"));
+    for arn in [&lb_arn, &tg_arn] {
+        let t = aws.elb.describe_tags().resource_arns(arn).send().await?;
+        let tags: BTreeMap<String, String> = t
+            .tag_descriptions()
+            .iter()
+            .flat_map(|d| d.tags())
+            .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+            .collect();
+        assert_eq!(
+            tags.get("team").map(String::as_str),
+            Some("payments"),
+            "{arn}"
+        );
+        assert_eq!(
+            tags.get("kubernetes.io/cluster/it-ann").map(String::as_str),
+            Some("owned")
+        );
+    }
+
+    // Changing a health-check annotation modifies in place; nothing is recreated.
+    aws.proxy.reset_counts();
+    patch(
+        &client,
+        &ns,
+        "ann",
+        serde_json::json!({"metadata": {"annotations": {format!("{a}healthcheck-interval"): "30"}}}),
+    )
+    .await?;
+    wait_for("interval 30", T, || async {
+        let tg = aws.tgs_of(&lb_arn).await.into_iter().next()?;
+        (tg.health_check_interval_seconds() == Some(30)).then_some(())
+    })
+    .await?;
+    let c = aws.proxy.counts();
+    let mutating: BTreeMap<_, _> = c.iter().filter(|(k, _)| is_mutating(k)).collect();
+    assert_eq!(
+        mutating.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        vec!["ModifyTargetGroup"],
+        "{c:?}"
+    );
+    ctrl.stop().await;
+    Ok(())
+}
