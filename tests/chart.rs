@@ -538,15 +538,39 @@ fn start_as(args: &[String], kubeconfig: &Path, cloud_config: &Path, addr: &str)
 
 #[tokio::test]
 async fn manager_runs_with_only_the_charts_rbac() {
+    run_with_chart_rbac(LOCAL, &[], true).await;
+}
+
+#[tokio::test]
+async fn manager_runs_with_the_reduced_rbac_of_disabled_controllers() {
+    let mut sets = LOCAL.to_vec();
+    sets.extend([
+        "controllers.endpoints=false",
+        "controllers.endpointslice-mirroring=false",
+    ]);
+    run_with_chart_rbac(&sets, &["endpoints", "endpointslice-mirroring"], false).await;
+}
+
+/// Renders the chart with `sets`, applies its RBAC for real, runs the manager with the rendered
+/// args as its ServiceAccount, and checks that it leads and that every enabled controller
+/// (all but `disabled`) does its work with no 403.
+async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control: bool) {
     let cp = ControlPlane::shared().await.expect("control plane");
     let client = cp.client().await.expect("client");
     let ns = namespace(&client, "chart-sa").await.expect("namespace");
     let scratch = Scratch::new("sa");
     // A release name unique to this namespace, so cluster-scoped RBAC objects don't collide.
     let release = format!("r-{}", ns.trim_start_matches("chart-sa-"));
-    let text = render(&release, &ns, LOCAL).await;
+    let text = render(&release, &ns, sets).await;
     let objs = kubectl_apply(cp, &ns, &text, true).await;
     let args = manager_args(&objs);
+    for d in disabled {
+        assert!(
+            !args.iter().any(|a| a.starts_with("--controllers=")
+                && a["--controllers=".len()..].split(',').any(|c| c == *d)),
+            "{d} still in {args:?}"
+        );
+    }
     let sa_name = find(&objs, "ServiceAccount")["metadata"]["name"]
         .as_str()
         .expect("sa name")
@@ -585,20 +609,22 @@ async fn manager_runs_with_only_the_charts_rbac() {
 
     // Negative control: the same manager with a token of a ServiceAccount that has no
     // bindings is refused (proves the token, not the admin identity, is what the manager uses).
-    let nobody = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "nobody"}});
-    kubectl_apply(cp, &ns, &nobody.to_string(), false).await;
-    let nobody_kc = scratch.path("nobody.kubeconfig");
-    token_kubeconfig(cp, &create_token(cp, &ns, "nobody").await, &nobody_kc);
-    let addr0 = free_addr();
-    let m0 = start_as(&args, &nobody_kc, &cloud_config, &addr0);
-    wait_for(
-        "a 403 for a ServiceAccount without RBAC",
-        Duration::from_secs(60),
-        || async { (!forbidden(&m0.log_lines()).is_empty()).then_some(()) },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", m0.log_lines().join("\n")));
-    drop(m0);
+    if negative_control {
+        let nobody = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "nobody"}});
+        kubectl_apply(cp, &ns, &nobody.to_string(), false).await;
+        let nobody_kc = scratch.path("nobody.kubeconfig");
+        token_kubeconfig(cp, &create_token(cp, &ns, "nobody").await, &nobody_kc);
+        let addr0 = free_addr();
+        let m0 = start_as(&args, &nobody_kc, &cloud_config, &addr0);
+        wait_for(
+            "a 403 for a ServiceAccount without RBAC",
+            Duration::from_secs(60),
+            || async { (!forbidden(&m0.log_lines()).is_empty()).then_some(()) },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", m0.log_lines().join("\n")));
+        drop(m0);
+    }
 
     // The chart's ServiceAccount: starts, becomes ready, leads, no 403.
     let kc = scratch.path("sa.kubeconfig");
@@ -632,7 +658,7 @@ async fn manager_runs_with_only_the_charts_rbac() {
 
     // Work for every controller: a Node, a ready Pod, and Services of each kind.
     let app_ns = namespace(&client, "chart-app").await.expect("namespace");
-    exercise_controllers(&client, &app_ns, &m).await;
+    exercise_controllers(&client, &app_ns, &m, disabled).await;
 
     let denied = forbidden(&m.log_lines());
     assert!(
@@ -643,7 +669,7 @@ async fn manager_runs_with_only_the_charts_rbac() {
 }
 
 /// Creates objects every controller acts on and waits for each controller's result.
-async fn exercise_controllers(client: &Client, ns: &str, m: &Manager) {
+async fn exercise_controllers(client: &Client, ns: &str, m: &Manager, disabled: &[&str]) {
     let node = format!("node-{ns}");
     create_node(
         client,
@@ -711,66 +737,70 @@ async fn exercise_controllers(client: &Client, ns: &str, m: &Manager) {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
-    // endpoints (legacy)
     let eps: Api<Endpoints> = Api::namespaced(client.clone(), ns);
-    wait_for(
-        "Endpoints web with the ready pod",
-        Duration::from_secs(60),
-        || async {
-            let e = eps.get_opt("web").await.ok()??;
-            e.subsets
-                .iter()
-                .flatten()
-                .flat_map(|s| s.addresses.iter().flatten())
-                .any(|a| a.ip == "10.244.1.10")
-                .then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
-    // endpointslice-mirroring: a selector-less Service with hand-made Endpoints.
-    let ext = Service {
-        metadata: ObjectMeta {
-            name: Some("external".into()),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            ports: Some(vec![ServicePort {
-                port: 5432,
+    if !disabled.contains(&"endpoints") {
+        // endpoints (legacy)
+        wait_for(
+            "Endpoints web with the ready pod",
+            Duration::from_secs(60),
+            || async {
+                let e = eps.get_opt("web").await.ok()??;
+                e.subsets
+                    .iter()
+                    .flatten()
+                    .flat_map(|s| s.addresses.iter().flatten())
+                    .any(|a| a.ip == "10.244.1.10")
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+    }
+    if !disabled.contains(&"endpointslice-mirroring") {
+        // endpointslice-mirroring: a selector-less Service with hand-made Endpoints.
+        let ext = Service {
+            metadata: ObjectMeta {
+                name: Some("external".into()),
                 ..Default::default()
-            }]),
+            },
+            spec: Some(ServiceSpec {
+                ports: Some(vec![ServicePort {
+                    port: 5432,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
             ..Default::default()
-        }),
-        ..Default::default()
-    };
-    svcs.create(&PostParams::default(), &ext)
+        };
+        svcs.create(&PostParams::default(), &ext)
+            .await
+            .expect("selector-less service");
+        let manual: Endpoints = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "external"},
+            "subsets": [{"addresses": [{"ip": "192.0.2.10"}], "ports": [{"port": 5432}]}]
+        }))
+        .expect("endpoints");
+        eps.create(&PostParams::default(), &manual)
+            .await
+            .expect("hand-made endpoints");
+        wait_for(
+            "a mirrored EndpointSlice for external",
+            Duration::from_secs(60),
+            || async {
+                let l = slices
+                    .list(&ListParams::default().labels("kubernetes.io/service-name=external"))
+                    .await
+                    .ok()?;
+                l.items
+                    .iter()
+                    .flat_map(|s| s.endpoints.iter().flatten())
+                    .any(|e| e.addresses.iter().any(|a| a == "192.0.2.10"))
+                    .then_some(())
+            },
+        )
         .await
-        .expect("selector-less service");
-    let manual: Endpoints = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "external"},
-        "subsets": [{"addresses": [{"ip": "192.0.2.10"}], "ports": [{"port": 5432}]}]
-    }))
-    .expect("endpoints");
-    eps.create(&PostParams::default(), &manual)
-        .await
-        .expect("hand-made endpoints");
-    wait_for(
-        "a mirrored EndpointSlice for external",
-        Duration::from_secs(60),
-        || async {
-            let l = slices
-                .list(&ListParams::default().labels("kubernetes.io/service-name=external"))
-                .await
-                .ok()?;
-            l.items
-                .iter()
-                .flat_map(|s| s.endpoints.iter().flatten())
-                .any(|e| e.addresses.iter().any(|a| a == "192.0.2.10"))
-                .then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+    }
     // cloud-lb with the local provider
     wait_for(
         "web-lb to get a local pool address",
