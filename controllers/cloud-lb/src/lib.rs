@@ -550,6 +550,8 @@ impl Shell {
             .await;
         // The finalizer goes on before the first cloud call, so deletion always waits for us.
         let svc = self.add_finalizer(svc).await?;
+        // After a conflict the write went to a newer copy: remember what we actually ensured.
+        let spec = core::spec_fingerprint(&svc);
         if nodes.is_empty() {
             self.ctx
                 .events
@@ -746,43 +748,54 @@ impl Shell {
         Ok(Requeue::Done)
     }
 
+    /// Applies `edit` to the finalizer list with a conditional patch (resourceVersion). On a
+    /// conflict, reads the Service again and recomputes the edit from the newer copy; the
+    /// finalizer list is all this write depends on.
     async fn patch_finalizers(
         &self,
-        svc: &Service,
-        finalizers: Vec<String>,
+        mut svc: Service,
+        edit: fn(&Service) -> Option<Vec<String>>,
     ) -> Result<Service, Error> {
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
-        // resourceVersion in the patch makes it conditional: a 409 means we acted on a stale
-        // copy and the key is retried against the newer one.
-        let patch = serde_json::json!({
-            "metadata": {
-                "resourceVersion": svc.metadata.resource_version,
-                "finalizers": finalizers,
+        let api = self.api(&ns);
+        for _ in 0..3 {
+            let Some(finalizers) = edit(&svc) else {
+                return Ok(svc);
+            };
+            let patch = serde_json::json!({
+                "metadata": {
+                    "resourceVersion": svc.metadata.resource_version,
+                    "finalizers": finalizers,
+                }
+            });
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(s) => return Ok(s),
+                Err(e) if is_conflict(&e) => {
+                    debug!(service = %ns, name, "finalizer conflict: re-reading");
+                    svc = api.get(&name).await?;
+                }
+                Err(e) => return Err(e.into()),
             }
-        });
-        Ok(self
-            .api(&ns)
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?)
+        }
+        Err(Error::Provider(ProviderError::Retryable(
+            "finalizer write kept conflicting".into(),
+        )))
     }
 
     async fn add_finalizer(&self, svc: Service) -> Result<Service, Error> {
-        match core::with_finalizer(&svc) {
-            None => Ok(svc),
-            Some(f) => self.patch_finalizers(&svc, f).await,
-        }
+        self.patch_finalizers(svc, core::with_finalizer).await
     }
 
     async fn remove_finalizer(&self, svc: Service) -> Result<(), Error> {
-        if let Some(f) = core::without_finalizer(&svc) {
-            match self.patch_finalizers(&svc, f).await {
-                Ok(_) => {}
-                Err(Error::Kube(e)) if is_not_found(&e) => {}
-                Err(e) => return Err(e),
-            }
+        match self.patch_finalizers(svc, core::without_finalizer).await {
+            Ok(_) => Ok(()),
+            Err(Error::Kube(e)) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 
     /// Writes `status.loadBalancer` through the status subresource if it differs. On a
