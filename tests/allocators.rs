@@ -357,6 +357,7 @@ async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
         v
     };
     let before = gauges(&format!("{}{}", cip.metrics.encode(), np.metrics.encode()));
+    assert_eq!(before.len(), 4, "{before:?}");
     cip.task.abort();
     np.task.abort();
     let cip = start_clusterip(&client, &["10.96.0.0/16"]);
@@ -377,6 +378,55 @@ async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
     });
     cip.stop().await;
     np.stop().await;
+    // The same through the manager binary: SIGKILL, restart, identical gauges (and the same
+    // numbers as the in-process controllers reported).
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let args = [
+        "--controllers=clusterip-alloc,nodeport-alloc",
+        "--service-cluster-ip-range=10.96.0.0/16",
+        "--leader-elect=false",
+    ];
+    let http = format!("--http-address={addr}");
+    let scrape = |addr: String| async move {
+        let body = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let mut v: Vec<String> = body
+            .lines()
+            .filter(|l| {
+                l.starts_with("kube_apiserver_clusterip_allocator_a")
+                    || l.starts_with("kube_apiserver_nodeport_allocator_a")
+            })
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        Some(v)
+    };
+    let mut all_args: Vec<&str> = args.to_vec();
+    all_args.push(&http);
+    let mut m1 = test_support::Manager::start(&cp, &all_args).expect("manager");
+    let want = before.clone();
+    wait_for("manager gauges", DEADLINE, || {
+        let (a, w) = (addr.clone(), want.clone());
+        async move { scrape(a).await.filter(|g| *g == w) }
+    })
+    .await
+    .expect("manager mirrors the same state");
+    m1.signal(9).expect("SIGKILL");
+    let _ = m1.child.wait().await;
+    let _m2 = test_support::Manager::start(&cp, &all_args).expect("manager again");
+    wait_for("gauges after SIGKILL and restart", DEADLINE, || {
+        let (a, w) = (addr.clone(), want.clone());
+        async move { scrape(a).await.filter(|g| *g == w) }
+    })
+    .await
+    .expect("identical state after SIGKILL and restart");
     cp.stop().await;
 }
 
@@ -590,6 +640,109 @@ async fn service_cidr_finalizer_ready_and_deletion_blocking() {
         t.contains("service_controller_manager_reconcile_total{controller=\"service-cidr\"}"),
         "{t}"
     );
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_flag_ranges_follow_service_cidr_objects() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let client = cp.client().await.expect("client");
+    let ctl = start_service_cidr(&client);
+    let cip = start_clusterip(&client, &[]);
+    let gauge = |cidr: &'static str, which: &'static str| {
+        let m = cip.metrics.clone();
+        move || {
+            let t = m.encode();
+            async move {
+                sample(
+                    &t,
+                    &format!("kube_apiserver_clusterip_allocator_{which}{{cidr=\"{cidr}\"}}"),
+                )
+            }
+        }
+    };
+    // kube-apiserver's own ServiceCIDR ("kubernetes") from its flag.
+    wait_for(
+        "default ServiceCIDR tracked",
+        DEADLINE,
+        gauge("10.96.0.0/16", "allocated_ips"),
+    )
+    .await
+    .expect("default cidr");
+    let cidrs: Api<ServiceCIDR> = Api::all(client.clone());
+    let name = "scm-test-follow";
+    cidrs
+        .create(
+            &PostParams::default(),
+            &ServiceCIDR {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                spec: Some(ServiceCIDRSpec {
+                    cidrs: Some(vec!["10.201.0.0/24".into()]),
+                }),
+                status: None,
+            },
+        )
+        .await
+        .expect("create servicecidr");
+    let free = wait_for(
+        "added ServiceCIDR tracked",
+        DEADLINE,
+        gauge("10.201.0.0/24", "available_ips"),
+    )
+    .await
+    .expect("new cidr");
+    assert_eq!(free, 254.0);
+    let ns = test_support::namespace(&client, "follow")
+        .await
+        .expect("ns");
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    // kube-apiserver only allocates from a ServiceCIDR once it is Ready.
+    let created = wait_for("service in the new ServiceCIDR", DEADLINE, || {
+        let api = api.clone();
+        async move {
+            api.create(
+                &PostParams::default(),
+                &svc("in-new", |s| s.cluster_ip = Some("10.201.0.5".into())),
+            )
+            .await
+            .ok()
+        }
+    })
+    .await
+    .expect("service");
+    assert_eq!(
+        created.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        Some("10.201.0.5")
+    );
+    let m = cip.metrics.clone();
+    wait_for("address counted in the new ServiceCIDR", DEADLINE, || {
+        let t = m.encode();
+        async move {
+            (sample(
+                &t,
+                "kube_apiserver_clusterip_allocator_allocated_ips{cidr=\"10.201.0.0/24\"}",
+            )? == 1.0)
+                .then_some(())
+        }
+    })
+    .await
+    .expect("counted");
+    assert!(
+        events_for(&client, &ns, "in-new", "ClusterIPOutOfRange")
+            .await
+            .is_empty()
+    );
+    api.delete("in-new", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    cidrs
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("delete servicecidr");
+    cip.stop().await;
     ctl.stop().await;
 }
 
