@@ -381,6 +381,11 @@ pub async fn run_with_provider(
                 futures::future::pending::<()>().await;
             }
             gate.wait_lost().await;
+            if gate.is_leader() {
+                // wait_lost also returns when the elector goes away while the last word was
+                // "leading"; that is no loss, and looping on it would spin.
+                futures::future::pending::<()>().await;
+            }
             sh.lost_leadership.store(true, Ordering::SeqCst);
         }
     };
