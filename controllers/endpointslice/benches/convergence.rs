@@ -94,11 +94,14 @@ fn total_pods() -> usize {
     SMALL_SERVICES * SMALL_PODS + BIG_PODS
 }
 
+/// A slice as the bench sees it: (managed-by, service, endpoints as (pod, ready)).
+type SliceSeen = (String, String, Vec<(String, bool)>);
+
 /// What the watch on EndpointSlices has seen, per managed-by value.
 #[derive(Default)]
 struct Tally {
-    // slice uid -> (managed-by, service, endpoints as (pod, ready))
-    slices: HashMap<String, (String, String, Vec<(String, bool)>)>,
+    // slice uid -> what it holds
+    slices: HashMap<String, SliceSeen>,
     writes: HashMap<String, usize>,
     pending: HashMap<String, (bool, Instant)>,
     latencies: Vec<Duration>,
@@ -129,7 +132,7 @@ impl Tally {
     }
 }
 
-fn slice_view(s: &EndpointSlice) -> Option<(String, (String, String, Vec<(String, bool)>))> {
+fn slice_view(s: &EndpointSlice) -> Option<(String, SliceSeen)> {
     let labels = s.metadata.labels.clone().unwrap_or_default();
     let m = labels.get(LABEL_MANAGED_BY)?.clone();
     let svc = labels.get(LABEL_SERVICE_NAME)?.clone();
