@@ -700,7 +700,23 @@ impl Shell {
     async fn cleanup(&self, key: &ObjectKey, svc: Service) -> Result<Requeue, Error> {
         let cluster = &self.config.cluster_name;
         let r = reference(&svc);
-        let exists = self.provider.get(cluster, &svc).await?.is_some();
+        let exists = match self.provider.get(cluster, &svc).await {
+            Ok(s) => s.is_some(),
+            Err(e) => {
+                self.ctx
+                    .events
+                    .warning(
+                        &r,
+                        "SyncLoadBalancerFailed",
+                        "Delete",
+                        note(format!(
+                            "Error syncing load balancer: failed to check if load balancer exists before cleanup: {e}"
+                        )),
+                    )
+                    .await;
+                return Err(e.into());
+            }
+        };
         if exists {
             self.ctx
                 .events

@@ -1235,3 +1235,78 @@ async fn annotations_reach_elbv2() -> Result<()> {
     ctrl.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn foreign_load_balancer_with_our_name_is_never_touched() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-foreign").await?;
+    let class = "test.example.com/foreign";
+    node(&client, "for-a").await?;
+    // The Service exists before the controller, so its name (from its UID) is known.
+    let svc = create(
+        &client,
+        &lb_service(&ns, "taken", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let name = cloud_lb::aws::spec::load_balancer_name(&aws.cluster, &svc);
+    // Someone else's load balancer with that name (no ownership tags).
+    aws.elb
+        .create_load_balancer()
+        .name(&name)
+        .r#type(elbv2::types::LoadBalancerTypeEnum::Network)
+        .subnets(&aws.subnets[0])
+        .tags(
+            elbv2::types::Tag::builder()
+                .key("owner")
+                .value("someone-else")
+                .build(),
+        )
+        .send()
+        .await?;
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    let note = wait_event(
+        &client,
+        &ns,
+        "taken",
+        "SyncLoadBalancerFailed",
+        "not tagged as owned",
+    )
+    .await?;
+    assert!(note.contains(&name), "{note}");
+    let c = aws.proxy.counts();
+    let mutating: BTreeMap<_, _> = c.iter().filter(|(k, _)| is_mutating(k)).collect();
+    assert!(
+        mutating.is_empty(),
+        "touched a foreign load balancer: {c:?}"
+    );
+    assert_eq!(aws.lbs_named(&name).await.len(), 1);
+
+    // Deleting the Service does not delete the foreign load balancer either.
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .delete("taken", &DeleteParams::default())
+        .await?;
+    let note = wait_event(
+        &client,
+        &ns,
+        "taken",
+        "SyncLoadBalancerFailed",
+        "before cleanup",
+    )
+    .await?;
+    assert!(note.contains("not tagged as owned"), "{note}");
+    let c = aws.proxy.counts();
+    assert!(!c.contains_key("DeleteLoadBalancer"), "{c:?}");
+    assert_eq!(aws.lbs_named(&name).await.len(), 1);
+    // Release the Service for the next tests: drop our finalizer by hand.
+    ctrl.stop().await;
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .patch(
+            "taken",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .ok();
+    Ok(())
+}
