@@ -53,8 +53,11 @@ impl std::fmt::Display for IpFamily {
 /// kube-apiserver's limit on host bits of a `--service-cluster-ip-range` (`maxCIDRBits`).
 pub const MAX_CIDR_HOST_BITS: u8 = 20;
 
-/// The bitmap allocator caps IPv6 ranges at this many addresses (as upstream's bitmap does).
-pub const IPV6_BITMAP_CAP: u128 = 65536;
+/// At most this many addresses of one range are tracked in a bitmap (128 KiB): a whole
+/// `--service-cluster-ip-range` always fits. Upstream's legacy bitmap capped IPv6 ranges at
+/// 65536 addresses, but kube-apiserver's current allocator (IPAddress objects) uses the whole
+/// range, so we track the whole range up to this bound.
+pub const MAX_TRACKED: u128 = 1 << MAX_CIDR_HOST_BITS;
 
 /// Why an IP operation failed. Display strings follow kube-apiserver's ipallocator.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +98,7 @@ pub struct IpRange {
     cidr: IpNet,
     base: u128,
     bitmap: Bitmap,
+    usable: u128,
 }
 
 /// Size of the static band of a ClusterIP range (KEP-3070): `min(max(16, size/16), 256)` where
@@ -134,9 +138,9 @@ impl IpRange {
     }
 
     /// A range for any CIDR (e.g. a ServiceCIDR object, which the API allows to be larger):
-    /// only the first addresses are tracked, at most 2^20 for IPv4 and 65536 for IPv6 (the
-    /// bitmap's own IPv6 cap). Addresses of the CIDR beyond that are reported by
-    /// [`IpRange::offset_of`] as untracked.
+    /// only the first [`MAX_TRACKED`] addresses are tracked (and dynamic picks come from
+    /// them; upstream picks from the whole range). Addresses of the CIDR beyond that are
+    /// reported by [`IpRange::offset_of`] as untracked; [`IpRange::usable`] counts them all.
     pub fn new_capped(cidr: IpNet) -> Self {
         let cidr = cidr.trunc();
         let host_bits = cidr.max_prefix_len() - cidr.prefix_len();
@@ -147,17 +151,23 @@ impl IpRange {
         };
         let usable: u128 = match cidr {
             // Network and broadcast addresses are never allocated.
-            IpNet::V4(_) => total.saturating_sub(2).min(1 << MAX_CIDR_HOST_BITS),
+            IpNet::V4(_) => total.saturating_sub(2),
             // Only the network (subnet-router anycast) address is excluded.
-            IpNet::V6(_) => total.min(IPV6_BITMAP_CAP).saturating_sub(1),
+            IpNet::V6(_) => total.saturating_sub(1),
         };
-        let size = usable as usize;
+        let size = usable.min(MAX_TRACKED) as usize;
         let bitmap = Bitmap::new_clamped(size, clusterip_static_band(&cidr));
         IpRange {
             cidr,
             base: to_u128(cidr.network()) + 1,
             bitmap,
+            usable,
         }
+    }
+
+    /// Every allocatable address of the CIDR, tracked or not.
+    pub fn usable(&self) -> u128 {
+        self.usable
     }
 
     /// The CIDR.
@@ -366,12 +376,16 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_range_capped_like_upstream_bitmap() {
+    fn ipv6_flag_range_tracked_whole() {
         let r = IpRange::new(net("fd00:10::/108")).unwrap();
-        assert_eq!(r.size(), 65535);
+        assert_eq!(r.size(), (1 << 20) - 1);
         assert_eq!(r.ip_at(0), Some(ip("fd00:10::1")));
         assert_eq!(r.offset_of(ip("fd00:10::ffff")), Placement::Offset(65534));
-        assert_eq!(r.offset_of(ip("fd00:10::1:0")), Placement::Untracked);
+        assert_eq!(
+            r.offset_of(ip("fd00:10::f:ffff")),
+            Placement::Offset((1 << 20) - 2)
+        );
+        assert_eq!(r.offset_of(ip("fd00:10::10:0")), Placement::Outside);
         let small = IpRange::new(net("fd00::/120")).unwrap();
         // IPv6 has no broadcast: the last address is allocatable.
         assert_eq!(small.size(), 255);
@@ -414,10 +428,12 @@ mod tests {
     #[test]
     fn capped_range_for_large_service_cidrs() {
         let r = IpRange::new_capped(net("fd00::/64"));
-        assert_eq!(r.size(), 65535);
+        assert_eq!(r.size(), 1 << 20);
+        assert_eq!(r.usable(), (1u128 << 64) - 1);
         assert_eq!(r.offset_of(ip("fd00::1:0:0")), Placement::Untracked);
         let r4 = IpRange::new_capped(net("10.0.0.0/8"));
         assert_eq!(r4.size(), 1 << 20);
+        assert_eq!(r4.usable(), (1 << 24) - 2);
         assert_eq!(r4.offset_of(ip("10.255.255.255")), Placement::Reserved);
         assert_eq!(r4.offset_of(ip("10.200.0.1")), Placement::Untracked);
     }

@@ -5,8 +5,9 @@
 //!   for NodePorts). Dynamic picks start at a random index inside the upper band and scan
 //!   linearly with wrap-around; only when the upper band is full do they scan the static band
 //!   the same way. Requested indices may be anywhere.
-//! - [`IpRange`]: a CIDR view (network address and IPv4 broadcast never allocated, IPv6 ranges
-//!   capped at 65536 addresses as upstream's bitmap, `--service-cluster-ip-range` size limits).
+//! - [`IpRange`]: a CIDR view (network address and IPv4 broadcast never allocated,
+//!   `--service-cluster-ip-range` size limits: IPv4 /12, IPv6 /108; larger CIDRs are tracked
+//!   up to 2^20 addresses).
 //! - [`PortRange`]: a port span view, with [`PortSpan`] parsing `--service-node-port-range`.
 //!
 //! For another pool (e.g. load-balancer addresses) build an [`IpRange`] with
@@ -19,5 +20,5 @@ pub mod ip;
 pub mod port;
 
 pub use bitmap::{Band, Bitmap, BitmapError, Snapshot};
-pub use ip::{IpError, IpFamily, IpRange, Placement, clusterip_static_band};
+pub use ip::{IpError, IpFamily, IpRange, MAX_TRACKED, Placement, clusterip_static_band};
 pub use port::{PortError, PortRange, PortSpan, PortSpanError, nodeport_static_band};
