@@ -254,8 +254,10 @@ impl Finding {
 pub struct TrackedRange {
     /// What was configured.
     pub spec: RangeSpec,
-    /// The allocations.
+    /// The allocations in the tracked part.
     pub alloc: IpRange,
+    /// Addresses held beyond the tracked part of an oversized ServiceCIDR.
+    pub untracked: usize,
 }
 
 /// The allocation state mirrored from all Services, with what is wrong with them.
@@ -316,6 +318,7 @@ impl Mirror {
                     }
                     RangeSource::ServiceCidrs => IpRange::new_capped(spec.cidr),
                 },
+                untracked: 0,
             })
             .collect();
         // Longest prefix first, as upstream's MetaAllocator picks the most specific CIDR.
@@ -389,10 +392,17 @@ impl Mirror {
 
     /// Records `key` as the holder of `ip` (no checks beyond the bitmap).
     fn claim(&mut self, ip: IpAddr, key: &ObjectKey) {
-        if let Some((i, Placement::Offset(_))) = self.locate(ip) {
-            let _ = self.ranges[i].alloc.allocate(ip);
+        if self.owners.contains_key(&ip) {
+            return;
         }
-        self.owners.entry(ip).or_insert_with(|| key.clone());
+        match self.locate(ip) {
+            Some((i, Placement::Offset(_))) => {
+                let _ = self.ranges[i].alloc.allocate(ip);
+            }
+            Some((i, _)) => self.ranges[i].untracked += 1,
+            None => {}
+        }
+        self.owners.insert(ip, key.clone());
     }
 
     /// Marks one observed address as used, or says what is wrong with it.
@@ -473,17 +483,32 @@ impl Mirror {
     pub fn release(&mut self, ip: IpAddr, key: &ObjectKey) {
         if self.owners.get(&ip) == Some(key) {
             self.owners.remove(&ip);
-            if let Some((i, _)) = self.locate(ip) {
-                self.ranges[i].alloc.release(ip);
+            match self.locate(ip) {
+                Some((i, Placement::Offset(_))) => {
+                    self.ranges[i].alloc.release(ip);
+                }
+                Some((i, _)) => {
+                    self.ranges[i].untracked = self.ranges[i].untracked.saturating_sub(1)
+                }
+                None => {}
             }
         }
     }
 
-    /// Per-CIDR (allocated, available) for the capacity gauges.
+    /// Per-CIDR (allocated, available) for the capacity gauges; available counts the whole
+    /// CIDR, tracked or not (saturating for huge IPv6 CIDRs).
     pub fn capacity(&self) -> Vec<(IpNet, usize, usize)> {
         self.ranges
             .iter()
-            .map(|r| (r.spec.cidr, r.alloc.used(), r.alloc.free()))
+            .map(|r| {
+                let used = r.alloc.used() + r.untracked;
+                let free = r.alloc.usable().saturating_sub(used as u128);
+                (
+                    r.spec.cidr,
+                    used,
+                    usize::try_from(free).unwrap_or(usize::MAX),
+                )
+            })
             .collect()
     }
 }

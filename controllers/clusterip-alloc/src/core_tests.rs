@@ -181,8 +181,14 @@ fn service_cidr_mode_messages_and_default_family() {
         m.findings[&k("a", "out")][0].message(),
         "Cluster IP [IPv4]: 10.200.0.1 is not within any configured Service CIDR; please recreate service"
     );
-    // Beyond the tracked part of a big IPv6 CIDR: valid, no finding.
+    // Beyond the tracked part of a big IPv6 CIDR: valid, no finding, still counted.
     assert!(!m.findings.contains_key(&k("a", "in6")));
+    let cap: BTreeMap<_, _> = m
+        .capacity()
+        .into_iter()
+        .map(|(c, u, f)| (c, (u, f)))
+        .collect();
+    assert_eq!(cap[&net("fd00::/64")].0, 1);
 }
 
 #[test]
@@ -439,4 +445,40 @@ proptest! {
         prop_assert!(again.findings.is_empty());
         prop_assert_eq!(again.capacity(), m.capacity());
     }
+}
+
+#[test]
+fn terminating_service_cidr_keeps_ips_valid_but_gives_none() {
+    let mk = |name: &str, c: &str, deleting: bool| ServiceCIDR {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            deletion_timestamp: deleting
+                .then(|| Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap())),
+            ..Default::default()
+        },
+        spec: Some(ServiceCIDRSpec {
+            cidrs: Some(vec![c.into()]),
+        }),
+        status: None,
+    };
+    let cfg = RangeConfig::from_service_cidrs(&[
+        mk("kubernetes", "10.96.0.0/28", false),
+        mk("going", "10.97.0.0/24", true),
+    ]);
+    let existing = vec![svc("a", "old", 1, with_ip("10.97.0.9"))];
+    let mut m = build(&cfg, &existing);
+    assert!(m.findings.is_empty());
+    let mut rng = StdRng::seed_from_u64(4);
+    for i in 0..13 {
+        let s = svc("a", &format!("n{i}"), 10 + i, |_| {});
+        let Plan::Assign { cluster_ips, .. } = plan(&mut m, &s, &mut rng) else {
+            panic!("no room")
+        };
+        assert!(cluster_ips[0].starts_with("10.96.0."), "{cluster_ips:?}");
+    }
+    // 10.96.0.0/28: 14 usable, one reserved for default/kubernetes: full now.
+    let s = svc("a", "late", 99, |_| {});
+    assert!(
+        matches!(plan(&mut m, &s, &mut rng), Plan::Reject(r) if r.reason() == "ServiceCIDRFull")
+    );
 }

@@ -207,8 +207,14 @@ impl Shared {
             let l = CidrLabel {
                 cidr: cidr.to_string(),
             };
-            self.metrics.allocated.get_or_create(&l).set(used as i64);
-            self.metrics.available.get_or_create(&l).set(free as i64);
+            self.metrics
+                .allocated
+                .get_or_create(&l)
+                .set(i64::try_from(used).unwrap_or(i64::MAX));
+            self.metrics
+                .available
+                .get_or_create(&l)
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
         }
         debug!(
             services = services.len(),
