@@ -206,22 +206,29 @@ async fn events_for(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<
 
 /// Counts ClusterIPs and node ports the API server holds across all namespaces.
 async fn cluster_usage(client: &Client) -> (usize, usize) {
+    let (v4, v6, ports) = cluster_usage_by_family(client).await;
+    (v4 + v6, ports)
+}
+
+/// Counts IPv4 ClusterIPs, IPv6 ClusterIPs and node ports across all namespaces.
+async fn cluster_usage_by_family(client: &Client) -> (usize, usize, usize) {
     let all: Api<Service> = Api::all(client.clone());
     let list = all
         .list(&ListParams::default())
         .await
         .expect("list services");
-    let mut ips = 0;
+    let (mut v4, mut v6) = (0, 0);
     let mut ports = BTreeSet::new();
     for s in &list.items {
         let spec = s.spec.as_ref().expect("spec");
         if spec.type_.as_deref() != Some("ExternalName") {
-            ips += spec
-                .cluster_ips
-                .iter()
-                .flatten()
-                .filter(|i| *i != "None")
-                .count();
+            for ip in spec.cluster_ips.iter().flatten().filter(|i| *i != "None") {
+                if ip.contains(':') {
+                    v6 += 1;
+                } else {
+                    v4 += 1;
+                }
+            }
         }
         for p in spec.ports.iter().flatten() {
             if let Some(np) = p.node_port {
@@ -232,20 +239,30 @@ async fn cluster_usage(client: &Client) -> (usize, usize) {
             ports.insert(h);
         }
     }
-    (ips, ports.len())
+    (v4, v6, ports.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
-    let cp = ControlPlane::start(ControlPlaneOptions::default())
-        .await
-        .expect("control plane");
+    let cp = ControlPlane::start(ControlPlaneOptions {
+        service_cluster_ip_range: "10.96.0.0/16,fd00:10::/108".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("control plane");
     let client = cp.client().await.expect("client");
     let ns = test_support::namespace(&client, "mirror")
         .await
         .expect("ns");
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
-    for s in all_kinds() {
+    let mut kinds = all_kinds();
+    kinds.push(svc("require-dual", |s| {
+        s.ip_family_policy = Some("RequireDualStack".into())
+    }));
+    kinds.push(svc("v6-only", |s| {
+        s.ip_families = Some(vec!["IPv6".into()])
+    }));
+    for s in kinds {
         api.create(&PostParams::default(), &s)
             .await
             .expect("create service");
@@ -263,8 +280,9 @@ async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
             )
         })
         .collect();
-    let (ips, ports) = cluster_usage(&client).await;
-    let cip = start_clusterip(&client, &["10.96.0.0/16"]);
+    let (ips, v6, ports) = cluster_usage_by_family(&client).await;
+    assert!(v6 >= 3, "dual-stack control plane expected");
+    let cip = start_clusterip(&client, &["10.96.0.0/16", "fd00:10::/108"]);
     let np = start_nodeport(&client, "30000-32767");
     // 10.96.0.0/16 holds 65534 usable addresses; 30000-32767 holds 2768 ports.
     let want_ip = format!("{ips}");
@@ -279,7 +297,20 @@ async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
                 &t,
                 "kube_apiserver_clusterip_allocator_available_ips{cidr=\"10.96.0.0/16\"}",
             )?;
-            (used as usize == ips && free as usize == 65534 - ips).then_some(())
+            let used6 = sample(
+                &t,
+                "kube_apiserver_clusterip_allocator_allocated_ips{cidr=\"fd00:10::/108\"}",
+            )?;
+            let free6 = sample(
+                &t,
+                "kube_apiserver_clusterip_allocator_available_ips{cidr=\"fd00:10::/108\"}",
+            )?;
+            // A /108 holds 2^20 - 1 allocatable addresses (only the network address is excluded).
+            (used as usize == ips
+                && free as usize == 65534 - ips
+                && used6 as usize == v6
+                && free6 as usize == (1 << 20) - 1 - v6)
+                .then_some(())
         }
     })
     .await
@@ -357,10 +388,10 @@ async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
         v
     };
     let before = gauges(&format!("{}{}", cip.metrics.encode(), np.metrics.encode()));
-    assert_eq!(before.len(), 4, "{before:?}");
+    assert_eq!(before.len(), 6, "{before:?}");
     cip.task.abort();
     np.task.abort();
-    let cip = start_clusterip(&client, &["10.96.0.0/16"]);
+    let cip = start_clusterip(&client, &["10.96.0.0/16", "fd00:10::/108"]);
     let np = start_nodeport(&client, "30000-32767");
     let (cm, nm) = (cip.metrics.clone(), np.metrics.clone());
     let want = before.clone();
@@ -386,7 +417,7 @@ async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
     };
     let args = [
         "--controllers=clusterip-alloc,nodeport-alloc",
-        "--service-cluster-ip-range=10.96.0.0/16",
+        "--service-cluster-ip-range=10.96.0.0/16,fd00:10::/108",
         "--leader-elect=false",
     ];
     let http = format!("--http-address={addr}");
