@@ -60,7 +60,7 @@ const NODEPORTS: usize = 2_000;
 
 fn service(i: usize, with_values: bool) -> Service {
     let nodeport = i < NODEPORTS;
-    let dual = i % 5 == 0;
+    let dual = i.is_multiple_of(5);
     let mut spec = ServiceSpec {
         selector: Some([("app".to_string(), format!("a{i}"))].into()),
         type_: Some(if nodeport { "NodePort" } else { "ClusterIP" }.into()),
