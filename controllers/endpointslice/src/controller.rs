@@ -168,6 +168,8 @@ struct State {
     nodes: HashMap<String, NodeTopology>,
     zone_ratios: ZoneRatios,
     slices: HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSlice>>>,
+    // (namespace, slice name) -> the Service it was filed under, to notice relabelling.
+    slice_owner: HashMap<(String, String), ObjectKey>,
     hints_populated: HashSet<ObjectKey>,
     synced: HashSet<&'static str>,
 }
@@ -458,10 +460,14 @@ fn on_slice(s: &Shared, c: Change<EndpointSlice>) {
             };
             let name = sl.metadata.name.clone().unwrap_or_default();
             // A slice whose service-name label changed must leave its old Service's set.
-            for (k, m) in st.slices.iter_mut() {
-                if k != &key && m.remove(&name).is_some() && k.namespace == key.namespace {
-                    requeue.push(k.clone());
+            let at = (key.namespace.clone(), name.clone());
+            if let Some(prev) = st.slice_owner.insert(at, key.clone())
+                && prev != key
+            {
+                if let Some(m) = st.slices.get_mut(&prev) {
+                    m.remove(&name);
                 }
+                requeue.push(prev);
             }
             let news = s.managed(&sl) && s.tracker.should_sync(&key, &sl);
             st.slices
@@ -476,8 +482,11 @@ fn on_slice(s: &Shared, c: Change<EndpointSlice>) {
             let Some(key) = svc_key_of_slice(&sl) else {
                 return;
             };
+            let name = sl.metadata.name.clone().unwrap_or_default();
+            st.slice_owner
+                .remove(&(key.namespace.clone(), name.clone()));
             if let Some(m) = st.slices.get_mut(&key) {
-                m.remove(sl.metadata.name.as_deref().unwrap_or(""));
+                m.remove(&name);
                 if m.is_empty() {
                     st.slices.remove(&key);
                 }
@@ -489,9 +498,12 @@ fn on_slice(s: &Shared, c: Change<EndpointSlice>) {
         Change::Relisted(list) => {
             let before: HashSet<ObjectKey> = st.slices.keys().cloned().collect();
             st.slices.clear();
+            st.slice_owner.clear();
             for sl in list {
                 if let Some(key) = svc_key_of_slice(&sl) {
                     let name = sl.metadata.name.clone().unwrap_or_default();
+                    st.slice_owner
+                        .insert((key.namespace.clone(), name.clone()), key.clone());
                     st.slices.entry(key).or_default().insert(name, Arc::new(sl));
                 }
             }
@@ -668,6 +680,8 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
 fn write_through(s: &Shared, key: &ObjectKey, sl: EndpointSlice) {
     let mut st = s.state();
     let name = sl.metadata.name.clone().unwrap_or_default();
+    st.slice_owner
+        .insert((key.namespace.clone(), name.clone()), key.clone());
     let m = st.slices.entry(key.clone()).or_default();
     let newer_cached = m
         .get(&name)
@@ -679,6 +693,8 @@ fn write_through(s: &Shared, key: &ObjectKey, sl: EndpointSlice) {
 
 fn forget_cached(s: &Shared, key: &ObjectKey, name: &str) {
     let mut st = s.state();
+    st.slice_owner
+        .remove(&(key.namespace.clone(), name.to_string()));
     if let Some(m) = st.slices.get_mut(key) {
         m.remove(name);
     }
