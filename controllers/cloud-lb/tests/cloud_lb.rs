@@ -626,6 +626,8 @@ async fn nodes_added_removed_and_excluded() -> Result<()> {
     let c = aws.proxy.counts();
     eprintln!("calls for 4 node additions: {c:?}");
     assert!(!c.contains_key("CreateLoadBalancer") && !c.contains_key("CreateTargetGroup"));
+    // Host updates go straight to the remembered target group: no load balancer lookup.
+    assert!(!c.contains_key("DescribeLoadBalancers"), "{c:?}");
     wait_event(&client, &ns, "app", "UpdatedLoadBalancer", "new hosts").await?;
 
     // A node with no AWS providerID cannot be a target; readiness does not matter.
@@ -1308,5 +1310,67 @@ async fn foreign_load_balancer_with_our_name_is_never_touched() -> Result<()> {
         )
         .await
         .ok();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn host_update_recovers_from_resources_deleted_out_of_band() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let aws = Aws::start("it-stale").await?;
+    let provider = aws.provider();
+    let mut svc = lb_service("ns", "stale", None, &[("http", 80, "TCP", Some(30080))]);
+    svc.metadata.uid = Some("uid-stale".into());
+    let n = |name: &str| Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            provider_id: Some(format!("aws:///us-east-1a/{}", instance(name))),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    provider.ensure("it-stale", &svc, &[n("s-a")]).await?;
+    let lb = aws.lb_of(&svc).await.ok_or_else(|| anyhow!("no lb"))?;
+    let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+    let tg_arn = aws.tgs_of(&lb_arn).await[0]
+        .target_group_arn()
+        .unwrap_or_default()
+        .to_string();
+    // Someone deletes everything behind our back.
+    aws.elb
+        .delete_load_balancer()
+        .load_balancer_arn(&lb_arn)
+        .send()
+        .await?;
+    aws.elb
+        .delete_target_group()
+        .target_group_arn(&tg_arn)
+        .send()
+        .await?;
+    // The remembered group is gone: the host update notices, looks up again, finds nothing
+    // to update, and succeeds; the next ensure recreates everything.
+    provider
+        .update_hosts("it-stale", &svc, &[n("s-a"), n("s-b")])
+        .await?;
+    provider
+        .ensure("it-stale", &svc, &[n("s-a"), n("s-b")])
+        .await?;
+    let lb = aws
+        .lb_of(&svc)
+        .await
+        .ok_or_else(|| anyhow!("not recreated"))?;
+    let tg = aws.tgs_of(lb.load_balancer_arn().unwrap_or_default()).await;
+    assert_eq!(tg.len(), 1);
+    let want: BTreeSet<_> = ["s-a", "s-b"]
+        .iter()
+        .map(|x| (instance(x), 30080))
+        .collect();
+    assert_eq!(
+        aws.targets(tg[0].target_group_arn().unwrap_or_default())
+            .await,
+        want
+    );
     Ok(())
 }

@@ -123,6 +123,11 @@ pub struct AwsProvider {
     budget: Budget,
     defaults: spec::Defaults,
     calls: Mutex<BTreeMap<&'static str, u64>>,
+    /// Target groups (ARN, node port) of each load balancer this process last ensured, proven
+    /// ours then. Host updates use them directly: 1 describe per group instead of 4 per
+    /// Service. An entry is dropped when a group turns out to be gone (then the full lookup
+    /// runs) and on every ensure or delete.
+    known: Mutex<HashMap<String, Vec<(String, i32)>>>,
 }
 
 fn classify<E>(op: &'static str, e: SdkError<E>) -> ProviderError
@@ -256,7 +261,15 @@ impl AwsProvider {
                 subnets: cfg.subnets,
             },
             calls: Mutex::new(BTreeMap::new()),
+            known: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn forget(&self, lb_name: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(lb_name);
     }
 
     /// ELBv2 calls made so far, by operation name (for metrics and the benchmark).
@@ -942,7 +955,9 @@ impl LoadBalancerProvider for AwsProvider {
                 )));
             }
         }
+        self.forget(&d.name);
         let mut tg_arns: HashMap<String, String> = HashMap::new();
+        let mut known: Vec<(String, i32)> = vec![];
         for want in &d.target_groups {
             let tg = match tgs.iter().find(|t| t.name == want.name) {
                 Some(t) => {
@@ -956,8 +971,9 @@ impl LoadBalancerProvider for AwsProvider {
                 None => self.create_tg(want, lb.vpc.as_deref(), &d.tags).await?,
             };
             self.ensure_tg_attributes(&tg.arn, &want.attributes).await?;
-            self.ensure_targets(&tg.arn, tg.port.unwrap_or(want.node_port), &instances)
-                .await?;
+            let port = tg.port.unwrap_or(want.node_port);
+            self.ensure_targets(&tg.arn, port, &instances).await?;
+            known.push((tg.arn.clone(), port));
             tg_arns.insert(want.name.clone(), tg.arn);
         }
         self.ensure_listeners(&lb.arn, &d, &tg_arns).await?;
@@ -972,6 +988,10 @@ impl LoadBalancerProvider for AwsProvider {
                 self.delete_tg(&t.arn).await?;
             }
         }
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d.name.clone(), known);
         Ok(status_of(&lb))
     }
 
@@ -982,6 +1002,31 @@ impl LoadBalancerProvider for AwsProvider {
         nodes: &[Node],
     ) -> Result<(), ProviderError> {
         let name = spec::load_balancer_name(cluster, service);
+        let instances = spec::instance_ids(nodes);
+        let cached = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .cloned();
+        if let Some(groups) = cached {
+            let mut stale = false;
+            for (arn, port) in &groups {
+                match self.ensure_targets(arn, *port, &instances).await {
+                    Ok(()) => {}
+                    Err(ProviderError::Retryable(m)) if m.contains(": TargetGroupNotFound") => {
+                        stale = true;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !stale {
+                return Ok(());
+            }
+            debug!(lb = %name, "remembered target groups are gone: looking up again");
+            self.forget(&name);
+        }
         // Groups a listener was moved to are not always reported as attached (moto's
         // ModifyListener does not record the association): look those up by name too.
         let desired_tgs: Vec<String> = spec::desired(cluster, service, &self.defaults)
@@ -992,7 +1037,6 @@ impl LoadBalancerProvider for AwsProvider {
         if lb.is_none() {
             return Ok(());
         }
-        let instances = spec::instance_ids(nodes);
         for t in tgs {
             if !tags
                 .get(&t.arn)
@@ -1007,6 +1051,7 @@ impl LoadBalancerProvider for AwsProvider {
     }
 
     async fn ensure_deleted(&self, cluster: &str, service: &Service) -> Result<(), ProviderError> {
+        self.forget(&spec::load_balancer_name(cluster, service));
         self.delete_all(cluster, service).await
     }
 }
