@@ -19,11 +19,16 @@ use crate::{repo_root, wait_for};
 /// The region tests use.
 pub const REGION: &str = "us-east-1";
 
-/// Path of `moto_server`: `$MOTO_SERVER` if set, else whatever `tests/moto/install.sh` prints
-/// (it installs on first use and is fast afterwards).
+/// Path of `moto_server`: `$MOTO_SERVER` if set, else `bin/moto_server` (linked by
+/// `make tools`), else whatever `tests/moto/install.sh` prints (it installs on first use and is
+/// fast afterwards).
 pub fn moto_server_path() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("MOTO_SERVER") {
         return Ok(PathBuf::from(p));
+    }
+    let linked = repo_root().join("bin/moto_server");
+    if linked.exists() {
+        return Ok(linked);
     }
     let script = repo_root().join("tests/moto/install.sh");
     let out = std::process::Command::new("bash")
