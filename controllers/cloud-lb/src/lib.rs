@@ -863,6 +863,54 @@ impl Shell {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn write_temp(name: &str, body: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("cloud-lb-{}-{name}", std::process::id()));
+        std::fs::write(&p, body).expect("temp file");
+        p
+    }
+
+    #[tokio::test]
+    async fn build_provider_reads_the_cloud_config() {
+        let ok = write_temp("ok.yaml", "pools: [10.0.0.0/29]\nipMode: Proxy\n");
+        let json = write_temp("ok.json", r#"{"pools": ["fd00::/120"]}"#);
+        let bad = write_temp("bad.yaml", "pools: [not-a-cidr]\n");
+        let unknown = write_temp("unknown.yaml", "pools: [10.0.0.0/29]\nmystery: 1\n");
+        let cfg = |p: Option<PathBuf>| CloudLbConfig {
+            cloud_provider: ProviderKind::Local,
+            cloud_config: p,
+            ..CloudLbConfig::default()
+        };
+        let p = build_provider(&cfg(Some(ok.clone()))).await.expect("valid");
+        assert_eq!(p.provider_name(), "local");
+        assert!(build_provider(&cfg(Some(json.clone()))).await.is_ok());
+        for (what, path) in [
+            ("missing", None),
+            ("bad", Some(bad.clone())),
+            ("unknown key", Some(unknown.clone())),
+            (
+                "absent file",
+                Some(PathBuf::from("/nonexistent/cloud.yaml")),
+            ),
+        ] {
+            assert!(
+                matches!(build_provider(&cfg(path)).await, Err(Error::Config(_))),
+                "{what}"
+            );
+        }
+        for f in [ok, json, bad, unknown] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    #[test]
+    fn provider_kind_parses_flag_values() {
+        assert_eq!("aws".parse::<ProviderKind>(), Ok(ProviderKind::Aws));
+        assert_eq!("local".parse::<ProviderKind>(), Ok(ProviderKind::Local));
+        assert!("gce".parse::<ProviderKind>().is_err());
+    }
+
     #[test]
     fn notes_fit_the_api_limit() {
         assert_eq!(super::note("short".into()), "short");
