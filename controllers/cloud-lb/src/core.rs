@@ -488,6 +488,45 @@ mod tests {
         assert_eq!(b.delay(10), Duration::from_secs(300));
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the configuration, a Service of a class we do not serve is never ensured,
+        /// and one that is neither ours nor carrying our finalizer is never cleaned up.
+        #[test]
+        fn never_touches_foreign_classes(
+            our in proptest::option::of("[a-c]"),
+            default in any::<bool>(),
+            class in proptest::option::of("[a-c]"),
+            lb in any::<bool>(),
+            fin in any::<bool>(),
+            del in any::<bool>(),
+        ) {
+            let f = filter(our.as_deref(), default);
+            let s = svc(if lb { "LoadBalancer" } else { "ClusterIP" }, class.as_deref(), fin, del);
+            let a = action(&s, &f);
+            if a == Action::Ensure {
+                prop_assert!(f.serves(class.as_deref()) && lb && !del);
+            }
+            if a == Action::Cleanup {
+                prop_assert!(fin);
+                prop_assert!(!(lb && !f.serves(class.as_deref())) || del);
+            }
+        }
+
+        /// Adding then removing our finalizer restores the others, in order.
+        #[test]
+        fn finalizer_round_trip(others in proptest::collection::vec("[a-z./-]{1,12}", 0..4)) {
+            let mut s = svc("LoadBalancer", None, false, false);
+            s.metadata.finalizers = Some(others.iter().filter(|f| *f != LB_FINALIZER).cloned().collect());
+            let before = s.metadata.finalizers.clone();
+            s.metadata.finalizers = with_finalizer(&s);
+            prop_assert!(with_finalizer(&s).is_none());
+            s.metadata.finalizers = without_finalizer(&s);
+            prop_assert_eq!(s.metadata.finalizers, before);
+        }
+    }
+
     #[test]
     fn go_bools() {
         for t in ["1", "t", "T", "true", "TRUE", "True"] {
