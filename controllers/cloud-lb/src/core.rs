@@ -510,7 +510,7 @@ mod tests {
             }
             if a == Action::Cleanup {
                 prop_assert!(fin);
-                prop_assert!(!(lb && !f.serves(class.as_deref())) || del);
+                prop_assert!(!lb || f.serves(class.as_deref()) || del);
             }
         }
 
