@@ -1,0 +1,162 @@
+//! The manager binary's cloud-lb controller end to end: flags to config, provider from
+//! `--cloud-config`, the AWS SDK's default credential chain and `AWS_ENDPOINT_URL` (pointed at
+//! moto on loopback), against the real local control plane. The controller's behaviour in
+//! depth is tested in controllers/cloud-lb/tests; this checks the wiring.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use kube::Api;
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use test_support::moto::Moto;
+use test_support::{
+    ControlPlane, Manager, NodeSpecBuilder, create_node, manager_binary, namespace, wait_for,
+};
+
+const T: Duration = Duration::from_secs(90);
+
+fn lb_service(name: &str, class: &str) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            load_balancer_class: Some(class.into()),
+            selector: Some([("app".to_string(), name.to_string())].into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn ingress(s: &Service) -> Option<(Option<String>, Option<String>, Option<String>)> {
+    let i = s
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?
+        .clone();
+    Some((i.ip, i.hostname, i.ip_mode))
+}
+
+fn args<'a>(ns: &'a str, class: &'a str, provider: &'a str, config: &'a str) -> Vec<String> {
+    vec![
+        "--controllers=cloud-lb".into(),
+        format!("--cloud-provider={provider}"),
+        format!("--cloud-config={config}"),
+        format!("--load-balancer-class={class}"),
+        "--default-load-balancer=false".into(),
+        "--cluster-name=it-binary".into(),
+        "--leader-elect=false".into(),
+        format!("--leader-elect-resource-namespace={ns}"),
+        "--http-address=127.0.0.1:0".into(),
+    ]
+}
+
+async fn round_trip(client: &kube::Client, ns: &str, class: &str) -> Result<Service> {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &lb_service("web", class))
+        .await?;
+    let svc = wait_for("load balancer status", T, || async {
+        api.get_opt("web")
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| ingress(s).is_some())
+    })
+    .await?;
+    api.delete("web", &DeleteParams::default()).await?;
+    wait_for("service deleted through the finalizer", T, || async {
+        api.get_opt("web")
+            .await
+            .ok()
+            .map(|s| s.is_none().then_some(()))
+            .flatten()
+    })
+    .await?;
+    Ok(svc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_load_balancers_from_local_pools() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    let ns = namespace(&client, "cloudlb-bin-local").await?;
+    let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
+    std::fs::write(&config, "pools: [10.123.0.0/29]\nipMode: Proxy\n")?;
+    let class = format!("test.example.com/{ns}");
+    let a = args(&ns, &class, "local", config.to_str().unwrap_or_default());
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let m = Manager::start(cp, &a)?;
+    let svc = round_trip(&client, &ns, &class)
+        .await
+        .map_err(|e| anyhow!("{e}\nmanager log:\n{}", m.log_lines().join("\n")))?;
+    let (ip, _, mode) = ingress(&svc).ok_or_else(|| anyhow!("no ingress"))?;
+    assert!(ip.is_some_and(|ip| ip.starts_with("10.123.0.")));
+    assert_eq!(mode.as_deref(), Some("Proxy"));
+    let _ = std::fs::remove_file(&config);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_nlbs_through_the_sdk_default_chain() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    let ns = namespace(&client, "cloudlb-bin-aws").await?;
+    let moto = Moto::start().await?;
+    let subnets = moto.default_subnets().await?;
+    let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
+    std::fs::write(&config, format!("subnets: [{}]\n", subnets[0]))?;
+    // A node with an AWS provider ID, so the load balancer has a target.
+    let node = format!("bin-{ns}");
+    create_node(
+        &client,
+        NodeSpecBuilder {
+            name: node.clone(),
+            provider_id: Some("aws:///us-east-1a/i-0123456789abcdef0".into()),
+            labels: BTreeMap::new(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let class = format!("test.example.com/{ns}");
+    let mut cmd = tokio::process::Command::new(manager_binary());
+    cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
+    cmd.args(args(
+        &ns,
+        &class,
+        "aws",
+        config.to_str().unwrap_or_default(),
+    ));
+    // Only the SDK's default chain: environment credentials, region and endpoint.
+    cmd.env("AWS_ENDPOINT_URL", &moto.endpoint)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    let m = Manager::spawn(cmd)?;
+    let svc = round_trip(&client, &ns, &class)
+        .await
+        .map_err(|e| anyhow!("{e}\nmanager log:\n{}", m.log_lines().join("\n")))?;
+    let (_, hostname, _) = ingress(&svc).ok_or_else(|| anyhow!("no ingress"))?;
+    assert!(
+        hostname.is_some_and(|h| h.starts_with("k8s-") && h.contains(".elb.")),
+        "an NLB DNS name"
+    );
+    let _ = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await;
+    let _ = std::fs::remove_file(&config);
+    Ok(())
+}
