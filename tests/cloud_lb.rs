@@ -81,8 +81,7 @@ async fn round_trip(client: &kube::Client, ns: &str, class: &str) -> Result<Serv
         api.get_opt("web")
             .await
             .ok()
-            .map(|s| s.is_none().then_some(()))
-            .flatten()
+            .and_then(|s| s.is_none().then_some(()))
     })
     .await?;
     Ok(svc)
