@@ -532,6 +532,10 @@ pub fn needs_assignment(svc: &Service) -> bool {
     if ip.is_empty() && ips.is_empty() {
         return true;
     }
+    // A requested address on an API that does not default the family fields.
+    if spec.ip_families.as_ref().is_none_or(|f| f.is_empty()) || spec.ip_family_policy.is_none() {
+        return true;
+    }
     // A policy changed to RequireDualStack on an API that does not upgrade the Service.
     spec.ip_family_policy.as_deref() == Some("RequireDualStack") && ips.len() < 2
 }
@@ -757,8 +761,40 @@ pub fn plan<R: Rng + ?Sized>(mirror: &mut Mirror, svc: &Service, rng: &mut R) ->
             ip_family_policy: policy,
         };
     }
-    // Allocate what is missing, in ipFamilies order; requested addresses were claimed (or
-    // reported) by the mirror already.
+    // Requested addresses: the mirror claimed each for its oldest requester; anyone else is
+    // refused as kube-apiserver refuses the create.
+    for raw in &cluster_ips {
+        let Ok(ip) = raw.parse::<IpAddr>() else {
+            continue;
+        };
+        let problem = match mirror.owners.get(&ip) {
+            Some(holder) if *holder == key => None,
+            Some(_) => Some(IpError::Allocated.to_string()),
+            None => Some(
+                IpError::NotInRange {
+                    ip,
+                    range: mirror
+                        .ranges
+                        .iter()
+                        .find(|r| r.alloc.family() == IpFamily::of(&ip))
+                        .map(|r| r.spec.cidr)
+                        .unwrap_or_else(|| IpNet::from(ip)),
+                }
+                .to_string(),
+            ),
+        };
+        if let Some(p) = problem {
+            return Plan::Reject(invalid(
+                &name,
+                &[(
+                    "spec.clusterIPs".into(),
+                    quoted_list(&cluster_ips),
+                    format!("failed to allocate IP {raw}: {p}"),
+                )],
+            ));
+        }
+    }
+    // Allocate what is missing, in ipFamilies order.
     let mut allocated = Vec::new();
     for (i, fam) in families.iter().enumerate() {
         if i < cluster_ips.len() {

@@ -482,3 +482,36 @@ fn terminating_service_cidr_keeps_ips_valid_but_gives_none() {
         matches!(plan(&mut m, &s, &mut rng), Plan::Reject(r) if r.reason() == "ServiceCIDRFull")
     );
 }
+
+#[test]
+fn requested_ip_without_family_fields_is_honoured_or_refused_like_upstream() {
+    let cfg = flag(&["10.96.0.0/16"]);
+    let req = |name: &str, age: i64, ip: &str| {
+        let ip = ip.to_string();
+        svc("a", name, age, move |s| s.cluster_ip = Some(ip))
+    };
+    let first = req("first", 1, "10.96.7.7");
+    let second = req("second", 2, "10.96.7.7");
+    let outside = req("outside", 3, "10.99.0.1");
+    let mut m = build(&cfg, &[first.clone(), second.clone(), outside.clone()]);
+    let mut rng = StdRng::seed_from_u64(5);
+    assert_eq!(
+        plan(&mut m, &first, &mut rng),
+        Plan::Assign {
+            cluster_ips: vec!["10.96.7.7".into()],
+            ip_families: vec!["IPv4".into()],
+            ip_family_policy: "SingleStack".into()
+        }
+    );
+    let Plan::Reject(r) = plan(&mut m, &second, &mut rng) else {
+        panic!()
+    };
+    assert_eq!(
+        r.message,
+        "Service \"second\" is invalid: spec.clusterIPs: Invalid value: []string{\"10.96.7.7\"}: failed to allocate IP 10.96.7.7: provided IP is already allocated"
+    );
+    let Plan::Reject(r) = plan(&mut m, &outside, &mut rng) else {
+        panic!()
+    };
+    assert!(r.message.ends_with("failed to allocate IP 10.99.0.1: the provided IP (10.99.0.1) is not in the valid range. The range of valid IPs is 10.96.0.0/16"), "{}", r.message);
+}
