@@ -266,6 +266,8 @@ pub enum Plan {
     Clear,
     /// The range is full.
     Full(Finding),
+    /// A requested port cannot be had; worded as kube-apiserver's refusal of the write.
+    Reject(String),
 }
 
 /// Decides node ports for a Service as kube-apiserver's `initNodePorts` and
@@ -308,6 +310,36 @@ pub fn plan<R: Rng + ?Sized>(mirror: &mut Mirror, svc: &Service, rng: &mut R) ->
         }
     };
     let ports = spec.ports.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let refusal = |port: i32, holder: Option<&ObjectKey>, mirror: &Mirror| -> Option<String> {
+        if !mirror.range.span().contains(port as i64) {
+            return Some(scm_allocator::PortError::NotInRange(mirror.range.span()).to_string());
+        }
+        match holder {
+            Some(h) if *h != key => Some(scm_allocator::PortError::Allocated.to_string()),
+            _ => None,
+        }
+    };
+    for (i, p) in ports.iter().enumerate() {
+        let np = p.node_port.unwrap_or(0);
+        if np == 0 {
+            continue;
+        }
+        if let Some(why) = refusal(np, mirror.owners.get(&np), mirror) {
+            return Plan::Reject(format!(
+                "Service \"{name}\" is invalid: spec.ports[{i}].nodePort: Invalid value: {np}: {why}"
+            ));
+        }
+    }
+    let hc_req = spec.health_check_node_port.unwrap_or(0);
+    if hc_req != 0
+        && wants_health_check(svc)
+        && let Some(why) = refusal(hc_req, mirror.owners.get(&hc_req), mirror)
+    {
+        return Plan::Reject(format!(
+            "Internal error occurred: failed to allocate requested HealthCheck NodePort {hc_req}: {why}"
+        ));
+    }
     let mut node_ports: Vec<i32> = ports.iter().map(|p| p.node_port.unwrap_or(0)).collect();
     let allocate = should_allocate(svc);
     let mut by_port: HashMap<i32, i32> = HashMap::new();

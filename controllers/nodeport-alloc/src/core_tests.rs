@@ -284,3 +284,32 @@ proptest! {
         prop_assert_eq!(again.capacity(), m.capacity());
     }
 }
+
+#[test]
+fn requested_ports_refused_like_upstream_when_taken_or_outside() {
+    let a = svc("a", 1, "NodePort", vec![port(80, "TCP", 30080)], |_| {});
+    let b = svc(
+        "b",
+        2,
+        "NodePort",
+        vec![port(80, "TCP", 30080), port(81, "TCP", 0)],
+        |_| {},
+    );
+    let c = svc(
+        "c",
+        3,
+        "NodePort",
+        vec![port(80, "TCP", 80), port(81, "TCP", 0)],
+        |_| {},
+    );
+    let mut m = build(&[a, b.clone(), c.clone()]);
+    let mut rng = StdRng::seed_from_u64(0);
+    assert_eq!(
+        plan(&mut m, &b, &mut rng),
+        Plan::Reject("Service \"b\" is invalid: spec.ports[0].nodePort: Invalid value: 30080: provided port is already allocated".into())
+    );
+    assert_eq!(
+        plan(&mut m, &c, &mut rng),
+        Plan::Reject("Service \"c\" is invalid: spec.ports[0].nodePort: Invalid value: 80: provided port is not in the valid range. The range of valid ports is 30000-32767".into())
+    );
+}

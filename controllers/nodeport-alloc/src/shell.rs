@@ -354,6 +354,18 @@ async fn assign(
         let mut updated = (*svc).clone();
         match &plan {
             Plan::Nothing => return Ok(()),
+            Plan::Reject(message) => {
+                let oref = svc.object_ref(&());
+                ctx.events
+                    .warn_once(
+                        &oref,
+                        "NodePortAllocationFailed",
+                        "PortAllocation",
+                        message.clone(),
+                    )
+                    .await;
+                return Ok(());
+            }
             Plan::Full(f) => {
                 AllocMetrics::scope(&shared.metrics.errors, "dynamic", 1);
                 let oref = svc.object_ref(&());
