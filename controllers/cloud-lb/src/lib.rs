@@ -209,6 +209,8 @@ struct Shell {
     /// Whether the provider has been restored in this leadership term.
     restored: tokio::sync::Mutex<bool>,
     lost_leadership: AtomicBool,
+    /// The controller's queue, to queue every served Service at the start of a term.
+    queue: WorkQueue<ObjectKey>,
     metrics: LbMetrics,
 }
 
@@ -257,6 +259,7 @@ pub async fn run_with_provider(
         permanent: Default::default(),
         restored: tokio::sync::Mutex::new(false),
         lost_leadership: AtomicBool::new(false),
+        queue: queue.clone(),
         metrics,
     });
     let node_dirty = Arc::new(Notify::new());
@@ -443,11 +446,22 @@ impl Shell {
         Api::namespaced(self.ctx.client.clone(), ns)
     }
 
-    /// Once per leadership term, before any other provider call: let the provider rebuild.
+    /// Once per leadership term, before any other provider call: let the provider rebuild,
+    /// and, as a freshly started upstream controller does, look at every served Service again
+    /// (another replica may have changed the cloud meanwhile, so what we remember is stale).
     async fn ensure_restored(&self) -> Result<(), Error> {
         let mut done = self.restored.lock().await;
         if self.lost_leadership.swap(false, Ordering::SeqCst) {
             *done = false;
+            self.synced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            for s in self.services.state() {
+                if core::action(&s, &self.filter) != Action::Ignore {
+                    self.queue.add(ObjectKey::of(s.as_ref()));
+                }
+            }
         }
         if !*done {
             let served: Vec<Service> = self

@@ -34,7 +34,7 @@ struct Ctrl {
     token: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     metrics: Metrics,
-    _leader: tokio::sync::watch::Sender<bool>,
+    leader: tokio::sync::watch::Sender<bool>,
 }
 
 impl Ctrl {
@@ -43,13 +43,23 @@ impl Ctrl {
         config: CloudLbConfig,
         provider: Arc<dyn LoadBalancerProvider>,
     ) -> Ctrl {
+        Self::start_as(client, config, provider, true)
+    }
+
+    /// Starts leading or following; `set_leading` flips it later.
+    fn start_as(
+        client: &kube::Client,
+        config: CloudLbConfig,
+        provider: Arc<dyn LoadBalancerProvider>,
+        leading: bool,
+    ) -> Ctrl {
         // Logs with RUST_LOG=cloud_lb=debug (and --nocapture).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let token = CancellationToken::new();
-        let (leader, tx) = LeaderGate::fixed(true);
+        let (leader, tx) = LeaderGate::fixed(leading);
         let metrics = Metrics::new();
         let ctx = ControllerContext {
             name: "cloud-lb".into(),
@@ -69,8 +79,12 @@ impl Ctrl {
             token,
             task: Some(task),
             metrics,
-            _leader: tx,
+            leader: tx,
         }
+    }
+
+    fn set_leading(&self, leading: bool) {
+        let _ = self.leader.send(leading);
     }
 
     /// Reconciles completed so far.
@@ -670,7 +684,11 @@ async fn nodes_added_removed_and_excluded() -> Result<()> {
     let c = aws.proxy.counts();
     assert_eq!(c.get("DeregisterTargets"), Some(&1), "{c:?}");
     assert!(!c.contains_key("RegisterTargets"), "{c:?}");
-    assert!(ctrl.reconciles_done() > done);
+    // The targets change inside the reconcile; it is counted once it has returned.
+    wait_for("the host update's reconcile to finish", T, || async {
+        (ctrl.reconciles_done() > done).then_some(())
+    })
+    .await?;
 
     // Every node excluded: no hosts, and an UnAvailableLoadBalancer Warning.
     for n in ["n-d", "n-f", "n-noid"] {
@@ -912,7 +930,10 @@ async fn bad_annotation_event_without_api_call_then_fixed() -> Result<()> {
     // Fixing the annotation converges.
     patch(&client, &ns, "bad", serde_json::json!({"metadata": {"annotations": {"service.beta.kubernetes.io/aws-load-balancer-scheme": "internal"}}})).await?;
     let svc = wait_status(&client, &ns, "bad").await?;
-    assert!(ctrl.reconciles_done() > done);
+    wait_for("the fixing reconcile to finish", T, || async {
+        (ctrl.reconciles_done() > done).then_some(())
+    })
+    .await?;
     let lb = aws.lb_of(&svc).await.ok_or_else(|| anyhow!("no lb"))?;
     assert_eq!(lb.scheme().map(|s| s.as_str()), Some("internal"));
     ctrl.stop().await;
@@ -1372,5 +1393,92 @@ async fn host_update_recovers_from_resources_deleted_out_of_band() -> Result<()>
             .await,
         want
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_pool_state_is_rebuilt_each_leadership_term() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let class = "test.example.com/terms";
+    let pools = || -> Arc<dyn LoadBalancerProvider> {
+        Arc::new(
+            LocalProvider::new(LocalCloudConfig {
+                pools: vec!["10.201.0.0/30".parse().expect("cidr")],
+                ip_mode: None,
+            })
+            .expect("valid pools"),
+        )
+    };
+    let config = CloudLbConfig {
+        cloud_provider: ProviderKind::Local,
+        cloud_config: None,
+        cluster_name: "it-terms".into(),
+        concurrent_service_syncs: 2,
+        load_balancer_class: Some(class.into()),
+        default_load_balancer: false,
+    };
+    let requesting = |name: &str, ip: Option<&str>| {
+        let mut s = lb_service(&ns, name, Some(class), &[("http", 80, "TCP", None)]);
+        if let Some(ip) = ip {
+            s.metadata.annotations =
+                Some([(REQUESTED_IPS_ANNOTATION.to_string(), ip.to_string())].into());
+        }
+        s
+    };
+    // Two replicas; p1 leads first.
+    let p1 = Ctrl::start_as(&client, config.clone(), pools(), true);
+    let p2 = Ctrl::start_as(&client, config.clone(), pools(), false);
+    create(&client, &requesting("a", Some("10.201.0.1"))).await?;
+    assert_eq!(
+        ips(&wait_status(&client, &ns, "a").await?),
+        vec!["10.201.0.1"]
+    );
+
+    // p2 takes over and changes the world while p1 follows.
+    p1.set_leading(false);
+    p2.set_leading(true);
+    create(&client, &requesting("b", Some("10.201.0.2"))).await?;
+    assert_eq!(
+        ips(&wait_status(&client, &ns, "b").await?),
+        vec!["10.201.0.2"]
+    );
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .delete("a", &DeleteParams::default())
+        .await?;
+    wait_for("a gone", T, || async {
+        get(&client, &ns, "a").await.is_none().then_some(())
+    })
+    .await?;
+    create(&client, &requesting("c", None)).await?;
+    assert_eq!(
+        ips(&wait_status(&client, &ns, "c").await?),
+        vec!["10.201.0.1"]
+    );
+
+    // p1 leads again: what it remembers is stale (a held .1, .2 was free). It must rebuild
+    // from the Services, so the pool is full and d gets nothing rather than a duplicate.
+    p2.set_leading(false);
+    p1.set_leading(true);
+    create(&client, &requesting("d", None)).await?;
+    wait_event(
+        &client,
+        &ns,
+        "d",
+        "SyncLoadBalancerFailed",
+        "no free IPv4 address",
+    )
+    .await?;
+    assert!(ips(&get(&client, &ns, "d").await.ok_or_else(|| anyhow!("d"))?).is_empty());
+    assert_eq!(
+        ips(&get(&client, &ns, "b").await.ok_or_else(|| anyhow!("b"))?),
+        vec!["10.201.0.2"]
+    );
+    assert_eq!(
+        ips(&get(&client, &ns, "c").await.ok_or_else(|| anyhow!("c"))?),
+        vec!["10.201.0.1"]
+    );
+    p1.stop().await;
+    p2.stop().await;
     Ok(())
 }
