@@ -198,7 +198,10 @@ pub async fn run(ctx: ControllerContext, config: NodePortAllocConfig) -> Result<
         watcher(
             Api::<Service>::all(ctx.client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        // managedFields are most of a cached Service and never read here; a replace without
+        // them leaves the server's copy unchanged.
+        .modify(|s: &mut Service| s.metadata.managed_fields = None),
     )
     .default_backoff();
     let mut tasks = tokio::task::JoinSet::new();
