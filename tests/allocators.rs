@@ -1292,3 +1292,76 @@ async fn assigns_where_the_api_does_not_allocate_with_409_handling_and_duplicate
     assert_eq!(d.stats().0, writes, "restart wrote again");
     cip2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
+    let d = double::Double::new();
+    let client = double::serve(d.clone()).await;
+    let mut waiting = svc("waiting", |_| {});
+    waiting.metadata.namespace = Some("ns".into());
+    d.create(waiting);
+    let metrics = Metrics::new();
+    let (leader, tx) = LeaderGate::fixed(false);
+    let shutdown = CancellationToken::new();
+    let ctx = ControllerContext {
+        name: "clusterip-alloc".into(),
+        client: client.clone(),
+        leader,
+        metrics: metrics.clone(),
+        events: EventRecorder::new(client.clone(), "clusterip-allocator", None),
+        shutdown: shutdown.clone(),
+        ready: Readiness::default().register("clusterip-alloc"),
+    };
+    let cfg = clusterip_alloc::ClusterIpAllocConfig {
+        service_cluster_ip_range: vec!["10.96.0.0/16".parse().expect("cidr")],
+        concurrent_syncs: 2,
+    };
+    let task = tokio::spawn(clusterip_alloc::run(ctx, cfg));
+    let gauge = |want: f64| {
+        let m = metrics.clone();
+        move || {
+            let t = m.encode();
+            async move {
+                (sample(
+                    &t,
+                    "kube_apiserver_clusterip_allocator_allocated_ips{cidr=\"10.96.0.0/16\"}",
+                )? == want)
+                    .then_some(())
+            }
+        }
+    };
+    // The follower keeps its mirror current: a Service holding an address shows in the gauge
+    // (2 = that address plus the one reserved for default/kubernetes).
+    let mut held = svc("held", |s| {
+        s.cluster_ip = Some("10.96.5.5".into());
+        s.cluster_ips = Some(vec!["10.96.5.5".into()]);
+        s.ip_families = Some(vec!["IPv4".into()]);
+        s.ip_family_policy = Some("SingleStack".into());
+    });
+    held.metadata.namespace = Some("ns".into());
+    d.create(held);
+    wait_for("follower mirror", DEADLINE, gauge(2.0))
+        .await
+        .expect("mirror");
+    assert_eq!(d.stats().0, 0, "a follower wrote");
+    assert!(
+        spec_of(&d.get("ns", "waiting").expect("svc"))
+            .cluster_ip
+            .is_none()
+    );
+    // Leading: the queued Service is assigned.
+    tx.send(true).expect("gate");
+    let s = wait_for("assigned once leading", DEADLINE, || {
+        let d = d.clone();
+        async move {
+            d.get("ns", "waiting")
+                .filter(|s| spec_of(s).cluster_ip.is_some())
+        }
+    })
+    .await
+    .expect("assigned");
+    assert_ne!(spec_of(&s).cluster_ip.as_deref(), Some("10.96.5.5"));
+    assert_ne!(spec_of(&s).cluster_ip.as_deref(), Some("10.96.0.1"));
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
