@@ -549,8 +549,21 @@ impl Shell {
         let r = reference(&svc);
         if let Some(last) = &last
             && last.spec == spec
-            && !core::status_differs(&svc, &last.status)
         {
+            if core::status_differs(&svc, &last.status) {
+                // Usually our own status write has not reached the cache yet (the conditional
+                // write then conflicts, re-reads and finds it in place); otherwise someone
+                // changed the status and ours is put back. No cloud call either way.
+                let fresh = self.write_status(svc.clone(), &last.status).await?;
+                if let Some(s) = self
+                    .synced
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(key)
+                {
+                    s.service = fresh;
+                }
+            }
             if last.nodes == nodes_fp {
                 return Ok(Requeue::Done);
             }
