@@ -31,6 +31,52 @@
 //!   `Throttled`, and for `Permanent` (e.g. an invalid annotation) records a Warning Event and
 //!   does not retry until the Service changes.
 //!
+//! A minimal provider that hands every Service one fixed hostname:
+//!
+//! ```
+//! use async_trait::async_trait;
+//! use cloud_lb::{LoadBalancerProvider, ProviderError};
+//! use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Node, Service};
+//!
+//! struct Fixed;
+//!
+//! #[async_trait]
+//! impl LoadBalancerProvider for Fixed {
+//!     fn provider_name(&self) -> &'static str { "fixed" }
+//!     fn load_balancer_name(&self, cluster: &str, svc: &Service) -> String {
+//!         format!("{cluster}-{}", svc.metadata.uid.as_deref().unwrap_or(""))
+//!     }
+//!     async fn get(&self, _: &str, _: &Service) -> Result<Option<LoadBalancerStatus>, ProviderError> {
+//!         Ok(None)
+//!     }
+//!     async fn ensure(&self, _: &str, svc: &Service, nodes: &[Node]) -> Result<LoadBalancerStatus, ProviderError> {
+//!         if svc.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("fixed/broken")) {
+//!             // An Event, and no retry until the Service changes.
+//!             return Err(ProviderError::Permanent("fixed/broken is set".into()));
+//!         }
+//!         let _targets = nodes.len();
+//!         Ok(LoadBalancerStatus {
+//!             ingress: Some(vec![LoadBalancerIngress {
+//!                 hostname: Some("lb.example.com".into()),
+//!                 ..Default::default()
+//!             }]),
+//!         })
+//!     }
+//!     async fn update_hosts(&self, _: &str, _: &Service, _: &[Node]) -> Result<(), ProviderError> {
+//!         Ok(())
+//!     }
+//!     async fn ensure_deleted(&self, _: &str, _: &Service) -> Result<(), ProviderError> {
+//!         Ok(())
+//!     }
+//! }
+//!
+//! // Providers are used as trait objects, chosen at run time:
+//! let p: std::sync::Arc<dyn LoadBalancerProvider> = std::sync::Arc::new(Fixed);
+//! assert_eq!(p.provider_name(), "fixed");
+//! ```
+//!
+//! Run it with [`crate::run_with_provider`].
+//!
 //! The contract follows k8s.io/cloud-provider's `LoadBalancer` interface (GetLoadBalancer,
 //! GetLoadBalancerName, EnsureLoadBalancer, UpdateLoadBalancer, EnsureLoadBalancerDeleted).
 //! Deliberate differences: errors are typed instead of free-form, there is no
