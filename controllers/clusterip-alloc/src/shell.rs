@@ -437,13 +437,24 @@ async fn assign(
 ) -> Result<(), Error> {
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.namespace);
     for _attempt in 0..5 {
-        let (plan, fresh, cidrs) = {
+        let (plan, fresh, cidrs, requested) = {
             let mut g = lock(&shared.mirror);
             let Some(m) = g.as_mut() else { return Ok(()) };
             let plan = core::plan(m, &svc, &mut rand::rng());
             let fresh = core::new_ips(&svc, &plan);
             let cidrs: Vec<Option<IpNet>> = fresh.iter().map(|ip| cidr_of(m, *ip)).collect();
-            (plan, fresh, cidrs)
+            // Requested addresses this write honours (a Service that lacked its family
+            // fields): upstream counts those as "static" allocations.
+            let requested: Vec<Option<IpNet>> = match &plan {
+                Plan::Assign { cluster_ips, .. } => cluster_ips
+                    .iter()
+                    .filter_map(|c| c.parse::<IpAddr>().ok())
+                    .filter(|ip| !fresh.contains(ip))
+                    .map(|ip| cidr_of(m, ip))
+                    .collect(),
+                _ => vec![],
+            };
+            (plan, fresh, cidrs, requested)
         };
         if !fresh.is_empty() {
             lock(&shared.pending).insert(key.clone(), fresh.clone());
@@ -452,15 +463,26 @@ async fn assign(
         match &plan {
             Plan::Nothing => return Ok(()),
             Plan::Reject(r) => {
-                if r.full.is_some() {
-                    shared
-                        .metrics
-                        .count(&shared.metrics.errors, None, "dynamic");
-                }
                 let oref = svc.object_ref(&());
-                ctx.events
+                let new_problem = ctx
+                    .events
                     .warn_once(&oref, r.reason(), "ClusterIPAllocation", r.message.clone())
                     .await;
+                // Counted once per problem, like the Event, not on every resync.
+                if new_problem {
+                    let (cidr, scope) = match &r.full {
+                        Some(Finding::Full { cidrs, .. }) => (cidrs.clone(), "dynamic"),
+                        _ => (String::new(), "static"),
+                    };
+                    shared
+                        .metrics
+                        .errors
+                        .get_or_create(&CidrScopeLabel {
+                            cidr,
+                            scope: scope.into(),
+                        })
+                        .inc();
+                }
                 return Ok(());
             }
             Plan::Clear => {
@@ -495,6 +517,11 @@ async fn assign(
                     shared
                         .metrics
                         .count(&shared.metrics.allocations, c, "dynamic");
+                }
+                for c in requested {
+                    shared
+                        .metrics
+                        .count(&shared.metrics.allocations, c, "static");
                 }
                 info!(service = %key, plan = ?plan, "clusterip assigned");
                 return Ok(());

@@ -351,6 +351,11 @@ async fn assign(
             let fresh = core::new_ports(&svc, &plan);
             (plan, fresh)
         };
+        // Requested ports this write honours: upstream counts those as "static" allocations.
+        let requested = match &plan {
+            Plan::Assign { .. } => core::collect_node_ports(&svc).len() as u64,
+            _ => 0,
+        };
         if !fresh.is_empty() {
             lock(&shared.pending).insert(key.clone(), fresh.clone());
         }
@@ -359,22 +364,29 @@ async fn assign(
             Plan::Nothing => return Ok(()),
             Plan::Reject(message) => {
                 let oref = svc.object_ref(&());
-                ctx.events
+                if ctx
+                    .events
                     .warn_once(
                         &oref,
                         "NodePortAllocationFailed",
                         "PortAllocation",
                         message.clone(),
                     )
-                    .await;
+                    .await
+                {
+                    AllocMetrics::scope(&shared.metrics.errors, "static", 1);
+                }
                 return Ok(());
             }
             Plan::Full(f) => {
-                AllocMetrics::scope(&shared.metrics.errors, "dynamic", 1);
                 let oref = svc.object_ref(&());
-                ctx.events
+                if ctx
+                    .events
                     .warn_once(&oref, f.reason(), f.action(), f.message())
-                    .await;
+                    .await
+                {
+                    AllocMetrics::scope(&shared.metrics.errors, "dynamic", 1);
+                }
                 return Ok(());
             }
             Plan::Clear => {
@@ -406,6 +418,9 @@ async fn assign(
         {
             Ok(_) => {
                 AllocMetrics::scope(&shared.metrics.allocations, "dynamic", fresh.len() as u64);
+                if requested > 0 {
+                    AllocMetrics::scope(&shared.metrics.allocations, "static", requested);
+                }
                 info!(service = %key, plan = ?plan, "node ports assigned");
                 return Ok(());
             }
