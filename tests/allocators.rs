@@ -1105,6 +1105,10 @@ async fn assigns_where_the_api_does_not_allocate_with_409_handling_and_duplicate
         s.ip_families = Some(vec!["IPv4".into()]);
         s.ip_family_policy = Some("SingleStack".into());
     });
+    // Requested addresses on an API that leaves the family fields empty: honoured when free,
+    // refused with kube-apiserver's message when taken.
+    mk("asks-free", |s| s.cluster_ip = Some("10.96.8.8".into()));
+    mk("asks-taken", |s| s.cluster_ip = Some("10.96.7.7".into()));
     // The first write to "contested" meets a concurrent change: 409, then re-plan.
     d.conflict_next_write("ns", "contested");
     mk("contested", |_| {});
@@ -1223,7 +1227,9 @@ async fn assigns_where_the_api_does_not_allocate_with_409_handling_and_duplicate
     let dup: Vec<_> = d
         .events()
         .into_iter()
-        .filter(|e| e["reason"] == "ClusterIPAlreadyAllocated")
+        .filter(|e| {
+            e["reason"] == "ClusterIPAlreadyAllocated" && e["regarding"]["name"] == "copycat"
+        })
         .collect();
     assert_eq!(dup.len(), 1, "{dup:?}");
     assert_eq!(
@@ -1242,13 +1248,77 @@ async fn assigns_where_the_api_does_not_allocate_with_409_handling_and_duplicate
         }
     }
     assert!(!seen.contains("10.96.7.7"));
-    let t = cip.metrics.encode();
+    let free = wait_for(
+        "requested address honoured",
+        DEADLINE,
+        ready("asks-free", |s| s.ip_families.is_some()),
+    )
+    .await
+    .expect("asks-free");
+    assert_eq!(
+        spec_of(&free).cluster_ips.as_deref(),
+        Some(&["10.96.8.8".to_string()][..])
+    );
+    wait_for("refusal event", DEADLINE, || {
+        let d = d.clone();
+        async move {
+            d.events()
+                .into_iter()
+                .find(|e| e["reason"] == "ClusterIPAllocationFailed" && e["regarding"]["name"] == "asks-taken")
+        }
+    })
+    .await
+    .map(|e| {
+        assert_eq!(
+            e["note"],
+            "Service \"asks-taken\" is invalid: spec.clusterIPs: Invalid value: []string{\"10.96.7.7\"}: failed to allocate IP 10.96.7.7: provided IP is already allocated"
+        )
+    })
+    .expect("refusal");
     assert!(
+        spec_of(&d.get("ns", "asks-taken").expect("svc"))
+            .ip_families
+            .is_none()
+    );
+    let t = cip.metrics.encode();
+    // copycat and asks-taken both claim 10.96.7.7 after "first".
+    assert_eq!(
         sample(
             &t,
             "apiserver_clusterip_repair_ip_errors_total{type=\"duplicate\"}"
-        ) == Some(1.0),
+        ),
+        Some(2.0),
         "{t}"
+    );
+    assert!(
+        sample(&t, "kube_apiserver_clusterip_allocator_allocation_total{cidr=\"10.96.0.0/16\",scope=\"dynamic\"}")
+            .is_some_and(|v| v >= 3.0),
+        "{t}"
+    );
+    assert_eq!(
+        sample(
+            &t,
+            "kube_apiserver_clusterip_allocator_allocation_total{cidr=\"10.96.0.0/16\",scope=\"static\"}"
+        ),
+        Some(1.0),
+        "{t}"
+    );
+    assert_eq!(
+        sample(
+            &t,
+            "kube_apiserver_clusterip_allocator_allocation_errors_total{cidr=\"\",scope=\"static\"}"
+        ),
+        Some(1.0),
+        "{t}"
+    );
+    let nt = np.metrics.encode();
+    assert!(
+        sample(
+            &nt,
+            "kube_apiserver_nodeport_allocator_allocation_total{scope=\"dynamic\"}"
+        )
+        .is_some_and(|v| v >= 3.0),
+        "{nt}"
     );
     // Restart: a fresh controller rebuilds the same state and writes nothing more.
     let writes = d.stats().0;
