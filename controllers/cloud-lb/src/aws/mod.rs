@@ -21,6 +21,26 @@
 pub mod budget;
 pub mod spec;
 
+/// One attempt of an ELBv2 call may take this long; a hung connection must not stall a worker
+/// (with `--concurrent-service-syncs=1` it would stall every Service).
+pub const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A whole ELBv2 call, retries included.
+pub const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+fn timeouts() -> elbv2::config::timeout::TimeoutConfig {
+    elbv2::config::timeout::TimeoutConfig::builder()
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .operation_timeout(OPERATION_TIMEOUT)
+        .build()
+}
+
+/// Creates are never retried by the SDK: a retry after a lost answer would make a second load
+/// balancer in emulators whose CreateLoadBalancer is not idempotent. The controller's own retry
+/// looks up by name and tags first.
+fn no_sdk_retry() -> elbv2::config::Builder {
+    elbv2::config::Builder::default().retry_config(elbv2::config::retry::RetryConfig::disabled())
+}
+
 /// The ELBv2 SDK, re-exported for tests and benchmarks that inspect what the provider made.
 pub use aws_sdk_elasticloadbalancingv2 as elbv2_sdk;
 
@@ -37,6 +57,7 @@ pub fn emulator_client(endpoint: &str, region: &str, max_attempts: u32) -> elbv2
         .retry_config(
             elbv2::config::retry::RetryConfig::standard().with_max_attempts(max_attempts.max(1)),
         )
+        .timeout_config(timeouts())
         .build();
     elbv2::Client::from_conf(conf)
 }
@@ -248,7 +269,7 @@ impl AwsProvider {
                 aws_config::retry::RetryConfig::standard().with_max_attempts(n.max(1)),
             );
         }
-        let shared = loader.load().await;
+        let shared = loader.timeout_config(timeouts()).load().await;
         Self::with_client(elbv2::Client::new(&shared), cfg)
     }
 
@@ -451,6 +472,8 @@ impl AwsProvider {
             .ip_address_type(IpAddressType::from(d.ip_address_type.as_str()))
             .set_subnets(Some(d.subnets.clone()))
             .set_tags(Some(tags_vec(&d.tags)))
+            .customize()
+            .config_override(no_sdk_retry())
             .send()
             .await
             .map_err(|e| classify("CreateLoadBalancer", e))?;
@@ -538,6 +561,8 @@ impl AwsProvider {
             .healthy_threshold_count(hc.healthy)
             .unhealthy_threshold_count(hc.unhealthy)
             .set_tags(Some(tags_vec(tags)))
+            .customize()
+            .config_override(no_sdk_retry())
             .send()
             .await
             .map_err(|e| classify("CreateTargetGroup", e))?;
