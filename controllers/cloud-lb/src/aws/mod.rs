@@ -87,7 +87,7 @@ use spec::{DesiredLb, DesiredTargetGroup, HealthCheck, Scheme};
 /// region: us-east-1            # else the SDK's default chain (AWS_REGION, profile, IMDS)
 /// endpointURL: http://127.0.0.1:5000   # else AWS_ENDPOINT_URL / the SDK default
 /// subnets: [subnet-0abc, subnet-0def]  # for Services without the subnets annotation
-/// maxAttempts: 3               # SDK attempts per call (retries of throttling and 5xx)
+/// maxAttempts: 3               # SDK attempts per call (adaptive retry of throttling and 5xx)
 /// rateLimits:                  # client-side budget per operation class
 ///   describe: {qps: 10, burst: 40}
 ///   mutate:   {qps: 10, burst: 40}
@@ -264,11 +264,12 @@ impl AwsProvider {
         if let Some(u) = &cfg.endpoint_url {
             loader = loader.endpoint_url(u.clone());
         }
-        if let Some(n) = cfg.max_attempts {
-            loader = loader.retry_config(
-                aws_config::retry::RetryConfig::standard().with_max_attempts(n.max(1)),
-            );
-        }
+        // Adaptive retry: on top of our fixed per-class budget, the SDK's client-side rate
+        // limiter slows down after throttling answers and recovers gradually.
+        loader = loader.retry_config(
+            aws_config::retry::RetryConfig::adaptive()
+                .with_max_attempts(cfg.max_attempts.unwrap_or(3).max(1)),
+        );
         let shared = loader.timeout_config(timeouts()).load().await;
         Self::with_client(elbv2::Client::new(&shared), cfg)
     }
