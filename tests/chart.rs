@@ -38,34 +38,20 @@ fn chart_dir() -> PathBuf {
 }
 
 /// A scratch directory for one test, removed when dropped.
-struct Scratch(PathBuf);
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!(
-            "scm-chart-{name}-{}-{:x}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&p).expect("create scratch dir");
-        Scratch(p)
+        Scratch(
+            tempfile::Builder::new()
+                .prefix(&format!("scm-chart-{name}-"))
+                .tempdir()
+                .expect("create scratch dir"),
+        )
     }
     fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
+        self.0.path().join(f)
     }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 struct Out {
