@@ -336,11 +336,12 @@ where
     }
 }
 
-const FINDING_REASONS: [&str; 4] = [
+/// Reasons the mirror reports (cleared when the finding goes away). Assign-path reasons
+/// (ServiceCIDRFull, ClusterIPAllocationFailed) are cleared when an assignment succeeds.
+const FINDING_REASONS: [&str; 3] = [
     "ClusterIPNotValid",
     "ClusterIPOutOfRange",
     "ClusterIPAlreadyAllocated",
-    "ServiceCIDRFull",
 ];
 
 fn find_service(shared: &Shared, key: &ObjectKey) -> Option<Arc<Service>> {
@@ -523,6 +524,9 @@ async fn assign(
                         .metrics
                         .count(&shared.metrics.allocations, c, "static");
                 }
+                let oref = svc.object_ref(&());
+                ctx.events.clear(&oref, Some("ServiceCIDRFull"));
+                ctx.events.clear(&oref, Some("ClusterIPAllocationFailed"));
                 info!(service = %key, plan = ?plan, "clusterip assigned");
                 return Ok(());
             }

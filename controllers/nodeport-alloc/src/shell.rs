@@ -264,7 +264,9 @@ pub async fn run(ctx: ControllerContext, config: NodePortAllocConfig) -> Result<
     Ok(())
 }
 
-const FINDING_REASONS: [&str; 3] = ["PortAlreadyAllocated", "PortOutOfRange", "PortRangeFull"];
+/// Reasons the mirror reports (cleared when the finding goes away). Assign-path reasons
+/// (PortRangeFull, NodePortAllocationFailed) are cleared when an assignment succeeds.
+const FINDING_REASONS: [&str; 2] = ["PortAlreadyAllocated", "PortOutOfRange"];
 
 async fn report(
     ctx: &ControllerContext,
@@ -421,6 +423,9 @@ async fn assign(
                 if requested > 0 {
                     AllocMetrics::scope(&shared.metrics.allocations, "static", requested);
                 }
+                let oref = svc.object_ref(&());
+                ctx.events.clear(&oref, Some("PortRangeFull"));
+                ctx.events.clear(&oref, Some("NodePortAllocationFailed"));
                 info!(service = %key, plan = ?plan, "node ports assigned");
                 return Ok(());
             }
