@@ -804,6 +804,8 @@ mod double {
         pub services: BTreeMap<(String, String), Service>,
         history: Vec<(u64, &'static str, Service)>,
         pub events: Vec<serde_json::Value>,
+        /// Repeats of published Events.
+        pub event_patches: u64,
         /// Keys whose next replace is refused after a concurrent change.
         pub conflict_once: BTreeSet<(String, String)>,
         pub conflicts: u64,
@@ -863,6 +865,10 @@ mod double {
 
         pub fn events(&self) -> Vec<serde_json::Value> {
             self.lock().events.clone()
+        }
+
+        pub fn event_patches(&self) -> u64 {
+            self.lock().event_patches
         }
 
         pub fn conflict_next_write(&self, ns: &str, name: &str) {
@@ -1011,10 +1017,14 @@ mod double {
                     "events",
                     _name,
                 ],
-            ) => json(
-                StatusCode::OK,
-                &serde_json::from_slice(&body).unwrap_or_default(),
-            ),
+            ) => {
+                // A repeat of a published Event (kube's recorder patches its series).
+                d.lock().event_patches += 1;
+                json(
+                    StatusCode::OK,
+                    &serde_json::from_slice(&body).unwrap_or_default(),
+                )
+            }
             _ => status(404, "NotFound", &format!("no route {path}")),
         }
     }
@@ -1320,6 +1330,7 @@ async fn assigns_where_the_api_does_not_allocate_with_409_handling_and_duplicate
         .is_some_and(|v| v >= 3.0),
         "{nt}"
     );
+    assert_eq!(d.event_patches(), 0, "an Event was repeated");
     // Restart: a fresh controller rebuilds the same state and writes nothing more.
     let writes = d.stats().0;
     // Label sets of a family come out in hash order: compare sorted.
@@ -1434,4 +1445,84 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
     assert_ne!(spec_of(&s).cluster_ip.as_deref(), Some("10.96.0.1"));
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_range_is_reported_once_per_service_across_resyncs() {
+    let d = double::Double::new();
+    let client = double::serve(d.clone()).await;
+    let mk = |name: &str, f: fn(&mut ServiceSpec)| {
+        let mut s = svc(name, f);
+        s.metadata.namespace = Some("ns".into());
+        d.create(s)
+    };
+    mk("gets-it", |s| s.type_ = Some("NodePort".into()));
+    mk("too-late", |s| s.type_ = Some("NodePort".into()));
+    // Two usable addresses, one of them reserved for default/kubernetes; one node port.
+    let cip = start_clusterip(&client, &["10.96.0.0/30"]);
+    let np = start_nodeport(&client, "30000-30000");
+    let count = |reason: &'static str| {
+        let d = d.clone();
+        move || {
+            d.events()
+                .iter()
+                .filter(|e| e["reason"] == reason && e["regarding"]["name"] == "too-late")
+                .count()
+        }
+    };
+    let (full_ip, full_port) = (count("ServiceCIDRFull"), count("PortRangeFull"));
+    wait_for("both full events", DEADLINE, || {
+        let ok = full_ip() == 1 && full_port() == 1;
+        async move { ok.then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", d.events()));
+    let got = d.get("ns", "gets-it").expect("svc");
+    assert_eq!(spec_of(&got).cluster_ip.as_deref(), Some("10.96.0.2"));
+    let adds = |m: &Metrics, q: &str| {
+        sample(
+            &m.encode(),
+            &format!("workqueue_adds_total{{name=\"{q}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let (a0, b0) = (
+        adds(&cip.metrics, "clusterip-alloc"),
+        adds(&np.metrics, "nodeport-alloc"),
+    );
+    // Resyncs: every change re-queues the Service that still lacks its values.
+    for i in 0..5 {
+        mk(["e0", "e1", "e2", "e3", "e4"][i], |s| {
+            s.type_ = Some("ExternalName".into());
+            s.external_name = Some("example.com".into());
+        });
+        let (cm, nm) = (cip.metrics.clone(), np.metrics.clone());
+        let want = (a0 + i as f64 + 1.0, b0 + i as f64 + 1.0);
+        wait_for("re-queued", DEADLINE, || {
+            let ok =
+                adds(&cm, "clusterip-alloc") >= want.0 && adds(&nm, "nodeport-alloc") >= want.1;
+            async move { ok.then_some(()) }
+        })
+        .await
+        .expect("resync");
+    }
+    assert_eq!(d.event_patches(), 0, "an Event was repeated");
+    assert_eq!(full_ip(), 1, "{:?}", d.events());
+    assert_eq!(full_port(), 1, "{:?}", d.events());
+    let t = cip.metrics.encode();
+    assert_eq!(
+        sample(
+            &t,
+            "kube_apiserver_clusterip_allocator_allocation_errors_total{cidr=\"10.96.0.0/30\",scope=\"dynamic\"}"
+        ),
+        Some(1.0),
+        "{t}"
+    );
+    assert_eq!(
+        d.stats().0,
+        2,
+        "only gets-it was written (once per controller)"
+    );
+    cip.stop().await;
+    np.stop().await;
 }
