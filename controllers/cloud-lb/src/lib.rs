@@ -507,7 +507,17 @@ impl Shell {
             return Ok(Requeue::Done);
         };
         let svc = svc.as_ref().clone();
-        match core::action(&svc, &self.filter) {
+        let mut action = core::action(&svc, &self.filter);
+        if action == Action::Ensure && self.provider.implemented_elsewhere(&svc) {
+            debug!(service = %key, "implemented by another controller");
+            action = if core::with_finalizer(&svc).is_none() {
+                // Ours before the switch: release what we made and our finalizer.
+                Action::Cleanup
+            } else {
+                Action::Ignore
+            };
+        }
+        match action {
             Action::Ignore => {
                 self.synced
                     .lock()

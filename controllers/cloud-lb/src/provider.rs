@@ -79,8 +79,8 @@
 //!
 //! The contract follows k8s.io/cloud-provider's `LoadBalancer` interface (GetLoadBalancer,
 //! GetLoadBalancerName, EnsureLoadBalancer, UpdateLoadBalancer, EnsureLoadBalancerDeleted).
-//! Deliberate differences: errors are typed instead of free-form, there is no
-//! `ImplementedElsewhere` (class filtering happens in the controller), and
+//! Deliberate differences: errors are typed instead of free-form, `ImplementedElsewhere` is a
+//! predicate ([`LoadBalancerProvider::implemented_elsewhere`]) checked before any call, and
 //! [`LoadBalancerProvider::restore`] lets stateful providers rebuild from Services at start.
 
 use std::time::Duration;
@@ -166,6 +166,15 @@ pub trait LoadBalancerProvider: Send + Sync {
     /// Deletes the Service's load balancer and everything created for it; succeeds if nothing
     /// is left (including when nothing existed).
     async fn ensure_deleted(&self, cluster: &str, service: &Service) -> Result<(), ProviderError>;
+
+    /// True if another controller implements this Service's load balancer although its class
+    /// is ours (upstream's `ImplementedElsewhere`; e.g. AWS's `aws-load-balancer-type:
+    /// external`, which belongs to the AWS Load Balancer Controller). The controller then
+    /// leaves the Service alone (cleaning up only if it still carries our finalizer). Must not
+    /// call the network. The default is false.
+    fn implemented_elsewhere(&self, _service: &Service) -> bool {
+        false
+    }
 
     /// Called once after the caches have synced and before any other call, with every Service
     /// the controller serves, so a stateful provider can rebuild its state (the local pool

@@ -794,13 +794,27 @@ async fn class_filtering_and_type_change() -> Result<()> {
         &lb_service(&ns, "mine", Some(ours), &[("http", 80, "TCP", None)]),
     )
     .await?;
+    let mut external = lb_service(&ns, "external", Some(ours), &[("http", 80, "TCP", None)]);
+    external.metadata.annotations = Some(
+        [(
+            "service.beta.kubernetes.io/aws-load-balancer-type".to_string(),
+            "external".to_string(),
+        )]
+        .into(),
+    );
+    create(&client, &external).await?;
     let mine = wait_status(&client, &ns, "mine").await?;
     // Services were created before ours, and the controller has finished everything queued.
     wait_for("idle controller", T, || async {
         (ctrl.reconciles_done() >= 1).then_some(())
     })
     .await?;
-    for name in ["foreign", "classless"] {
+    wait_for("the external Service's reconcile", T, || async {
+        (ctrl.reconciles_done() >= 2).then_some(())
+    })
+    .await?;
+    // Our class, but the AWS Load Balancer Controller's type: implemented elsewhere.
+    for name in ["foreign", "classless", "external"] {
         let s = get(&client, &ns, name)
             .await
             .ok_or_else(|| anyhow!("{name} missing"))?;

@@ -920,6 +920,10 @@ impl LoadBalancerProvider for AwsProvider {
         spec::load_balancer_name(cluster, service)
     }
 
+    fn implemented_elsewhere(&self, service: &Service) -> bool {
+        spec::is_external(service)
+    }
+
     async fn get(
         &self,
         cluster: &str,

@@ -387,6 +387,12 @@ fn health_check(svc: &Service) -> Result<HealthCheck, ProviderError> {
     Ok(hc)
 }
 
+/// True for `aws-load-balancer-type: external`: the AWS Load Balancer Controller's Services,
+/// which cloud-provider-aws also leaves alone (ImplementedElsewhere).
+pub fn is_external(svc: &Service) -> bool {
+    ann(svc, "type") == Some("external")
+}
+
 /// Computes the desired load balancer for `svc`, or why the Service is invalid.
 pub fn desired(
     cluster: &str,
@@ -395,11 +401,15 @@ pub fn desired(
 ) -> Result<DesiredLb, ProviderError> {
     let (ns, name, _) = meta(svc);
     if let Some(v) = ann(svc, "type") {
-        // cloud-provider-aws reads "nlb"; the AWS Load Balancer Controller "external" (with
-        // nlb-target-type). We only build NLBs; a Service without the annotation also gets one
-        // (cloud-provider-aws would make a Classic ELB, which ELBv2 cannot).
-        if v != "nlb" && v != "external" {
-            return Err(bad("type", v, "only nlb (or external) is supported"));
+        // cloud-provider-aws reads "nlb"; we only build NLBs, so a Service without the
+        // annotation gets one too (cloud-provider-aws would make a Classic ELB, which ELBv2
+        // cannot). "external" is the AWS Load Balancer Controller's (see is_external).
+        if v != "nlb" {
+            return Err(bad(
+                "type",
+                v,
+                "only nlb is supported (external belongs to the AWS Load Balancer Controller)",
+            ));
         }
     }
     if let Some(v) = ann(svc, "nlb-target-type")
@@ -807,6 +817,17 @@ mod tests {
             desired("c", &svc(&[], &[(80, "TCP", 30080)]), &Defaults::default())
                 .is_err_and(|e| e.is_permanent())
         );
+    }
+
+    #[test]
+    fn external_type_is_someone_elses() {
+        let s = svc(&[("type", "external")], &[(80, "TCP", 30080)]);
+        assert!(is_external(&s));
+        assert!(!is_external(&svc(
+            &[("type", "nlb")],
+            &[(80, "TCP", 30080)]
+        )));
+        assert!(!is_external(&svc(&[], &[(80, "TCP", 30080)])));
     }
 
     #[test]
