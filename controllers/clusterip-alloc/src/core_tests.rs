@@ -515,3 +515,21 @@ fn requested_ip_without_family_fields_is_honoured_or_refused_like_upstream() {
     };
     assert!(r.message.ends_with("failed to allocate IP 10.99.0.1: the provided IP (10.99.0.1) is not in the valid range. The range of valid IPs is 10.96.0.0/16"), "{}", r.message);
 }
+
+#[test]
+fn external_name_to_cluster_ip_allocates() {
+    let cfg = flag(&["10.96.0.0/16"]);
+    // What a non-allocating API stores after the type change: ClusterIP, no address.
+    let s = svc("a", "was-ext", 1, |s| {
+        s.type_ = Some("ClusterIP".into());
+        s.external_name = None;
+    });
+    let (p, m) = assign(&cfg, &[], &s);
+    let Plan::Assign { cluster_ips, .. } = p else {
+        panic!("{p:?}")
+    };
+    assert_eq!(
+        m.owners[&cluster_ips[0].parse::<IpAddr>().unwrap()],
+        k("a", "was-ext")
+    );
+}

@@ -313,3 +313,15 @@ fn requested_ports_refused_like_upstream_when_taken_or_outside() {
         Plan::Reject("Service \"c\" is invalid: spec.ports[0].nodePort: Invalid value: 80: provided port is not in the valid range. The range of valid ports is 30000-32767".into())
     );
 }
+
+#[test]
+fn deleted_service_releases_its_ports() {
+    let a = svc("a", 1, "LoadBalancer", vec![port(80, "TCP", 30080)], |s| {
+        s.external_traffic_policy = Some("Local".into());
+        s.health_check_node_port = Some(30081);
+    });
+    let with = build(std::slice::from_ref(&a));
+    assert_eq!(with.capacity().0, 2);
+    let without = build(&[]);
+    assert_eq!(without.capacity(), (0, 2768));
+}
