@@ -159,3 +159,80 @@ async fn binary_serves_nlbs_through_the_sdk_default_chain() -> Result<()> {
     let _ = std::fs::remove_file(&config);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_killed_mid_create_then_restarted_adopts_the_load_balancer() -> Result<()> {
+    use test_support::moto::{Fault, FaultKind, FaultProxy};
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    let ns = namespace(&client, "cloudlb-bin-kill").await?;
+    let moto = Moto::start().await?;
+    let proxy = FaultProxy::start(&moto.addr).await?;
+    let subnets = moto.default_subnets().await?;
+    let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
+    std::fs::write(&config, format!("subnets: [{}]\n", subnets[0]))?;
+    let class = format!("test.example.com/{ns}");
+    let manager = || {
+        let mut cmd = tokio::process::Command::new(manager_binary());
+        cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
+        cmd.args(args(
+            &ns,
+            &class,
+            "aws",
+            config.to_str().unwrap_or_default(),
+        ));
+        cmd.env("AWS_ENDPOINT_URL", &proxy.endpoint)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        Manager::spawn(cmd)
+    };
+    // CreateLoadBalancer takes effect in moto, but its answer never reaches the manager.
+    proxy.inject(Fault {
+        action: Some("CreateLoadBalancer".into()),
+        kind: FaultKind::ForwardThenHang,
+        times: 1,
+    });
+    let first = manager()?;
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &lb_service("web", &class))
+        .await?;
+    wait_for("CreateLoadBalancer sent", T, || async {
+        proxy
+            .counts()
+            .contains_key("CreateLoadBalancer")
+            .then_some(())
+    })
+    .await?;
+    first.signal(9)?;
+    drop(first);
+
+    let second = manager()?;
+    let svc = wait_for("load balancer status after restart", T, || async {
+        api.get_opt("web")
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| ingress(s).is_some())
+    })
+    .await
+    .map_err(|e| anyhow!("{e}\nmanager log:\n{}", second.log_lines().join("\n")))?;
+    assert_eq!(
+        proxy.counts().get("CreateLoadBalancer"),
+        Some(&1),
+        "adopted, not created again (moto would have made a duplicate)"
+    );
+    let (_, hostname, _) = ingress(&svc).ok_or_else(|| anyhow!("no ingress"))?;
+    assert!(hostname.is_some());
+    api.delete("web", &DeleteParams::default()).await?;
+    wait_for("deleted", T, || async {
+        api.get_opt("web")
+            .await
+            .ok()
+            .and_then(|s| s.is_none().then_some(()))
+    })
+    .await?;
+    let _ = std::fs::remove_file(&config);
+    Ok(())
+}
