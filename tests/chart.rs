@@ -182,6 +182,20 @@ async fn helm_lint_passes_strict() {
         assert!(o.ok, "helm lint {sets:?}: {}{}", o.stdout, o.stderr);
         assert!(o.stdout.contains("0 chart(s) failed"), "{}", o.stdout);
     }
+    // NOTES.txt renders only on install; a client-side dry run renders it without a cluster.
+    let o = run(
+        Command::new(tool("helm").expect("bin/helm"))
+            .args(["install", "scm", "--dry-run=client", "-n", "kube-system"])
+            .arg(chart_dir()),
+        None,
+    )
+    .await;
+    assert!(o.ok, "helm install --dry-run: {}", o.stderr);
+    assert!(
+        o.stdout.contains("NOTES:") && o.stdout.contains("cloud-lb is off"),
+        "{}",
+        o.stdout
+    );
 }
 
 #[tokio::test]
