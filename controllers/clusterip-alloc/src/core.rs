@@ -413,7 +413,10 @@ impl Mirror {
             });
         };
         let fam = IpFamily::of(&ip);
-        if !self.ranges.iter().any(|r| r.alloc.family() == fam) {
+        // repair.go (flag ranges) reports a family without a range as not valid; repairip.go
+        // (ServiceCIDRs) has no such check and reports the address as out of range below.
+        if self.source == RangeSource::Flag && !self.ranges.iter().any(|r| r.alloc.family() == fam)
+        {
             return Some(Finding::FamilyNotConfigured { ip });
         }
         if let Some(holder) = self.owners.get(&ip) {

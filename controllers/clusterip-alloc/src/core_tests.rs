@@ -533,3 +533,15 @@ fn external_name_to_cluster_ip_allocates() {
         k("a", "was-ext")
     );
 }
+
+#[test]
+fn service_cidr_mode_reports_unconfigured_family_as_out_of_range() {
+    let cfg = RangeConfig::from_service_cidrs(&[]);
+    let m = build(&cfg, &[svc("a", "s", 1, with_ip("fd00::5"))]);
+    let f = &m.findings[&k("a", "s")][0];
+    assert_eq!(f.reason(), "ClusterIPOutOfRange");
+    assert_eq!(
+        f.message(),
+        "Cluster IP [IPv6]: fd00::5 is not within any configured Service CIDR; please recreate service"
+    );
+}
