@@ -17,10 +17,18 @@ use tracing::{info, warn};
 use crate::servicecidr::{self, CidrPlan, FINALIZER};
 
 /// Configuration of the `service-cidr` controller.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ServiceCidrConfig {
     /// `--concurrent-service-cidr-syncs`: ServiceCIDRs reconciled at once (default 5).
     pub concurrent_syncs: usize,
+}
+
+impl Default for ServiceCidrConfig {
+    fn default() -> Self {
+        ServiceCidrConfig {
+            concurrent_syncs: 5,
+        }
+    }
 }
 
 /// Errors of the controller.

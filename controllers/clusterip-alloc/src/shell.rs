@@ -29,13 +29,22 @@ use tracing::{debug, info, warn};
 use crate::core::{self, Finding, Mirror, Plan, RangeConfig};
 
 /// Configuration of the `clusterip-alloc` controller.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ClusterIpAllocConfig {
     /// `--service-cluster-ip-range`: one CIDR or two of different families; empty means
     /// "follow the cluster's ServiceCIDR objects".
     pub service_cluster_ip_range: Vec<IpNet>,
     /// `--concurrent-clusterip-syncs`: Services reconciled at once (default 5).
     pub concurrent_syncs: usize,
+}
+
+impl Default for ClusterIpAllocConfig {
+    fn default() -> Self {
+        ClusterIpAllocConfig {
+            service_cluster_ip_range: Vec::new(),
+            concurrent_syncs: 5,
+        }
+    }
 }
 
 /// Errors of the controller.
