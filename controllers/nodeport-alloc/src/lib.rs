@@ -1,6 +1,11 @@
 //! NodePort and health-check node port allocation with kube-apiserver's semantics, as a
 //! controller: mirrors and guards what a stock API server assigned (reporting what upstream's
 //! repair loop reports), and assigns ports where a non-allocating API server left them empty.
+//!
+//! Deliberate differences from upstream: the state is rebuilt from Services (no leak or
+//! "repair" findings), contested ports belong to the oldest Service, refusals of requested
+//! ports become `NodePortAllocationFailed` Warning Events with upstream's message, and Events
+//! and repair counters come from the leader only.
 
 pub mod core;
 pub mod shell;
