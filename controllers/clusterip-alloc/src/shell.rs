@@ -311,7 +311,15 @@ pub async fn run(ctx: ControllerContext, config: ClusterIpAllocConfig) -> Result
                 }
                 // Coalesce bursts (e.g. a relist of thousands of Services) into one rebuild.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                shared.rebuild();
+                // A rebuild over many Services is CPU work: keep it off the other tasks'
+                // worker thread where the runtime allows.
+                if tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread
+                {
+                    tokio::task::block_in_place(|| shared.rebuild());
+                } else {
+                    shared.rebuild();
+                }
             }
         }
     };
