@@ -535,7 +535,12 @@ async fn create_update_ports_and_delete() -> Result<()> {
     })
     .await?;
 
-    // Move port 80 to another NodePort: a new target group, the old one deleted.
+    // Move port 80 to another NodePort: a new target group, the old one deleted. The first
+    // delete fails (both SDK attempts) and is retried. (On AWS a detached group is found
+    // neither through the load balancer nor by name, so the provider remembers it; moto keeps
+    // reporting it as attached, so this checks the retry, not that memory.)
+    aws.proxy
+        .inject(Fault::unavailable(Some("DeleteTargetGroup"), 2));
     let p = serde_json::json!({"spec": {"ports": [
         {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 31080},
         {"name": "dns-tcp", "port": 53, "protocol": "TCP", "nodePort": 31053},
@@ -570,6 +575,7 @@ async fn create_update_ports_and_delete() -> Result<()> {
         (n == 2).then_some(())
     })
     .await?;
+    assert_eq!(aws.proxy.injected(), 2);
 
     // Delete: the Service goes away only after every ELBv2 resource it owned is gone.
     Api::<Service>::namespaced(client.clone(), &ns)

@@ -149,6 +149,10 @@ pub struct AwsProvider {
     /// Service. An entry is dropped when a group turns out to be gone (then the full lookup
     /// runs) and on every ensure or delete.
     known: Mutex<HashMap<String, Vec<(String, i32)>>>,
+    /// Groups we own that are no longer wanted but whose deletion failed, by load balancer
+    /// name. Once detached they are found neither through the load balancer nor by a desired
+    /// name, so they are remembered and retried on the next ensure or delete.
+    orphans: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 fn classify<E>(op: &'static str, e: SdkError<E>) -> ProviderError
@@ -284,6 +288,7 @@ impl AwsProvider {
             },
             calls: Mutex::new(BTreeMap::new()),
             known: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashMap::new()),
         }
     }
 
@@ -890,23 +895,55 @@ impl AwsProvider {
         Ok((lb, tgs))
     }
 
+    fn take_orphans(&self, lb_name: &str) -> BTreeSet<String> {
+        self.orphans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(lb_name)
+            .unwrap_or_default()
+    }
+
+    /// Deletes `arns` (groups proven ours); those that fail are remembered for the next try
+    /// and the first failure is returned.
+    async fn delete_tgs_or_remember(
+        &self,
+        lb_name: &str,
+        arns: BTreeSet<String>,
+    ) -> Result<(), ProviderError> {
+        let mut first_err = None;
+        let mut failed = BTreeSet::new();
+        for arn in arns {
+            // AWS keeps a group "in use" briefly after its load balancer or listener is gone.
+            if let Err(e) = self.delete_tg(&arn).await {
+                failed.insert(arn);
+                first_err.get_or_insert(e);
+            }
+        }
+        if !failed.is_empty() {
+            self.orphans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(lb_name.to_string())
+                .or_default()
+                .extend(failed);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     async fn delete_all(&self, cluster: &str, svc: &Service) -> Result<(), ProviderError> {
+        let name = spec::load_balancer_name(cluster, svc);
         let (lb, tgs) = self.owned_resources(cluster, svc).await?;
         if let Some(lb) = &lb {
             // Deleting the load balancer deletes its listeners.
             self.delete_lb_arn(&lb.arn).await?;
             info!(arn = %lb.arn, "deleted load balancer");
         }
-        for tg in &tgs {
-            match self.delete_tg(&tg.arn).await {
-                // AWS keeps a group "in use" briefly after its load balancer is gone.
-                Err(ProviderError::Retryable(m)) if m.contains("ResourceInUse") => {
-                    return Err(ProviderError::Retryable(m));
-                }
-                r => r?,
-            }
-        }
-        Ok(())
+        let mut arns = self.take_orphans(&name);
+        arns.extend(tgs.into_iter().map(|t| t.arn));
+        self.delete_tgs_or_remember(&name, arns).await
     }
 }
 
@@ -1009,15 +1046,19 @@ impl LoadBalancerProvider for AwsProvider {
         self.ensure_listeners(&lb.arn, &d, &tg_arns).await?;
         // Groups no longer wanted (a port removed, a NodePort changed): delete once no
         // listener points at them any more. Only groups we own.
+        let mut unwanted: BTreeSet<String> = self.take_orphans(&d.name);
         for t in &tgs {
             let wanted = d.target_groups.iter().any(|w| w.name == t.name);
             let owned = tags
                 .get(&t.arn)
                 .is_some_and(|tg| owned_by(tg, cluster, service));
             if !wanted && owned {
-                self.delete_tg(&t.arn).await?;
+                unwanted.insert(t.arn.clone());
             }
         }
+        let wanted_arns: BTreeSet<&String> = tg_arns.values().collect();
+        unwanted.retain(|a| !wanted_arns.contains(a));
+        self.delete_tgs_or_remember(&d.name, unwanted).await?;
         self.known
             .lock()
             .unwrap_or_else(|e| e.into_inner())
