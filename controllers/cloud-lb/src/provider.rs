@@ -89,7 +89,7 @@ use async_trait::async_trait;
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
 
 /// Why a provider call failed, which decides how the controller retries it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ProviderError {
     /// A transient failure (network, 5xx, a conflicting concurrent change): retry with backoff.
     #[error("{0}")]

@@ -19,6 +19,7 @@
 //! security groups).
 
 pub mod budget;
+pub mod coalesce;
 pub mod spec;
 
 /// One attempt of an ELBv2 call may take this long; a hung connection must not stall a worker
@@ -26,6 +27,9 @@ pub mod spec;
 pub const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A whole ELBv2 call, retries included.
 pub const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// How long a describe waits for concurrent ones to share its call.
+const COALESCE_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn timeouts() -> elbv2::config::timeout::TimeoutConfig {
     elbv2::config::timeout::TimeoutConfig::builder()
@@ -153,6 +157,10 @@ pub struct AwsProvider {
     /// name. Once detached they are found neither through the load balancer nor by a desired
     /// name, so they are remembered and retried on the next ensure or delete.
     orphans: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// Concurrent DescribeLoadBalancers-by-name lookups, batched.
+    lb_lookups: coalesce::Coalescer<String, Vec<elbv2::types::LoadBalancer>>,
+    /// Concurrent DescribeTags lookups, batched (`None`: the resource is gone).
+    tag_lookups: coalesce::Coalescer<String, Option<BTreeMap<String, String>>>,
 }
 
 fn classify<E>(op: &'static str, e: SdkError<E>) -> ProviderError
@@ -289,6 +297,8 @@ impl AwsProvider {
             calls: Mutex::new(BTreeMap::new()),
             known: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashMap::new()),
+            lb_lookups: coalesce::Coalescer::new(COALESCE_WINDOW, 20),
+            tag_lookups: coalesce::Coalescer::new(COALESCE_WINDOW, 20),
         }
     }
 
@@ -315,7 +325,28 @@ impl AwsProvider {
     }
 
     /// Load balancers named `name` (moto may hold several; AWS at most one).
-    async fn find_lbs(&self, name: &str) -> Result<Vec<elbv2::types::LoadBalancer>, ProviderError> {
+    /// Load balancers named `name` (moto may hold several; AWS at most one). When the
+    /// caller expects it to exist, the lookup is coalesced with concurrent ones into one
+    /// DescribeLoadBalancers of up to 20 names (a missing name fails such a call, so lookups
+    /// likely to miss, e.g. before a first create, go alone).
+    async fn find_lbs(
+        &self,
+        name: &str,
+        likely_exists: bool,
+    ) -> Result<Vec<elbv2::types::LoadBalancer>, ProviderError> {
+        if likely_exists {
+            self.lb_lookups
+                .call(name.to_string(), |names| self.describe_lbs_batch(names))
+                .await
+        } else {
+            self.describe_lbs_one(name).await
+        }
+    }
+
+    async fn describe_lbs_one(
+        &self,
+        name: &str,
+    ) -> Result<Vec<elbv2::types::LoadBalancer>, ProviderError> {
         self.before(OpClass::Describe, "DescribeLoadBalancers")
             .await;
         match self
@@ -331,43 +362,117 @@ impl AwsProvider {
         }
     }
 
-    /// Tags of up to any number of ARNs (batched by 20, the API's limit).
+    async fn describe_lbs_batch(
+        &self,
+        names: Vec<String>,
+    ) -> Vec<Result<Vec<elbv2::types::LoadBalancer>, ProviderError>> {
+        if names.len() == 1 {
+            return vec![self.describe_lbs_one(&names[0]).await];
+        }
+        self.before(OpClass::Describe, "DescribeLoadBalancers")
+            .await;
+        match self
+            .client
+            .describe_load_balancers()
+            .set_names(Some(names.clone()))
+            .send()
+            .await
+        {
+            Ok(out) => names
+                .iter()
+                .map(|n| {
+                    Ok(out
+                        .load_balancers()
+                        .iter()
+                        .filter(|l| l.load_balancer_name() == Some(n.as_str()))
+                        .cloned()
+                        .collect())
+                })
+                .collect(),
+            Err(e) if is_code(&e, &["LoadBalancerNotFound"]) => {
+                let mut out = Vec::with_capacity(names.len());
+                for n in &names {
+                    out.push(self.describe_lbs_one(n).await);
+                }
+                out
+            }
+            Err(e) => {
+                let err = classify("DescribeLoadBalancers", e);
+                names.iter().map(|_| Err(err.clone())).collect()
+            }
+        }
+    }
+
+    /// Tags of any number of ARNs; absent resources are left out (nothing proves them ours).
+    /// Lookups are coalesced across concurrent reconciles into DescribeTags calls of up to 20
+    /// ARNs, the API's limit.
     async fn tags(
         &self,
         arns: &[String],
     ) -> Result<HashMap<String, BTreeMap<String, String>>, ProviderError> {
+        let lookups = arns.iter().map(|a| {
+            self.tag_lookups
+                .call(a.clone(), |batch| self.describe_tags_batch(batch))
+        });
         let mut out = HashMap::new();
-        for chunk in arns.chunks(20) {
-            self.before(OpClass::Describe, "DescribeTags").await;
-            let r = self
-                .client
-                .describe_tags()
-                .set_resource_arns(Some(chunk.to_vec()))
-                .send()
-                .await;
-            match r {
-                Ok(r) => {
-                    for d in r.tag_descriptions() {
-                        let Some(arn) = d.resource_arn() else {
-                            continue;
-                        };
-                        let tags = d
-                            .tags()
-                            .iter()
-                            .filter_map(|t| {
-                                Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))
-                            })
-                            .collect();
-                        out.insert(arn.to_string(), tags);
-                    }
-                }
-                // A resource deleted between describe and tag lookup has no tags to prove
-                // ownership: treat as absent.
-                Err(e) if is_code(&e, &["LoadBalancerNotFound", "TargetGroupNotFound"]) => {}
-                Err(e) => return Err(classify("DescribeTags", e)),
+        for (arn, r) in arns.iter().zip(futures::future::join_all(lookups).await) {
+            if let Some(tags) = r? {
+                out.insert(arn.clone(), tags);
             }
         }
         Ok(out)
+    }
+
+    async fn describe_tags_batch(
+        &self,
+        arns: Vec<String>,
+    ) -> Vec<Result<Option<BTreeMap<String, String>>, ProviderError>> {
+        self.before(OpClass::Describe, "DescribeTags").await;
+        let r = self
+            .client
+            .describe_tags()
+            .set_resource_arns(Some(arns.clone()))
+            .send()
+            .await;
+        match r {
+            Ok(r) => {
+                let mut found: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+                for d in r.tag_descriptions() {
+                    let Some(arn) = d.resource_arn() else {
+                        continue;
+                    };
+                    let tags = d
+                        .tags()
+                        .iter()
+                        .filter_map(|t| {
+                            Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))
+                        })
+                        .collect();
+                    found.insert(arn.to_string(), tags);
+                }
+                arns.iter().map(|a| Ok(found.remove(a))).collect()
+            }
+            // One resource deleted meanwhile fails the whole call: ask one by one, so only
+            // the missing one counts as absent.
+            Err(e)
+                if is_code(&e, &["LoadBalancerNotFound", "TargetGroupNotFound"])
+                    && arns.len() > 1 =>
+            {
+                let mut out = Vec::with_capacity(arns.len());
+                for a in arns {
+                    let one = Box::pin(self.describe_tags_batch(vec![a])).await;
+                    out.extend(one);
+                }
+                out
+            }
+            Err(e) if is_code(&e, &["LoadBalancerNotFound", "TargetGroupNotFound"]) => {
+                vec![Ok(None)]
+            }
+            Err(e) => {
+                let err = classify("DescribeTags", e);
+                arns.iter().map(|_| Err(err.clone())).collect()
+            }
+        }
     }
 
     /// Our load balancer for `svc` if it exists. Several owned ones (an emulator that
@@ -379,7 +484,7 @@ impl AwsProvider {
         svc: &Service,
         name: &str,
     ) -> Result<Option<LbObs>, ProviderError> {
-        let mut lbs = self.find_lbs(name).await?;
+        let mut lbs = self.find_lbs(name, true).await?;
         if lbs.is_empty() {
             return Ok(None);
         }
@@ -417,8 +522,9 @@ impl AwsProvider {
         svc: &Service,
         name: &str,
         tg_names: &[String],
+        likely_exists: bool,
     ) -> Result<Observed, ProviderError> {
-        let lbs = self.find_lbs(name).await?;
+        let lbs = self.find_lbs(name, likely_exists).await?;
         let lb = if lbs.len() > 1 {
             self.find_owned_lb(cluster, svc, name).await?
         } else {
@@ -886,7 +992,13 @@ impl AwsProvider {
     ) -> Result<(Option<LbObs>, Vec<TgObs>), ProviderError> {
         let name = spec::load_balancer_name(cluster, svc);
         let Observed { lb, mut tgs, tags } = self
-            .observe(cluster, svc, &name, &spec::target_group_names(cluster, svc))
+            .observe(
+                cluster,
+                svc,
+                &name,
+                &spec::target_group_names(cluster, svc),
+                true,
+            )
             .await?;
         tgs.retain(|t| {
             tags.get(&t.arn)
@@ -987,7 +1099,14 @@ impl LoadBalancerProvider for AwsProvider {
             tgs,
             mut tags,
         } = self
-            .observe(cluster, service, &d.name, &desired_tgs)
+            .observe(
+                cluster,
+                service,
+                &d.name,
+                &desired_tgs,
+                // A Service showing an address most likely has its load balancer already.
+                has_ingress(service),
+            )
             .await?;
         if let Some(cur) = &found
             && cur
@@ -1103,8 +1222,9 @@ impl LoadBalancerProvider for AwsProvider {
         let desired_tgs: Vec<String> = spec::desired(cluster, service, &self.defaults)
             .map(|d| d.target_groups.into_iter().map(|t| t.name).collect())
             .unwrap_or_default();
-        let Observed { lb, tgs, tags } =
-            self.observe(cluster, service, &name, &desired_tgs).await?;
+        let Observed { lb, tgs, tags } = self
+            .observe(cluster, service, &name, &desired_tgs, true)
+            .await?;
         if lb.is_none() {
             return Ok(());
         }
@@ -1125,6 +1245,14 @@ impl LoadBalancerProvider for AwsProvider {
         self.forget(&spec::load_balancer_name(cluster, service));
         self.delete_all(cluster, service).await
     }
+}
+
+fn has_ingress(svc: &Service) -> bool {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .is_some_and(|i| !i.is_empty())
 }
 
 fn status_of(lb: &LbObs) -> LoadBalancerStatus {
