@@ -18,7 +18,10 @@ use cloud_lb::aws::budget::{Rate, RateLimits};
 use cloud_lb::aws::{AwsCloudConfig, AwsProvider, emulator_client};
 use cloud_lb::{LoadBalancerProvider, core};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{
+    LoadBalancerIngress, LoadBalancerStatus, Node, NodeSpec, Service, ServicePort, ServiceSpec,
+    ServiceStatus,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use test_support::moto::{FaultProxy, Moto, REGION, is_mutating};
 
@@ -144,6 +147,22 @@ async fn main() -> anyhow::Result<()> {
         })
         .await,
     );
+    // What the controller would have published after the cold phase.
+    let services: Vec<Service> = services
+        .into_iter()
+        .map(|mut s| {
+            s.status = Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![LoadBalancerIngress {
+                        hostname: Some("published.example".into()),
+                        ..Default::default()
+                    }]),
+                }),
+                ..Default::default()
+            });
+            s
+        })
+        .collect();
     phases.push(
         phase(&proxy, "steady-state resync", || {
             for_all(&services, concurrency, |s| {
