@@ -500,7 +500,7 @@ impl AwsProvider {
             .filter(|o| tags.get(&o.arn).is_some_and(|t| owned_by(t, cluster, svc)))
             .collect();
         if owned.is_empty() {
-            return Err(ProviderError::Permanent(format!(
+            return Err(ProviderError::Retryable(format!(
                 "a load balancer named {name} exists but is not tagged as owned by cluster {cluster} and this Service; not touching it"
             )));
         }
@@ -515,7 +515,8 @@ impl AwsProvider {
     /// Everything that exists for `svc` in as few describes as the API allows: the load
     /// balancer by name, the groups attached to it plus `tg_names` not among them (groups a
     /// crash left unattached, or that moto does not report as attached), and all their tags in
-    /// one batched call. A load balancer with our name that we do not own is an error.
+    /// one batched call. A load balancer with our name that we do not own is an error; a
+    /// retryable one, since the conflict can be resolved without changing the Service.
     async fn observe(
         &self,
         cluster: &str,
@@ -547,7 +548,7 @@ impl AwsProvider {
         if let Some(l) = &lb
             && !tags.get(&l.arn).is_some_and(|t| owned_by(t, cluster, svc))
         {
-            return Err(ProviderError::Permanent(format!(
+            return Err(ProviderError::Retryable(format!(
                 "a load balancer named {name} exists but is not tagged as owned by cluster {cluster} and this Service; not touching it"
             )));
         }
@@ -1135,7 +1136,7 @@ impl LoadBalancerProvider for AwsProvider {
                 .get(&t.arn)
                 .is_some_and(|tg| owned_by(tg, cluster, service));
             if !owned && d.target_groups.iter().any(|w| w.name == t.name) {
-                return Err(ProviderError::Permanent(format!(
+                return Err(ProviderError::Retryable(format!(
                     "a target group named {} exists but is not owned by this Service; not touching it",
                     t.name
                 )));
