@@ -60,9 +60,10 @@ impl LeaderGate {
         *self.rx.borrow()
     }
 
-    /// Waits until this process leads. Returns false if the elector has gone away.
+    /// Waits until this process leads. Returns false if the elector has gone away, even if
+    /// its last word was "leading": without an elector nobody renews the Lease.
     pub async fn wait_leading(&mut self) -> bool {
-        self.rx.wait_for(|l| *l).await.is_ok()
+        self.rx.wait_for(|l| *l).await.is_ok() && self.rx.has_changed().is_ok()
     }
 
     /// Waits until this process stops leading (or the elector goes away).
@@ -239,6 +240,14 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<(), kube::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_gone_elector_never_counts_as_leading() {
+        let (mut gate, tx) = LeaderGate::fixed(true);
+        drop(tx);
+        gate.wait_lost().await;
+        assert!(!gate.wait_leading().await);
+    }
 
     #[tokio::test]
     async fn gate_follows_sender() {
