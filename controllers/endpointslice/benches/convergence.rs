@@ -299,8 +299,20 @@ async fn run_side(
     let mut flips = Vec::new();
     for _ in 0..n {
         tick.tick().await;
-        let i = (rng.next() % total_pods() as u64) as usize;
-        let name = pod_name(i);
+        // Never flip a pod whose previous flip is not visible yet: flipping it back could
+        // cancel a write that was never needed, and no event would ever close the sample.
+        let (i, name) = loop {
+            let i = (rng.next() % total_pods() as u64) as usize;
+            let name = pod_name(i);
+            if !tally
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pending
+                .contains_key(&name)
+            {
+                break (i, name);
+            }
+        };
         let want = !ready.get(&name).copied().unwrap_or(true);
         ready.insert(name.clone(), want);
         tally
@@ -451,7 +463,7 @@ async fn bench() -> Result<()> {
         .env("SCM_BENCH_CHILD_KUBECONFIG", &cp.kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)
         .spawn()?;
     let ours = run_side(

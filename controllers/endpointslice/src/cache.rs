@@ -27,11 +27,19 @@ pub enum Change<K> {
     Relisted(Vec<K>),
 }
 
-/// Runs a watch until `shutdown`, calling `f` for every change. Watch errors are logged and
-/// retried with kube-runtime's default backoff, so one bad moment never stops the cache.
-pub async fn watch<K, F>(api: Api<K>, cfg: watcher::Config, shutdown: CancellationToken, mut f: F)
-where
+/// Runs a watch until `shutdown`, calling `f` for every change. Every object goes through
+/// `prep` (trimming) as it arrives, before a relist is buffered, so the full objects of a
+/// large list are never all held at once. Watch errors are logged and retried with
+/// kube-runtime's default backoff, so one bad moment never stops the cache.
+pub async fn watch<K, P, F>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    shutdown: CancellationToken,
+    prep: P,
+    mut f: F,
+) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    P: Fn(K) -> K,
     F: FnMut(Change<K>),
 {
     let stream = watcher(api, cfg).default_backoff();
@@ -48,10 +56,10 @@ where
                 warn!(kind = std::any::type_name::<K>(), error = %e, "watch error; retrying")
             }
             Some(Ok(watcher::Event::Init)) => buf.clear(),
-            Some(Ok(watcher::Event::InitApply(o))) => buf.push(o),
+            Some(Ok(watcher::Event::InitApply(o))) => buf.push(prep(o)),
             Some(Ok(watcher::Event::InitDone)) => f(Change::Relisted(std::mem::take(&mut buf))),
-            Some(Ok(watcher::Event::Apply(o))) => f(Change::Apply(o)),
-            Some(Ok(watcher::Event::Delete(o))) => f(Change::Delete(o)),
+            Some(Ok(watcher::Event::Apply(o))) => f(Change::Apply(prep(o))),
+            Some(Ok(watcher::Event::Delete(o))) => f(Change::Delete(prep(o))),
         }
     }
 }
@@ -114,6 +122,12 @@ pub fn trim_pod(pod: Pod) -> Pod {
             ..Default::default()
         }),
     }
+}
+
+/// Drops managedFields from any object.
+pub fn trim_meta<K: kube::Resource>(mut o: K) -> K {
+    o.meta_mut().managed_fields = None;
+    o
 }
 
 /// Drops managedFields and status from a Service; nothing we compute reads them.

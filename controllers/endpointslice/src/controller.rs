@@ -271,6 +271,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointSliceConfig) -> Result<
         Api::<Service>::all(client.clone()),
         svc_cfg,
         ctx.shutdown.clone(),
+        cache::trim_service,
         move |c| on_service(&s1, c),
     );
     let s2 = shared.clone();
@@ -278,6 +279,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointSliceConfig) -> Result<
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
         ctx.shutdown.clone(),
+        cache::trim_pod,
         move |c| on_pod(&s2, c),
     );
     let s3 = shared.clone();
@@ -285,6 +287,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointSliceConfig) -> Result<
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
         ctx.shutdown.clone(),
+        cache::trim_meta,
         move |c| on_node(&s3, c),
     );
     let s4 = shared.clone();
@@ -292,6 +295,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointSliceConfig) -> Result<
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&slice_sel),
         ctx.shutdown.clone(),
+        cache::trim_meta,
         move |c| on_slice(&s4, c),
     );
     let s5 = shared.clone();

@@ -94,6 +94,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
         Api::<Service>::all(c.clone()),
         svc_cfg,
         ctx.shutdown.clone(),
+        cache::trim_service,
         move |ch| {
             let mut st = s1.state();
             let keys: Vec<ObjectKey> = match ch {
@@ -132,6 +133,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
         Api::<Pod>::all(c.clone()),
         watcher::Config::default(),
         ctx.shutdown.clone(),
+        cache::trim_pod,
         move |ch| {
             let mut st = s2.state();
             let keys = match ch {
@@ -174,6 +176,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
         Api::<Endpoints>::all(c.clone()),
         watcher::Config::default(),
         ctx.shutdown.clone(),
+        cache::trim_meta,
         move |ch| {
             let mut st = s3.state();
             match ch {
@@ -204,6 +207,20 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
                         .map(|e| (ObjectKey::of(&e), Arc::new(trim_endpoints(e))))
                         .collect();
                     st.synced.insert("endpoints");
+                    // As upstream's checkLeftoverEndpoints: every Endpoints object (except
+                    // leader-election records) gets a look, so those of deleted Services go.
+                    let keys: Vec<ObjectKey> = st
+                        .endpoints
+                        .iter()
+                        .filter(|(_, e)| {
+                            !e.metadata.annotations.as_ref().is_some_and(|a| {
+                                a.contains_key(crate::mirror_core::LEADER_ANNOTATION)
+                            })
+                        })
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    drop(st);
+                    keys.into_iter().for_each(|k| s3.queue.add(k));
                 }
             }
         },

@@ -137,6 +137,7 @@ pub async fn run(ctx: ControllerContext, config: MirroringConfig) -> Result<(), 
         Api::<Endpoints>::all(c.clone()),
         watcher::Config::default(),
         ctx.shutdown.clone(),
+        cache::trim_meta,
         move |ch| {
             let mut st = s1.state();
             let keys: Vec<ObjectKey> = match ch {
@@ -178,6 +179,7 @@ pub async fn run(ctx: ControllerContext, config: MirroringConfig) -> Result<(), 
         Api::<Service>::all(c.clone()),
         svc_cfg,
         ctx.shutdown.clone(),
+        cache::trim_service,
         move |ch| {
             let mut st = s2.state();
             let keys: Vec<ObjectKey> = match ch {
@@ -213,6 +215,7 @@ pub async fn run(ctx: ControllerContext, config: MirroringConfig) -> Result<(), 
         watcher::Config::default()
             .labels(&format!("{LABEL_MANAGED_BY}={MIRRORING_CONTROLLER_NAME}")),
         ctx.shutdown.clone(),
+        cache::trim_meta,
         move |ch| {
             let mut st = s3.state();
             let keys: Vec<ObjectKey> = match ch {
