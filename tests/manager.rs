@@ -234,10 +234,15 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
         })
         .await
         .expect("one leader");
-    // Both are ready, the follower included.
+    // Both become ready, the follower included (its caches sync like the leader's).
     for addr in [&a_addr, &b_addr] {
-        let (code, _) = get(&format!("http://{addr}/readyz")).await.expect("readyz");
-        assert_eq!(code, 200);
+        wait_for("/readyz ok", Duration::from_secs(30), || async {
+            get(&format!("http://{addr}/readyz"))
+                .await
+                .filter(|(c, _)| *c == 200)
+        })
+        .await
+        .expect("ready");
     }
     // Only the leader reconciles: a new Service is handled by it and never by the follower.
     let client = cp.client().await.expect("client");
