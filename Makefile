@@ -4,7 +4,7 @@ SHELL := /usr/bin/env bash
 ENV := source tests/scripts/env.sh &&
 UP_DIR := .scm/up
 
-.PHONY: help tools build test lint unit run up down demo clean-tools
+.PHONY: help tools build test lint unit run up down demo image-check clean-tools
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ down: ## stop the local control plane started by make up
 
 demo: tools ## build, start a control plane, run the manager and show Services end to end
 	@tests/scripts/demo.sh $(ARGS)
+
+image-check: ## build the static binary the Dockerfile copies and check it is static and starts
+	@tests/scripts/image-check.sh
 
 clean-tools: ## forget the bin/ links (the cache outside the clone stays)
 	@rm -rf bin
