@@ -1,5 +1,5 @@
 //! Caches the shells keep on every replica: a watch loop that hands out whole relists and
-//! single changes, Pods trimmed to what endpoints are computed from, and a Service/Pod index
+//! single changes, Pods reduced to compact records of what endpoints are computed from, and a Service/Pod index
 //! by (namespace, label) so that a pod event finds its Services (and a Service its pods)
 //! without scanning every object.
 
@@ -8,7 +8,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodSpec, PodStatus, Service};
+use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use scm_runtime::ObjectKey;
+
+use crate::common::PodRecord;
 
 /// One change seen by a watch.
 pub enum Change<K> {
@@ -28,10 +30,10 @@ pub enum Change<K> {
 }
 
 /// Runs a watch until `shutdown`, calling `f` for every change. Every object goes through
-/// `prep` (trimming) as it arrives, before a relist is buffered, so the full objects of a
-/// large list are never all held at once. Watch errors are logged and retried with
+/// `prep` (trimming, or turning it into a compact record) as it arrives, before a relist is
+/// buffered, so the full objects of a large list are never all held at once. Watch errors are logged and retried with
 /// kube-runtime's default backoff, so one bad moment never stops the cache.
-pub async fn watch<K, P, F>(
+pub async fn watch<K, T, P, F>(
     api: Api<K>,
     cfg: watcher::Config,
     shutdown: CancellationToken,
@@ -39,12 +41,12 @@ pub async fn watch<K, P, F>(
     mut f: F,
 ) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    P: Fn(K) -> K,
-    F: FnMut(Change<K>),
+    P: Fn(K) -> T,
+    F: FnMut(Change<T>),
 {
     let stream = watcher(api, cfg).default_backoff();
     futures::pin_mut!(stream);
-    let mut buf: Vec<K> = Vec::new();
+    let mut buf: Vec<T> = Vec::new();
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -55,72 +57,15 @@ pub async fn watch<K, P, F>(
             Some(Err(e)) => {
                 warn!(kind = std::any::type_name::<K>(), error = %e, "watch error; retrying")
             }
-            Some(Ok(watcher::Event::Init)) => buf.clear(),
+            Some(Ok(watcher::Event::Init)) => {
+                // Drop the previous list's capacity too: it is only needed while listing.
+                buf = Vec::new()
+            }
             Some(Ok(watcher::Event::InitApply(o))) => buf.push(prep(o)),
             Some(Ok(watcher::Event::InitDone)) => f(Change::Relisted(std::mem::take(&mut buf))),
             Some(Ok(watcher::Event::Apply(o))) => f(Change::Apply(prep(o))),
             Some(Ok(watcher::Event::Delete(o))) => f(Change::Delete(prep(o))),
         }
-    }
-}
-
-/// Keeps only what endpoints are computed from: identity, labels, deletion, node, hostname,
-/// subdomain, container ports, phase, IPs and the Ready condition. Everything else
-/// (managedFields, most of spec and status) is dropped before the pod reaches the store.
-pub fn trim_pod(pod: Pod) -> Pod {
-    let meta = pod.metadata;
-    let spec = pod.spec.unwrap_or_default();
-    let status = pod.status.unwrap_or_default();
-    let trim_container = |c: Container| Container {
-        name: c.name,
-        ports: c.ports,
-        restart_policy: c.restart_policy,
-        ..Default::default()
-    };
-    Pod {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: meta.name,
-            namespace: meta.namespace,
-            uid: meta.uid,
-            labels: meta.labels,
-            deletion_timestamp: meta.deletion_timestamp,
-            resource_version: meta.resource_version,
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: spec.node_name,
-            hostname: spec.hostname,
-            subdomain: spec.subdomain,
-            containers: spec
-                .containers
-                .into_iter()
-                .filter(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
-                .map(trim_container)
-                .collect(),
-            init_containers: spec.init_containers.map(|ics| {
-                ics.into_iter()
-                    .filter(|c| c.restart_policy.as_deref() == Some("Always"))
-                    .map(trim_container)
-                    .collect()
-            }),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            conditions: status.conditions.map(|cs| {
-                cs.into_iter()
-                    .filter(|c| c.type_ == "Ready")
-                    .map(|c| PodCondition {
-                        type_: c.type_,
-                        status: c.status,
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
-            ..Default::default()
-        }),
     }
 }
 
@@ -137,29 +82,21 @@ pub fn trim_service(mut svc: Service) -> Service {
     svc
 }
 
-/// Whether two trimmed pods differ in anything but their resourceVersion.
-pub fn pod_changed(a: &Pod, b: &Pod) -> bool {
-    let strip = |p: &Pod| {
-        let mut p = p.clone();
-        p.metadata.resource_version = None;
-        p
-    };
-    strip(a) != strip(b)
-}
-
 type LabelKey = (String, String, String);
 
 fn selector_of(svc: &Service) -> Option<BTreeMap<String, String>> {
     svc.spec.as_ref().and_then(|s| s.selector.clone())
 }
 
-/// Services and (trimmed) pods with a label index both ways.
+/// Services and pod records with a label index both ways.
 #[derive(Default)]
 pub struct PodServiceIndex {
     /// Services by key.
     pub services: HashMap<ObjectKey, Arc<Service>>,
     /// Pods by key.
-    pub pods: HashMap<ObjectKey, Arc<Pod>>,
+    pub pods: HashMap<ObjectKey, Arc<PodRecord>>,
+    // Pods of one ReplicaSet (or one bench Service) carry the same labels: one map for all.
+    label_sets: HashSet<Arc<BTreeMap<String, String>>>,
     pods_by_label: HashMap<LabelKey, HashSet<String>>,
     pods_by_ns: HashMap<String, HashSet<String>>,
     // A Service is indexed under the first pair of its selector; empty selectors separately.
@@ -172,11 +109,18 @@ fn matches(sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) ->
 }
 
 impl PodServiceIndex {
-    /// Inserts or replaces a pod; returns the previous version.
-    pub fn put_pod(&mut self, pod: Arc<Pod>) -> Option<Arc<Pod>> {
-        let key = ObjectKey::of(pod.as_ref());
+    /// Inserts or replaces a pod (sharing its label map with pods labelled alike); returns
+    /// the stored record and the previous one.
+    pub fn put_pod(&mut self, mut pod: PodRecord) -> (Arc<PodRecord>, Option<Arc<PodRecord>>) {
+        let key = pod.key();
         let old = self.remove_pod(&key);
-        for (k, v) in pod.metadata.labels.iter().flatten() {
+        match self.label_sets.get(pod.labels.as_ref()) {
+            Some(shared) => pod.labels = shared.clone(),
+            None => {
+                self.label_sets.insert(pod.labels.clone());
+            }
+        }
+        for (k, v) in pod.labels.iter() {
             self.pods_by_label
                 .entry((key.namespace.clone(), k.clone(), v.clone()))
                 .or_default()
@@ -186,14 +130,15 @@ impl PodServiceIndex {
             .entry(key.namespace.clone())
             .or_default()
             .insert(key.name.clone());
-        self.pods.insert(key, pod);
-        old
+        let pod = Arc::new(pod);
+        self.pods.insert(key, pod.clone());
+        (pod, old)
     }
 
     /// Removes a pod; returns it.
-    pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<Arc<Pod>> {
+    pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<Arc<PodRecord>> {
         let old = self.pods.remove(key)?;
-        for (k, v) in old.metadata.labels.iter().flatten() {
+        for (k, v) in old.labels.iter() {
             let lk = (key.namespace.clone(), k.clone(), v.clone());
             if let Some(s) = self.pods_by_label.get_mut(&lk) {
                 s.remove(&key.name);
@@ -207,6 +152,10 @@ impl PodServiceIndex {
             if s.is_empty() {
                 self.pods_by_ns.remove(&key.namespace);
             }
+        }
+        // Held only by the set and this record: no stored pod uses the map any more.
+        if Arc::strong_count(&old.labels) <= 2 {
+            self.label_sets.remove(old.labels.as_ref());
         }
         Some(old)
     }
@@ -292,7 +241,11 @@ impl PodServiceIndex {
     }
 
     /// Pods in `namespace` matching `selector` (an empty selector matches all).
-    pub fn pods_for(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<Arc<Pod>> {
+    pub fn pods_for(
+        &self,
+        namespace: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Vec<Arc<PodRecord>> {
         // Start from the smallest posting list among the selector's pairs.
         let candidates: Option<&HashSet<String>> = if selector.is_empty() {
             self.pods_by_ns.get(namespace)
@@ -313,30 +266,26 @@ impl PodServiceIndex {
             }
             best
         };
-        let mut out: Vec<Arc<Pod>> = candidates
+        let mut out: Vec<Arc<PodRecord>> = candidates
             .into_iter()
             .flatten()
             .filter_map(|n| self.pods.get(&ObjectKey::new(namespace, n.clone())))
-            .filter(|p| {
-                p.metadata
-                    .labels
-                    .as_ref()
-                    .is_some_and(|l| matches(selector, l))
-                    || selector.is_empty()
-            })
+            .filter(|p| selector.is_empty() || matches(selector, &p.labels))
             .cloned()
             .collect();
-        out.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
     /// Services affected by a pod changing from `old` to `new` (either may be absent).
-    pub fn services_for_pod_change(&self, old: Option<&Pod>, new: Option<&Pod>) -> Vec<ObjectKey> {
+    pub fn services_for_pod_change(
+        &self,
+        old: Option<&PodRecord>,
+        new: Option<&PodRecord>,
+    ) -> Vec<ObjectKey> {
         let mut out = Vec::new();
         for p in [old, new].into_iter().flatten() {
-            let ns = p.metadata.namespace.clone().unwrap_or_default();
-            let labels = p.metadata.labels.clone().unwrap_or_default();
-            out.extend(self.services_for(&ns, &labels));
+            out.extend(self.services_for(&p.namespace, &p.labels));
         }
         out.sort();
         out.dedup();
@@ -347,7 +296,9 @@ impl PodServiceIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::ServiceSpec;
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerPort, Pod, PodCondition, PodIP, PodSpec, PodStatus, ServiceSpec,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
 
     fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Pod {
@@ -401,12 +352,115 @@ mod tests {
     }
 
     #[test]
-    fn trim_drops_managed_fields_and_unused_parts() {
-        let p = trim_pod(pod("a", "p", &[("app", "x")]));
-        assert!(p.metadata.managed_fields.is_none());
-        assert!(p.metadata.annotations.is_none());
-        assert!(p.spec.as_ref().is_some_and(|s| s.containers.is_empty()));
-        assert_eq!(p.metadata.labels.as_ref().map(|l| l.len()), Some(1));
+    fn record_keeps_what_the_cores_read() {
+        use crate::common::PodView;
+        let mut p = pod("a", "p", &[("app", "x")]);
+        p.metadata.uid = Some("u1".into());
+        if let Some(spec) = p.spec.as_mut() {
+            spec.node_name = Some("n1".into());
+            spec.hostname = Some("h".into());
+            spec.subdomain = Some("web".into());
+            spec.containers[0].ports = Some(vec![
+                ContainerPort {
+                    name: Some("http".into()),
+                    container_port: 8080,
+                    ..Default::default()
+                },
+                ContainerPort {
+                    container_port: 9,
+                    ..Default::default()
+                },
+            ]);
+            spec.init_containers = Some(vec![
+                Container {
+                    name: "once".into(),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("dns".into()),
+                        container_port: 53,
+                        protocol: Some("UDP".into()),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                },
+                Container {
+                    name: "side".into(),
+                    restart_policy: Some("Always".into()),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("dns".into()),
+                        container_port: 5353,
+                        protocol: Some("UDP".into()),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                },
+            ]);
+        }
+        p.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some("10.0.0.1".into()),
+            pod_ips: Some(vec![
+                PodIP {
+                    ip: "10.0.0.1".into(),
+                },
+                PodIP {
+                    ip: "fd00::1".into(),
+                },
+            ]),
+            conditions: Some(vec![
+                PodCondition {
+                    type_: "PodScheduled".into(),
+                    status: "False".into(),
+                    ..Default::default()
+                },
+                PodCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        });
+        let r = PodRecord::from_pod(p.clone());
+        // Everything a core reads answers the same from the record as from the pod.
+        assert_eq!(r.namespace(), p.namespace());
+        assert_eq!(r.name(), p.name());
+        assert_eq!(r.uid(), Some("u1"));
+        assert_eq!(r.deleting(), p.deleting());
+        assert_eq!((r.terminal(), p.terminal()), (false, false));
+        assert_eq!((r.ready(), p.ready()), (true, true));
+        assert_eq!(r.pod_ip(), p.pod_ip());
+        assert_eq!(
+            r.pod_ips().collect::<Vec<_>>(),
+            p.pod_ips().collect::<Vec<_>>()
+        );
+        assert_eq!(r.node_name(), Some("n1"));
+        assert_eq!((r.hostname(), r.subdomain()), (Some("h"), Some("web")));
+        for (name, proto, want) in [
+            ("http", "TCP", Some(8080)),
+            ("http", "UDP", None),
+            ("dns", "UDP", Some(5353)),
+            ("nope", "TCP", None),
+        ] {
+            assert_eq!(r.named_port(name, proto), want, "{name}/{proto}");
+            assert_eq!(p.named_port(name, proto), want, "{name}/{proto}");
+        }
+        // Unnamed ports are never looked up, so never kept.
+        assert_eq!(r.ports.len(), 2);
+        assert_eq!(r.labels.len(), 1);
+    }
+
+    #[test]
+    fn index_shares_label_maps_and_forgets_unused_ones() {
+        let mut idx = PodServiceIndex::default();
+        let (a, _) = idx.put_pod(PodRecord::from_pod(pod("a", "p1", &[("app", "web")])));
+        let (b, _) = idx.put_pod(PodRecord::from_pod(pod("a", "p2", &[("app", "web")])));
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        assert_eq!(idx.label_sets.len(), 1);
+        drop((a, b));
+        idx.remove_pod(&ObjectKey::new("a", "p1"));
+        assert_eq!(idx.label_sets.len(), 1, "p2 still uses the map");
+        idx.remove_pod(&ObjectKey::new("a", "p2"));
+        assert!(idx.label_sets.is_empty());
     }
 
     #[test]
@@ -420,8 +474,12 @@ mod tests {
         idx.put_service(Arc::new(svc("a", "all", Some(&[]))));
         idx.put_service(Arc::new(svc("a", "none", None)));
         idx.put_service(Arc::new(svc("b", "web", Some(&[("app", "web")]))));
-        idx.put_pod(Arc::new(pod("a", "p1", &[("app", "web"), ("tier", "fe")])));
-        idx.put_pod(Arc::new(pod("a", "p2", &[("app", "web")])));
+        idx.put_pod(PodRecord::from_pod(pod(
+            "a",
+            "p1",
+            &[("app", "web"), ("tier", "fe")],
+        )));
+        idx.put_pod(PodRecord::from_pod(pod("a", "p2", &[("app", "web")])));
         let l = |p: &[(&str, &str)]| {
             p.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -440,7 +498,7 @@ mod tests {
         assert_eq!(idx.pods_for("a", &BTreeMap::new()).len(), 2);
         assert!(idx.pods_for("b", &sel).is_empty());
         // Relabelling moves the pod between posting lists.
-        idx.put_pod(Arc::new(pod("a", "p1", &[("app", "other")])));
+        idx.put_pod(PodRecord::from_pod(pod("a", "p1", &[("app", "other")])));
         assert!(idx.pods_for("a", &sel).is_empty());
         idx.remove_service(&ObjectKey::new("a", "web"));
         assert_eq!(

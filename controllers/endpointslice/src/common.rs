@@ -88,41 +88,295 @@ pub fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
     Some(IpAddr::from(octets))
 }
 
+/// What the cores read of a pod. Implemented by the API's `Pod` (tests, differential checks)
+/// and by the compact [`PodRecord`] the caches keep, so both give the same endpoints.
+pub trait PodView {
+    /// `metadata.namespace`.
+    fn namespace(&self) -> Option<&str>;
+    /// `metadata.name`.
+    fn name(&self) -> Option<&str>;
+    /// `metadata.uid`.
+    fn uid(&self) -> Option<&str>;
+    /// Whether `metadata.deletionTimestamp` is set.
+    fn deleting(&self) -> bool;
+    /// Whether `status.phase` is Succeeded or Failed.
+    fn terminal(&self) -> bool;
+    /// Whether the Ready condition is True.
+    fn ready(&self) -> bool;
+    /// `status.podIP`.
+    fn pod_ip(&self) -> Option<&str>;
+    /// `status.podIPs[*].ip`, in order.
+    fn pod_ips(&self) -> impl Iterator<Item = &str>;
+    /// `spec.nodeName`.
+    fn node_name(&self) -> Option<&str>;
+    /// `spec.hostname`.
+    fn hostname(&self) -> Option<&str>;
+    /// `spec.subdomain`.
+    fn subdomain(&self) -> Option<&str>;
+    /// The first container port named `name` with protocol `proto`: containers first, then
+    /// restartable (sidecar) init containers, as upstream's `FindPort`.
+    fn named_port(&self, name: &str, proto: &str) -> Option<i32>;
+}
+
+impl<T: PodView + ?Sized> PodView for &T {
+    fn namespace(&self) -> Option<&str> {
+        (**self).namespace()
+    }
+    fn name(&self) -> Option<&str> {
+        (**self).name()
+    }
+    fn uid(&self) -> Option<&str> {
+        (**self).uid()
+    }
+    fn deleting(&self) -> bool {
+        (**self).deleting()
+    }
+    fn terminal(&self) -> bool {
+        (**self).terminal()
+    }
+    fn ready(&self) -> bool {
+        (**self).ready()
+    }
+    fn pod_ip(&self) -> Option<&str> {
+        (**self).pod_ip()
+    }
+    fn pod_ips(&self) -> impl Iterator<Item = &str> {
+        (**self).pod_ips()
+    }
+    fn node_name(&self) -> Option<&str> {
+        (**self).node_name()
+    }
+    fn hostname(&self) -> Option<&str> {
+        (**self).hostname()
+    }
+    fn subdomain(&self) -> Option<&str> {
+        (**self).subdomain()
+    }
+    fn named_port(&self, name: &str, proto: &str) -> Option<i32> {
+        (**self).named_port(name, proto)
+    }
+}
+
+impl PodView for Pod {
+    fn namespace(&self) -> Option<&str> {
+        self.metadata.namespace.as_deref()
+    }
+    fn name(&self) -> Option<&str> {
+        self.metadata.name.as_deref()
+    }
+    fn uid(&self) -> Option<&str> {
+        self.metadata.uid.as_deref()
+    }
+    fn deleting(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
+    }
+    fn terminal(&self) -> bool {
+        matches!(
+            self.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded") | Some("Failed")
+        )
+    }
+    fn ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True")
+    }
+    fn pod_ip(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| s.pod_ip.as_deref())
+    }
+    fn pod_ips(&self) -> impl Iterator<Item = &str> {
+        self.status
+            .as_ref()
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| p.ip.as_str())
+    }
+    fn node_name(&self) -> Option<&str> {
+        self.spec.as_ref().and_then(|s| s.node_name.as_deref())
+    }
+    fn hostname(&self) -> Option<&str> {
+        self.spec.as_ref().and_then(|s| s.hostname.as_deref())
+    }
+    fn subdomain(&self) -> Option<&str> {
+        self.spec.as_ref().and_then(|s| s.subdomain.as_deref())
+    }
+    fn named_port(&self, name: &str, proto: &str) -> Option<i32> {
+        named_ports(self)
+            .find(|p| p.name == name && p.protocol.as_deref().unwrap_or("TCP") == proto)
+            .map(|p| p.port)
+    }
+}
+
+/// A named container port (unnamed ports are never looked up by name, so never kept).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedPort {
+    /// Port name.
+    pub name: String,
+    /// containerPort.
+    pub port: i32,
+    /// Protocol as given (None reads as TCP).
+    pub protocol: Option<String>,
+}
+
+fn named_ports(pod: &Pod) -> impl Iterator<Item = NamedPort> + '_ {
+    let spec = pod.spec.as_ref();
+    let main = spec.into_iter().flat_map(|s| s.containers.iter());
+    let sidecars = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    main.chain(sidecars)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            p.name.as_ref().map(|n| NamedPort {
+                name: n.clone(),
+                port: p.container_port,
+                protocol: p.protocol.clone(),
+            })
+        })
+}
+
+/// The part of a pod the controllers read, kept in their caches instead of the API's `Pod`
+/// (which costs about 2.5 KB inline even when nearly empty). Labels are shared between pods
+/// with the same label set (see `cache::PodServiceIndex`). No resourceVersion: two records
+/// that compare equal give the same endpoints, so an update that changes nothing we read is
+/// not news.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRecord {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.uid`.
+    pub uid: Option<String>,
+    /// `metadata.labels`.
+    pub labels: std::sync::Arc<BTreeMap<String, String>>,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// `status.phase` is Succeeded or Failed.
+    pub terminal: bool,
+    /// The Ready condition is True.
+    pub ready: bool,
+    /// `status.podIP`.
+    pub pod_ip: Option<String>,
+    /// `status.podIPs[*].ip`.
+    pub pod_ips: Box<[String]>,
+    /// `spec.nodeName`.
+    pub node_name: Option<String>,
+    /// `spec.hostname`.
+    pub hostname: Option<String>,
+    /// `spec.subdomain`.
+    pub subdomain: Option<String>,
+    /// Named ports of containers, then of sidecar init containers.
+    pub ports: Box<[NamedPort]>,
+}
+
+impl PodRecord {
+    /// The record of a pod (the pod is consumed so its strings move rather than copy).
+    pub fn from_pod(pod: Pod) -> Self {
+        let deleting = pod.deleting();
+        let terminal = pod.terminal();
+        let ready = pod.ready();
+        let ports: Box<[NamedPort]> = named_ports(&pod).collect();
+        let meta = pod.metadata;
+        let spec = pod.spec.unwrap_or_default();
+        let status = pod.status.unwrap_or_default();
+        PodRecord {
+            namespace: meta.namespace.unwrap_or_default(),
+            name: meta.name.unwrap_or_default(),
+            uid: meta.uid,
+            labels: std::sync::Arc::new(meta.labels.unwrap_or_default()),
+            deleting,
+            terminal,
+            ready,
+            pod_ip: status.pod_ip,
+            pod_ips: status
+                .pod_ips
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p.ip)
+                .collect(),
+            node_name: spec.node_name,
+            hostname: spec.hostname,
+            subdomain: spec.subdomain,
+            ports,
+        }
+    }
+
+    /// The key of the pod.
+    pub fn key(&self) -> scm_runtime::ObjectKey {
+        scm_runtime::ObjectKey::new(self.namespace.clone(), self.name.clone())
+    }
+}
+
+impl PodView for PodRecord {
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.namespace)
+    }
+    fn name(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+    fn uid(&self) -> Option<&str> {
+        self.uid.as_deref()
+    }
+    fn deleting(&self) -> bool {
+        self.deleting
+    }
+    fn terminal(&self) -> bool {
+        self.terminal
+    }
+    fn ready(&self) -> bool {
+        self.ready
+    }
+    fn pod_ip(&self) -> Option<&str> {
+        self.pod_ip.as_deref()
+    }
+    fn pod_ips(&self) -> impl Iterator<Item = &str> {
+        self.pod_ips.iter().map(String::as_str)
+    }
+    fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
+    fn hostname(&self) -> Option<&str> {
+        self.hostname.as_deref()
+    }
+    fn subdomain(&self) -> Option<&str> {
+        self.subdomain.as_deref()
+    }
+    fn named_port(&self, name: &str, proto: &str) -> Option<i32> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.protocol.as_deref().unwrap_or("TCP") == proto)
+            .map(|p| p.port)
+    }
+}
+
 /// Whether the pod's Ready condition is True.
-pub fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True")
+pub fn pod_ready<P: PodView + ?Sized>(pod: &P) -> bool {
+    pod.ready()
 }
 
 /// Whether the pod has finished for good (Succeeded or Failed).
-pub fn pod_terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded") | Some("Failed")
-    )
+pub fn pod_terminal<P: PodView + ?Sized>(pod: &P) -> bool {
+    pod.terminal()
 }
 
 /// Whether the pod is being deleted.
-pub fn pod_terminating(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_some()
+pub fn pod_terminating<P: PodView + ?Sized>(pod: &P) -> bool {
+    pod.deleting()
 }
 
 /// Upstream's `ShouldPodBeInEndpoints`: not terminal, has an IP, and (unless terminating pods
 /// are wanted) not being deleted.
-pub fn pod_in_endpoints(pod: &Pod, include_terminating: bool) -> bool {
+pub fn pod_in_endpoints<P: PodView + ?Sized>(pod: &P, include_terminating: bool) -> bool {
     if pod_terminal(pod) {
         return false;
     }
-    let st = pod.status.as_ref();
-    let has_ip = st
-        .and_then(|s| s.pod_ip.as_deref())
-        .is_some_and(|s| !s.is_empty())
-        || st
-            .and_then(|s| s.pod_ips.as_ref())
-            .is_some_and(|v| !v.is_empty());
+    let has_ip = pod.pod_ip().is_some_and(|s| !s.is_empty()) || pod.pod_ips().next().is_some();
     if !has_ip {
         return false;
     }
@@ -130,18 +384,12 @@ pub fn pod_in_endpoints(pod: &Pod, include_terminating: bool) -> bool {
 }
 
 /// The pod's IPs (from `status.podIPs`) of one family, canonicalised.
-pub fn pod_ips_of(pod: &Pod, family: AddressType) -> Vec<String> {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|ips| {
-            ips.iter()
-                .filter_map(|p| parse_ip_sloppy(&p.ip))
-                .filter(|ip| family.matches(ip))
-                .map(|ip| ip.to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+pub fn pod_ips_of<P: PodView + ?Sized>(pod: &P, family: AddressType) -> Vec<String> {
+    pod.pod_ips()
+        .filter_map(parse_ip_sloppy)
+        .filter(|ip| family.matches(ip))
+        .map(|ip| ip.to_string())
+        .collect()
 }
 
 /// Whether the Service has a cluster IP (not headless).
@@ -161,13 +409,12 @@ pub fn service_headless(svc: &Service) -> bool {
 
 /// Upstream's `ShouldSetHostname`: the pod names itself under this Service's subdomain.
 /// (Upstream sets it whether or not the Service is headless; so do we.)
-pub fn should_set_hostname(pod: &Pod, svc: &Service) -> bool {
-    let spec = pod.spec.as_ref();
-    let hostname = spec.and_then(|s| s.hostname.as_deref()).unwrap_or("");
-    let subdomain = spec.and_then(|s| s.subdomain.as_deref()).unwrap_or("");
+pub fn should_set_hostname<P: PodView + ?Sized>(pod: &P, svc: &Service) -> bool {
+    let hostname = pod.hostname().unwrap_or("");
+    let subdomain = pod.subdomain().unwrap_or("");
     !hostname.is_empty()
         && svc.metadata.name.as_deref() == Some(subdomain)
-        && svc.metadata.namespace == pod.metadata.namespace
+        && svc.metadata.namespace.as_deref() == pod.namespace()
 }
 
 fn protocol_of(p: Option<&String>) -> &str {
@@ -177,7 +424,7 @@ fn protocol_of(p: Option<&String>) -> &str {
 /// Resolves a Service port's targetPort against a pod, as upstream's `FindPort`: a number is
 /// taken as is; a name is looked up in the containers' ports with the same protocol, then in
 /// restartable (sidecar) init containers. `None` when a name matches nothing.
-pub fn find_port(pod: &Pod, sp: &ServicePort) -> Option<i32> {
+pub fn find_port<P: PodView + ?Sized>(pod: &P, sp: &ServicePort) -> Option<i32> {
     match &sp.target_port {
         None => Some(sp.port),
         Some(IntOrString::Int(n)) => Some(*n),
@@ -186,21 +433,7 @@ pub fn find_port(pod: &Pod, sp: &ServicePort) -> Option<i32> {
             if let Ok(n) = name.parse::<i32>() {
                 return Some(n);
             }
-            let proto = protocol_of(sp.protocol.as_ref());
-            let spec = pod.spec.as_ref()?;
-            let main = spec.containers.iter();
-            let sidecars = spec
-                .init_containers
-                .iter()
-                .flatten()
-                .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-            main.chain(sidecars)
-                .flat_map(|c| c.ports.iter().flatten())
-                .find(|p| {
-                    p.name.as_deref() == Some(name.as_str())
-                        && protocol_of(p.protocol.as_ref()) == proto
-                })
-                .map(|p| p.container_port)
+            pod.named_port(name, protocol_of(sp.protocol.as_ref()))
         }
     }
 }

@@ -279,7 +279,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointSliceConfig) -> Result<
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
         ctx.shutdown.clone(),
-        cache::trim_pod,
+        PodRecord::from_pod,
         move |c| on_pod(&s2, c),
     );
     let s3 = shared.clone();
@@ -372,39 +372,35 @@ fn on_service(s: &Shared, c: Change<Service>) {
     }
 }
 
-fn on_pod(s: &Shared, c: Change<Pod>) {
+fn on_pod(s: &Shared, c: Change<PodRecord>) {
     let mut st = s.state();
     let keys = match c {
         Change::Apply(p) => {
-            let p = Arc::new(cache::trim_pod(p));
-            let old = st.idx.put_pod(p.clone());
-            if old.as_ref().is_some_and(|o| !cache::pod_changed(o, &p)) {
+            let (p, old) = st.idx.put_pod(p);
+            if old.as_deref().is_some_and(|o| *o == *p) {
                 return;
             }
             st.idx.services_for_pod_change(old.as_deref(), Some(&p))
         }
         Change::Delete(p) => {
-            let old = st.idx.remove_pod(&ObjectKey::of(&p));
+            let old = st.idx.remove_pod(&p.key());
             st.idx.services_for_pod_change(old.as_deref(), Some(&p))
         }
         Change::Relisted(list) => {
+            let fresh: HashSet<ObjectKey> = list.iter().map(PodRecord::key).collect();
             let old: Vec<ObjectKey> = st.idx.pods.keys().cloned().collect();
             let mut affected = HashSet::new();
-            let mut fresh = HashMap::new();
-            for p in list {
-                let p = Arc::new(cache::trim_pod(p));
-                fresh.insert(ObjectKey::of(p.as_ref()), p);
-            }
             for k in old {
-                if !fresh.contains_key(&k)
+                if !fresh.contains(&k)
                     && let Some(o) = st.idx.remove_pod(&k)
                 {
                     affected.extend(st.idx.services_for_pod_change(Some(&o), None));
                 }
             }
-            for (_, p) in fresh {
-                let old = st.idx.put_pod(p.clone());
-                if old.as_ref().is_none_or(|o| cache::pod_changed(o, &p)) {
+            drop(fresh);
+            for p in list {
+                let (p, old) = st.idx.put_pod(p);
+                if old.as_deref().is_none_or(|o| *o != *p) {
                     affected.extend(st.idx.services_for_pod_change(old.as_deref(), Some(&p)));
                 }
             }
@@ -528,7 +524,7 @@ fn on_slice(s: &Shared, c: Change<EndpointSlice>) {
 /// What a reconcile copies out of the caches (so no lock is held across awaits).
 struct Snapshot {
     svc: Option<Arc<Service>>,
-    pods: Vec<Arc<Pod>>,
+    pods: Vec<Arc<PodRecord>>,
     nodes: HashMap<String, Option<String>>,
     existing: Vec<EndpointSlice>,
     zone_ratios: ZoneRatios,
@@ -545,8 +541,8 @@ fn snapshot(s: &Shared, key: &ObjectKey) -> Snapshot {
         .unwrap_or_default();
     let nodes = pods
         .iter()
-        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
-        .filter_map(|n| st.nodes.get(&n).map(|t| (n, t.zone.clone())))
+        .filter_map(|p| p.node_name.as_deref())
+        .filter_map(|n| st.nodes.get(n).map(|t| (n.to_string(), t.zone.clone())))
         .collect();
     let existing = st
         .slices
@@ -588,7 +584,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             service: &svc,
             pods: snap.pods.iter().map(|p| p.as_ref()).collect(),
             node_zone: &node_zone,
-            existing: snap.existing.clone(),
+            existing: snap.existing,
             max_endpoints_per_slice: s.cfg.max_endpoints_per_slice,
             controller_name: CONTROLLER_NAME,
             zone_ratios: &snap.zone_ratios,

@@ -17,6 +17,7 @@ use scm_runtime::{
 
 use crate::Error;
 use crate::cache::{self, Change, PodServiceIndex};
+use crate::common::PodRecord;
 use crate::endpoints_core::{self, EndpointsPlan};
 
 /// Settings of the `endpoints` controller.
@@ -133,20 +134,19 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
         Api::<Pod>::all(c.clone()),
         watcher::Config::default(),
         ctx.shutdown.clone(),
-        cache::trim_pod,
+        PodRecord::from_pod,
         move |ch| {
             let mut st = s2.state();
             let keys = match ch {
                 Change::Apply(p) => {
-                    let p = Arc::new(cache::trim_pod(p));
-                    let old = st.idx.put_pod(p.clone());
-                    if old.as_ref().is_some_and(|o| !cache::pod_changed(o, &p)) {
+                    let (p, old) = st.idx.put_pod(p);
+                    if old.as_deref().is_some_and(|o| *o == *p) {
                         return;
                     }
                     st.idx.services_for_pod_change(old.as_deref(), Some(&p))
                 }
                 Change::Delete(p) => {
-                    let old = st.idx.remove_pod(&ObjectKey::of(&p));
+                    let old = st.idx.remove_pod(&p.key());
                     st.idx.services_for_pod_change(old.as_deref(), Some(&p))
                 }
                 Change::Relisted(list) => {
@@ -155,7 +155,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
                         st.idx.remove_pod(k);
                     }
                     for p in list {
-                        st.idx.put_pod(Arc::new(cache::trim_pod(p)));
+                        st.idx.put_pod(p);
                     }
                     st.synced.insert("pods");
                     st.idx.services.keys().cloned().collect()
@@ -296,7 +296,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
     {
         return Err(Error::StaleCache(key.to_string()));
     }
-    let pod_refs: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
+    let pod_refs: Vec<&PodRecord> = pods.iter().map(|p| p.as_ref()).collect();
     match endpoints_core::plan(&svc, &pod_refs, current.as_deref()) {
         EndpointsPlan::Unchanged => {}
         EndpointsPlan::Create(e) => match api.create(&PostParams::default(), &e).await {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Pod, Service,
+    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Service,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -34,7 +34,7 @@ pub enum EndpointsPlan {
     Update(Endpoints),
 }
 
-fn address_for(svc: &Service, pod: &Pod) -> Option<EndpointAddress> {
+fn address_for<P: PodView>(svc: &Service, pod: &P) -> Option<EndpointAddress> {
     let spec = svc.spec.clone().unwrap_or_default();
     let want_v6 = if let Some(f) = spec.ip_families.as_ref().and_then(|f| f.first()) {
         f == "IPv6"
@@ -45,37 +45,26 @@ fn address_for(svc: &Service, pod: &Pod) -> Option<EndpointAddress> {
     {
         parse_ip_sloppy(cip).is_some_and(|ip| ip.is_ipv6())
     } else {
-        pod.status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_deref())
+        pod.pod_ip()
             .and_then(parse_ip_sloppy)
             .is_some_and(|ip| ip.is_ipv6())
     };
     let ip = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| parse_ip_sloppy(&p.ip))
+        .pod_ips()
+        .filter_map(parse_ip_sloppy)
         .find(|ip| ip.is_ipv6() == want_v6)?;
     Some(EndpointAddress {
         ip: ip.to_string(),
-        node_name: Some(
-            pod.spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .unwrap_or_default(),
-        ),
+        node_name: Some(pod.node_name().unwrap_or_default().to_string()),
         target_ref: Some(ObjectReference {
             kind: Some("Pod".into()),
-            namespace: pod.metadata.namespace.clone(),
-            name: pod.metadata.name.clone(),
-            uid: pod.metadata.uid.clone(),
+            namespace: pod.namespace().map(String::from),
+            name: pod.name().map(String::from),
+            uid: pod.uid().map(String::from),
             ..Default::default()
         }),
         hostname: if should_set_hostname(pod, svc) {
-            pod.spec.as_ref().and_then(|s| s.hostname.clone())
+            pod.hostname().map(String::from)
         } else {
             None
         },
@@ -83,7 +72,7 @@ fn address_for(svc: &Service, pod: &Pod) -> Option<EndpointAddress> {
 }
 
 /// The subsets upstream computes for a Service's pods (repacked, in our canonical order).
-pub fn desired_subsets(svc: &Service, pods: &[&Pod]) -> Vec<EndpointSubset> {
+pub fn desired_subsets<P: PodView>(svc: &Service, pods: &[&P]) -> Vec<EndpointSubset> {
     let spec = svc.spec.clone().unwrap_or_default();
     let publish = spec.publish_not_ready_addresses.unwrap_or(false);
     let mut subsets = Vec::new();
@@ -231,7 +220,7 @@ pub fn truncate(subsets: &mut [EndpointSubset]) -> bool {
 }
 
 /// Computes the Endpoints write for `svc`, given the current object (if any).
-pub fn plan(svc: &Service, pods: &[&Pod], current: Option<&Endpoints>) -> EndpointsPlan {
+pub fn plan<P: PodView>(svc: &Service, pods: &[&P], current: Option<&Endpoints>) -> EndpointsPlan {
     let mut subsets = desired_subsets(svc, pods);
     let truncated = truncate(&mut subsets);
     let svc_labels = labels_of(&svc.metadata.labels);
@@ -291,7 +280,7 @@ pub fn plan(svc: &Service, pods: &[&Pod], current: Option<&Endpoints>) -> Endpoi
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        PodCondition, PodIP, PodSpec, PodStatus, ServicePort, ServiceSpec,
+        Pod, PodCondition, PodIP, PodSpec, PodStatus, ServicePort, ServiceSpec,
     };
 
     fn svc(publish: bool) -> Service {

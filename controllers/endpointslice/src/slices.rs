@@ -24,11 +24,11 @@ pub const MAX_MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 pub type NodeZone = Option<Option<String>>;
 
 /// Everything one reconcile of one Service reads.
-pub struct SliceInput<'a> {
+pub struct SliceInput<'a, P = Pod> {
     /// The Service (must have a selector and not be ExternalName).
     pub service: &'a Service,
     /// Pods matching its selector, in its namespace.
-    pub pods: Vec<&'a Pod>,
+    pub pods: Vec<&'a P>,
     /// Node lookup by name.
     pub node_zone: &'a dyn Fn(&str) -> NodeZone,
     /// Slices currently managed for this Service (ours, plus adopted ones under takeover),
@@ -147,7 +147,7 @@ pub fn slice_labels(
 
 /// Upstream's `getEndpointPorts`: each Service port resolved against the pod; unresolvable
 /// ports are left out (so pods with different containers end up in different slices).
-pub fn endpoint_ports(svc: &Service, pod: &Pod) -> Vec<EndpointPort> {
+pub fn endpoint_ports<P: PodView + ?Sized>(svc: &Service, pod: &P) -> Vec<EndpointPort> {
     let spec = svc.spec.clone().unwrap_or_default();
     let mut out = Vec::new();
     for sp in spec.ports.iter().flatten() {
@@ -166,7 +166,12 @@ pub fn endpoint_ports(svc: &Service, pod: &Pod) -> Vec<EndpointPort> {
 }
 
 /// Upstream's `podToEndpoint` for one address type.
-pub fn pod_to_endpoint(pod: &Pod, zone: Option<&str>, svc: &Service, at: AddressType) -> Endpoint {
+pub fn pod_to_endpoint<P: PodView + ?Sized>(
+    pod: &P,
+    zone: Option<&str>,
+    svc: &Service,
+    at: AddressType,
+) -> Endpoint {
     let serving = pod_ready(pod);
     let terminating = pod_terminating(pod);
     let publish = svc
@@ -175,11 +180,7 @@ pub fn pod_to_endpoint(pod: &Pod, zone: Option<&str>, svc: &Service, at: Address
         .and_then(|s| s.publish_not_ready_addresses)
         .unwrap_or(false);
     let is_ready = publish || (serving && !terminating);
-    let node = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .filter(|n| !n.is_empty());
+    let node = pod.node_name().filter(|n| !n.is_empty()).map(String::from);
     Endpoint {
         addresses: pod_ips_of(pod, at),
         conditions: Some(EndpointConditions {
@@ -189,15 +190,15 @@ pub fn pod_to_endpoint(pod: &Pod, zone: Option<&str>, svc: &Service, at: Address
         }),
         target_ref: Some(ObjectReference {
             kind: Some("Pod".into()),
-            namespace: pod.metadata.namespace.clone(),
-            name: pod.metadata.name.clone(),
-            uid: pod.metadata.uid.clone(),
+            namespace: pod.namespace().map(String::from),
+            name: pod.name().map(String::from),
+            uid: pod.uid().map(String::from),
             ..Default::default()
         }),
         node_name: node,
         zone: zone.filter(|z| !z.is_empty()).map(String::from),
         hostname: if should_set_hostname(pod, svc) {
-            pod.spec.as_ref().and_then(|s| s.hostname.clone())
+            pod.hostname().map(String::from)
         } else {
             None
         },
@@ -420,8 +421,8 @@ struct AddressTypeOutcome {
     desired_slices: usize,
 }
 
-fn reconcile_by_address_type(
-    input: &SliceInput<'_>,
+fn reconcile_by_address_type<P: PodView>(
+    input: &SliceInput<'_, P>,
     existing: Vec<EndpointSlice>,
     at: AddressType,
     missing_nodes: &mut BTreeSet<String>,
@@ -459,16 +460,12 @@ fn reconcile_by_address_type(
         let pk = port_map_key(&ports);
         desired_eps.entry(pk.clone()).or_default();
         desired_ports.entry(pk.clone()).or_insert(ports);
-        let node_name = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .unwrap_or_default();
+        let node_name = pod.node_name().unwrap_or_default().to_string();
         let zone = match (input.node_zone)(&node_name) {
             Some(z) => z,
             None => {
                 if !publish {
-                    missing_nodes.insert(pod.metadata.name.clone().unwrap_or_default());
+                    missing_nodes.insert(pod.name().unwrap_or_default().to_string());
                     continue;
                 }
                 None
@@ -626,7 +623,7 @@ pub fn slice_semantically_equal(old: &EndpointSlice, new: &EndpointSlice) -> boo
 }
 
 /// Computes the plan for one Service.
-pub fn plan(input: &SliceInput<'_>) -> SlicePlan {
+pub fn plan<P: PodView>(input: &SliceInput<'_, P>) -> SlicePlan {
     let svc = input.service;
     let types = address_types_for_service(svc);
     let mut out = SlicePlan::default();
