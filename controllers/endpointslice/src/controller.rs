@@ -2,6 +2,7 @@
 //! EndpointSlices on every replica, Service keys in a work queue, and a reconcile that feeds
 //! the pure core (`slices::plan`) and applies its plan while this process leads.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -140,11 +141,12 @@ impl SliceTracker {
     }
 
     /// Whether `slices` (what the cache shows) is older than what we wrote.
-    pub fn stale(&self, key: &ObjectKey, slices: &[EndpointSlice]) -> bool {
+    pub fn stale(&self, key: &ObjectKey, slices: &[impl Borrow<EndpointSlice>]) -> bool {
         let g = self.lock();
         let Some(m) = g.get(key) else { return false };
         let mut seen = HashSet::new();
         for s in slices {
+            let s = s.borrow();
             seen.insert(uid(s));
             if let Some(want) = m.get(&uid(s))
                 && (*want == DELETION_EXPECTED || *want > generation(s))
@@ -526,7 +528,9 @@ struct Snapshot {
     svc: Option<Arc<Service>>,
     pods: Vec<Arc<PodRecord>>,
     nodes: HashMap<String, Option<String>>,
-    existing: Vec<EndpointSlice>,
+    // Shared with the cache: the core borrows them, so a large Service's slices are not
+    // copied for every reconcile.
+    existing: Vec<Arc<EndpointSlice>>,
     zone_ratios: ZoneRatios,
     hints_populated: bool,
 }
@@ -550,7 +554,7 @@ fn snapshot(s: &Shared, key: &ObjectKey) -> Snapshot {
         .map(|m| {
             m.values()
                 .filter(|sl| s.managed(sl) && sl.metadata.deletion_timestamp.is_none())
-                .map(|sl| sl.as_ref().clone())
+                .cloned()
                 .collect()
         })
         .unwrap_or_default();
@@ -584,7 +588,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             service: &svc,
             pods: snap.pods.iter().map(|p| p.as_ref()).collect(),
             node_zone: &node_zone,
-            existing: snap.existing,
+            existing: snap.existing.iter().map(|s| s.as_ref()).collect(),
             max_endpoints_per_slice: s.cfg.max_endpoints_per_slice,
             controller_name: CONTROLLER_NAME,
             zone_ratios: &snap.zone_ratios,
@@ -678,6 +682,9 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
 /// Puts a written slice into our cache at once (if the watch has not shown a newer one), so
 /// the next reconcile need not wait for the watch to echo our own write.
 fn write_through(s: &Shared, key: &ObjectKey, sl: EndpointSlice) {
+    // Trimmed as the watch trims: when the watch's echo arrived first, this copy (with the
+    // managedFields of every endpoint) would otherwise stay cached.
+    let sl = cache::trim_meta(sl);
     let mut st = s.state();
     let name = sl.metadata.name.clone().unwrap_or_default();
     st.slice_owner
@@ -761,7 +768,7 @@ async fn apply(
 async fn cleanup_absent(
     s: &Shared,
     key: &ObjectKey,
-    ours: Vec<EndpointSlice>,
+    ours: Vec<Arc<EndpointSlice>>,
 ) -> Result<Requeue, Error> {
     s.metrics.delete_service(key);
     if ours.is_empty() {
@@ -836,11 +843,12 @@ mod tests {
         );
         assert!(t.should_sync(&k, &slice("a", 3)), "someone else's edit is");
         assert!(t.stale(&k, &[slice("a", 1)]), "older than our write");
-        assert!(t.stale(&k, &[]), "our slice missing from the view");
+        let none: &[EndpointSlice] = &[];
+        assert!(t.stale(&k, none), "our slice missing from the view");
         assert!(!t.stale(&k, &[slice("a", 2)]));
         t.expect_deletion(&k, &slice("a", 2));
         assert!(t.stale(&k, &[slice("a", 2)]), "deleted slice still shown");
-        assert!(!t.stale(&k, &[]));
+        assert!(!t.stale(&k, none));
         assert!(t.handle_deletion(&k, &slice("a", 2)));
         t.update(&k, &slice("b", 1));
         assert!(

@@ -6,6 +6,7 @@
 //! deterministic; the resulting set of endpoints per slice layout is the same kind upstream
 //! produces (same packing rules), though which endpoint lands in which slice may differ.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
@@ -33,7 +34,7 @@ pub struct SliceInput<'a, P = Pod> {
     pub node_zone: &'a dyn Fn(&str) -> NodeZone,
     /// Slices currently managed for this Service (ours, plus adopted ones under takeover),
     /// without those already being deleted.
-    pub existing: Vec<EndpointSlice>,
+    pub existing: Vec<&'a EndpointSlice>,
     /// Max endpoints per slice.
     pub max_endpoints_per_slice: usize,
     /// Our managed-by value.
@@ -287,19 +288,20 @@ struct PortMappingResult {
 #[allow(clippy::too_many_arguments)]
 fn reconcile_by_port_mapping(
     svc: &Service,
-    existing: &[EndpointSlice],
+    existing: &[&EndpointSlice],
     mut desired: BTreeMap<EndpointKey, Endpoint>,
     ports: &[EndpointPort],
     at: AddressType,
     max: usize,
     controller: &str,
 ) -> PortMappingResult {
-    let mut by_name: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+    // Unchanged slices are borrowed: a large Service's slices are copied only when written.
+    let mut by_name: BTreeMap<String, Cow<'_, EndpointSlice>> = BTreeMap::new();
     let mut unchanged: BTreeSet<String> = BTreeSet::new();
     let mut to_update: BTreeSet<String> = BTreeSet::new();
     let mut to_delete: BTreeSet<String> = BTreeSet::new();
     let mut removed = 0;
-    for s in existing {
+    for &s in existing {
         let name = s.metadata.name.clone().unwrap_or_default();
         let mut new_eps = Vec::new();
         let mut ep_updated = false;
@@ -326,22 +328,27 @@ fn reconcile_by_port_mapping(
             removed += eps(s).len().saturating_sub(new_eps.len());
             if new_eps.is_empty() {
                 to_delete.insert(name.clone());
-                by_name.insert(name, s.clone());
+                by_name.insert(name, Cow::Borrowed(s));
             } else {
-                let mut u = s.clone();
-                u.endpoints = Some(new_eps);
+                // Not `s.clone()`: its endpoints would be copied only to be replaced.
+                let mut u = EndpointSlice {
+                    metadata: s.metadata.clone(),
+                    address_type: s.address_type.clone(),
+                    endpoints: Some(new_eps),
+                    ports: s.ports.clone(),
+                };
                 u.metadata.labels = Some(labels);
                 to_update.insert(name.clone());
-                by_name.insert(name, u);
+                by_name.insert(name, Cow::Owned(u));
             }
         } else if labels_changed {
             let mut u = s.clone();
             u.metadata.labels = Some(labels);
             to_update.insert(name.clone());
-            by_name.insert(name, u);
+            by_name.insert(name, Cow::Owned(u));
         } else {
             unchanged.insert(name.clone());
-            by_name.insert(name, s.clone());
+            by_name.insert(name, Cow::Borrowed(s));
         }
     }
     let added = desired.len();
@@ -351,7 +358,7 @@ fn reconcile_by_port_mapping(
         names.sort_by_key(|n| std::cmp::Reverse(by_name.get(n).map(|s| eps(s).len()).unwrap_or(0)));
         for n in names {
             if let Some(s) = by_name.get_mut(&n) {
-                let list = s.endpoints.get_or_insert_with(Vec::new);
+                let list = s.to_mut().endpoints.get_or_insert_with(Vec::new);
                 while list.len() < max {
                     let Some((_, e)) = desired.pop_first() else {
                         break;
@@ -366,7 +373,9 @@ fn reconcile_by_port_mapping(
         let mut fill_name = None;
         if desired.len() < max && !unchanged.is_empty() {
             fill_name = slice_to_fill(
-                unchanged.iter().filter_map(|n| by_name.get(n)),
+                unchanged
+                    .iter()
+                    .filter_map(|n| by_name.get(n).map(|s| s.as_ref())),
                 desired.len(),
                 max,
             );
@@ -374,7 +383,7 @@ fn reconcile_by_port_mapping(
         let mut slice = match &fill_name {
             Some(n) => by_name
                 .get(n)
-                .cloned()
+                .map(|s| s.as_ref().clone())
                 .unwrap_or_else(|| new_slice(svc, ports, at, controller)),
             None => new_slice(svc, ports, at, controller),
         };
@@ -391,7 +400,7 @@ fn reconcile_by_port_mapping(
             Some(n) => {
                 unchanged.remove(&n);
                 to_update.insert(n.clone());
-                by_name.insert(n, slice);
+                by_name.insert(n, Cow::Owned(slice));
             }
             None => create.push(slice),
         }
@@ -400,11 +409,11 @@ fn reconcile_by_port_mapping(
         create,
         update: to_update
             .iter()
-            .filter_map(|n| by_name.get(n).cloned())
+            .filter_map(|n| by_name.remove(n).map(Cow::into_owned))
             .collect(),
         delete: to_delete
             .iter()
-            .filter_map(|n| by_name.get(n).cloned())
+            .filter_map(|n| by_name.remove(n).map(Cow::into_owned))
             .collect(),
         added,
         removed,
@@ -423,7 +432,7 @@ struct AddressTypeOutcome {
 
 fn reconcile_by_address_type<P: PodView>(
     input: &SliceInput<'_, P>,
-    existing: Vec<EndpointSlice>,
+    existing: Vec<&EndpointSlice>,
     at: AddressType,
     missing_nodes: &mut BTreeSet<String>,
     events: &mut Vec<PlannedEvent>,
@@ -439,13 +448,13 @@ fn reconcile_by_address_type<P: PodView>(
         .and_then(|s| s.publish_not_ready_addresses)
         .unwrap_or(false);
     let mut to_delete: Vec<EndpointSlice> = Vec::new();
-    let mut existing_by_pm: BTreeMap<Vec<PortKey>, Vec<EndpointSlice>> = BTreeMap::new();
-    for s in &existing {
+    let mut existing_by_pm: BTreeMap<Vec<PortKey>, Vec<&EndpointSlice>> = BTreeMap::new();
+    for &s in &existing {
         if owned_by(s, svc) {
             existing_by_pm
                 .entry(port_map_key(s.ports.as_deref().unwrap_or(&[])))
                 .or_default()
-                .push(s.clone());
+                .push(s);
         } else {
             to_delete.push(s.clone());
         }
@@ -489,8 +498,8 @@ fn reconcile_by_address_type<P: PodView>(
         desired_endpoints += set.len();
         desired_slices += set.len().div_ceil(max);
         let ports = desired_ports.get(&pk).cloned().unwrap_or_default();
-        let ex = existing_by_pm.get(&pk).cloned().unwrap_or_default();
-        let r = reconcile_by_port_mapping(svc, &ex, set, &ports, at, max, input.controller_name);
+        let ex = existing_by_pm.get(&pk).map(Vec::as_slice).unwrap_or(&[]);
+        let r = reconcile_by_port_mapping(svc, ex, set, &ports, at, max, input.controller_name);
         added += r.added;
         removed += r.removed;
         create.extend(r.create);
@@ -499,7 +508,7 @@ fn reconcile_by_address_type<P: PodView>(
     }
     for (pk, slices) in &existing_by_pm {
         if !desired_keys.contains(pk) {
-            to_delete.extend(slices.iter().cloned());
+            to_delete.extend(slices.iter().map(|&s| s.clone()));
         }
     }
     if existing.len() == to_delete.len() && create.is_empty() {
@@ -520,19 +529,6 @@ fn reconcile_by_address_type<P: PodView>(
         .iter()
         .filter_map(|s| s.metadata.name.clone())
         .collect();
-    let unchanged: Vec<EndpointSlice> = existing
-        .iter()
-        .filter(|s| {
-            let n = s.metadata.name.clone().unwrap_or_default();
-            !deleted.contains(&n) && !updated.contains(&n)
-        })
-        .cloned()
-        .collect();
-    let mut sets = SliceSets {
-        create,
-        update,
-        unchanged,
-    };
     let annotations = labels_of(&svc.metadata.annotations);
     let auto = topology::hints_annotation_enabled(&annotations);
     let td = svc
@@ -540,6 +536,23 @@ fn reconcile_by_address_type<P: PodView>(
         .as_ref()
         .and_then(|s| s.traffic_distribution.as_deref());
     let can_use_td = topology::valid_traffic_distribution(td) && !auto;
+    // Without hints to add, an unchanged slice matters only if it carries hints to remove:
+    // copy just those (a large Service's slices are otherwise copied on every sync).
+    let only_hinted = !auto && !can_use_td;
+    let unchanged: Vec<EndpointSlice> = existing
+        .iter()
+        .filter(|s| {
+            let n = s.metadata.name.clone().unwrap_or_default();
+            !deleted.contains(&n) && !updated.contains(&n)
+        })
+        .filter(|s| !only_hinted || eps(s).iter().any(|e| e.hints.is_some()))
+        .map(|&s| s.clone())
+        .collect();
+    let mut sets = SliceSets {
+        create,
+        update,
+        unchanged,
+    };
     if auto {
         events.extend(topology::add_auto_hints(
             input.zone_ratios,
@@ -627,10 +640,10 @@ pub fn plan<P: PodView>(input: &SliceInput<'_, P>) -> SlicePlan {
     let svc = input.service;
     let types = address_types_for_service(svc);
     let mut out = SlicePlan::default();
-    let mut by_type: BTreeMap<AddressType, Vec<EndpointSlice>> = BTreeMap::new();
-    for s in &input.existing {
+    let mut by_type: BTreeMap<AddressType, Vec<&EndpointSlice>> = BTreeMap::new();
+    for &s in &input.existing {
         match AddressType::parse(&s.address_type).filter(|t| types.contains(t)) {
-            Some(t) => by_type.entry(t).or_default().push(s.clone()),
+            Some(t) => by_type.entry(t).or_default().push(s),
             None => out.delete.push(s.clone()),
         }
     }
@@ -658,7 +671,7 @@ pub fn plan<P: PodView>(input: &SliceInput<'_, P>) -> SlicePlan {
     let before: BTreeMap<String, &EndpointSlice> = input
         .existing
         .iter()
-        .filter_map(|s| s.metadata.name.clone().map(|n| (n, s)))
+        .filter_map(|&s| s.metadata.name.clone().map(|n| (n, s)))
         .collect();
     out.update.retain(|u| {
         let n = u.metadata.name.clone().unwrap_or_default();

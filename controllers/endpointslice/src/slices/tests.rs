@@ -119,7 +119,7 @@ impl World {
             service: &self.svc,
             pods: self.pods.iter().collect(),
             node_zone: &zones,
-            existing: self.slices.clone(),
+            existing: self.slices.iter().collect(),
             max_endpoints_per_slice: self.max,
             controller_name: CONTROLLER_NAME,
             zone_ratios: &ratios,
