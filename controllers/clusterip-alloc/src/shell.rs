@@ -301,27 +301,13 @@ pub async fn run(ctx: ControllerContext, config: ClusterIpAllocConfig) -> Result
     info!(controller = %ctx.name, "caches synced");
     let rebuild = {
         let shared = shared.clone();
-        let notify = notify.clone();
-        let token = ctx.shutdown.clone();
-        async move {
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = notify.notified() => {}
-                }
-                // Coalesce bursts (e.g. a relist of thousands of Services) into one rebuild.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                // A rebuild over many Services is CPU work: keep it off the other tasks'
-                // worker thread where the runtime allows.
-                if tokio::runtime::Handle::current().runtime_flavor()
-                    == tokio::runtime::RuntimeFlavor::MultiThread
-                {
-                    tokio::task::block_in_place(|| shared.rebuild());
-                } else {
-                    shared.rebuild();
-                }
-            }
-        }
+        // Coalesce bursts (a relist of thousands of Services) into one rebuild.
+        scm_runtime::run_coalesced(
+            notify.clone(),
+            ctx.shutdown.clone(),
+            Duration::from_millis(50),
+            move || shared.rebuild(),
+        )
     };
     let worker_cfg = WorkerConfig {
         concurrency: config.concurrent_syncs.max(1),

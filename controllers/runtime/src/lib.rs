@@ -243,6 +243,31 @@ pub async fn run_workers<K, F, Fut, E>(
     }
 }
 
+/// Runs `work` after each wake-up of `notify`, `coalesce` after it, until `shutdown`: bursts of
+/// events (a relist of thousands of objects) cost one run. `work` is CPU-bound, so on a
+/// multi-thread runtime it runs in `block_in_place` to keep other tasks moving.
+pub async fn run_coalesced(
+    notify: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+    coalesce: Duration,
+    work: impl Fn(),
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = notify.notified() => {}
+        }
+        tokio::time::sleep(coalesce).await;
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(&work);
+        } else {
+            work();
+        }
+    }
+}
+
 fn finish<K, E>(
     ctx: &ControllerContext,
     queue: &WorkQueue<K>,
