@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
@@ -75,11 +76,43 @@ pub fn trim_meta<K: kube::Resource>(mut o: K) -> K {
     o
 }
 
-/// Drops managedFields and status from a Service; nothing we compute reads them.
+/// Drops managedFields and status from a Service; nothing we compute reads them. Lists are
+/// shrunk to their length (a list read from JSON keeps room for at least four entries).
 pub fn trim_service(mut svc: Service) -> Service {
     svc.metadata.managed_fields = None;
     svc.status = None;
+    if let Some(spec) = svc.spec.as_mut() {
+        for v in [spec.cluster_ips.as_mut(), spec.ip_families.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            v.shrink_to_fit();
+        }
+        if let Some(p) = spec.ports.as_mut() {
+            p.shrink_to_fit();
+        }
+    }
     svc
+}
+
+/// Drops managedFields from an EndpointSlice and shrinks its lists to their length: a list
+/// read from JSON keeps room for at least four entries, which over the endpoints of every
+/// cached slice (each with one address) adds up.
+pub fn trim_slice(mut s: EndpointSlice) -> EndpointSlice {
+    s.metadata.managed_fields = None;
+    if let Some(o) = s.metadata.owner_references.as_mut() {
+        o.shrink_to_fit();
+    }
+    if let Some(p) = s.ports.as_mut() {
+        p.shrink_to_fit();
+    }
+    if let Some(eps) = s.endpoints.as_mut() {
+        eps.shrink_to_fit();
+        for e in eps {
+            e.addresses.shrink_to_fit();
+        }
+    }
+    s
 }
 
 type LabelKey = (String, String, String);
@@ -447,6 +480,31 @@ mod tests {
         // Unnamed ports are never looked up, so never kept.
         assert_eq!(r.ports.len(), 2);
         assert_eq!(r.labels.len(), 1);
+    }
+
+    #[test]
+    fn trim_slice_drops_managed_fields_and_spare_capacity() {
+        use k8s_openapi::api::discovery::v1::Endpoint;
+        let mut addresses = Vec::with_capacity(4);
+        addresses.push("10.0.0.1".to_string());
+        let mut endpoints = Vec::with_capacity(8);
+        endpoints.push(Endpoint {
+            addresses,
+            ..Default::default()
+        });
+        let s = trim_slice(EndpointSlice {
+            metadata: ObjectMeta {
+                managed_fields: Some(vec![ManagedFieldsEntry::default()]),
+                ..Default::default()
+            },
+            endpoints: Some(endpoints),
+            ..Default::default()
+        });
+        assert!(s.metadata.managed_fields.is_none());
+        let eps = s.endpoints.unwrap_or_default();
+        assert_eq!(eps.capacity(), 1);
+        assert_eq!(eps[0].addresses.capacity(), 1);
+        assert_eq!(eps[0].addresses, vec!["10.0.0.1".to_string()]);
     }
 
     #[test]

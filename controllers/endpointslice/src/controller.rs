@@ -297,7 +297,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointSliceConfig) -> Result<
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&slice_sel),
         ctx.shutdown.clone(),
-        cache::trim_meta,
+        cache::trim_slice,
         move |c| on_slice(&s4, c),
     );
     let s5 = shared.clone();
@@ -684,7 +684,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
 fn write_through(s: &Shared, key: &ObjectKey, sl: EndpointSlice) {
     // Trimmed as the watch trims: when the watch's echo arrived first, this copy (with the
     // managedFields of every endpoint) would otherwise stay cached.
-    let sl = cache::trim_meta(sl);
+    let sl = cache::trim_slice(sl);
     let mut st = s.state();
     let name = sl.metadata.name.clone().unwrap_or_default();
     st.slice_owner
