@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::runtime::watcher;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use scm_runtime::{
     Backoff, ControllerContext, ObjectKey, Requeue, WorkQueue, WorkerConfig, run_workers,
@@ -304,17 +304,9 @@ pub async fn run(ctx: ControllerContext, config: EndpointSliceConfig) -> Result<
     let workers = async move {
         // Wait for every cache before reconciling anything: acting on a partial view could
         // delete endpoints that are merely not listed yet.
-        loop {
-            if s5.state().synced.len() == 4 {
-                break;
-            }
-            tokio::select! {
-                _ = s5.ctx.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
+        if !scm_runtime::wait_for_sync(&s5.ctx, || s5.state().synced.len() == 4).await {
+            return;
         }
-        s5.ctx.ready.mark_ready();
-        info!(controller = %s5.ctx.name, "caches synced");
         let s6 = s5.clone();
         run_workers(
             &s5.ctx,

@@ -9,7 +9,6 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher;
-use tracing::info;
 
 use scm_runtime::{
     Backoff, ControllerContext, ObjectKey, Requeue, WorkQueue, WorkerConfig, run_workers,
@@ -227,17 +226,9 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
     );
     let s4 = shared.clone();
     let workers = async move {
-        loop {
-            if s4.state().synced.len() == 3 {
-                break;
-            }
-            tokio::select! {
-                _ = s4.ctx.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
+        if !scm_runtime::wait_for_sync(&s4.ctx, || s4.state().synced.len() == 3).await {
+            return;
         }
-        s4.ctx.ready.mark_ready();
-        info!(controller = %s4.ctx.name, "caches synced");
         let s5 = s4.clone();
         run_workers(
             &s4.ctx,

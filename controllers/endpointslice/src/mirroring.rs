@@ -10,7 +10,6 @@ use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher;
-use tracing::info;
 
 use scm_runtime::{
     Backoff, ControllerContext, ObjectKey, Requeue, WorkQueue, WorkerConfig, run_workers,
@@ -261,17 +260,9 @@ pub async fn run(ctx: ControllerContext, config: MirroringConfig) -> Result<(), 
     );
     let s4 = shared.clone();
     let workers = async move {
-        loop {
-            if s4.state().synced.len() == 3 {
-                break;
-            }
-            tokio::select! {
-                _ = s4.ctx.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
+        if !scm_runtime::wait_for_sync(&s4.ctx, || s4.state().synced.len() == 3).await {
+            return;
         }
-        s4.ctx.ready.mark_ready();
-        info!(controller = %s4.ctx.name, "caches synced");
         let s5 = s4.clone();
         run_workers(
             &s4.ctx,

@@ -243,6 +243,21 @@ pub async fn run_workers<K, F, Fut, E>(
     }
 }
 
+/// Waits until `synced()` holds, checking every 20 ms, then marks the controller ready.
+/// Returns false if shutdown came first. Controllers call it before [`run_workers`]: acting on
+/// a partial view could delete what is merely not listed yet.
+pub async fn wait_for_sync(ctx: &ControllerContext, synced: impl Fn() -> bool) -> bool {
+    while !synced() {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    ctx.ready.mark_ready();
+    info!(controller = %ctx.name, "caches synced");
+    true
+}
+
 /// Runs `work` after each wake-up of `notify`, `coalesce` after it, until `shutdown`: bursts of
 /// events (a relist of thousands of objects) cost one run. `work` is CPU-bound, so on a
 /// multi-thread runtime it runs in `block_in_place` to keep other tasks moving.
