@@ -719,14 +719,11 @@ impl AwsProvider {
             .send()
             .await
             .map_err(|e| classify("DescribeTargetGroupAttributes", e))?;
-        let have: BTreeMap<&str, &str> = cur
+        let have = cur
             .attributes()
             .iter()
-            .filter_map(|a| Some((a.key()?, a.value().unwrap_or(""))))
-            .collect();
-        let changes: Vec<TargetGroupAttribute> = want
-            .iter()
-            .filter(|(k, v)| have.get(k.as_str()) != Some(&v.as_str()))
+            .filter_map(|a| Some((a.key()?, a.value().unwrap_or(""))));
+        let changes: Vec<TargetGroupAttribute> = attribute_changes(have, want)
             .map(|(k, v)| TargetGroupAttribute::builder().key(k).value(v).build())
             .collect();
         if changes.is_empty() {
@@ -761,14 +758,11 @@ impl AwsProvider {
             .send()
             .await
             .map_err(|e| classify("DescribeLoadBalancerAttributes", e))?;
-        let have: BTreeMap<&str, &str> = cur
+        let have = cur
             .attributes()
             .iter()
-            .filter_map(|a| Some((a.key()?, a.value().unwrap_or(""))))
-            .collect();
-        let changes: Vec<LoadBalancerAttribute> = want
-            .iter()
-            .filter(|(k, v)| have.get(k.as_str()) != Some(&v.as_str()))
+            .filter_map(|a| Some((a.key()?, a.value().unwrap_or(""))));
+        let changes: Vec<LoadBalancerAttribute> = attribute_changes(have, want)
             .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
             .collect();
         if changes.is_empty() {
@@ -1264,5 +1258,35 @@ fn status_of(lb: &LbObs) -> LoadBalancerStatus {
                 ..Default::default()
             }]
         }),
+    }
+}
+
+/// The wanted attributes whose current value differs (or is missing): what a Modify*Attributes
+/// call must send, shared by load balancers and target groups so both diff the same way.
+fn attribute_changes<'a>(
+    have: impl Iterator<Item = (&'a str, &'a str)>,
+    want: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = (&'a String, &'a String)> {
+    let have: BTreeMap<&str, &str> = have.collect();
+    want.iter()
+        .filter(move |(k, v)| have.get(k.as_str()) != Some(&v.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_changes_sends_only_missing_or_different_values() {
+        let want: BTreeMap<String, String> = [
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "2".to_string()),
+            ("c".to_string(), "3".to_string()),
+        ]
+        .into();
+        let have = [("a", "1"), ("b", "x"), ("z", "9")];
+        let got: Vec<(&String, &String)> = attribute_changes(have.into_iter(), &want).collect();
+        let got: Vec<(&str, &str)> = got.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(got, vec![("b", "2"), ("c", "3")]);
     }
 }
