@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloud_lb::aws::budget::{Rate, RateLimits};
-use cloud_lb::aws::{AwsCloudConfig, AwsProvider, emulator_client};
+use cloud_lb::aws::{AwsCloudConfig, AwsProvider};
 use cloud_lb::{CloudLbConfig, LoadBalancerProvider, ProviderKind, run_with_provider};
 use k8s_openapi::api::core::v1::{Namespace, Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -118,15 +118,13 @@ async fn main() -> anyhow::Result<()> {
             qps: 10_000.0,
             burst: 10_000,
         };
-        RateLimits {
-            describe: fast,
-            mutate: fast,
-            targets: fast,
-        }
+        RateLimits::uniform(fast)
     };
     let provider = || -> Arc<dyn LoadBalancerProvider> {
-        Arc::new(AwsProvider::with_client(
-            emulator_client(&proxy.endpoint, REGION, 3),
+        Arc::new(AwsProvider::for_emulator(
+            &proxy.endpoint,
+            REGION,
+            3,
             AwsCloudConfig {
                 subnets: subnets[..1].to_vec(),
                 rate_limits: limits,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloud_lb::aws::budget::{Rate, RateLimits};
-use cloud_lb::aws::{AwsCloudConfig, AwsProvider, emulator_client};
+use cloud_lb::aws::{AwsCloudConfig, AwsProvider};
 use cloud_lb::{LoadBalancerProvider, core};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
@@ -119,15 +119,13 @@ async fn main() -> anyhow::Result<()> {
         burst: 10_000,
     };
     // The benchmark measures calls and the emulator's speed, not the client-side budget.
-    let provider = Arc::new(AwsProvider::with_client(
-        emulator_client(&proxy.endpoint, REGION, 3),
+    let provider = Arc::new(AwsProvider::for_emulator(
+        &proxy.endpoint,
+        REGION,
+        3,
         AwsCloudConfig {
             subnets: subnets[..1].to_vec(),
-            rate_limits: RateLimits {
-                describe: fast,
-                mutate: fast,
-                targets: fast,
-            },
+            rate_limits: RateLimits::uniform(fast),
             ..Default::default()
         },
     ));

@@ -150,19 +150,19 @@ impl Aws {
             qps: 1000.0,
             burst: 1000,
         };
-        Arc::new(AwsProvider::with_client(
+        Arc::new(
             // Two SDK attempts: most injected faults surface to the controller's backoff.
-            emulator_client(&self.proxy.endpoint, REGION, 2),
-            AwsCloudConfig {
-                subnets: self.subnets[..1].to_vec(),
-                rate_limits: RateLimits {
-                    describe: fast,
-                    mutate: fast,
-                    targets: fast,
+            AwsProvider::for_emulator(
+                &self.proxy.endpoint,
+                REGION,
+                2,
+                AwsCloudConfig {
+                    subnets: self.subnets[..1].to_vec(),
+                    rate_limits: RateLimits::uniform(fast),
+                    ..Default::default()
                 },
-                ..Default::default()
-            },
-        ))
+            ),
+        )
     }
 
     fn config(&self, class: &str, default: bool) -> CloudLbConfig {

@@ -1,7 +1,8 @@
 //! A client-side request budget per ELBv2 operation class (token buckets), so that a large
 //! cluster spreads its calls instead of hitting `Throttling: Rate exceeded`. The classes and
 //! defaults follow the AWS Load Balancer Controller's throttle configuration
-//! (`RegisterTargets|DeregisterTargets` 4/s burst 20, everything else 10/s burst 40).
+//! (`RegisterTargets|DeregisterTargets` 4/s burst 20, everything else 10/s burst 40). EC2, a
+//! separate API with its own account-wide limits, gets its own two buckets.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,6 +19,10 @@ pub enum OpClass {
     Mutate,
     /// RegisterTargets and DeregisterTargets.
     Targets,
+    /// EC2 Describe* calls.
+    Ec2Describe,
+    /// EC2 security group rule changes.
+    Ec2Mutate,
 }
 
 /// One bucket's rate.
@@ -39,6 +44,10 @@ pub struct RateLimits {
     pub mutate: Rate,
     /// Target (de)registration.
     pub targets: Rate,
+    /// EC2 Describe* calls.
+    pub ec2_describe: Rate,
+    /// EC2 security group rule changes.
+    pub ec2_mutate: Rate,
 }
 
 impl Default for RateLimits {
@@ -56,6 +65,29 @@ impl Default for RateLimits {
                 qps: 4.0,
                 burst: 20,
             },
+            // Well under EC2's own request-token refill (20/s for describes, 5/s for
+            // mutations), which the whole account shares.
+            ec2_describe: Rate {
+                qps: 10.0,
+                burst: 40,
+            },
+            ec2_mutate: Rate {
+                qps: 2.0,
+                burst: 20,
+            },
+        }
+    }
+}
+
+impl RateLimits {
+    /// The same rate for every class (tests and benchmarks that measure calls, not budgets).
+    pub fn uniform(rate: Rate) -> Self {
+        RateLimits {
+            describe: rate,
+            mutate: rate,
+            targets: rate,
+            ec2_describe: rate,
+            ec2_mutate: rate,
         }
     }
 }
@@ -92,11 +124,13 @@ impl Bucket {
     }
 }
 
-/// The three buckets.
+/// One bucket per class.
 pub struct Budget {
     describe: Mutex<Bucket>,
     mutate: Mutex<Bucket>,
     targets: Mutex<Bucket>,
+    ec2_describe: Mutex<Bucket>,
+    ec2_mutate: Mutex<Bucket>,
 }
 
 impl Budget {
@@ -106,6 +140,8 @@ impl Budget {
             describe: Mutex::new(Bucket::new(limits.describe)),
             mutate: Mutex::new(Bucket::new(limits.mutate)),
             targets: Mutex::new(Bucket::new(limits.targets)),
+            ec2_describe: Mutex::new(Bucket::new(limits.ec2_describe)),
+            ec2_mutate: Mutex::new(Bucket::new(limits.ec2_mutate)),
         }
     }
 
@@ -115,6 +151,8 @@ impl Budget {
             OpClass::Describe => &self.describe,
             OpClass::Mutate => &self.mutate,
             OpClass::Targets => &self.targets,
+            OpClass::Ec2Describe => &self.ec2_describe,
+            OpClass::Ec2Mutate => &self.ec2_mutate,
         };
         let wait = bucket.lock().unwrap_or_else(|e| e.into_inner()).reserve();
         if !wait.is_zero() {

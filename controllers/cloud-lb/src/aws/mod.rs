@@ -13,13 +13,15 @@
 //! targets by instance alone); a listener protocol change is delete-then-create (moto cannot
 //! ModifyListener to UDP); we never parse ARNs (moto's say `app`).
 //!
-//! Deliberate gaps: no EC2 API (it would more than double build time), so subnets come from the
-//! annotation or `subnets` in the cloud config (IDs only, no discovery by tag), and
-//! `loadBalancerSourceRanges` is validated but not enforced (NLB source filtering lives in EC2
-//! security groups).
+//! EC2 ([`ec2`]) finds subnets for a Service that names none ([`discovery`]) and keeps the
+//! nodes' security groups open to exactly the Service's `loadBalancerSourceRanges`
+//! ([`security`]), as cloud-provider-aws does.
 
 pub mod budget;
 pub mod coalesce;
+pub mod discovery;
+pub mod ec2;
+pub mod security;
 pub mod spec;
 
 /// One attempt of an ELBv2 call may take this long; a hung connection must not stall a worker
@@ -47,6 +49,27 @@ fn no_sdk_retry() -> elbv2::config::Builder {
 
 /// The ELBv2 SDK, re-exported for tests and benchmarks that inspect what the provider made.
 pub use aws_sdk_elasticloadbalancingv2 as elbv2_sdk;
+
+/// The EC2 SDK, re-exported for tests that set up VPCs, instances and security groups.
+pub use aws_sdk_ec2 as ec2_sdk;
+
+/// An EC2 client for an emulator at `endpoint`, like [`emulator_client`].
+pub fn emulator_ec2_client(endpoint: &str, region: &str, max_attempts: u32) -> aws_sdk_ec2::Client {
+    let conf = aws_sdk_ec2::Config::builder()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new(region.to_string()))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "test", "test", None, None, "static",
+        ))
+        .retry_config(
+            aws_sdk_ec2::config::retry::RetryConfig::standard()
+                .with_max_attempts(max_attempts.max(1)),
+        )
+        .timeout_config(timeouts())
+        .build();
+    aws_sdk_ec2::Client::from_conf(conf)
+}
 
 /// An ELBv2 client with static dummy credentials for an emulator at `endpoint` (tests and
 /// benchmarks; production uses [`AwsProvider::new`] and the SDK's default chain).
@@ -91,6 +114,9 @@ use spec::{DesiredLb, DesiredTargetGroup, HealthCheck, Scheme};
 /// region: us-east-1            # else the SDK's default chain (AWS_REGION, profile, IMDS)
 /// endpointURL: http://127.0.0.1:5000   # else AWS_ENDPOINT_URL / the SDK default
 /// subnets: [subnet-0abc, subnet-0def]  # for Services without the subnets annotation
+///                              # (else discovered by tag in the VPC)
+/// vpcID: vpc-0123              # where to discover subnets (else the nodes' instances' VPC)
+/// disableSecurityGroupIngress: false  # true: leave the nodes' security groups alone
 /// maxAttempts: 3               # SDK attempts per call (adaptive retry of throttling and 5xx)
 /// rateLimits:                  # client-side budget per operation class
 ///   describe: {qps: 10, burst: 40}
@@ -106,9 +132,16 @@ pub struct AwsCloudConfig {
     /// ELBv2 endpoint override.
     #[serde(default, rename = "endpointURL")]
     pub endpoint_url: Option<String>,
-    /// Default subnet IDs.
+    /// Default subnet IDs or names.
     #[serde(default)]
     pub subnets: Vec<String>,
+    /// VPC to discover subnets in.
+    #[serde(default, rename = "vpcID")]
+    pub vpc_id: Option<String>,
+    /// Do not manage the nodes' security groups (cloud-provider-aws's
+    /// `DisableSecurityGroupIngress`); `loadBalancerSourceRanges` is then not enforced.
+    #[serde(default)]
+    pub disable_security_group_ingress: bool,
     /// SDK attempts per call.
     #[serde(default)]
     pub max_attempts: Option<u32>,
@@ -124,6 +157,7 @@ struct LbObs {
     dns: Option<String>,
     vpc: Option<String>,
     scheme: Option<String>,
+    subnets: Vec<String>,
 }
 
 /// What we saw of an existing target group.
@@ -135,6 +169,9 @@ struct TgObs {
     health: HealthCheck,
 }
 
+/// A load balancer as last ensured, with its target groups' (ARN, node port).
+type Known = (LbObs, Vec<(String, i32)>);
+
 /// What exists for one Service.
 struct Observed {
     lb: Option<LbObs>,
@@ -145,6 +182,10 @@ struct Observed {
 /// Network load balancers through ELBv2.
 pub struct AwsProvider {
     client: elbv2::Client,
+    ec2: aws_sdk_ec2::Client,
+    ec2_state: ec2::Ec2State,
+    vpc: Option<String>,
+    manage_security_groups: bool,
     budget: Budget,
     defaults: spec::Defaults,
     calls: Mutex<BTreeMap<&'static str, u64>>,
@@ -152,7 +193,7 @@ pub struct AwsProvider {
     /// ours then. Host updates use them directly: 1 describe per group instead of 4 per
     /// Service. An entry is dropped when a group turns out to be gone (then the full lookup
     /// runs) and on every ensure or delete.
-    known: Mutex<HashMap<String, Vec<(String, i32)>>>,
+    known: Mutex<HashMap<String, Known>>,
     /// Groups we own that are no longer wanted but whose deletion failed, by load balancer
     /// name. Once detached they are found neither through the load balancer nor by a desired
     /// name, so they are remembered and retried on the next ensure or delete.
@@ -244,6 +285,11 @@ fn lb_obs(lb: &elbv2::types::LoadBalancer) -> Option<LbObs> {
         dns: lb.dns_name().map(str::to_string),
         vpc: lb.vpc_id().map(str::to_string),
         scheme: lb.scheme().map(|s| s.as_str().to_string()),
+        subnets: lb
+            .availability_zones()
+            .iter()
+            .filter_map(|z| z.subnet_id().map(str::to_string))
+            .collect(),
     })
 }
 
@@ -283,13 +329,40 @@ impl AwsProvider {
                 .with_max_attempts(cfg.max_attempts.unwrap_or(3).max(1)),
         );
         let shared = loader.timeout_config(timeouts()).load().await;
-        Self::with_client(elbv2::Client::new(&shared), cfg)
+        Self::with_clients(
+            elbv2::Client::new(&shared),
+            aws_sdk_ec2::Client::new(&shared),
+            cfg,
+        )
     }
 
-    /// A provider around an existing client (tests and benchmarks).
-    pub fn with_client(client: elbv2::Client, cfg: AwsCloudConfig) -> Self {
+    /// A provider talking ELBv2 and EC2 to an emulator at `endpoint` with dummy credentials
+    /// (tests and benchmarks).
+    pub fn for_emulator(
+        endpoint: &str,
+        region: &str,
+        max_attempts: u32,
+        cfg: AwsCloudConfig,
+    ) -> Self {
+        Self::with_clients(
+            emulator_client(endpoint, region, max_attempts),
+            emulator_ec2_client(endpoint, region, max_attempts),
+            cfg,
+        )
+    }
+
+    /// A provider around existing clients.
+    pub fn with_clients(
+        client: elbv2::Client,
+        ec2: aws_sdk_ec2::Client,
+        cfg: AwsCloudConfig,
+    ) -> Self {
         AwsProvider {
             client,
+            ec2,
+            ec2_state: ec2::Ec2State::default(),
+            vpc: cfg.vpc_id,
+            manage_security_groups: !cfg.disable_security_group_ingress,
             budget: Budget::new(cfg.rate_limits),
             defaults: spec::Defaults {
                 subnets: cfg.subnets,
@@ -309,7 +382,7 @@ impl AwsProvider {
             .remove(lb_name);
     }
 
-    /// ELBv2 calls made so far, by operation name (for metrics and the benchmark).
+    /// ELBv2 and EC2 calls made so far, by operation name (for metrics and the benchmark).
     pub fn call_counts(&self) -> BTreeMap<&'static str, u64> {
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -570,7 +643,7 @@ impl AwsProvider {
         }
     }
 
-    async fn create_lb(&self, d: &DesiredLb) -> Result<LbObs, ProviderError> {
+    async fn create_lb(&self, d: &DesiredLb, subnets: Vec<String>) -> Result<LbObs, ProviderError> {
         self.before(OpClass::Mutate, "CreateLoadBalancer").await;
         let scheme = match d.scheme {
             Scheme::Internal => LoadBalancerSchemeEnum::Internal,
@@ -583,7 +656,7 @@ impl AwsProvider {
             .r#type(LoadBalancerTypeEnum::Network)
             .scheme(scheme)
             .ip_address_type(IpAddressType::from(d.ip_address_type.as_str()))
-            .set_subnets(Some(d.subnets.clone()))
+            .set_subnets(Some(subnets))
             .set_tags(Some(tags_vec(&d.tags)))
             .customize()
             .config_override(no_sdk_retry())
@@ -1044,6 +1117,9 @@ impl AwsProvider {
         let name = spec::load_balancer_name(cluster, svc);
         let (lb, tgs) = self.owned_resources(cluster, svc).await?;
         if let Some(lb) = &lb {
+            // Rules first: once the load balancer is gone, nothing says which VPC they are in.
+            self.ensure_security(cluster, &name, lb, None, &BTreeSet::new())
+                .await?;
             // Deleting the load balancer deletes its listeners.
             self.delete_lb_arn(&lb.arn).await?;
             info!(arn = %lb.arn, "deleted load balancer");
@@ -1117,7 +1193,8 @@ impl LoadBalancerProvider for AwsProvider {
         let lb = match found {
             Some(lb) => lb,
             None => {
-                let lb = self.create_lb(&d).await?;
+                let subnets = self.subnets_for(cluster, &d, &instances).await?;
+                let lb = self.create_lb(&d, subnets).await?;
                 tags.insert(lb.arn.clone(), d.tags.clone());
                 lb
             }
@@ -1173,11 +1250,14 @@ impl LoadBalancerProvider for AwsProvider {
         let wanted_arns: BTreeSet<&String> = tg_arns.values().collect();
         unwanted.retain(|a| !wanted_arns.contains(a));
         self.delete_tgs_or_remember(&d.name, unwanted).await?;
+        self.ensure_security(cluster, &d.name, &lb, Some(&d), &instances)
+            .await?;
+        let status = status_of(&lb);
         self.known
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(d.name.clone(), known);
-        Ok(status_of(&lb))
+            .insert(d.name.clone(), (lb, known));
+        Ok(status)
     }
 
     async fn update_hosts(
@@ -1194,7 +1274,7 @@ impl LoadBalancerProvider for AwsProvider {
             .unwrap_or_else(|e| e.into_inner())
             .get(&name)
             .cloned();
-        if let Some(groups) = cached {
+        if let Some((lb, groups)) = cached {
             let mut stale = false;
             for (arn, port) in &groups {
                 match self.ensure_targets(arn, *port, &instances).await {
@@ -1207,7 +1287,9 @@ impl LoadBalancerProvider for AwsProvider {
                 }
             }
             if !stale {
-                return Ok(());
+                return self
+                    .update_host_security(cluster, service, &name, &lb, &instances)
+                    .await;
             }
             debug!(lb = %name, "remembered target groups are gone: looking up again");
             self.forget(&name);
@@ -1220,9 +1302,9 @@ impl LoadBalancerProvider for AwsProvider {
         let Observed { lb, tgs, tags } = self
             .observe(cluster, service, &name, &desired_tgs, true)
             .await?;
-        if lb.is_none() {
+        let Some(lb) = lb else {
             return Ok(());
-        }
+        };
         for t in tgs {
             if !tags
                 .get(&t.arn)
@@ -1233,12 +1315,33 @@ impl LoadBalancerProvider for AwsProvider {
             let Some(port) = t.port else { continue };
             self.ensure_targets(&t.arn, port, &instances).await?;
         }
-        Ok(())
+        self.update_host_security(cluster, service, &name, &lb, &instances)
+            .await
     }
 
     async fn ensure_deleted(&self, cluster: &str, service: &Service) -> Result<(), ProviderError> {
         self.forget(&spec::load_balancer_name(cluster, service));
         self.delete_all(cluster, service).await
+    }
+}
+
+impl AwsProvider {
+    /// The security-group part of a host update: skipped when the new nodes bring no group
+    /// beyond those already open for this load balancer.
+    async fn update_host_security(
+        &self,
+        cluster: &str,
+        service: &Service,
+        name: &str,
+        lb: &LbObs,
+        instances: &BTreeSet<String>,
+    ) -> Result<(), ProviderError> {
+        if self.security_current(name, instances).await? {
+            return Ok(());
+        }
+        let d = spec::desired(cluster, service, &self.defaults)?;
+        self.ensure_security(cluster, name, lb, Some(&d), instances)
+            .await
     }
 }
 

@@ -92,8 +92,8 @@ pub struct DesiredLb {
     pub name: String,
     /// Scheme.
     pub scheme: Scheme,
-    /// Subnet IDs (only used at creation: ELBv2 cannot change a network LB's subnets in place
-    /// without SetSubnets, which we do not manage).
+    /// Subnet IDs or `Name` tags from the annotation or the cloud config; empty means
+    /// discover them in the VPC (only used at creation: we do not manage SetSubnets).
     pub subnets: Vec<String>,
     /// `ipv4` or `dualstack`.
     pub ip_address_type: String,
@@ -105,8 +105,9 @@ pub struct DesiredLb {
     pub listeners: Vec<DesiredListener>,
     /// Target groups, sorted by name.
     pub target_groups: Vec<DesiredTargetGroup>,
-    /// `spec.loadBalancerSourceRanges`, validated.
-    pub source_ranges: Vec<ipnet::IpNet>,
+    /// Client ranges allowed in: `spec.loadBalancerSourceRanges`, else the
+    /// `service.beta.kubernetes.io/load-balancer-source-ranges` annotation, else everything.
+    pub source_ranges: BTreeSet<ipnet::IpNet>,
 }
 
 /// Defaults the provider applies when the Service does not say.
@@ -393,6 +394,60 @@ pub fn is_external(svc: &Service) -> bool {
     ann(svc, "type") == Some("external")
 }
 
+/// The key of the generic source-ranges annotation, read when the spec field is empty.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// Client ranges as k8s.io/cloud-provider reads them: the spec field, else the annotation,
+/// else 0.0.0.0/0; host bits are dropped (`10.0.0.1/8` means 10.0.0.0/8). Where we differ: a
+/// dual-stack load balancer also gets ::/0 by default, since upstream's IPv4-only default
+/// would shut its IPv6 clients out.
+fn source_ranges(
+    svc: &Service,
+    ip_address_type: &str,
+) -> Result<BTreeSet<ipnet::IpNet>, ProviderError> {
+    let field: Vec<&str> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|r| r.trim())
+        .collect();
+    let annotation = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty());
+    let (origin, items): (&str, Vec<&str>) = if !field.is_empty() {
+        ("spec.loadBalancerSourceRanges", field)
+    } else if let Some(v) = annotation {
+        (
+            SOURCE_RANGES_ANNOTATION,
+            v.split(',').map(str::trim).collect(),
+        )
+    } else if ip_address_type == "dualstack" {
+        ("default", vec!["0.0.0.0/0", "::/0"])
+    } else {
+        ("default", vec!["0.0.0.0/0"])
+    };
+    let mut out = BTreeSet::new();
+    for r in items {
+        match r.parse::<ipnet::IpNet>() {
+            Ok(n) => {
+                out.insert(n.trunc());
+            }
+            Err(_) => {
+                return Err(ProviderError::Permanent(format!(
+                    "{origin}: {r:?} is not a CIDR (for example 10.0.0.0/24)"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Computes the desired load balancer for `svc`, or why the Service is invalid.
 pub fn desired(
     cluster: &str,
@@ -433,24 +488,10 @@ pub fn desired(
             if list.is_empty() {
                 return Err(bad("subnets", v, "empty list"));
             }
-            if let Some(n) = list.iter().find(|s| !s.starts_with("subnet-")) {
-                // Names would need EC2 DescribeSubnets; we keep EC2 out of the build.
-                return Err(bad(
-                    "subnets",
-                    v,
-                    &format!("{n:?} is not a subnet ID (subnet names are not supported)"),
-                ));
-            }
             list
         }
         None => defaults.subnets.clone(),
     };
-    if subnets.is_empty() {
-        return Err(ProviderError::Permanent(
-            "no subnets: set the aws-load-balancer-subnets annotation or subnets in --cloud-config"
-                .into(),
-        ));
-    }
     let ip_address_type = match ann(svc, "ip-address-type") {
         None => "ipv4".to_string(),
         Some(v @ ("ipv4" | "dualstack")) => v.to_string(),
@@ -493,23 +534,7 @@ pub fn desired(
         None => BTreeMap::new(),
     };
     let health = health_check(svc)?;
-    let mut source_ranges = Vec::new();
-    for r in svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.load_balancer_source_ranges.as_ref())
-        .into_iter()
-        .flatten()
-    {
-        match r.trim().parse::<ipnet::IpNet>() {
-            Ok(n) => source_ranges.push(n),
-            Err(_) => {
-                return Err(ProviderError::Permanent(format!(
-                    "spec.loadBalancerSourceRanges: {r:?} is not a CIDR"
-                )));
-            }
-        }
-    }
+    let source_ranges = source_ranges(svc, &ip_address_type)?;
 
     // Group ports by front-end port: TCP and UDP on the same port become one TCP_UDP listener
     // (NLB cannot have two listeners on one port), which needs one node port for both.
@@ -788,7 +813,7 @@ mod tests {
             ("type", "clb"),
             ("scheme", "public"),
             ("nlb-target-type", "ip"),
-            ("subnets", "my-subnet-name"),
+            ("subnets", " , "),
             ("healthcheck-protocol", "UDP"),
             ("healthcheck-port", "70000"),
             ("healthcheck-interval", "3"),
@@ -811,11 +836,79 @@ mod tests {
             s.load_balancer_source_ranges = Some(vec!["10.0.0.0/8".into(), "nope".into()]);
         }
         assert!(desired("c", &ranges, &defaults()).is_err_and(|e| e.is_permanent()));
+        let mut ranges = svc(&[], &[(80, "TCP", 30080)]);
+        ranges.metadata.annotations = Some(
+            [(
+                SOURCE_RANGES_ANNOTATION.to_string(),
+                "10.0.0.0/8,x".to_string(),
+            )]
+            .into(),
+        );
+        assert!(desired("c", &ranges, &defaults()).is_err_and(|e| e.is_permanent()));
         let sctp = svc(&[], &[(80, "SCTP", 30080)]);
         assert!(desired("c", &sctp, &defaults()).is_err_and(|e| e.is_permanent()));
+    }
+
+    #[test]
+    fn subnets_by_name_or_discovered() {
+        let named = svc(&[("subnets", "subnet-a, public-1")], &[(80, "TCP", 30080)]);
+        assert_eq!(
+            desired("c", &named, &defaults()).expect("valid").subnets,
+            vec!["subnet-a", "public-1"]
+        );
+        // Neither annotation nor cloud config: discovered in the VPC at creation.
+        let plain = svc(&[], &[(80, "TCP", 30080)]);
         assert!(
-            desired("c", &svc(&[], &[(80, "TCP", 30080)]), &Defaults::default())
-                .is_err_and(|e| e.is_permanent())
+            desired("c", &plain, &Defaults::default())
+                .expect("valid")
+                .subnets
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn source_ranges_field_then_annotation_then_default() {
+        let nets = |v: &[&str]| -> BTreeSet<ipnet::IpNet> {
+            v.iter().map(|s| s.parse().expect("CIDR")).collect()
+        };
+        let mut s = svc(&[], &[(80, "TCP", 30080)]);
+        assert_eq!(
+            desired("c", &s, &defaults()).expect("valid").source_ranges,
+            nets(&["0.0.0.0/0"])
+        );
+        let mut dual = svc(&[("ip-address-type", "dualstack")], &[(80, "TCP", 30080)]);
+        assert_eq!(
+            desired("c", &dual, &defaults())
+                .expect("valid")
+                .source_ranges,
+            nets(&["0.0.0.0/0", "::/0"])
+        );
+        s.metadata.annotations = Some(
+            [(
+                SOURCE_RANGES_ANNOTATION.to_string(),
+                " 10.1.2.3/16, 192.0.2.0/24 ".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            desired("c", &s, &defaults()).expect("valid").source_ranges,
+            nets(&["10.1.0.0/16", "192.0.2.0/24"])
+        );
+        if let Some(sp) = s.spec.as_mut() {
+            sp.load_balancer_source_ranges = Some(vec!["203.0.113.0/24".into()]);
+        }
+        assert_eq!(
+            desired("c", &s, &defaults()).expect("valid").source_ranges,
+            nets(&["203.0.113.0/24"])
+        );
+        if let Some(sp) = dual.spec.as_mut() {
+            sp.load_balancer_source_ranges = Some(vec!["2001:db8::/32".into()]);
+        }
+        assert_eq!(
+            desired("c", &dual, &defaults())
+                .expect("valid")
+                .source_ranges,
+            nets(&["2001:db8::/32"])
         );
     }
 
