@@ -12,7 +12,8 @@ use std::time::Duration;
 use anyhow::{Result, anyhow};
 use cloud_lb::aws::elbv2_sdk as elbv2;
 use cloud_lb::aws::{
-    AwsCloudConfig, AwsProvider, budget::Rate, budget::RateLimits, emulator_client,
+    AwsCloudConfig, AwsProvider, budget::Rate, budget::RateLimits, ec2_sdk as ec2, emulator_client,
+    emulator_ec2_client,
 };
 use cloud_lb::local::{LocalCloudConfig, LocalProvider, REQUESTED_IPS_ANNOTATION};
 use cloud_lb::{CloudLbConfig, LoadBalancerProvider, ProviderKind, run_with_provider};
@@ -126,6 +127,8 @@ struct Aws {
     proxy: FaultProxy,
     /// Straight to moto, for assertions (not counted by the proxy).
     elb: elbv2::Client,
+    /// EC2 straight to moto, for setup and assertions.
+    ec2: ec2::Client,
     subnets: Vec<String>,
     cluster: String,
 }
@@ -136,16 +139,26 @@ impl Aws {
         let proxy = FaultProxy::start(&moto.addr).await?;
         let subnets = moto.default_subnets().await?;
         let elb = emulator_client(&moto.endpoint, REGION, 1);
+        let ec2 = emulator_ec2_client(&moto.endpoint, REGION, 1);
         Ok(Aws {
             moto,
             proxy,
             elb,
+            ec2,
             subnets,
             cluster: cluster.into(),
         })
     }
 
     fn provider(&self) -> Arc<AwsProvider> {
+        self.provider_with(AwsCloudConfig {
+            subnets: self.subnets[..1].to_vec(),
+            ..Default::default()
+        })
+    }
+
+    /// A provider with `cfg` and a budget that never slows a test.
+    fn provider_with(&self, cfg: AwsCloudConfig) -> Arc<AwsProvider> {
         let fast = Rate {
             qps: 1000.0,
             burst: 1000,
@@ -157,12 +170,120 @@ impl Aws {
                 REGION,
                 2,
                 AwsCloudConfig {
-                    subnets: self.subnets[..1].to_vec(),
                     rate_limits: RateLimits::uniform(fast),
-                    ..Default::default()
+                    ..cfg
                 },
             ),
         )
+    }
+
+    async fn vpc_of_subnet(&self, subnet: &str) -> Result<String> {
+        let r = self
+            .ec2
+            .describe_subnets()
+            .subnet_ids(subnet)
+            .send()
+            .await?;
+        r.subnets()
+            .first()
+            .and_then(|s| s.vpc_id())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no subnet {subnet}"))
+    }
+
+    async fn tag(&self, id: &str, tags: &[(&str, &str)]) -> Result<()> {
+        let mut req = self.ec2.create_tags().resources(id);
+        for (k, v) in tags {
+            req = req.tags(ec2::types::Tag::builder().key(*k).value(*v).build());
+        }
+        req.send().await?;
+        Ok(())
+    }
+
+    async fn security_group(&self, vpc: &str, name: &str, tags: &[(&str, &str)]) -> Result<String> {
+        let g = self
+            .ec2
+            .create_security_group()
+            .group_name(name)
+            .description(name)
+            .vpc_id(vpc)
+            .send()
+            .await?;
+        let id = g
+            .group_id()
+            .ok_or_else(|| anyhow!("no group id"))?
+            .to_string();
+        if !tags.is_empty() {
+            self.tag(&id, tags).await?;
+        }
+        Ok(id)
+    }
+
+    /// Starts an instance in `subnet` with `groups`; its ID.
+    async fn instance(&self, subnet: &str, groups: &[&str]) -> Result<String> {
+        let r = self
+            .ec2
+            .run_instances()
+            .image_id("ami-12c6146b")
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(subnet)
+            .set_security_group_ids(Some(groups.iter().map(|g| g.to_string()).collect()))
+            .send()
+            .await?;
+        r.instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no instance"))
+    }
+
+    /// A group's ingress rules as (protocol, from port, range, description).
+    async fn rules(&self, group: &str) -> BTreeSet<(String, i32, String, String)> {
+        let Ok(r) = self
+            .ec2
+            .describe_security_groups()
+            .group_ids(group)
+            .send()
+            .await
+        else {
+            return BTreeSet::new();
+        };
+        let mut out = BTreeSet::new();
+        for p in r.security_groups().iter().flat_map(|g| g.ip_permissions()) {
+            let proto = p.ip_protocol().unwrap_or("").to_string();
+            let from = p.from_port().unwrap_or(-1);
+            for x in p.ip_ranges() {
+                out.insert((
+                    proto.clone(),
+                    from,
+                    x.cidr_ip().unwrap_or("").to_string(),
+                    x.description().unwrap_or("").to_string(),
+                ));
+            }
+            for x in p.ipv6_ranges() {
+                out.insert((
+                    proto.clone(),
+                    from,
+                    x.cidr_ipv6().unwrap_or("").to_string(),
+                    x.description().unwrap_or("").to_string(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Subnets a load balancer was created in.
+    async fn lb_subnets(&self, svc: &Service) -> BTreeSet<String> {
+        self.lb_of(svc)
+            .await
+            .map(|l| {
+                l.availability_zones()
+                    .iter()
+                    .filter_map(|z| z.subnet_id().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn config(&self, class: &str, default: bool) -> CloudLbConfig {
@@ -308,12 +429,17 @@ fn instance(name: &str) -> String {
 }
 
 async fn node(client: &kube::Client, name: &str) -> Result<Node> {
+    node_on(client, name, &instance(name)).await
+}
+
+/// A Node whose providerID names EC2 instance `id`.
+async fn node_on(client: &kube::Client, name: &str, id: &str) -> Result<Node> {
     create_node(
         client,
         NodeSpecBuilder {
             name: name.into(),
             zone: Some("us-east-1a".into()),
-            provider_id: Some(format!("aws:///us-east-1a/{}", instance(name))),
+            provider_id: Some(format!("aws:///us-east-1a/{id}")),
             ..Default::default()
         },
     )
@@ -1512,5 +1638,343 @@ async fn local_pool_state_is_rebuilt_each_leadership_term() -> Result<()> {
     );
     p1.stop().await;
     p2.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn source_ranges_are_enforced_in_node_security_groups() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let cluster = "it-sg";
+    let aws = Aws::start(cluster).await?;
+    let class = "test.example.com/sg";
+    let subnet = aws.subnets[0].clone();
+    let vpc = aws.vpc_of_subnet(&subnet).await?;
+    let cluster_tag = format!("kubernetes.io/cluster/{cluster}");
+    let nodes_sg = aws
+        .security_group(&vpc, "nodes", &[(&cluster_tag, "owned")])
+        .await?;
+    let extra_sg = aws.security_group(&vpc, "extra", &[]).await?;
+    // Two groups: the one tagged for the cluster is opened, the other left alone.
+    let i_a = aws.instance(&subnet, &[&nodes_sg, &extra_sg]).await?;
+    let i_b = aws.instance(&subnet, &[&nodes_sg]).await?;
+    node_on(&client, "sg-a", &i_a).await?;
+    node_on(&client, "sg-b", &i_b).await?;
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+
+    let mut s = lb_service(&ns, "web", Some(class), &[("http", 80, "TCP", None)]);
+    if let Some(sp) = s.spec.as_mut() {
+        sp.load_balancer_source_ranges = Some(vec!["203.0.113.0/24".into()]);
+    }
+    create(&client, &s).await?;
+    let svc = wait_status(&client, &ns, "web").await?;
+    let np = node_port(&svc, 80);
+    let lb_name = cloud_lb::aws::spec::load_balancer_name(cluster, &svc);
+    let client_desc = format!("kubernetes.io/rule/nlb/client={lb_name}");
+    let health_desc = format!("kubernetes.io/rule/nlb/health={lb_name}");
+    let subnet_cidr = aws
+        .ec2
+        .describe_subnets()
+        .subnet_ids(&subnet)
+        .send()
+        .await?
+        .subnets()
+        .first()
+        .and_then(|s| s.cidr_block())
+        .unwrap_or_default()
+        .to_string();
+    let ours = |rules: &BTreeSet<(String, i32, String, String)>| -> BTreeSet<(String, i32, String, String)> {
+        rules
+            .iter()
+            .filter(|r| r.3.starts_with("kubernetes.io/rule/nlb/"))
+            .cloned()
+            .collect()
+    };
+    let want = |ranges: &[&str]| -> BTreeSet<(String, i32, String, String)> {
+        let mut w = BTreeSet::new();
+        for r in ranges {
+            w.insert(("tcp".to_string(), np, r.to_string(), client_desc.clone()));
+            let (proto, from) = if r.contains(':') {
+                ("icmpv6", 2)
+            } else {
+                ("icmp", 3)
+            };
+            w.insert((
+                proto.to_string(),
+                from,
+                r.to_string(),
+                "kubernetes.io/rule/nlb/mtu".to_string(),
+            ));
+        }
+        w.insert((
+            "tcp".to_string(),
+            np,
+            subnet_cidr.clone(),
+            health_desc.clone(),
+        ));
+        w
+    };
+    wait_for(
+        "client, health and MTU rules on the nodes' group",
+        T,
+        || async { (ours(&aws.rules(&nodes_sg).await) == want(&["203.0.113.0/24"])).then_some(()) },
+    )
+    .await?;
+    assert!(ours(&aws.rules(&extra_sg).await).is_empty());
+
+    // Changing the ranges moves the rules; nothing else on the group is touched.
+    aws.ec2
+        .authorize_security_group_ingress()
+        .group_id(&nodes_sg)
+        .ip_permissions(
+            ec2::types::IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(22)
+                .to_port(22)
+                .ip_ranges(
+                    ec2::types::IpRange::builder()
+                        .cidr_ip("192.0.2.0/24")
+                        .description("ssh by hand")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await?;
+    patch(
+        &client,
+        &ns,
+        "web",
+        serde_json::json!({"spec": {"loadBalancerSourceRanges": ["198.51.100.0/24", "2001:db8::/32"]}}),
+    )
+    .await?;
+    wait_for("rules for the new ranges only", T, || async {
+        (ours(&aws.rules(&nodes_sg).await) == want(&["198.51.100.0/24", "2001:db8::/32"]))
+            .then_some(())
+    })
+    .await?;
+    assert!(
+        aws.rules(&nodes_sg)
+            .await
+            .iter()
+            .any(|r| r.3 == "ssh by hand")
+    );
+
+    // A node from another pool, whose instance has one untagged group: that group opens too.
+    let pool_sg = aws.security_group(&vpc, "pool-2", &[]).await?;
+    let i_c = aws.instance(&subnet, &[&pool_sg]).await?;
+    node_on(&client, "sg-c", &i_c).await?;
+    wait_for("rules on the new pool's group", T, || async {
+        (ours(&aws.rules(&pool_sg).await) == want(&["198.51.100.0/24", "2001:db8::/32"]))
+            .then_some(())
+    })
+    .await?;
+
+    // Steady state: a resync changes no rule.
+    aws.proxy.reset_counts();
+    patch(
+        &client,
+        &ns,
+        "web",
+        serde_json::json!({"metadata": {"annotations": {"example.com/touch": "1"}}}),
+    )
+    .await?;
+    wait_for("a resync's security group describe", T, || async {
+        aws.proxy
+            .counts()
+            .contains_key("DescribeSecurityGroups")
+            .then_some(())
+    })
+    .await?;
+    let c = aws.proxy.counts();
+    assert!(
+        !c.contains_key("AuthorizeSecurityGroupIngress")
+            && !c.contains_key("RevokeSecurityGroupIngress"),
+        "{c:?}"
+    );
+
+    // Deletion revokes every rule of ours (MTU included, no other load balancer needs it)
+    // before the load balancer goes; the hand-made rule stays.
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .delete("web", &DeleteParams::default())
+        .await?;
+    wait_for("service gone", T, || async {
+        get(&client, &ns, "web").await.is_none().then_some(())
+    })
+    .await?;
+    for g in [&nodes_sg, &pool_sg, &extra_sg] {
+        assert!(
+            ours(&aws.rules(g).await).is_empty(),
+            "{g}: {:?}",
+            aws.rules(g).await
+        );
+    }
+    assert!(
+        aws.rules(&nodes_sg)
+            .await
+            .iter()
+            .any(|r| r.3 == "ssh by hand")
+    );
+    assert!(aws.tagged(&ns, "web").await?.is_empty());
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subnets_are_discovered_by_tag_or_resolved_by_name() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let cluster = "it-disc";
+    let aws = Aws::start(cluster).await?;
+    let class = "test.example.com/disc";
+    let ours = format!("kubernetes.io/cluster/{cluster}");
+    let vpc = aws
+        .ec2
+        .create_vpc()
+        .cidr_block("10.20.0.0/16")
+        .send()
+        .await?
+        .vpc()
+        .and_then(|v| v.vpc_id())
+        .unwrap_or_default()
+        .to_string();
+    let subnet = |cidr: &'static str, zone: &'static str| {
+        let ec2 = aws.ec2.clone();
+        let vpc = vpc.clone();
+        async move {
+            let r = ec2
+                .create_subnet()
+                .vpc_id(vpc)
+                .cidr_block(cidr)
+                .availability_zone(zone)
+                .send()
+                .await?;
+            r.subnet()
+                .and_then(|s| s.subnet_id())
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("no subnet"))
+        }
+    };
+    let a1 = subnet("10.20.1.0/24", "us-east-1a").await?;
+    let a2 = subnet("10.20.2.0/24", "us-east-1a").await?;
+    let b = subnet("10.20.3.0/24", "us-east-1b").await?;
+    let c = subnet("10.20.4.0/24", "us-east-1c").await?;
+    let other = subnet("10.20.5.0/24", "us-east-1d").await?;
+    aws.tag(
+        &a1,
+        &[(&ours, "shared"), ("kubernetes.io/role/internal-elb", "1")],
+    )
+    .await?;
+    aws.tag(&a2, &[(&ours, "shared"), ("kubernetes.io/role/elb", "1")])
+        .await?;
+    aws.tag(&c, &[(&ours, "owned"), ("Name", "private-c")])
+        .await?;
+    aws.tag(&other, &[("kubernetes.io/cluster/someone-else", "owned")])
+        .await?;
+    // a1, a2, b and other are public (their table routes to an internet gateway); c uses
+    // the main table, which does not.
+    let igw = aws
+        .ec2
+        .create_internet_gateway()
+        .send()
+        .await?
+        .internet_gateway()
+        .and_then(|g| g.internet_gateway_id())
+        .unwrap_or_default()
+        .to_string();
+    aws.ec2
+        .attach_internet_gateway()
+        .internet_gateway_id(&igw)
+        .vpc_id(&vpc)
+        .send()
+        .await?;
+    let rt = aws
+        .ec2
+        .create_route_table()
+        .vpc_id(&vpc)
+        .send()
+        .await?
+        .route_table()
+        .and_then(|t| t.route_table_id())
+        .unwrap_or_default()
+        .to_string();
+    aws.ec2
+        .create_route()
+        .route_table_id(&rt)
+        .destination_cidr_block("0.0.0.0/0")
+        .gateway_id(&igw)
+        .send()
+        .await?;
+    for s in [&a1, &a2, &b, &other] {
+        aws.ec2
+            .associate_route_table()
+            .route_table_id(&rt)
+            .subnet_id(s)
+            .send()
+            .await?;
+    }
+    // The VPC is found through the nodes' instances.
+    let sg = aws
+        .security_group(&vpc, "nodes", &[(&ours, "owned")])
+        .await?;
+    let i = aws.instance(&c, &[&sg]).await?;
+    node_on(&client, "disc-a", &i).await?;
+    let ctrl = Ctrl::start(
+        &client,
+        aws.config(class, false),
+        aws.provider_with(AwsCloudConfig::default()),
+    );
+
+    let public = lb_service(&ns, "public", Some(class), &[("http", 80, "TCP", None)]);
+    create(&client, &public).await?;
+    let mut internal = lb_service(&ns, "internal", Some(class), &[("http", 80, "TCP", None)]);
+    internal.metadata.annotations = Some(
+        [(
+            "service.beta.kubernetes.io/aws-load-balancer-internal".to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    );
+    create(&client, &internal).await?;
+    let mut named = lb_service(&ns, "named", Some(class), &[("http", 80, "TCP", None)]);
+    named.metadata.annotations = Some(
+        [(
+            "service.beta.kubernetes.io/aws-load-balancer-subnets".to_string(),
+            format!("private-c, {b}"),
+        )]
+        .into(),
+    );
+    create(&client, &named).await?;
+    let mut missing = lb_service(&ns, "missing", Some(class), &[("http", 80, "TCP", None)]);
+    missing.metadata.annotations = Some(
+        [(
+            "service.beta.kubernetes.io/aws-load-balancer-subnets".to_string(),
+            "no-such-subnet".to_string(),
+        )]
+        .into(),
+    );
+    create(&client, &missing).await?;
+
+    let svc = wait_status(&client, &ns, "public").await?;
+    // Zone a: the role tag wins; zone b: the only (untagged) subnet; c is private; the other
+    // cluster's subnet is never used.
+    assert_eq!(aws.lb_subnets(&svc).await, [a2.clone(), b.clone()].into());
+    let svc = wait_status(&client, &ns, "internal").await?;
+    assert_eq!(
+        aws.lb_subnets(&svc).await,
+        [a1.clone(), b.clone(), c.clone()].into()
+    );
+    let svc = wait_status(&client, &ns, "named").await?;
+    assert_eq!(aws.lb_subnets(&svc).await, [c.clone(), b.clone()].into());
+    wait_event(
+        &client,
+        &ns,
+        "missing",
+        "SyncLoadBalancerFailed",
+        "no subnet named \"no-such-subnet\"",
+    )
+    .await?;
+    assert!(aws.lb_of(&missing).await.is_none());
+    ctrl.stop().await;
     Ok(())
 }
