@@ -212,6 +212,47 @@ struct Shell {
     /// The controller's queue, to queue every served Service at the start of a term.
     queue: WorkQueue<ObjectKey>,
     metrics: LbMetrics,
+    /// The node-sync pass in progress, for `service_controller_nodesync_latency_seconds`.
+    pass: std::sync::Mutex<NodeSyncPass>,
+}
+
+/// A node-sync pass: when it was queued and the Services it still waits for. A pass queued
+/// while another is unfinished joins it (keeping the earlier start), so a slow pass shows as
+/// one long observation rather than disappearing.
+#[derive(Default)]
+struct NodeSyncPass {
+    started: Option<Instant>,
+    waiting: std::collections::HashSet<ObjectKey>,
+}
+
+impl Shell {
+    fn begin_pass(&self, keys: Vec<ObjectKey>) {
+        let mut p = self.pass.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.is_empty() && p.waiting.is_empty() {
+            return;
+        }
+        p.started.get_or_insert_with(Instant::now);
+        p.waiting.extend(keys);
+    }
+
+    /// Called after every reconcile: the pass (as upstream measures it, across all Services)
+    /// ends when the last Service it queued has been reconciled.
+    fn reconciled(&self, key: &ObjectKey) {
+        let mut p = self.pass.lock().unwrap_or_else(|e| e.into_inner());
+        if p.waiting.remove(key)
+            && p.waiting.is_empty()
+            && let Some(start) = p.started.take()
+        {
+            self.metrics
+                .nodesync_latency
+                .observe(start.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Leadership lost: in-flight reconciles were dropped, so the pass will not finish.
+    fn abandon_pass(&self) {
+        *self.pass.lock().unwrap_or_else(|e| e.into_inner()) = NodeSyncPass::default();
+    }
 }
 
 /// Event notes are limited to 1024 bytes by the API; longer ones are cut at a char boundary.
@@ -261,6 +302,7 @@ pub async fn run_with_provider(
         lost_leadership: AtomicBool::new(false),
         queue: queue.clone(),
         metrics,
+        pass: Default::default(),
     });
     let node_dirty = Arc::new(Notify::new());
 
@@ -363,14 +405,18 @@ pub async fn run_with_provider(
                 }
                 _ = tick.tick() => {}
             }
-            let mut n = 0;
-            for s in sh.services.state() {
-                if core::action(&s, &sh.filter) == Action::Ensure {
-                    q.add(ObjectKey::of(s.as_ref()));
-                    n += 1;
-                }
+            let keys: Vec<ObjectKey> = sh
+                .services
+                .state()
+                .iter()
+                .filter(|s| core::action(s, &sh.filter) == Action::Ensure)
+                .map(|s| ObjectKey::of(s.as_ref()))
+                .collect();
+            debug!(services = keys.len(), "node set pass queued");
+            sh.begin_pass(keys.clone());
+            for k in keys {
+                q.add(k);
             }
-            debug!(services = n, "node set pass queued");
         }
     };
 
@@ -390,6 +436,7 @@ pub async fn run_with_provider(
                 futures::future::pending::<()>().await;
             }
             sh.lost_leadership.store(true, Ordering::SeqCst);
+            sh.abandon_pass();
         }
     };
 
@@ -409,7 +456,11 @@ pub async fn run_with_provider(
         let sh2 = sh.clone();
         scm_runtime::run_workers(&sh.ctx, q, worker_cfg, move |key: ObjectKey| {
             let sh = sh2.clone();
-            async move { sh.reconcile(key).await }
+            async move {
+                let r = sh.reconcile(key.clone()).await;
+                sh.reconciled(&key);
+                r
+            }
         })
         .await;
     };
@@ -676,7 +727,6 @@ impl Shell {
             .await;
         let secs = start.elapsed().as_secs_f64();
         self.metrics.host_update_latency.observe(secs);
-        self.metrics.nodesync_latency.observe(secs);
         match res {
             Ok(()) => {
                 if nodes.is_empty() {

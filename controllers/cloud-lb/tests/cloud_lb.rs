@@ -90,10 +90,15 @@ impl Ctrl {
 
     /// Reconciles completed so far.
     fn reconciles_done(&self) -> u64 {
+        self.count("service_controller_manager_reconcile_duration_seconds_count")
+    }
+
+    /// The value of a metric line starting with `name` (0 when absent).
+    fn count(&self, name: &str) -> u64 {
         self.metrics
             .encode()
             .lines()
-            .find(|l| l.starts_with("service_controller_manager_reconcile_duration_seconds_count"))
+            .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().last()?.parse().ok())
             .unwrap_or(0)
     }
@@ -1816,6 +1821,33 @@ async fn source_ranges_are_enforced_in_node_security_groups() -> Result<()> {
             .any(|r| r.3 == "ssh by hand")
     );
     assert!(aws.tagged(&ns, "web").await?.is_empty());
+
+    // A group at EC2's rule quota (60 inbound, enforced by moto as by AWS): a clear Warning
+    // naming the group and the ways out, instead of an opaque API error.
+    let mut fill = ec2::types::IpPermission::builder()
+        .ip_protocol("tcp")
+        .from_port(23)
+        .to_port(23);
+    for i in 0..59 {
+        fill = fill.ip_ranges(
+            ec2::types::IpRange::builder()
+                .cidr_ip(format!("10.250.{i}.0/24"))
+                .build(),
+        );
+    }
+    aws.ec2
+        .authorize_security_group_ingress()
+        .group_id(&nodes_sg)
+        .ip_permissions(fill.build())
+        .send()
+        .await?;
+    create(
+        &client,
+        &lb_service(&ns, "full", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let note = wait_event(&client, &ns, "full", "SyncLoadBalancerFailed", "is full").await?;
+    assert!(note.contains(&nodes_sg), "{note}");
     ctrl.stop().await;
     Ok(())
 }
@@ -1975,6 +2007,49 @@ async fn subnets_are_discovered_by_tag_or_resolved_by_name() -> Result<()> {
     )
     .await?;
     assert!(aws.lb_of(&missing).await.is_none());
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_sync_latency_is_one_observation_per_pass() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-pass").await?;
+    let class = "test.example.com/pass";
+    node(&client, "pass-a").await?;
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    let names = ["p1", "p2", "p3"];
+    for n in names {
+        create(
+            &client,
+            &lb_service(&ns, n, Some(class), &[("http", 80, "TCP", None)]),
+        )
+        .await?;
+    }
+    for n in names {
+        wait_status(&client, &ns, n).await?;
+    }
+    let passes = "service_controller_nodesync_latency_seconds_count";
+    let hosts = "service_controller_update_loadbalancer_host_latency_seconds_count";
+    let (p0, h0) = (ctrl.count(passes), ctrl.count(hosts));
+    node(&client, "pass-b").await?;
+    wait_for(
+        "every load balancer updated with the new host",
+        T,
+        || async { (ctrl.count(hosts) >= h0 + 3).then_some(()) },
+    )
+    .await?;
+    wait_for("the pass to be observed", T, || async {
+        (ctrl.count(passes) > p0).then_some(())
+    })
+    .await?;
+    // One node event: one pass over three Services, observed once (upstream measures the
+    // whole pass), while each Service's host update is observed on its own. (The start-up
+    // pass may still finish inside this window, so "fewer than hosts", not "exactly one".)
+    let (dp, dh) = (ctrl.count(passes) - p0, ctrl.count(hosts) - h0);
+    assert_eq!(dh, 3);
+    assert!(dp >= 1 && dp < dh, "passes {dp}, host updates {dh}");
     ctrl.stop().await;
     Ok(())
 }

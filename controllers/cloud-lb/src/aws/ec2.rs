@@ -470,6 +470,16 @@ impl AwsProvider {
             {
                 Ok(_) => {}
                 Err(e) if is_code(&e, &["InvalidPermission.Duplicate"]) => {}
+                // Every load balancer adds at least one rule to the nodes' group, so the
+                // default quota (60 inbound rules per group) caps a cluster at a few dozen
+                // such Services, as with cloud-provider-aws. Retryable: raising the quota
+                // fixes it without touching the Service.
+                Err(e) if is_code(&e, &["RulesPerSecurityGroupLimitExceeded"]) => {
+                    return Err(ProviderError::Retryable(format!(
+                        "AuthorizeSecurityGroupIngress: security group {} is full (EC2 quota \"Inbound rules per security group\"): raise the quota, use fewer source ranges, or set disableSecurityGroupIngress in --cloud-config and manage the nodes' groups yourself",
+                        c.group
+                    )));
+                }
                 Err(e) => return Err(classify("AuthorizeSecurityGroupIngress", e)),
             }
         }
