@@ -27,6 +27,9 @@ const AWS: &[&str] = &[
     "cloudProvider.aws.region=eu-west-1",
     "cloudProvider.aws.roleArn=arn:aws:iam::123456789012:role/scm",
     "cloudProvider.aws.credentialsSecret=aws-credentials",
+    "cloudProvider.aws.subnets={subnet-0abc,public-b}",
+    "cloudProvider.aws.vpcID=vpc-0123abcd",
+    "cloudProvider.aws.disableSecurityGroupIngress=true",
 ];
 const LOCAL: &[&str] = &[
     "cloudProvider.name=local",
@@ -351,12 +354,28 @@ async fn renders_for_every_provider_and_the_api_server_accepts_it() {
                 assert!(env.contains("aws-credentials") && env.contains("AWS_SECRET_ACCESS_KEY"));
                 let cm = find(&objs, "ConfigMap");
                 let cfg = cm["data"]["cloud-config.yaml"].as_str().unwrap_or_default();
-                assert!(cfg.contains("region: eu-west-1"), "{cfg}");
+                // The provider's own type (unknown keys rejected) reads what the chart renders.
+                let parsed: cloud_lb::aws::AwsCloudConfig =
+                    serde_yaml::from_str(cfg).expect("the provider reads the rendered config");
+                assert_eq!(parsed.region.as_deref(), Some("eu-west-1"), "{cfg}");
+                assert_eq!(parsed.vpc_id.as_deref(), Some("vpc-0123abcd"), "{cfg}");
+                assert_eq!(parsed.subnets, vec!["subnet-0abc", "public-b"], "{cfg}");
+                assert!(parsed.disable_security_group_ingress, "{cfg}");
             }
             "local" => {
                 let cm = find(&objs, "ConfigMap");
                 let cfg = cm["data"]["cloud-config.yaml"].as_str().unwrap_or_default();
-                assert!(cfg.contains("192.168.100.0/28"), "{cfg}");
+                let parsed: cloud_lb::local::LocalCloudConfig =
+                    serde_yaml::from_str(cfg).expect("the provider reads the rendered config");
+                assert!(
+                    cloud_lb::local::LocalProvider::new(parsed.clone()).is_ok(),
+                    "{cfg}"
+                );
+                assert_eq!(
+                    parsed.pools,
+                    vec!["192.168.100.0/28".parse::<ipnet::IpNet>().expect("CIDR")],
+                    "{cfg}"
+                );
             }
             _ => {}
         }

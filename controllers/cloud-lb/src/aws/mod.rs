@@ -1380,6 +1380,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cloud_config_reads_every_documented_key() {
+        let cfg: AwsCloudConfig = serde_yaml::from_str(
+            r#"
+region: us-east-1
+endpointURL: http://127.0.0.1:5000
+subnets: [subnet-0abc, public-b]
+vpcID: vpc-0123
+disableSecurityGroupIngress: true
+maxAttempts: 3
+rateLimits:
+  describe: {qps: 10, burst: 40}
+  ec2Describe: {qps: 5, burst: 10}
+  ec2Mutate: {qps: 1, burst: 2}
+"#,
+        )
+        .expect("documented keys parse");
+        assert_eq!(cfg.vpc_id.as_deref(), Some("vpc-0123"));
+        assert!(cfg.disable_security_group_ingress);
+        assert_eq!(cfg.subnets, vec!["subnet-0abc", "public-b"]);
+        assert_eq!(cfg.rate_limits.ec2_mutate.burst, 2);
+        // Unset classes keep their defaults.
+        assert_eq!(
+            cfg.rate_limits.targets,
+            budget::RateLimits::default().targets
+        );
+        assert!(serde_yaml::from_str::<AwsCloudConfig>("vpcId: vpc-1").is_err());
+    }
+
+    #[test]
     fn attribute_changes_sends_only_missing_or_different_values() {
         let want: BTreeMap<String, String> = [
             ("a".to_string(), "1".to_string()),
