@@ -56,6 +56,13 @@ pub struct Ec2State {
     done: std::sync::Mutex<HashMap<String, Ensured>>,
 }
 
+impl Ec2State {
+    /// Drops what says a load balancer's rules are current (a new leadership term).
+    pub fn forget_ensured(&self) {
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
 fn filter(name: &str, values: impl IntoIterator<Item = String>) -> Filter {
     Filter::builder()
         .name(name)

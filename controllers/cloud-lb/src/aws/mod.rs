@@ -1319,6 +1319,15 @@ impl LoadBalancerProvider for AwsProvider {
             .await
     }
 
+    /// A new leadership term: another replica may have changed anything since this one last
+    /// led, so shortcuts taken from memory (remembered target groups, security groups known to
+    /// be current) are dropped; the next sync of each Service looks everything up again.
+    async fn restore(&self, _cluster: &str, _services: &[Service]) -> Result<(), ProviderError> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.ec2_state.forget_ensured();
+        Ok(())
+    }
+
     async fn ensure_deleted(&self, cluster: &str, service: &Service) -> Result<(), ProviderError> {
         self.forget(&spec::load_balancer_name(cluster, service));
         self.delete_all(cluster, service).await
