@@ -45,7 +45,7 @@ if [ "$TARGET" = "$MUSL" ] && ! command -v musl-gcc >/dev/null; then
   fi
 fi
 
-echo ">> cargo build --profile $PROFILE --target $TARGET (static); a cold release build takes ~10 min" >&2
+echo ">> cargo build --profile $PROFILE --target $TARGET (static); a cold release build takes well over 10 min" >&2
 RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --locked --profile "$PROFILE" --bin service-controller-manager --target "$TARGET"
 dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
