@@ -2053,3 +2053,58 @@ async fn node_sync_latency_is_one_observation_per_pass() -> Result<()> {
     ctrl.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_instances_never_strip_a_load_balancers_rules() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let cluster = "it-unknown";
+    let aws = Aws::start(cluster).await?;
+    let provider = aws.provider();
+    let subnet = aws.subnets[0].clone();
+    let vpc = aws.vpc_of_subnet(&subnet).await?;
+    let tag = format!("kubernetes.io/cluster/{cluster}");
+    let sg = aws
+        .security_group(&vpc, "nodes", &[(&tag, "owned")])
+        .await?;
+    let real = aws.instance(&subnet, &[&sg]).await?;
+    let mut svc = lb_service("ns", "keep", None, &[("http", 80, "TCP", Some(30081))]);
+    svc.metadata.uid = Some("uid-keep".into());
+    let on = |name: &str, id: &str| Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            provider_id: Some(format!("aws:///us-east-1a/{id}")),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let client_rules = || async {
+        aws.rules(&sg)
+            .await
+            .into_iter()
+            .filter(|r| r.3.starts_with("kubernetes.io/rule/nlb/client="))
+            .count()
+    };
+    provider.ensure(cluster, &svc, &[on("k-a", &real)]).await?;
+    assert_eq!(client_rules().await, 1);
+    // Every node now names an instance EC2 does not know (a lagging describe, say): the
+    // rules stay rather than being revoked as "no node uses this group".
+    provider
+        .ensure(cluster, &svc, &[on("k-b", "i-0000000000000dead")])
+        .await?;
+    assert_eq!(client_rules().await, 1);
+    // With a known instance elsewhere, the plan runs again (and keeps the rule on its group).
+    provider
+        .ensure(
+            cluster,
+            &svc,
+            &[on("k-a", &real), on("k-b", "i-0000000000000dead")],
+        )
+        .await?;
+    assert_eq!(client_rules().await, 1);
+    provider.ensure_deleted(cluster, &svc).await?;
+    assert_eq!(client_rules().await, 0);
+    Ok(())
+}

@@ -22,6 +22,9 @@ use crate::provider::ProviderError;
 /// How long an instance's VPC and security groups are trusted without asking again. Nodes'
 /// groups change rarely; a resync after this picks up a change.
 pub const INSTANCE_TTL: Duration = Duration::from_secs(300);
+/// How long "EC2 does not know this instance" is trusted: briefly, since a just-started
+/// instance can be missing from describes for a moment (EC2 is eventually consistent).
+pub const UNKNOWN_INSTANCE_TTL: Duration = Duration::from_secs(30);
 /// Instance IDs per DescribeInstances call (filters take up to 200 values).
 const INSTANCES_PER_CALL: usize = 200;
 
@@ -174,9 +177,14 @@ impl AwsProvider {
         let missing: Vec<String> = ids
             .iter()
             .filter(|id| {
-                cache
-                    .get(*id)
-                    .is_none_or(|(at, _)| now.duration_since(*at) > INSTANCE_TTL)
+                cache.get(*id).is_none_or(|(at, info)| {
+                    let ttl = if info.is_some() {
+                        INSTANCE_TTL
+                    } else {
+                        UNKNOWN_INSTANCE_TTL
+                    };
+                    now.duration_since(*at) > ttl
+                })
             })
             .cloned()
             .collect();
@@ -494,18 +502,21 @@ impl AwsProvider {
         Ok(())
     }
 
-    /// The nodes' security groups: the group each known instance is opened through.
+    /// The nodes' security groups (the group each known instance is opened through), and how
+    /// many of the instances EC2 knows.
     async fn node_groups(
         &self,
         nodes: &BTreeSet<String>,
         tagged: &BTreeSet<String>,
-    ) -> Result<BTreeSet<String>, ProviderError> {
+    ) -> Result<(BTreeSet<String>, usize), ProviderError> {
         let mut out = BTreeSet::new();
+        let mut known = 0;
         for (id, info) in self.instances(nodes).await? {
             let Some(info) = info else {
                 debug!(instance = %id, "instance unknown to EC2: no security group to open");
                 continue;
             };
+            known += 1;
             match security::instance_group(&id, &info.groups, tagged) {
                 Ok(Some(g)) => {
                     out.insert(g);
@@ -514,7 +525,7 @@ impl AwsProvider {
                 Err(e) => return Err(ProviderError::Retryable(e)),
             }
         }
-        Ok(out)
+        Ok((out, known))
     }
 
     /// Brings the nodes' security groups in line with `d` (or, with `None`, removes the load
@@ -542,7 +553,18 @@ impl AwsProvider {
         let _serial = self.ec2_state.groups.lock().await;
         let (groups, tagged) = self.vpc_groups(cluster, vpc).await?;
         let node_groups = match d {
-            Some(_) => self.node_groups(nodes, &tagged).await?,
+            Some(_) => {
+                let (groups, known) = self.node_groups(nodes, &tagged).await?;
+                if known == 0 && !nodes.is_empty() {
+                    // Nodes exist but EC2 knows none of their instances (a describe that
+                    // lags behind, or nodes outside this account): planning from "no node
+                    // groups" would revoke this load balancer's rules everywhere and cut its
+                    // traffic. Leave the groups as they are until instances are seen.
+                    warn!(lb = %lb_name, nodes = nodes.len(), "no node instance known to EC2: security groups left as they are");
+                    return Ok(());
+                }
+                groups
+            }
             None => BTreeSet::new(),
         };
         for c in security::plan(&groups, &node_groups, lb_name, traffic.as_ref()) {
