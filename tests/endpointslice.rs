@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use endpointslice::common::{
     CONTROLLER_NAME, LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_SKIP_MIRROR,
     MIRRORING_CONTROLLER_NAME, UPSTREAM_CONTROLLER_NAME,
@@ -22,7 +22,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
-    namespace, set_pod_status, tool, wait_for,
+    namespace, set_pod_status, wait_for,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -790,23 +790,6 @@ async fn selector_matching_nothing_gets_placeholder_and_others_converge() -> Res
     Ok(())
 }
 
-/// Runs kube-controller-manager with only its EndpointSlice controller.
-fn start_upstream(cp: &ControlPlane) -> Result<tokio::process::Child> {
-    let kcm = tool("kube-controller-manager")?;
-    let child = tokio::process::Command::new(kcm)
-        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
-        .arg("--leader-elect=false")
-        .arg("--controllers=endpointslice")
-        .arg("--secure-port=0")
-        .arg("--use-service-account-credentials=false")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting kube-controller-manager")?;
-    Ok(child)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_from_upstream_without_losing_ready_endpoints() -> Result<()> {
     // Its own control plane: upstream's controller serves every namespace.
@@ -814,7 +797,7 @@ async fn takeover_from_upstream_without_losing_ready_endpoints() -> Result<()> {
     let e = env_on(&cp, "es-takeover").await?;
     e.service("web", basic_spec(serde_json::json!({}))).await?;
     e.pods(150, "web", true).await?;
-    let mut kcm = start_upstream(&cp)?;
+    let mut kcm = test_support::upstream_endpointslice_controller(&cp)?;
     let up = wait_for("upstream slices", Duration::from_secs(120), || {
         let f = e.slices_by("web", UPSTREAM_CONTROLLER_NAME);
         async move { f.await.ok().filter(|s| ready_count(s) == 150) }

@@ -30,7 +30,7 @@ use scm_runtime::client::{RateLimit, rate_limited_client};
 use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
-    set_pod_status, tool,
+    set_pod_status,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -484,16 +484,7 @@ async fn bench() -> Result<()> {
         )
         .await?;
 
-    let kcm = tokio::process::Command::new(tool("kube-controller-manager")?)
-        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
-        .arg("--leader-elect=false")
-        .arg("--controllers=endpointslice")
-        .arg("--secure-port=0")
-        .arg("--use-service-account-credentials=false")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let kcm = test_support::upstream_endpointslice_controller(&cp)?;
     let up = run_side(
         &client,
         &tally,

@@ -27,7 +27,7 @@ use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readine
 use serde::Deserialize;
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
-    namespace, set_pod_status, tool,
+    namespace, set_pod_status,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -428,16 +428,7 @@ async fn run_scenario(client: &Client, sc: &Scenario) -> Result<()> {
 async fn ours_and_upstream_agree_on_every_scenario() -> Result<()> {
     let cp = ControlPlane::start(ControlPlaneOptions::default()).await?;
     let client = cp.client().await?;
-    let mut kcm = tokio::process::Command::new(tool("kube-controller-manager")?)
-        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
-        .arg("--leader-elect=false")
-        .arg("--controllers=endpointslice")
-        .arg("--secure-port=0")
-        .arg("--use-service-account-credentials=false")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut kcm = test_support::upstream_endpointslice_controller(&cp)?;
     let (gate, _tx) = LeaderGate::fixed(true);
     let shutdown = CancellationToken::new();
     let ctx = ControllerContext {

@@ -33,6 +33,23 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
+/// Upstream's kube-controller-manager running only its EndpointSlice controller against `cp`
+/// (the reference the differential test, the takeover test and the benchmark compare with);
+/// killed when the handle drops.
+pub fn upstream_endpointslice_controller(cp: &ControlPlane) -> Result<Child> {
+    Command::new(tool("kube-controller-manager")?)
+        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
+        .arg("--leader-elect=false")
+        .arg("--controllers=endpointslice")
+        .arg("--secure-port=0")
+        .arg("--use-service-account-credentials=false")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting kube-controller-manager")
+}
+
 /// A tool built by `make tools` into `bin/` (controlplane, kubectl, kube-controller-manager, helm).
 pub fn tool(name: &str) -> Result<PathBuf> {
     let p = repo_root().join("bin").join(name);
