@@ -856,42 +856,55 @@ impl Shell {
         Ok(Requeue::Done)
     }
 
-    /// Applies `edit` to the finalizer list with a conditional patch (resourceVersion). On a
-    /// conflict, reads the Service again and recomputes the edit from the newer copy; the
-    /// finalizer list is all this write depends on.
-    async fn patch_finalizers(
+    /// A merge patch conditional on the copy's resourceVersion, to the Service or (with
+    /// `status`) its status subresource. `build` computes the patch from the current copy, or
+    /// `None` when nothing needs writing; on a conflict the Service is read again and the patch
+    /// recomputed from the newer copy (what we write depends only on the fields `build` reads).
+    async fn patch_recomputing(
         &self,
         mut svc: Service,
-        edit: fn(&Service) -> Option<Vec<String>>,
+        what: &str,
+        status: bool,
+        build: impl Fn(&Service) -> Option<serde_json::Value>,
     ) -> Result<Service, Error> {
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
         let api = self.api(&ns);
         for _ in 0..3 {
-            let Some(finalizers) = edit(&svc) else {
+            let Some(mut patch) = build(&svc) else {
                 return Ok(svc);
             };
-            let patch = serde_json::json!({
-                "metadata": {
-                    "resourceVersion": svc.metadata.resource_version,
-                    "finalizers": finalizers,
-                }
-            });
-            match api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
+            patch["metadata"]["resourceVersion"] = serde_json::json!(svc.metadata.resource_version);
+            let pp = PatchParams::default();
+            let res = if status {
+                api.patch_status(&name, &pp, &Patch::Merge(&patch)).await
+            } else {
+                api.patch(&name, &pp, &Patch::Merge(&patch)).await
+            };
+            match res {
                 Ok(s) => return Ok(s),
                 Err(e) if is_conflict(&e) => {
-                    debug!(service = %ns, name, "finalizer conflict: re-reading");
+                    debug!(service = %ns, name, "{what} conflict: re-reading");
                     svc = api.get(&name).await?;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(Error::Provider(ProviderError::Retryable(
-            "finalizer write kept conflicting".into(),
-        )))
+        Err(Error::Provider(ProviderError::Retryable(format!(
+            "{what} write kept conflicting"
+        ))))
+    }
+
+    /// Applies `edit` to the finalizer list (the finalizer list is all this write depends on).
+    async fn patch_finalizers(
+        &self,
+        svc: Service,
+        edit: fn(&Service) -> Option<Vec<String>>,
+    ) -> Result<Service, Error> {
+        self.patch_recomputing(svc, "finalizer", false, |s| {
+            edit(s).map(|f| serde_json::json!({"metadata": {"finalizers": f}}))
+        })
+        .await
     }
 
     async fn add_finalizer(&self, svc: Service) -> Result<Service, Error> {
@@ -906,19 +919,16 @@ impl Shell {
         }
     }
 
-    /// Writes `status.loadBalancer` through the status subresource if it differs. On a
-    /// conflict, reads the Service again and retries (the status is ours alone to decide).
+    /// Writes `status.loadBalancer` through the status subresource if it differs (the status
+    /// is ours alone to decide, so a conflict only means re-reading).
     async fn write_status(
         &self,
-        mut svc: Service,
+        svc: Service,
         status: &LoadBalancerStatus,
     ) -> Result<Service, Error> {
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let api = self.api(&ns);
-        for _ in 0..3 {
-            if !core::status_differs(&svc, status) {
-                return Ok(svc);
+        self.patch_recomputing(svc, "status", true, |s| {
+            if !core::status_differs(s, status) {
+                return None;
             }
             let ingress = match status.ingress.as_ref() {
                 Some(i) if !i.is_empty() => {
@@ -926,25 +936,9 @@ impl Shell {
                 }
                 _ => serde_json::Value::Null,
             };
-            let patch = serde_json::json!({
-                "metadata": {"resourceVersion": svc.metadata.resource_version},
-                "status": {"loadBalancer": {"ingress": ingress}},
-            });
-            match api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(s) => return Ok(s),
-                Err(e) if is_conflict(&e) => {
-                    debug!(service = %ns, name, "status conflict: re-reading");
-                    svc = api.get(&name).await?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Error::Provider(ProviderError::Retryable(
-            "status write kept conflicting".into(),
-        )))
+            Some(serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}}))
+        })
+        .await
     }
 }
 
