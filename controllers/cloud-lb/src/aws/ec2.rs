@@ -16,7 +16,7 @@ use super::budget::OpClass;
 use super::discovery::{self, RouteTable, Subnet};
 use super::security::{self, Group, GroupChange, Rule, Traffic};
 use super::spec::DesiredLb;
-use super::{AwsProvider, LbObs, classify, is_code};
+use super::{AwsProvider, LbObs, ProvideErrorMetadata, SdkError, classify, is_code};
 use crate::provider::ProviderError;
 
 /// How long an instance's VPC and security groups are trusted without asking again. Nodes'
@@ -165,6 +165,32 @@ pub fn traffic(d: &DesiredLb, health_cidrs: BTreeSet<IpNet>) -> Traffic {
 }
 
 impl AwsProvider {
+    /// Every page of an EC2 describe: each page passes the budget and the call counter, and
+    /// `call` gets the previous page's token. `next` reads an output's token.
+    async fn pages<T, E, F, Fut>(
+        &self,
+        op: &'static str,
+        call: F,
+        next: fn(&T) -> Option<&str>,
+    ) -> Result<Vec<T>, ProviderError>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let mut out = vec![];
+        let mut token = None;
+        loop {
+            self.before(OpClass::Ec2Describe, op).await;
+            let page = call(token).await.map_err(|e| classify(op, e))?;
+            token = next(&page).map(str::to_string);
+            out.push(page);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
     /// VPC and groups of `ids`, from the cache when fresh. Instances EC2 does not know (or
     /// that are gone) map to `None`. One caller describes at a time, so concurrent syncs that
     /// miss the same new node make one call.
@@ -190,19 +216,22 @@ impl AwsProvider {
             .collect();
         for chunk in missing.chunks(INSTANCES_PER_CALL) {
             let mut found: HashMap<String, InstanceInfo> = HashMap::new();
-            let mut token = None;
-            loop {
-                self.before(OpClass::Ec2Describe, "DescribeInstances").await;
-                let out = self
-                    .ec2
-                    .describe_instances()
-                    // A filter, unlike InstanceIds, does not fail the whole call when one
-                    // instance is unknown.
-                    .filters(filter("instance-id", chunk.iter().cloned()))
-                    .set_next_token(token)
-                    .send()
-                    .await
-                    .map_err(|e| classify("DescribeInstances", e))?;
+            let pages = self
+                .pages(
+                    "DescribeInstances",
+                    |t| {
+                        self.ec2
+                            .describe_instances()
+                            // A filter, unlike InstanceIds, does not fail the whole call when
+                            // one instance is unknown.
+                            .filters(filter("instance-id", chunk.iter().cloned()))
+                            .set_next_token(t)
+                            .send()
+                    },
+                    |o| o.next_token(),
+                )
+                .await?;
+            for out in &pages {
                 for i in out.reservations().iter().flat_map(|r| r.instances()) {
                     let Some(id) = i.instance_id() else { continue };
                     found.insert(
@@ -216,10 +245,6 @@ impl AwsProvider {
                                 .collect(),
                         },
                     );
-                }
-                token = out.next_token().map(str::to_string);
-                if token.is_none() {
-                    break;
                 }
             }
             for id in chunk {
@@ -257,40 +282,38 @@ impl AwsProvider {
     }
 
     async fn describe_subnets(&self, filters: Vec<Filter>) -> Result<Vec<Subnet>, ProviderError> {
+        let pages = self
+            .pages(
+                "DescribeSubnets",
+                |t| {
+                    self.ec2
+                        .describe_subnets()
+                        .set_filters(Some(filters.clone()))
+                        .set_next_token(t)
+                        .send()
+                },
+                |o| o.next_token(),
+            )
+            .await?;
         let mut out = vec![];
-        let mut token = None;
-        loop {
-            self.before(OpClass::Ec2Describe, "DescribeSubnets").await;
-            let r = self
-                .ec2
-                .describe_subnets()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| classify("DescribeSubnets", e))?;
-            for s in r.subnets() {
-                let (Some(id), Some(zone)) = (s.subnet_id(), s.availability_zone()) else {
-                    continue;
-                };
-                if let Some(c) = s.cidr_block().and_then(|c| c.parse::<IpNet>().ok()) {
-                    self.ec2_state
-                        .subnet_cidrs
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(id.to_string(), c);
-                }
-                out.push(Subnet {
-                    id: id.to_string(),
-                    zone: zone.to_string(),
-                    tags: tag_map(s.tags()),
-                });
+        for s in pages.iter().flat_map(|p| p.subnets()) {
+            let (Some(id), Some(zone)) = (s.subnet_id(), s.availability_zone()) else {
+                continue;
+            };
+            if let Some(c) = s.cidr_block().and_then(|c| c.parse::<IpNet>().ok()) {
+                self.ec2_state
+                    .subnet_cidrs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_string(), c);
             }
-            token = r.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(out);
-            }
+            out.push(Subnet {
+                id: id.to_string(),
+                zone: zone.to_string(),
+                tags: tag_map(s.tags()),
+            });
         }
+        Ok(out)
     }
 
     /// Subnet IDs for a new load balancer: `d.subnets` with `Name` tags resolved in the VPC,
@@ -350,38 +373,35 @@ impl AwsProvider {
     }
 
     async fn route_tables(&self, vpc: &str) -> Result<Vec<RouteTable>, ProviderError> {
+        let pages = self
+            .pages(
+                "DescribeRouteTables",
+                |t| {
+                    self.ec2
+                        .describe_route_tables()
+                        .filters(filter("vpc-id", [vpc.to_string()]))
+                        .set_next_token(t)
+                        .send()
+                },
+                |o| o.next_token(),
+            )
+            .await?;
         let mut out = vec![];
-        let mut token = None;
-        loop {
-            self.before(OpClass::Ec2Describe, "DescribeRouteTables")
-                .await;
-            let r = self
-                .ec2
-                .describe_route_tables()
-                .filters(filter("vpc-id", [vpc.to_string()]))
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| classify("DescribeRouteTables", e))?;
-            for t in r.route_tables() {
-                out.push(RouteTable {
-                    subnets: t
-                        .associations()
-                        .iter()
-                        .filter_map(|a| a.subnet_id().map(str::to_string))
-                        .collect(),
-                    main: t.associations().iter().any(|a| a.main() == Some(true)),
-                    internet: t
-                        .routes()
-                        .iter()
-                        .any(|r| r.gateway_id().is_some_and(|g| g.starts_with("igw"))),
-                });
-            }
-            token = r.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok(out);
-            }
+        for t in pages.iter().flat_map(|p| p.route_tables()) {
+            out.push(RouteTable {
+                subnets: t
+                    .associations()
+                    .iter()
+                    .filter_map(|a| a.subnet_id().map(str::to_string))
+                    .collect(),
+                main: t.associations().iter().any(|a| a.main() == Some(true)),
+                internet: t
+                    .routes()
+                    .iter()
+                    .any(|r| r.gateway_id().is_some_and(|g| g.starts_with("igw"))),
+            });
         }
+        Ok(out)
     }
 
     /// IPv4 ranges of `subnets` (where health checks come from), cached forever.
@@ -423,35 +443,32 @@ impl AwsProvider {
         cluster: &str,
         vpc: &str,
     ) -> Result<(Vec<Group>, BTreeSet<String>), ProviderError> {
+        let pages = self
+            .pages(
+                "DescribeSecurityGroups",
+                |t| {
+                    self.ec2
+                        .describe_security_groups()
+                        .filters(filter("vpc-id", [vpc.to_string()]))
+                        .set_next_token(t)
+                        .send()
+                },
+                |o| o.next_token(),
+            )
+            .await?;
         let mut groups = vec![];
         let mut tagged = BTreeSet::new();
-        let mut token = None;
-        loop {
-            self.before(OpClass::Ec2Describe, "DescribeSecurityGroups")
-                .await;
-            let r = self
-                .ec2
-                .describe_security_groups()
-                .filters(filter("vpc-id", [vpc.to_string()]))
-                .set_next_token(token)
-                .send()
-                .await
-                .map_err(|e| classify("DescribeSecurityGroups", e))?;
-            for g in r.security_groups() {
-                let Some(id) = g.group_id() else { continue };
-                if security::has_cluster_tag(&tag_map(g.tags()), cluster) {
-                    tagged.insert(id.to_string());
-                }
-                groups.push(Group {
-                    id: id.to_string(),
-                    rules: rules_of(g.ip_permissions()),
-                });
+        for g in pages.iter().flat_map(|p| p.security_groups()) {
+            let Some(id) = g.group_id() else { continue };
+            if security::has_cluster_tag(&tag_map(g.tags()), cluster) {
+                tagged.insert(id.to_string());
             }
-            token = r.next_token().map(str::to_string);
-            if token.is_none() {
-                return Ok((groups, tagged));
-            }
+            groups.push(Group {
+                id: id.to_string(),
+                rules: rules_of(g.ip_permissions()),
+            });
         }
+        Ok((groups, tagged))
     }
 
     async fn apply_group_change(&self, c: &GroupChange) -> Result<(), ProviderError> {
