@@ -37,6 +37,26 @@ fn lb_service(name: &str, class: &str) -> Service {
     }
 }
 
+/// The manager binary with `--cloud-provider=aws`, configured only through the SDK's default
+/// chain: environment credentials, region and the endpoint (moto, or the layer in front of it).
+fn aws_manager(
+    cp: &ControlPlane,
+    ns: &str,
+    class: &str,
+    config: &std::path::Path,
+    endpoint: &str,
+) -> Result<Manager> {
+    let mut cmd = tokio::process::Command::new(manager_binary());
+    cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
+    cmd.args(args(ns, class, "aws", config.to_str().unwrap_or_default()));
+    cmd.env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    Manager::spawn(cmd)
+}
+
 fn ingress(s: &Service) -> Option<(Option<String>, Option<String>, Option<String>)> {
     let i = s
         .status
@@ -130,21 +150,7 @@ async fn binary_serves_nlbs_through_the_sdk_default_chain() -> Result<()> {
     )
     .await?;
     let class = format!("test.example.com/{ns}");
-    let mut cmd = tokio::process::Command::new(manager_binary());
-    cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
-    cmd.args(args(
-        &ns,
-        &class,
-        "aws",
-        config.to_str().unwrap_or_default(),
-    ));
-    // Only the SDK's default chain: environment credentials, region and endpoint.
-    cmd.env("AWS_ENDPOINT_URL", &moto.endpoint)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
-    let m = Manager::spawn(cmd)?;
+    let m = aws_manager(cp, &ns, &class, &config, &moto.endpoint)?;
     let svc = round_trip(&client, &ns, &class)
         .await
         .map_err(|e| anyhow!("{e}\nmanager log:\n{}", m.log_lines().join("\n")))?;
@@ -172,22 +178,7 @@ async fn binary_killed_mid_create_then_restarted_adopts_the_load_balancer() -> R
     let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
     std::fs::write(&config, format!("subnets: [{}]\n", subnets[0]))?;
     let class = format!("test.example.com/{ns}");
-    let manager = || {
-        let mut cmd = tokio::process::Command::new(manager_binary());
-        cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
-        cmd.args(args(
-            &ns,
-            &class,
-            "aws",
-            config.to_str().unwrap_or_default(),
-        ));
-        cmd.env("AWS_ENDPOINT_URL", &proxy.endpoint)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true");
-        Manager::spawn(cmd)
-    };
+    let manager = || aws_manager(cp, &ns, &class, &config, &proxy.endpoint);
     // CreateLoadBalancer takes effect in moto, but its answer never reaches the manager.
     proxy.inject(Fault {
         action: Some("CreateLoadBalancer".into()),

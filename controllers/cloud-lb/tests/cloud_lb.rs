@@ -403,6 +403,29 @@ impl Aws {
     }
 }
 
+/// A local provider with one pool.
+fn local_pool(cidr: &str) -> Arc<dyn LoadBalancerProvider> {
+    Arc::new(
+        LocalProvider::new(LocalCloudConfig {
+            pools: vec![cidr.parse().expect("cidr")],
+            ip_mode: None,
+        })
+        .expect("valid pools"),
+    )
+}
+
+/// The controller's configuration for the local provider, serving only `class`.
+fn local_config(cluster: &str, class: &str) -> CloudLbConfig {
+    CloudLbConfig {
+        cloud_provider: ProviderKind::Local,
+        cloud_config: None,
+        cluster_name: cluster.into(),
+        concurrent_service_syncs: 2,
+        load_balancer_class: Some(class.into()),
+        default_load_balancer: false,
+    }
+}
+
 async fn setup() -> Result<(kube::Client, String)> {
     let cp = ControlPlane::shared().await?;
     let client = cp.client().await?;
@@ -1187,24 +1210,9 @@ async fn local_pools_requests_exhaustion_and_restart() -> Result<()> {
     let _g = SERIAL.lock().await;
     let (client, ns) = setup().await?;
     let class = "test.example.com/local";
-    let pools = || {
-        Arc::new(
-            LocalProvider::new(LocalCloudConfig {
-                // Two usable addresses: .1 and .2.
-                pools: vec!["10.200.0.0/30".parse().expect("cidr")],
-                ip_mode: None,
-            })
-            .expect("valid pools"),
-        )
-    };
-    let config = CloudLbConfig {
-        cloud_provider: ProviderKind::Local,
-        cloud_config: None,
-        cluster_name: "it-local".into(),
-        concurrent_service_syncs: 2,
-        load_balancer_class: Some(class.into()),
-        default_load_balancer: false,
-    };
+    // Two usable addresses: .1 and .2.
+    let pools = || local_pool("10.200.0.0/30");
+    let config = local_config("it-local", class);
     let ctrl = Ctrl::start(&client, config.clone(), pools());
     let mut a = lb_service(&ns, "a", Some(class), &[("http", 80, "TCP", None)]);
     a.metadata.annotations = Some(
@@ -1564,23 +1572,8 @@ async fn local_pool_state_is_rebuilt_each_leadership_term() -> Result<()> {
     let _g = SERIAL.lock().await;
     let (client, ns) = setup().await?;
     let class = "test.example.com/terms";
-    let pools = || -> Arc<dyn LoadBalancerProvider> {
-        Arc::new(
-            LocalProvider::new(LocalCloudConfig {
-                pools: vec!["10.201.0.0/30".parse().expect("cidr")],
-                ip_mode: None,
-            })
-            .expect("valid pools"),
-        )
-    };
-    let config = CloudLbConfig {
-        cloud_provider: ProviderKind::Local,
-        cloud_config: None,
-        cluster_name: "it-terms".into(),
-        concurrent_service_syncs: 2,
-        load_balancer_class: Some(class.into()),
-        default_load_balancer: false,
-    };
+    let pools = || local_pool("10.201.0.0/30");
+    let config = local_config("it-terms", class);
     let requesting = |name: &str, ip: Option<&str>| {
         let mut s = lb_service(&ns, name, Some(class), &[("http", 80, "TCP", None)]);
         if let Some(ip) = ip {
