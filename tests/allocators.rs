@@ -580,13 +580,8 @@ async fn out_of_range_values_are_reported_once_with_upstream_reason_and_metric()
     np.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_cidr_finalizer_ready_and_deletion_blocking() {
-    let cp = ControlPlane::shared().await.expect("control plane");
-    let client = cp.client().await.expect("client");
-    let ctl = start_service_cidr(&client);
-    let cidrs: Api<ServiceCIDR> = Api::all(client.clone());
-    let name = "scm-test-extra";
+/// Creates ServiceCIDR `name` with one range.
+async fn create_service_cidr(cidrs: &Api<ServiceCIDR>, name: &str, cidr: &str) {
     cidrs
         .create(
             &PostParams::default(),
@@ -596,13 +591,23 @@ async fn service_cidr_finalizer_ready_and_deletion_blocking() {
                     ..Default::default()
                 },
                 spec: Some(ServiceCIDRSpec {
-                    cidrs: Some(vec!["10.200.0.0/24".into()]),
+                    cidrs: Some(vec![cidr.into()]),
                 }),
                 status: None,
             },
         )
         .await
         .expect("create servicecidr");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_cidr_finalizer_ready_and_deletion_blocking() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let client = cp.client().await.expect("client");
+    let ctl = start_service_cidr(&client);
+    let cidrs: Api<ServiceCIDR> = Api::all(client.clone());
+    let name = "scm-test-extra";
+    create_service_cidr(&cidrs, name, "10.200.0.0/24").await;
     let ready = |want_status: &'static str, want_reason: &'static str| {
         let cidrs = cidrs.clone();
         move || {
@@ -702,22 +707,7 @@ async fn without_a_flag_ranges_follow_service_cidr_objects() {
     .expect("default cidr");
     let cidrs: Api<ServiceCIDR> = Api::all(client.clone());
     let name = "scm-test-follow";
-    cidrs
-        .create(
-            &PostParams::default(),
-            &ServiceCIDR {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..Default::default()
-                },
-                spec: Some(ServiceCIDRSpec {
-                    cidrs: Some(vec!["10.201.0.0/24".into()]),
-                }),
-                status: None,
-            },
-        )
-        .await
-        .expect("create servicecidr");
+    create_service_cidr(&cidrs, name, "10.201.0.0/24").await;
     let free = wait_for(
         "added ServiceCIDR tracked",
         DEADLINE,
