@@ -1,42 +1,11 @@
 //! Starting the enabled controllers, each with its own context, behind the shared leader gate.
 
 use anyhow::Result;
-use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
+use scm_runtime::ContextBase;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::flags::Flags;
-
-/// What every controller's context is built from.
-pub struct Base {
-    /// Rate-limited API client.
-    pub client: kube::Client,
-    /// Leadership.
-    pub leader: LeaderGate,
-    /// Shared registry.
-    pub metrics: Metrics,
-    /// Readiness flags behind /readyz.
-    pub readiness: Readiness,
-    /// Cancelled on SIGTERM.
-    pub shutdown: CancellationToken,
-    /// This process's leader-election identity (also the Event reporting instance).
-    pub identity: String,
-}
-
-impl Base {
-    fn context(&self, name: &str, reporter: &str) -> ControllerContext {
-        self.metrics.register_controller(name);
-        ControllerContext {
-            name: name.to_string(),
-            client: self.client.clone(),
-            leader: self.leader.clone(),
-            metrics: self.metrics.clone(),
-            events: EventRecorder::new(self.client.clone(), reporter, Some(self.identity.clone())),
-            shutdown: self.shutdown.clone(),
-            ready: self.readiness.register(name),
-        }
-    }
-}
 
 /// A running controller's task: its name and how it ended.
 pub type Tasks = JoinSet<(&'static str, Result<()>)>;
@@ -62,7 +31,7 @@ fn selector(flags: &Flags) -> Option<String> {
 
 /// Starts every enabled controller and returns their tasks. Configuration the controllers
 /// load themselves (the cloud provider's) is loaded here first, so a bad file stops start-up.
-pub async fn start(enabled: &[&'static str], flags: &Flags, base: &Base) -> Result<Tasks> {
+pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) -> Result<Tasks> {
     let mut tasks = Tasks::new();
     let cloud = if enabled.contains(&"cloud-lb") {
         let kind = flags

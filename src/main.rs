@@ -172,13 +172,14 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         http = %flags.http_address,
         "starting service-controller-manager"
     );
-    let base = controllers::Base {
+    let base = scm_runtime::ContextBase {
         client: client.clone(),
         leader: gate.clone(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
-        identity: identity.clone(),
+        identity: Some(identity.clone()),
+        informers: scm_runtime::Informers::new(client.clone(), shutdown.clone()),
     };
     let mut tasks = controllers::start(&enabled, &flags, &base).await?;
 

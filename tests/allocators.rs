@@ -16,7 +16,7 @@ use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
+use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
 use test_support::{ControlPlane, ControlPlaneOptions, wait_for};
 use tokio_util::sync::CancellationToken;
 
@@ -45,17 +45,10 @@ fn context(
     let (leader, tx) = LeaderGate::fixed(true);
     // Keep the sender alive for the test's lifetime: a dropped sender reads as "lost".
     std::mem::forget(tx);
-    let shutdown = CancellationToken::new();
-    let ctx = ControllerContext {
-        name: name.into(),
-        client: client.clone(),
-        leader,
-        metrics: metrics.clone(),
-        events: EventRecorder::new(client.clone(), reporter, None),
-        shutdown: shutdown.clone(),
-        ready: Readiness::default().register(name),
-    };
-    (ctx, shutdown)
+    let mut base = ContextBase::new(client.clone(), leader);
+    base.metrics = metrics.clone();
+    let shutdown = base.shutdown.clone();
+    (base.context(name, reporter), shutdown)
 }
 
 fn start_clusterip(client: &Client, ranges: &[&str]) -> Running {
@@ -1373,16 +1366,10 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
     d.create(waiting);
     let metrics = Metrics::new();
     let (leader, tx) = LeaderGate::fixed(false);
-    let shutdown = CancellationToken::new();
-    let ctx = ControllerContext {
-        name: "clusterip-alloc".into(),
-        client: client.clone(),
-        leader,
-        metrics: metrics.clone(),
-        events: EventRecorder::new(client.clone(), "clusterip-allocator", None),
-        shutdown: shutdown.clone(),
-        ready: Readiness::default().register("clusterip-alloc"),
-    };
+    let mut base = ContextBase::new(client.clone(), leader);
+    base.metrics = metrics.clone();
+    let shutdown = base.shutdown.clone();
+    let ctx = base.context("clusterip-alloc", "clusterip-allocator");
     let cfg = clusterip_alloc::ClusterIpAllocConfig {
         service_cluster_ip_range: vec!["10.96.0.0/16".parse().expect("cidr")],
         concurrent_syncs: 2,

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
+use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
     namespace, set_pod_status, wait_for,
@@ -43,17 +43,9 @@ impl Drop for Running {
 
 fn context(client: &Client, name: &str) -> (ControllerContext, Running) {
     let (gate, tx) = LeaderGate::fixed(true);
-    let shutdown = CancellationToken::new();
-    let metrics = Metrics::new();
-    let ctx = ControllerContext {
-        name: name.into(),
-        client: client.clone(),
-        leader: gate,
-        metrics: metrics.clone(),
-        events: EventRecorder::new(client.clone(), &format!("{name}-controller"), None),
-        shutdown: shutdown.clone(),
-        ready: Readiness::default().register(name),
-    };
+    let base = ContextBase::new(client.clone(), gate);
+    let (shutdown, metrics) = (base.shutdown.clone(), base.metrics.clone());
+    let ctx = base.context(name, &format!("{name}-controller"));
     (
         ctx,
         Running {

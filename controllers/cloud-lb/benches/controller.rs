@@ -26,7 +26,7 @@ use cloud_lb::{CloudLbConfig, LoadBalancerProvider, ProviderKind, run_with_provi
 use k8s_openapi::api::core::v1::{Namespace, Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
+use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
 use test_support::moto::{FaultProxy, Moto, REGION, is_mutating};
 use test_support::{ControlPlane, ControlPlaneOptions, NodeSpecBuilder, create_node, wait_for};
 use tokio_util::sync::CancellationToken;
@@ -51,18 +51,10 @@ impl Ctrl {
         config: CloudLbConfig,
         provider: Arc<dyn LoadBalancerProvider>,
     ) -> Ctrl {
-        let token = CancellationToken::new();
         let (leader, tx) = LeaderGate::fixed(true);
-        let metrics = Metrics::new();
-        let ctx = ControllerContext {
-            name: "cloud-lb".into(),
-            client: client.clone(),
-            leader,
-            metrics: metrics.clone(),
-            events: EventRecorder::new(client.clone(), "service-controller", None),
-            shutdown: token.clone(),
-            ready: Readiness::default().register("cloud-lb"),
-        };
+        let base = ContextBase::new(client.clone(), leader);
+        let (token, metrics) = (base.shutdown.clone(), base.metrics.clone());
+        let ctx = base.context("cloud-lb", "service-controller");
         let task = tokio::spawn(async move {
             let _ = run_with_provider(ctx, config, provider).await;
         });

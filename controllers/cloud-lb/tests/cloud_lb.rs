@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
+use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
 use test_support::moto::{Fault, FaultKind, FaultProxy, Moto, REGION, is_mutating};
 use test_support::{ControlPlane, NodeSpecBuilder, create_node, namespace, wait_for};
 use tokio_util::sync::CancellationToken;
@@ -59,18 +59,10 @@ impl Ctrl {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let token = CancellationToken::new();
         let (leader, tx) = LeaderGate::fixed(leading);
-        let metrics = Metrics::new();
-        let ctx = ControllerContext {
-            name: "cloud-lb".into(),
-            client: client.clone(),
-            leader,
-            metrics: metrics.clone(),
-            events: EventRecorder::new(client.clone(), "service-controller", None),
-            shutdown: token.clone(),
-            ready: Readiness::default().register("cloud-lb"),
-        };
+        let base = ContextBase::new(client.clone(), leader);
+        let (token, metrics) = (base.shutdown.clone(), base.metrics.clone());
+        let ctx = base.context("cloud-lb", "service-controller");
         let task = tokio::spawn(async move {
             if let Err(e) = run_with_provider(ctx, config, provider).await {
                 eprintln!("controller stopped: {e}");

@@ -179,19 +179,10 @@ async fn e2e() -> anyhow::Result<()> {
         "created {N} Services through kube-apiserver in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let metrics = scm_runtime::Metrics::new();
-    let readiness = scm_runtime::Readiness::default();
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let (leader, tx) = scm_runtime::LeaderGate::fixed(true);
-    let mk = |name: &str| scm_runtime::ControllerContext {
-        name: name.into(),
-        client: client.clone(),
-        leader: leader.clone(),
-        metrics: metrics.clone(),
-        events: scm_runtime::EventRecorder::new(client.clone(), name, None),
-        shutdown: shutdown.clone(),
-        ready: readiness.register(name),
-    };
+    let ctx_base = scm_runtime::ContextBase::new(client.clone(), leader);
+    let (metrics, shutdown) = (ctx_base.metrics.clone(), ctx_base.shutdown.clone());
+    let mk = |name: &str| ctx_base.context(name, name);
     let (c1, c2) = (mk("clusterip-alloc"), mk("nodeport-alloc"));
     let base = reset_peak();
     let t = Instant::now();

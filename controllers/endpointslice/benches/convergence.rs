@@ -27,7 +27,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use scm_runtime::client::{RateLimit, rate_limited_client};
-use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
+use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
     set_pod_status,
@@ -65,15 +65,7 @@ async fn child(kubeconfig: String) -> Result<()> {
         },
     )?;
     let (gate, _tx) = LeaderGate::fixed(true);
-    let ctx = ControllerContext {
-        name: "endpointslice".into(),
-        client: client.clone(),
-        leader: gate,
-        metrics: Metrics::new(),
-        events: EventRecorder::new(client, "endpointslice-controller", None),
-        shutdown: CancellationToken::new(),
-        ready: Readiness::default().register("endpointslice"),
-    };
+    let ctx = ContextBase::new(client, gate).context("endpointslice", "endpointslice-controller");
     endpointslice::run(ctx, endpointslice::EndpointSliceConfig::default()).await?;
     Ok(())
 }

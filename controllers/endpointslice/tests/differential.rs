@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use scm_runtime::{ControllerContext, EventRecorder, LeaderGate, Metrics, Readiness};
+use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
 use serde::Deserialize;
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
@@ -430,16 +430,9 @@ async fn ours_and_upstream_agree_on_every_scenario() -> Result<()> {
     let client = cp.client().await?;
     let mut kcm = test_support::upstream_endpointslice_controller(&cp)?;
     let (gate, _tx) = LeaderGate::fixed(true);
-    let shutdown = CancellationToken::new();
-    let ctx = ControllerContext {
-        name: "endpointslice".into(),
-        client: client.clone(),
-        leader: gate,
-        metrics: Metrics::new(),
-        events: EventRecorder::new(client.clone(), "endpointslice-controller", None),
-        shutdown: shutdown.clone(),
-        ready: Readiness::default().register("endpointslice"),
-    };
+    let base = ContextBase::new(client.clone(), gate);
+    let shutdown = base.shutdown.clone();
+    let ctx = base.context("endpointslice", "endpointslice-controller");
     tokio::spawn(endpointslice::run(
         ctx,
         endpointslice::EndpointSliceConfig::default(),

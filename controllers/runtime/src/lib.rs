@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod events;
+pub mod informer;
 pub mod leader;
 pub mod metrics;
 pub mod queue;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 pub use events::EventRecorder;
+pub use informer::{Change, Informer, Informers};
 pub use leader::LeaderGate;
 pub use metrics::Metrics;
 pub use queue::{Backoff, WorkQueue};
@@ -125,6 +127,62 @@ pub struct ControllerContext {
     pub shutdown: CancellationToken,
     /// Set once this controller's caches have synced.
     pub ready: ReadyHandle,
+    /// The process's informers: one watch per kind, shared by every controller.
+    pub informers: Informers,
+}
+
+/// What every controller's context is built from: one per process, so every controller shares
+/// the client, the leader gate, the metrics registry and the informers. The only place a
+/// [`ControllerContext`] is made.
+#[derive(Clone)]
+pub struct ContextBase {
+    /// Rate-limited API client.
+    pub client: kube::Client,
+    /// Leadership.
+    pub leader: LeaderGate,
+    /// Shared registry.
+    pub metrics: Metrics,
+    /// Readiness flags behind /readyz.
+    pub readiness: Readiness,
+    /// Cancelled on SIGTERM.
+    pub shutdown: CancellationToken,
+    /// This process's identity (the Event reporting instance), if it has one.
+    pub identity: Option<String>,
+    /// One watch per kind for the whole process.
+    pub informers: Informers,
+}
+
+impl ContextBase {
+    /// A base for tests, benchmarks and single-controller runs: the given client and leader
+    /// gate, a fresh registry, readiness, shutdown token and informers, and no identity.
+    pub fn new(client: kube::Client, leader: LeaderGate) -> Self {
+        let shutdown = CancellationToken::new();
+        ContextBase {
+            informers: Informers::new(client.clone(), shutdown.clone()),
+            client,
+            leader,
+            metrics: Metrics::new(),
+            readiness: Readiness::default(),
+            shutdown,
+            identity: None,
+        }
+    }
+
+    /// The context of controller `name` (as in `--controllers`), whose Events are reported as
+    /// `reporter` (upstream's component name, so `kubectl describe` shows familiar sources).
+    pub fn context(&self, name: &str, reporter: &str) -> ControllerContext {
+        self.metrics.register_controller(name);
+        ControllerContext {
+            name: name.to_string(),
+            client: self.client.clone(),
+            leader: self.leader.clone(),
+            metrics: self.metrics.clone(),
+            events: EventRecorder::new(self.client.clone(), reporter, self.identity.clone()),
+            shutdown: self.shutdown.clone(),
+            ready: self.readiness.register(name),
+            informers: self.informers.clone(),
+        }
+    }
 }
 
 /// An error a reconcile can return: it knows its metric label (the variant, never an object).
@@ -338,19 +396,7 @@ mod tests {
         let cfg = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
         let client = kube::Client::try_from(cfg).expect("client");
         let (gate, tx) = LeaderGate::fixed(leading);
-        let ready = Readiness::default().register("test");
-        (
-            ControllerContext {
-                name: "test".into(),
-                events: EventRecorder::new(client.clone(), "test", None),
-                client,
-                leader: gate,
-                metrics: Metrics::new(),
-                shutdown: CancellationToken::new(),
-                ready,
-            },
-            tx,
-        )
+        (ContextBase::new(client, gate).context("test", "test"), tx)
     }
 
     async fn eventually(what: &str, f: impl Fn() -> bool) {
