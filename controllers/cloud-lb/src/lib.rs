@@ -890,7 +890,7 @@ impl Shell {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(Error::Provider(ProviderError::Retryable(format!(
+        Err(Error::Provider(ProviderError::retryable(format!(
             "{what} write kept conflicting"
         ))))
     }

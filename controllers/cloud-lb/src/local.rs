@@ -124,7 +124,7 @@ fn requested(svc: &Service) -> Result<Vec<IpAddr>, ProviderError> {
     let mut out = vec![];
     for r in raw {
         let ip: IpAddr = r.parse().map_err(|_| {
-            ProviderError::Permanent(format!(
+            ProviderError::permanent(format!(
                 "requested load balancer address {r:?} is not an IP"
             ))
         })?;
@@ -132,7 +132,7 @@ fn requested(svc: &Service) -> Result<Vec<IpAddr>, ProviderError> {
             .iter()
             .any(|o: &IpAddr| IpFamily::of(o) == IpFamily::of(&ip))
         {
-            return Err(ProviderError::Permanent(format!(
+            return Err(ProviderError::permanent(format!(
                 "more than one requested {} address",
                 IpFamily::of(&ip)
             )));
@@ -172,7 +172,7 @@ impl State {
     fn take(&mut self, ip: IpAddr, who: &str) -> Result<(), ProviderError> {
         let holder = self.holder.get(&ip).cloned();
         let Some(pool) = self.pool_for(ip) else {
-            return Err(ProviderError::Permanent(format!(
+            return Err(ProviderError::permanent(format!(
                 "requested address {ip} is outside every local pool"
             )));
         };
@@ -181,11 +181,11 @@ impl State {
                 self.holder.insert(ip, who.to_string());
                 Ok(())
             }
-            Err(IpError::Allocated) => Err(ProviderError::Permanent(format!(
+            Err(IpError::Allocated) => Err(ProviderError::permanent(format!(
                 "requested address {ip} is already used by {}",
                 holder.as_deref().unwrap_or("another Service")
             ))),
-            Err(e) => Err(ProviderError::Permanent(format!(
+            Err(e) => Err(ProviderError::permanent(format!(
                 "requested address {ip}: {e}"
             ))),
         }
@@ -202,11 +202,11 @@ impl State {
                     return Ok(Some(ip));
                 }
                 Err(IpError::Full) => continue,
-                Err(e) => return Err(ProviderError::Retryable(e.to_string())),
+                Err(e) => return Err(ProviderError::retryable(e.to_string())),
             }
         }
         if any_pool {
-            Err(ProviderError::Retryable(format!(
+            Err(ProviderError::retryable(format!(
                 "no free {fam} address left in the local pools"
             )))
         } else {
@@ -315,7 +315,7 @@ impl LoadBalancerProvider for LocalProvider {
         // Validate every request before taking anything, so a refusal leaves no partial state.
         for r in &want_req {
             if !fams.contains(&IpFamily::of(r)) {
-                return Err(ProviderError::Permanent(format!(
+                return Err(ProviderError::permanent(format!(
                     "requested address {r} is not of the Service's IP families"
                 )));
             }
@@ -341,7 +341,7 @@ impl LoadBalancerProvider for LocalProvider {
                 }
             }
             if got.is_empty() {
-                return Err(ProviderError::Permanent(format!(
+                return Err(ProviderError::permanent(format!(
                     "no local pool serves the Service's IP families {fams:?}"
                 )));
             }
@@ -545,7 +545,7 @@ mod tests {
         p.ensure("c", &a, &[]).await.expect("a");
         p.ensure("c", &b, &[]).await.expect("b");
         let e = p.ensure("c", &c, &[]).await.expect_err("full");
-        assert!(matches!(e, ProviderError::Retryable(_)), "{e}");
+        assert!(matches!(e, ProviderError::Retryable { .. }), "{e}");
         p.ensure_deleted("c", &a).await.expect("release");
         assert_eq!(
             ips(&p.ensure("c", &c, &[]).await.expect("c fits now")).len(),

@@ -52,7 +52,7 @@
 //!     async fn ensure(&self, _: &str, svc: &Service, nodes: &[Node]) -> Result<LoadBalancerStatus, ProviderError> {
 //!         if svc.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("fixed/broken")) {
 //!             // An Event, and no retry until the Service changes.
-//!             return Err(ProviderError::Permanent("fixed/broken is set".into()));
+//!             return Err(ProviderError::permanent("fixed/broken is set"));
 //!         }
 //!         let _targets = nodes.len();
 //!         Ok(LoadBalancerStatus {
@@ -83,45 +83,132 @@
 //! predicate ([`LoadBalancerProvider::implemented_elsewhere`]) checked before any call, and
 //! [`LoadBalancerProvider::restore`] lets stateful providers rebuild from Services at start.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
 
 /// Why a provider call failed, which decides how the controller retries it.
+/// The cause of a [`ProviderError`]: the SDK's or library's own error, shared so that a
+/// [`ProviderError`] stays `Clone` (the controller keeps the last one per Service).
+pub type ErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ProviderError {
     /// A transient failure (network, 5xx, a conflicting concurrent change): retry with backoff.
-    #[error("{0}")]
-    Retryable(String),
+    #[error("{message}")]
+    Retryable {
+        /// What went wrong, short enough for an Event.
+        message: String,
+        /// The cloud API's error code (e.g. `TargetGroupNotFound`), when there is one: code
+        /// decides on it, never on the message text.
+        code: Option<String>,
+        /// The underlying error.
+        #[source]
+        source: Option<ErrorSource>,
+    },
     /// The Service asks for something this provider cannot do (bad annotation, address outside
     /// every pool, unsupported protocol). Reported as a Warning Event; not retried until the
     /// Service changes.
-    #[error("{0}")]
-    Permanent(String),
+    #[error("{message}")]
+    Permanent {
+        /// What is wrong with the Service, for its Warning Event.
+        message: String,
+        /// The cloud API's error code, when the cloud refused the request.
+        code: Option<String>,
+        /// The underlying error.
+        #[source]
+        source: Option<ErrorSource>,
+    },
     /// The cloud API throttled us; retry no sooner than `retry_after` if given.
     #[error("throttled: {message}")]
     Throttled {
         /// What the API said.
         message: String,
+        /// The cloud API's error code.
+        code: Option<String>,
         /// The earliest sensible retry, if the provider knows it.
         retry_after: Option<Duration>,
+        /// The underlying error.
+        #[source]
+        source: Option<ErrorSource>,
     },
 }
 
 impl ProviderError {
+    /// A transient failure described by `message`.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        ProviderError::Retryable {
+            message: message.into(),
+            code: None,
+            source: None,
+        }
+    }
+
+    /// A failure that only a change of the Service can mend.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        ProviderError::Permanent {
+            message: message.into(),
+            code: None,
+            source: None,
+        }
+    }
+
+    /// This error with the cloud API's error code.
+    pub fn with_code(mut self, c: impl Into<String>) -> Self {
+        match &mut self {
+            ProviderError::Retryable { code, .. }
+            | ProviderError::Permanent { code, .. }
+            | ProviderError::Throttled { code, .. } => *code = Some(c.into()),
+        }
+        self
+    }
+
+    /// This error caused by `e`.
+    pub fn with_source(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        match &mut self {
+            ProviderError::Retryable { source, .. }
+            | ProviderError::Permanent { source, .. }
+            | ProviderError::Throttled { source, .. } => *source = Some(Arc::new(e)),
+        }
+        self
+    }
+
+    /// The cloud API's error code, if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ProviderError::Retryable { code, .. }
+            | ProviderError::Permanent { code, .. }
+            | ProviderError::Throttled { code, .. } => code.as_deref(),
+        }
+    }
+
+    /// Whether the cloud API answered with this error code.
+    pub fn has_code(&self, c: &str) -> bool {
+        self.code() == Some(c)
+    }
+
     /// A short, bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            ProviderError::Retryable(_) => "provider_retryable",
-            ProviderError::Permanent(_) => "provider_permanent",
+            ProviderError::Retryable { .. } => "provider_retryable",
+            ProviderError::Permanent { .. } => "provider_permanent",
             ProviderError::Throttled { .. } => "provider_throttled",
         }
     }
 
     /// True for errors that must not be retried until the Service changes.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, ProviderError::Permanent(_))
+        matches!(self, ProviderError::Permanent { .. })
+    }
+
+    /// The earliest sensible retry the cloud asked for, if it was a throttle with a hint.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 }
 

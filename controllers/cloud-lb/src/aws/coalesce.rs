@@ -94,8 +94,8 @@ impl<K: Clone, V> Coalescer<K, V> {
                 let mut results = exec(keys).await.into_iter();
                 for (_, tx) in batch {
                     let r = results.next().unwrap_or_else(|| {
-                        Err(ProviderError::Retryable(
-                            "batched lookup returned too few results".into(),
+                        Err(ProviderError::retryable(
+                            "batched lookup returned too few results",
                         ))
                     });
                     // A caller that went away (its reconcile was dropped) needs no answer.
@@ -103,11 +103,8 @@ impl<K: Clone, V> Coalescer<K, V> {
                 }
             }
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(ProviderError::Retryable(
-                "batched lookup was abandoned".into(),
-            ))
-        })
+        rx.await
+            .unwrap_or_else(|_| Err(ProviderError::retryable("batched lookup was abandoned")))
     }
 }
 
@@ -184,7 +181,7 @@ mod tests {
                     if k % 2 == 0 {
                         Ok(k)
                     } else {
-                        Err(ProviderError::Retryable(format!("odd {k}")))
+                        Err(ProviderError::retryable(format!("odd {k}")))
                     }
                 })
                 .collect::<Vec<_>>()

@@ -274,9 +274,8 @@ impl AwsProvider {
             .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
             .map(|(v, _)| v)
             .ok_or_else(|| {
-                ProviderError::Retryable(
-                    "cannot tell the VPC to find subnets in: no node has the providerID of a known EC2 instance; set vpcID or subnets in --cloud-config, or the aws-load-balancer-subnets annotation"
-                        .into(),
+                ProviderError::retryable(
+                    "cannot tell the VPC to find subnets in: no node has the providerID of a known EC2 instance; set vpcID or subnets in --cloud-config, or the aws-load-balancer-subnets annotation",
                 )
             })
     }
@@ -337,7 +336,7 @@ impl AwsProvider {
             let tables = self.route_tables(&vpc).await?;
             let internal = d.scheme == super::spec::Scheme::Internal;
             let chosen = discovery::choose(&subnets, &tables, cluster, internal)
-                .map_err(|e| ProviderError::Retryable(format!("VPC {vpc}: {e}")))?;
+                .map_err(|e| ProviderError::retryable(format!("VPC {vpc}: {e}")))?;
             info!(lb = %d.name, %vpc, subnets = ?chosen, "discovered subnets");
             return Ok(chosen);
         }
@@ -356,13 +355,13 @@ impl AwsProvider {
             match matches.as_slice() {
                 [one] => out.push(one.id.clone()),
                 [] => {
-                    return Err(ProviderError::Permanent(format!(
+                    return Err(ProviderError::permanent(format!(
                         "annotation {}subnets: no subnet named {n:?} in VPC {vpc}",
                         super::spec::ANN
                     )));
                 }
                 _ => {
-                    return Err(ProviderError::Permanent(format!(
+                    return Err(ProviderError::permanent(format!(
                         "annotation {}subnets: several subnets are named {n:?} in VPC {vpc}; use IDs",
                         super::spec::ANN
                     )));
@@ -431,7 +430,7 @@ impl AwsProvider {
             .iter()
             .map(|s| {
                 c.get(s).copied().ok_or_else(|| {
-                    ProviderError::Retryable(format!("subnet {s} of the load balancer not found"))
+                    ProviderError::retryable(format!("subnet {s} of the load balancer not found"))
                 })
             })
             .collect()
@@ -507,7 +506,7 @@ impl AwsProvider {
                 // such Services, as with cloud-provider-aws. Retryable: raising the quota
                 // fixes it without touching the Service.
                 Err(e) if is_code(&e, &["RulesPerSecurityGroupLimitExceeded"]) => {
-                    return Err(ProviderError::Retryable(format!(
+                    return Err(ProviderError::retryable(format!(
                         "AuthorizeSecurityGroupIngress: security group {} is full (EC2 quota \"Inbound rules per security group\"): raise the quota, use fewer source ranges, or set disableSecurityGroupIngress in --cloud-config and manage the nodes' groups yourself",
                         c.group
                     )));
@@ -539,7 +538,7 @@ impl AwsProvider {
                     out.insert(g);
                 }
                 Ok(None) => warn!(instance = %id, "instance has no security group"),
-                Err(e) => return Err(ProviderError::Retryable(e)),
+                Err(e) => return Err(ProviderError::retryable(e)),
             }
         }
         Ok((out, known))

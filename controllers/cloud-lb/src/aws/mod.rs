@@ -217,14 +217,11 @@ where
         (Some(c), None) => format!("{op}: {c}"),
         _ => format!("{op}: {}", elbv2::error::DisplayErrorContext(&e)),
     };
-    match code.as_str() {
+    let err = match code.as_str() {
         "Throttling"
         | "ThrottlingException"
         | "RequestLimitExceeded"
-        | "TooManyRequestsException" => ProviderError::Throttled {
-            message: msg,
-            retry_after: None,
-        },
+        | "TooManyRequestsException" => throttled(msg),
         // The request itself is wrong for this Service: retrying cannot help until it changes.
         "ValidationError"
         | "InvalidConfigurationRequest"
@@ -232,17 +229,25 @@ where
         | "InvalidSubnet"
         | "SubnetNotFound"
         | "InvalidScheme"
-        | "AvailabilityZoneNotSupported" => ProviderError::Permanent(msg),
-        _ => {
-            if status == Some(429) {
-                ProviderError::Throttled {
-                    message: msg,
-                    retry_after: None,
-                }
-            } else {
-                ProviderError::Retryable(msg)
-            }
-        }
+        | "AvailabilityZoneNotSupported" => ProviderError::permanent(msg),
+        _ if status == Some(429) => throttled(msg),
+        _ => ProviderError::retryable(msg),
+    };
+    let err = if code.is_empty() {
+        err
+    } else {
+        err.with_code(code)
+    };
+    err.with_source(e)
+}
+
+/// A throttle with no hint: AWS APIs send no Retry-After, so the controller's backoff decides.
+fn throttled(message: String) -> ProviderError {
+    ProviderError::Throttled {
+        message,
+        code: None,
+        retry_after: None,
+        source: None,
     }
 }
 
@@ -573,7 +578,7 @@ impl AwsProvider {
             .filter(|o| tags.get(&o.arn).is_some_and(|t| owned_by(t, cluster, svc)))
             .collect();
         if owned.is_empty() {
-            return Err(ProviderError::Retryable(format!(
+            return Err(ProviderError::retryable(format!(
                 "a load balancer named {name} exists but is not tagged as owned by cluster {cluster} and this Service; not touching it"
             )));
         }
@@ -621,7 +626,7 @@ impl AwsProvider {
         if let Some(l) = &lb
             && !tags.get(&l.arn).is_some_and(|t| owned_by(t, cluster, svc))
         {
-            return Err(ProviderError::Retryable(format!(
+            return Err(ProviderError::retryable(format!(
                 "a load balancer named {name} exists but is not tagged as owned by cluster {cluster} and this Service; not touching it"
             )));
         }
@@ -668,7 +673,7 @@ impl AwsProvider {
             .first()
             .and_then(lb_obs)
             .ok_or_else(|| {
-                ProviderError::Retryable("CreateLoadBalancer returned no load balancer".into())
+                ProviderError::retryable("CreateLoadBalancer returned no load balancer")
             })?;
         info!(lb = %d.name, arn = %lb.arn, "created load balancer");
         Ok(lb)
@@ -752,9 +757,10 @@ impl AwsProvider {
             .send()
             .await
             .map_err(|e| classify("CreateTargetGroup", e))?;
-        out.target_groups().first().and_then(tg_obs).ok_or_else(|| {
-            ProviderError::Retryable("CreateTargetGroup returned no target group".into())
-        })
+        out.target_groups()
+            .first()
+            .and_then(tg_obs)
+            .ok_or_else(|| ProviderError::retryable("CreateTargetGroup returned no target group"))
     }
 
     async fn modify_health(&self, arn: &str, hc: &HealthCheck) -> Result<(), ProviderError> {
@@ -998,7 +1004,7 @@ impl AwsProvider {
         }
         for l in &d.listeners {
             let Some(tg_arn) = tg_arns.get(&l.target_group) else {
-                return Err(ProviderError::Retryable(format!(
+                return Err(ProviderError::retryable(format!(
                     "target group {} missing",
                     l.target_group
                 )));
@@ -1207,7 +1213,7 @@ impl LoadBalancerProvider for AwsProvider {
                 .get(&t.arn)
                 .is_some_and(|tg| owned_by(tg, cluster, service));
             if !owned && d.target_groups.iter().any(|w| w.name == t.name) {
-                return Err(ProviderError::Retryable(format!(
+                return Err(ProviderError::retryable(format!(
                     "a target group named {} exists but is not owned by this Service; not touching it",
                     t.name
                 )));
@@ -1279,7 +1285,7 @@ impl LoadBalancerProvider for AwsProvider {
             for (arn, port) in &groups {
                 match self.ensure_targets(arn, *port, &instances).await {
                     Ok(()) => {}
-                    Err(ProviderError::Retryable(m)) if m.contains(": TargetGroupNotFound") => {
+                    Err(e) if e.has_code("TargetGroupNotFound") => {
                         stale = true;
                         break;
                     }

@@ -230,7 +230,7 @@ fn ann<'a>(svc: &'a Service, suffix: &str) -> Option<&'a str> {
 }
 
 fn bad(suffix: &str, value: &str, why: &str) -> ProviderError {
-    ProviderError::Permanent(format!(
+    ProviderError::permanent(format!(
         "annotation {ANN}{suffix}={value:?} is invalid: {why}"
     ))
 }
@@ -297,9 +297,8 @@ fn health_check(svc: &Service) -> Result<HealthCheck, ProviderError> {
     let mut hc = if local {
         let port = spec.and_then(|s| s.health_check_node_port).unwrap_or(0);
         if port == 0 {
-            return Err(ProviderError::Retryable(
-                "externalTrafficPolicy is Local but healthCheckNodePort is not allocated yet"
-                    .into(),
+            return Err(ProviderError::retryable(
+                "externalTrafficPolicy is Local but healthCheckNodePort is not allocated yet",
             ));
         }
         HealthCheck {
@@ -380,7 +379,7 @@ fn health_check(svc: &Service) -> Result<HealthCheck, ProviderError> {
         hc.unhealthy = n;
     }
     if hc.timeout >= hc.interval {
-        return Err(ProviderError::Permanent(format!(
+        return Err(ProviderError::permanent(format!(
             "health check timeout {}s must be shorter than its interval {}s",
             hc.timeout, hc.interval
         )));
@@ -439,7 +438,7 @@ fn source_ranges(
                 out.insert(n.trunc());
             }
             Err(_) => {
-                return Err(ProviderError::Permanent(format!(
+                return Err(ProviderError::permanent(format!(
                     "{origin}: {r:?} is not a CIDR (for example 10.0.0.0/24)"
                 )));
             }
@@ -548,7 +547,7 @@ pub fn desired(
     {
         let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
         if proto != "TCP" && proto != "UDP" {
-            return Err(ProviderError::Permanent(format!(
+            return Err(ProviderError::permanent(format!(
                 "port {}: protocol {proto} is not supported by a network load balancer",
                 p.port
             )));
@@ -561,12 +560,11 @@ pub fn desired(
                 .and_then(|s| s.allocate_load_balancer_node_ports)
                 == Some(false)
             {
-                return Err(ProviderError::Permanent(
-                    "allocateLoadBalancerNodePorts is false: instance targets need node ports"
-                        .into(),
+                return Err(ProviderError::permanent(
+                    "allocateLoadBalancerNodePorts is false: instance targets need node ports",
                 ));
             }
-            return Err(ProviderError::Retryable(format!(
+            return Err(ProviderError::retryable(format!(
                 "port {}: node port not allocated yet",
                 p.port
             )));
@@ -580,14 +578,14 @@ pub fn desired(
             [(proto, np)] => (proto.clone(), *np),
             [(a, na), (b, nb)] if a != b => {
                 if na != nb {
-                    return Err(ProviderError::Permanent(format!(
+                    return Err(ProviderError::permanent(format!(
                         "port {port}: TCP and UDP share one listener (TCP_UDP) and need the same nodePort, got {na} and {nb}"
                     )));
                 }
                 ("TCP_UDP".to_string(), *na)
             }
             _ => {
-                return Err(ProviderError::Permanent(format!(
+                return Err(ProviderError::permanent(format!(
                     "port {port} is listed more than once with the same protocol"
                 )));
             }
@@ -607,7 +605,7 @@ pub fn desired(
         });
     }
     if listeners.is_empty() {
-        return Err(ProviderError::Permanent("the Service has no ports".into()));
+        return Err(ProviderError::permanent("the Service has no ports"));
     }
     target_groups.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(DesiredLb {
@@ -928,7 +926,7 @@ mod tests {
         let s = svc(&[], &[(80, "TCP", 0)]);
         assert!(matches!(
             desired("c", &s, &defaults()),
-            Err(ProviderError::Retryable(_))
+            Err(ProviderError::Retryable { .. })
         ));
     }
 
