@@ -1,45 +1,40 @@
 //! The manager binary against the real local control plane: flags, health and metrics,
-//! leader election and failover, and clean shutdown.
+//! leader election and failover, clean shutdown, and one watch per resource kind.
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::process::Command as StdCommand;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::Api;
-use test_support::{ControlPlane, Manager, manager_binary, wait_for};
-
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let a = l.local_addr().expect("local addr");
-    a.to_string()
-}
-
-async fn get(url: &str) -> Option<(u16, String)> {
-    let r = reqwest::get(url).await.ok()?;
-    let code = r.status().as_u16();
-    Some((code, r.text().await.ok()?))
-}
+use test_support::metrics::{apiserver_watches, scrape_manager};
+use test_support::{
+    ControlPlane, Manager, NodeSpecBuilder, create_node, free_addr, http_get, leader_status,
+    manager_binary, readyz_ok, wait_for, wait_stable,
+};
 
 /// Reconciles a manager's `controller` has started, from its metrics.
 async fn reconciles(addr: &str, controller: &str) -> Option<u64> {
-    let (_, body) = get(&format!("http://{addr}/metrics")).await?;
-    let prefix =
-        format!("service_controller_manager_reconcile_total{{controller=\"{controller}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
+    scrape_manager(addr)
+        .await?
+        .get(
+            "service_controller_manager_reconcile_total",
+            &[("controller", controller)],
+        )
+        .map(|v| v as u64)
 }
 
-/// Creates a selector Service in `ns`, for a controller to reconcile.
-async fn create_service(client: &kube::Client, ns: &str, name: &str) {
-    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-    let svc = Service {
+/// A selector Service `name` (selecting `app: name`) with one port, of `type_` if given.
+fn service(name: &str, type_: Option<&str>) -> Service {
+    Service {
         metadata: kube::api::ObjectMeta {
             name: Some(name.into()),
             ..Default::default()
         },
         spec: Some(ServiceSpec {
+            type_: type_.map(Into::into),
             selector: Some([("app".to_string(), name.to_string())].into()),
             ports: Some(vec![ServicePort {
                 port: 80,
@@ -48,20 +43,15 @@ async fn create_service(client: &kube::Client, ns: &str, name: &str) {
             ..Default::default()
         }),
         ..Default::default()
-    };
-    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns)
-        .create(&Default::default(), &svc)
-        .await
-        .expect("create service");
+    }
 }
 
-/// The value of `leader_election_master_status` on a manager, if it serves metrics.
-async fn leader_status(addr: &str) -> Option<i64> {
-    let (_, body) = get(&format!("http://{addr}/metrics")).await?;
-    body.lines()
-        .find(|l| l.starts_with("leader_election_master_status{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+/// Creates a selector Service in `ns`, for a controller to reconcile.
+async fn create_service(client: &kube::Client, ns: &str, name: &str) {
+    Api::<Service>::namespaced(client.clone(), ns)
+        .create(&Default::default(), &service(name, None))
+        .await
+        .expect("create service");
 }
 
 #[test]
@@ -128,14 +118,14 @@ async fn serves_health_readiness_metrics_and_exits_cleanly_on_sigterm() {
     .expect("start manager");
 
     wait_for("/healthz ok", Duration::from_secs(30), || async {
-        get(&format!("http://{addr}/healthz"))
+        http_get(&format!("http://{addr}/healthz"))
             .await
             .filter(|(c, b)| *c == 200 && b == "ok")
     })
     .await
     .expect("healthz");
     wait_for("/readyz ok", Duration::from_secs(30), || async {
-        get(&format!("http://{addr}/readyz"))
+        http_get(&format!("http://{addr}/readyz"))
             .await
             .filter(|(c, b)| *c == 200 && b == "ok")
     })
@@ -146,7 +136,7 @@ async fn serves_health_readiness_metrics_and_exits_cleanly_on_sigterm() {
     })
     .await
     .expect("leads");
-    let (_, metrics) = get(&format!("http://{addr}/metrics"))
+    let (_, metrics) = http_get(&format!("http://{addr}/metrics"))
         .await
         .expect("metrics");
     for family in [
@@ -237,7 +227,7 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
     // Both become ready, the follower included (its caches sync like the leader's).
     for addr in [&a_addr, &b_addr] {
         wait_for("/readyz ok", Duration::from_secs(30), || async {
-            get(&format!("http://{addr}/readyz"))
+            http_get(&format!("http://{addr}/readyz"))
                 .await
                 .filter(|(c, _)| *c == 200)
         })
@@ -392,4 +382,135 @@ async fn a_leader_that_cannot_renew_stops_leading_within_the_renew_deadline() {
         .expect("exits within 10 s even without an API server")
         .expect("wait");
     assert!(status.success());
+}
+
+/// The kinds the manager watches with every controller on; each must be watched exactly once.
+const WATCHED: &[&str] = &[
+    "services",
+    "pods",
+    "nodes",
+    "endpointslices",
+    "endpoints",
+    "servicecidrs",
+    "ipaddresses",
+];
+
+/// The manager's watches with every controller on (cloud-lb with the local provider), from the
+/// API server's own in-flight WATCH gauge. The control plane is this test's own, so no other
+/// test's manager is counted; the API server's loopback informers are, so the test takes their
+/// count before the manager starts and asserts the difference.
+#[tokio::test]
+async fn with_every_controller_on_the_manager_holds_one_watch_per_kind() {
+    let cp = ControlPlane::start(Default::default())
+        .await
+        .expect("control plane");
+    let client = cp.client().await.expect("client");
+    let stable = |what: &'static str| {
+        let client = client.clone();
+        wait_stable(
+            what,
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            4,
+            move || {
+                let client = client.clone();
+                async move { apiserver_watches(&client).await.ok() }
+            },
+        )
+    };
+    let baseline = stable("the API server's own watches to settle")
+        .await
+        .expect("baseline");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud_config = dir.path().join("local.yaml");
+    std::fs::write(&cloud_config, "pools: [192.168.100.0/28]\n").expect("cloud config");
+    let addr = free_addr();
+    let m = Manager::start(
+        &cp,
+        &[
+            &format!("--http-address={addr}"),
+            "--leader-elect-resource-namespace=default",
+            "--cloud-provider=local",
+            &format!("--cloud-config={}", cloud_config.display()),
+        ],
+    )
+    .expect("start manager");
+    let logs = || m.log_lines().join("\n");
+    wait_for(
+        "/readyz ok and leading",
+        Duration::from_secs(60),
+        || async {
+            (readyz_ok(&addr).await && leader_status(&addr).await == Some(1)).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+    // Work for every controller, so that a watch opened only on first use is open too: a
+    // Node, and a LoadBalancer Service that gets its address.
+    create_node(
+        &client,
+        NodeSpecBuilder {
+            name: "watch-node".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("node");
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
+    svcs.create(
+        &Default::default(),
+        &service("watch-lb", Some("LoadBalancer")),
+    )
+    .await
+    .expect("service");
+    wait_for(
+        "a load-balancer address",
+        Duration::from_secs(60),
+        || async {
+            let s = svcs.get("watch-lb").await.ok()?;
+            s.status?.load_balancer?.ingress.filter(|i| !i.is_empty())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+
+    let now = stable("the manager's watches to settle")
+        .await
+        .expect("watches");
+    let mut delta: BTreeMap<String, i64> = BTreeMap::new();
+    for k in baseline.keys().chain(now.keys()) {
+        let d = now.get(k).copied().unwrap_or(0) - baseline.get(k).copied().unwrap_or(0);
+        if d != 0 {
+            delta.insert(k.clone(), d);
+        }
+    }
+    let table = delta
+        .iter()
+        .map(|(k, d)| {
+            format!(
+                "{k}={d} (API server {} - its own {})",
+                now.get(k).copied().unwrap_or(0),
+                baseline.get(k).copied().unwrap_or(0)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    eprintln!("the manager's WATCHes per resource: {table}");
+    let missing: Vec<&str> = WATCHED
+        .iter()
+        .copied()
+        .filter(|k| delta.get(*k).copied().unwrap_or(0) != 1)
+        .collect();
+    let twice: Vec<&String> = delta
+        .iter()
+        .filter(|(_, d)| **d > 1)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "want exactly one WATCH of each of {WATCHED:?} and none of any kind twice; \
+         not exactly one: {missing:?}, more than one: {twice:?}; \
+         the manager's WATCHes per resource: {table}"
+    );
 }

@@ -1,13 +1,17 @@
-//! Test support for service-controller-manager: starts the local control plane (a real etcd and
-//! kube-apiserver, `bin/controlplane`), hands out clients, creates Nodes and Pods and sets their
-//! status the way a kubelet would, runs the manager binary, and waits for conditions by polling
-//! with a deadline.
+//! The one test harness of service-controller-manager:
+//! - the local control plane (a real etcd and kube-apiserver, `bin/controlplane`) and clients;
+//! - fixtures: namespaces, Nodes and Pods whose status is set the way a kubelet would;
+//! - the manager binary as a child process ([`Manager`]), or controllers in-process from one
+//!   shared context base ([`InProcess`]);
+//! - metric scraping ([`metrics`]: the manager's and the API server's `/metrics` as samples);
+//! - Event listing ([`events`]); the AWS emulator ([`moto`]);
+//! - polling with deadlines ([`wait_for`], [`wait_stable`]), never fixed sleeps.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -19,11 +23,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::OnceCell;
 
+pub mod events;
+pub mod inprocess;
+pub mod manager;
+pub mod metrics;
 pub mod moto;
+
+pub use inprocess::InProcess;
+pub use manager::{Manager, leader_status, manager_binary, readyz_ok};
 
 /// The repository root (where `bin/` and `target/` live).
 pub fn repo_root() -> PathBuf {
@@ -249,6 +259,19 @@ impl Drop for ControlPlane {
     }
 }
 
+/// A free loopback address (`127.0.0.1:port`) for a server's `--http-address`.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").to_string()
+}
+
+/// GETs `url`: its status and body, or `None` while nothing answers (so tests can poll).
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(url).await.ok()?;
+    let code = r.status().as_u16();
+    Some((code, r.text().await.ok()?))
+}
+
 /// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
 where
@@ -264,6 +287,43 @@ where
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `f` every `interval` until it returns the same value `samples` times in a row (a
+/// reading that has settled), or fails after `timeout` naming `what` and the last reading.
+pub async fn wait_stable<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    samples: usize,
+    mut f: F,
+) -> Result<T>
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let (mut last, mut same) = (None::<T>, 0usize);
+    loop {
+        if let Some(now) = f().await {
+            same = if last.as_ref() == Some(&now) {
+                same + 1
+            } else {
+                1
+            };
+            last = Some(now);
+            if same >= samples.max(1) {
+                return last.ok_or_else(|| anyhow!("no reading"));
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {what} to settle; last reading {last:?}"
+            );
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -436,85 +496,4 @@ pub async fn set_pod_status(
     Ok(api
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?)
-}
-
-/// Path of the manager binary Cargo built for this test run.
-pub fn manager_binary() -> PathBuf {
-    if let Some(p) = option_env!("CARGO_BIN_EXE_service-controller-manager") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join("target"));
-    target.join("debug").join("service-controller-manager")
-}
-
-/// A running manager process whose output is captured.
-pub struct Manager {
-    /// The child process.
-    pub child: Child,
-    /// Everything it has logged (stdout and stderr), line by line.
-    pub logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Manager {
-    /// Starts the manager binary with `args` against `cp`.
-    pub fn start(cp: &ControlPlane, args: &[&str]) -> Result<Manager> {
-        let mut cmd = Command::new(manager_binary());
-        cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
-        cmd.args(args);
-        Self::spawn(cmd)
-    }
-
-    /// Starts a prepared command (for custom environments).
-    pub fn spawn(mut cmd: Command) -> Result<Manager> {
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().context("starting the manager")?;
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        for out in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let logs = logs.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    logs.lock().unwrap_or_else(|e| e.into_inner()).push(l);
-                }
-            });
-        }
-        Ok(Manager { child, logs })
-    }
-
-    /// A copy of the log lines so far.
-    pub fn log_lines(&self) -> Vec<String> {
-        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Sends a signal (e.g. `libc::SIGTERM` as 15) to the process.
-    pub fn signal(&self, sig: i32) -> Result<()> {
-        let pid = self
-            .child
-            .id()
-            .ok_or_else(|| anyhow!("manager already exited"))?;
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -{sig} {pid} failed");
-        }
-        Ok(())
-    }
 }

@@ -1,0 +1,108 @@
+//! The manager binary as a child process of the test, its output captured line by line.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{ControlPlane, repo_root};
+
+/// Path of the manager binary Cargo built for this test run.
+pub fn manager_binary() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_service-controller-manager") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"));
+    target.join("debug").join("service-controller-manager")
+}
+
+/// A running manager process whose output is captured.
+pub struct Manager {
+    /// The child process.
+    pub child: Child,
+    /// Everything it has logged (stdout and stderr), line by line.
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Manager {
+    /// Starts the manager binary with `args` against `cp`.
+    pub fn start(cp: &ControlPlane, args: &[&str]) -> Result<Manager> {
+        let mut cmd = Command::new(manager_binary());
+        cmd.arg("--kubeconfig").arg(&cp.kubeconfig);
+        cmd.args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Starts a prepared command (for custom environments).
+    pub fn spawn(mut cmd: Command) -> Result<Manager> {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("starting the manager")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        for out in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    logs.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+                }
+            });
+        }
+        Ok(Manager { child, logs })
+    }
+
+    /// A copy of the log lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM` as 15) to the process.
+    pub fn signal(&self, sig: i32) -> Result<()> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow!("manager already exited"))?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{sig} {pid} failed");
+        }
+        Ok(())
+    }
+}
+
+/// Whether a manager serving on `addr` (its `--http-address`) answers `/readyz` with success.
+pub async fn readyz_ok(addr: &str) -> bool {
+    crate::http_get(&format!("http://{addr}/readyz"))
+        .await
+        .is_some_and(|(code, _)| (200..300).contains(&code))
+}
+
+/// A manager's `leader_election_master_status` (1 while it leads, else 0), if it serves
+/// metrics on `addr`.
+pub async fn leader_status(addr: &str) -> Option<i64> {
+    crate::metrics::scrape_manager(addr)
+        .await?
+        .get("leader_election_master_status", &[])
+        .map(|v| v as i64)
+}
