@@ -1,11 +1,17 @@
 //! What every controller of service-controller-manager shares: the context the binary hands
-//! each controller, a client-go style work queue, the leader gate that guards writes, Events,
-//! metrics, readiness, and the worker loop that ties them together.
+//! each controller, the process's informers, a client-go style work queue, the leader gate that
+//! guards writes, Events, metrics, readiness, and the worker loop that ties them together.
 //!
 //! The shape of a controller crate: a pure core computes a plan from observed state; its shell
-//! keeps caches (kube-runtime reflectors) that run on every replica, feeds object keys into a
-//! [`WorkQueue`], and calls [`run_workers`] with a reconcile function that applies the plan.
-//! Workers only run while this process leads.
+//! subscribes to the shared [`Informers`] (one watch per resource kind for the whole process,
+//! each object trimmed once on arrival) and keeps its own index from the [`Change`]s they fan
+//! out (`Apply`, `Delete`, and `Relisted`, a complete new list that replaces the index). Indexes
+//! run on every replica; the shell feeds object keys into a [`WorkQueue`] and calls
+//! [`run_workers`] with a reconcile function that applies the plan. Workers only run while this
+//! process leads.
+//!
+//! Every [`ControllerContext`] is built by [`ContextBase::context`] from one base per process,
+//! so controllers share the client, the leader gate, the metrics registry and the informers.
 
 pub mod client;
 pub mod events;
