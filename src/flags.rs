@@ -244,10 +244,18 @@ fn parse_cluster_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// The smallest `--kube-api-qps` taken (apart from 0, no limit).
+const MIN_QPS: f64 = 0.001;
+
 fn parse_qps(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if !v.is_finite() || v < 0.0 {
         return Err("must be a non-negative number".into());
+    }
+    // One request in more than 1000 s is no rate a client can keep: it would only starve every
+    // controller. 0 turns the limit off.
+    if v > 0.0 && v < MIN_QPS {
+        return Err(format!("must be 0 (no limit) or at least {MIN_QPS}"));
     }
     Ok(v)
 }
@@ -287,7 +295,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total += n * mult;
         rest = tail;
     }
-    Ok(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).map_err(|_| format!("'{s}' is out of range"))
 }
 
 /// Which controllers `--controllers` enables, given whether a cloud provider is configured.
@@ -353,10 +361,12 @@ impl Flags {
                         .into(),
                 );
             }
+            // client-go's rule: the renew deadline must leave room for a jittered retry.
             if self.leader_elect_retry_period.is_zero()
-                || self.leader_elect_retry_period >= self.leader_elect_renew_deadline
+                || self.leader_elect_renew_deadline.as_secs_f64()
+                    <= 1.2 * self.leader_elect_retry_period.as_secs_f64()
             {
-                return Err("--leader-elect-retry-period must be positive and less than --leader-elect-renew-deadline".into());
+                return Err("--leader-elect-retry-period must be positive and --leader-elect-renew-deadline greater than 1.2 times it".into());
             }
             if self.leader_elect_resource_name.is_empty() {
                 return Err("--leader-elect-resource-name must not be empty".into());
@@ -458,6 +468,20 @@ mod tests {
                 vec!["--max-endpoints-per-slice=1001"],
                 "--max-endpoints-per-slice",
             ),
+            // These panicked in Duration::from_secs_f64 instead of naming the flag.
+            (
+                vec!["--leader-elect-lease-duration=99999999999999999999h"],
+                "--leader-elect-lease-duration",
+            ),
+            (vec!["--kube-api-qps=1e-300"], "--kube-api-qps"),
+            // client-go refuses a renew deadline within 1.2 retry periods.
+            (
+                vec![
+                    "--leader-elect-renew-deadline=4s",
+                    "--leader-elect-retry-period=4s",
+                ],
+                "--leader-elect-renew-deadline",
+            ),
         ] {
             let e = flags(&args).err().unwrap_or_default();
             assert!(e.contains(flag), "{args:?}: {e}");
@@ -470,5 +494,18 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn the_lease_example_from_the_reliability_issue_is_valid() {
+        // Valid for client-go: the elector, not validation, must keep it safe (it bounds each
+        // renewal by the renew deadline).
+        flags(&[
+            "--leader-elect-lease-duration=15s",
+            "--leader-elect-renew-deadline=13s",
+            "--leader-elect-retry-period=4s",
+        ])
+        .expect("valid");
     }
 }

@@ -11,6 +11,9 @@ use kube::client::ClientBuilder;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
+/// The longest one request waits for a token, whatever the rate.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 /// A token bucket: `qps` tokens a second, at most `burst` saved up.
 #[derive(Clone, Copy, Debug)]
 pub struct RateLimit {
@@ -95,7 +98,10 @@ where
                     break;
                 }
                 let wait = (1.0 - self.tokens) / self.qps;
-                self.sleep = Some(Box::pin(tokio::time::sleep(Duration::from_secs_f64(wait))));
+                // A rate too small to wait for (the flag parser refuses those) must not panic
+                // inside the client's worker, which would fail every later API call.
+                let wait = Duration::try_from_secs_f64(wait).unwrap_or(MAX_WAIT);
+                self.sleep = Some(Box::pin(tokio::time::sleep(wait.min(MAX_WAIT))));
             }
         }
         self.inner.poll_ready(cx)
@@ -150,5 +156,20 @@ mod tests {
             e >= Duration::from_millis(950) && e <= Duration::from_millis(1100),
             "{e:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tiny_rate_waits_instead_of_panicking() {
+        // Duration::from_secs_f64(1e300) panicked here, inside kube's buffer worker.
+        let mut svc = TokenBucketLayer {
+            limit: RateLimit {
+                qps: 1e-300,
+                burst: 1,
+            },
+        }
+        .layer(Echo);
+        assert!(svc.ready().await.ok().map(|s| s.call(1)).is_some());
+        let second = tokio::time::timeout(Duration::from_secs(10), svc.ready()).await;
+        assert!(second.is_err(), "the second request waits for a token");
     }
 }

@@ -93,13 +93,25 @@ pub async fn run_elector(
     loop {
         let mut wait = cfg.retry_period;
         let leading = *tx.borrow();
+        let since_renew = last_renew.map(|t| t.elapsed());
+        let Some(limit) = attempt_limit(&cfg, leading, since_renew) else {
+            // The renew deadline has passed: stop writing before the lease can expire in
+            // another candidate's eyes.
+            warn!(lease = %cfg.name, "failed to renew lease within the renew deadline; stepping down");
+            let _ = tx.send(false);
+            last_renew = None;
+            continue;
+        };
+        // Counted from before the request: the server's renewTime is no earlier than this, so
+        // other candidates never see our lease expire before we step down.
+        let started = Instant::now();
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = tokio::time::timeout(cfg.retry_period.max(Duration::from_millis(100)) * 2, try_acquire_or_renew(&api, &cfg, &mut observed)) => r,
+            r = tokio::time::timeout(limit, try_acquire_or_renew(&api, &cfg, &mut observed)) => r,
         };
         match attempt {
             Ok(Ok(Attempt::Held)) => {
-                last_renew = Some(Instant::now());
+                last_renew = Some(started);
                 if !leading {
                     info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
                     let _ = tx.send(true);
@@ -124,10 +136,13 @@ pub async fn run_elector(
             Err(_) => warn!(lease = %cfg.name, "leader election attempt timed out"),
         }
         if *tx.borrow() {
-            let stale = last_renew.is_none_or(|t| t.elapsed() >= cfg.renew_deadline);
-            if stale {
-                warn!(lease = %cfg.name, "failed to renew lease within the renew deadline; stepping down");
-                let _ = tx.send(false);
+            // Wake no later than the renew deadline, so a leader that cannot renew steps down
+            // on time even while it waits between attempts.
+            if let Some(left) = last_renew.and_then(|t| cfg.renew_deadline.checked_sub(t.elapsed()))
+            {
+                wait = wait.min(left);
+            } else {
+                wait = Duration::ZERO;
             }
         }
         tokio::select! {
@@ -142,6 +157,24 @@ pub async fn run_elector(
             Err(e) => warn!(lease = %cfg.name, error = %e, "could not release lease"),
         }
     }
+}
+
+/// How long the next acquire-or-renew attempt may take, or `None` if a leader has already
+/// missed its renew deadline. A follower's attempt is bounded by twice the retry period; a
+/// leader's also by the time left until `renew_deadline` after its last successful renewal
+/// (as client-go bounds its renew loop by the renew deadline), so it never writes as leader
+/// past the point where its lease may have expired for others.
+fn attempt_limit(
+    cfg: &LeaseConfig,
+    leading: bool,
+    since_renew: Option<Duration>,
+) -> Option<Duration> {
+    let normal = cfg.retry_period.max(Duration::from_millis(100)) * 2;
+    if !leading {
+        return Some(normal);
+    }
+    let left = cfg.renew_deadline.checked_sub(since_renew?)?;
+    (!left.is_zero()).then(|| normal.min(left))
 }
 
 fn now_micro() -> MicroTime {
@@ -240,6 +273,33 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<(), kube::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cfg(lease: u64, renew: u64, retry: u64) -> LeaseConfig {
+        LeaseConfig {
+            name: "l".into(),
+            namespace: "n".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_secs(lease),
+            renew_deadline: Duration::from_secs(renew),
+            retry_period: Duration::from_secs(retry),
+        }
+    }
+
+    #[test]
+    fn a_leaders_attempts_end_by_the_renew_deadline() {
+        // Valid for client-go (15 > 13 > 1.2 * 4); each attempt used to get 2 * 4 s whatever
+        // the time left, so a leader could keep writing until about 24 s, past the lease.
+        let c = cfg(15, 13, 4);
+        let s = Duration::from_secs;
+        assert_eq!(attempt_limit(&c, false, None), Some(s(8)));
+        assert_eq!(attempt_limit(&c, true, Some(s(0))), Some(s(8)));
+        assert_eq!(attempt_limit(&c, true, Some(s(8))), Some(s(5)));
+        assert_eq!(attempt_limit(&c, true, Some(s(12))), Some(s(1)));
+        assert_eq!(attempt_limit(&c, true, Some(s(13))), None);
+        assert_eq!(attempt_limit(&c, true, Some(s(20))), None);
+        // A leader that never renewed (it cannot lead) has no budget either.
+        assert_eq!(attempt_limit(&c, true, None), None);
+    }
 
     #[tokio::test]
     async fn a_gone_elector_never_counts_as_leading() {
