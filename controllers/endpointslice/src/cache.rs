@@ -1,119 +1,15 @@
-//! Caches the shells keep on every replica: a watch loop that hands out whole relists and
-//! single changes, Pods reduced to compact records of what endpoints are computed from, and a Service/Pod index
-//! by (namespace, label) so that a pod event finds its Services (and a Service its pods)
-//! without scanning every object.
+//! The Service/Pod index the EndpointSlice and Endpoints shells keep: Services and the shared
+//! pod records by (namespace, label), so that a pod event finds its Services (and a Service
+//! its pods) without scanning every object.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt::Debug;
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
-use serde::de::DeserializeOwned;
-use tokio_util::sync::CancellationToken;
-use tracing::warn;
-
 use scm_runtime::ObjectKey;
+use scm_runtime::informer::Change;
 
 use crate::common::PodRecord;
-
-/// One change seen by a watch.
-pub enum Change<K> {
-    /// An object was added or modified.
-    Apply(K),
-    /// An object was deleted (or left the watch's selection).
-    Delete(K),
-    /// The watch (re)listed: this is the complete set.
-    Relisted(Vec<K>),
-}
-
-/// Runs a watch until `shutdown`, calling `f` for every change. Every object goes through
-/// `prep` (trimming, or turning it into a compact record) as it arrives, before a relist is
-/// buffered, so the full objects of a large list are never all held at once. Watch errors are logged and retried with
-/// kube-runtime's default backoff, so one bad moment never stops the cache.
-pub async fn watch<K, T, P, F>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    shutdown: CancellationToken,
-    prep: P,
-    mut f: F,
-) where
-    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    P: Fn(K) -> T,
-    F: FnMut(Change<T>),
-{
-    let stream = watcher(api, cfg).default_backoff();
-    futures::pin_mut!(stream);
-    let mut buf: Vec<T> = Vec::new();
-    loop {
-        let ev = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            ev = stream.next() => ev,
-        };
-        match ev {
-            None => return,
-            Some(Err(e)) => {
-                warn!(kind = std::any::type_name::<K>(), error = %e, "watch error; retrying")
-            }
-            Some(Ok(watcher::Event::Init)) => {
-                // Drop the previous list's capacity too: it is only needed while listing.
-                buf = Vec::new()
-            }
-            Some(Ok(watcher::Event::InitApply(o))) => buf.push(prep(o)),
-            Some(Ok(watcher::Event::InitDone)) => f(Change::Relisted(std::mem::take(&mut buf))),
-            Some(Ok(watcher::Event::Apply(o))) => f(Change::Apply(prep(o))),
-            Some(Ok(watcher::Event::Delete(o))) => f(Change::Delete(prep(o))),
-        }
-    }
-}
-
-/// Drops managedFields from any object.
-pub fn trim_meta<K: kube::Resource>(mut o: K) -> K {
-    o.meta_mut().managed_fields = None;
-    o
-}
-
-/// Drops managedFields and status from a Service; nothing we compute reads them. Lists are
-/// shrunk to their length (a list read from JSON keeps room for at least four entries).
-pub fn trim_service(mut svc: Service) -> Service {
-    svc.metadata.managed_fields = None;
-    svc.status = None;
-    if let Some(spec) = svc.spec.as_mut() {
-        for v in [spec.cluster_ips.as_mut(), spec.ip_families.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            v.shrink_to_fit();
-        }
-        if let Some(p) = spec.ports.as_mut() {
-            p.shrink_to_fit();
-        }
-    }
-    svc
-}
-
-/// Drops managedFields from an EndpointSlice and shrinks its lists to their length: a list
-/// read from JSON keeps room for at least four entries, which over the endpoints of every
-/// cached slice (each with one address) adds up.
-pub fn trim_slice(mut s: EndpointSlice) -> EndpointSlice {
-    s.metadata.managed_fields = None;
-    if let Some(o) = s.metadata.owner_references.as_mut() {
-        o.shrink_to_fit();
-    }
-    if let Some(p) = s.ports.as_mut() {
-        p.shrink_to_fit();
-    }
-    if let Some(eps) = s.endpoints.as_mut() {
-        eps.shrink_to_fit();
-        for e in eps {
-            e.addresses.shrink_to_fit();
-        }
-    }
-    s
-}
 
 type LabelKey = (String, String, String);
 
@@ -128,8 +24,6 @@ pub struct PodServiceIndex {
     pub services: HashMap<ObjectKey, Arc<Service>>,
     /// Pods by key.
     pub pods: HashMap<ObjectKey, Arc<PodRecord>>,
-    // Pods of one ReplicaSet (or one bench Service) carry the same labels: one map for all.
-    label_sets: HashSet<Arc<BTreeMap<String, String>>>,
     pods_by_label: HashMap<LabelKey, HashSet<String>>,
     pods_by_ns: HashMap<String, HashSet<String>>,
     // A Service is indexed under the first pair of its selector; empty selectors separately.
@@ -142,17 +36,10 @@ fn matches(sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) ->
 }
 
 impl PodServiceIndex {
-    /// Inserts or replaces a pod (sharing its label map with pods labelled alike); returns
-    /// the stored record and the previous one.
-    pub fn put_pod(&mut self, mut pod: PodRecord) -> (Arc<PodRecord>, Option<Arc<PodRecord>>) {
+    /// Inserts or replaces a pod (the informer's record, shared); returns the previous one.
+    pub fn put_pod(&mut self, pod: Arc<PodRecord>) -> Option<Arc<PodRecord>> {
         let key = pod.key();
         let old = self.remove_pod(&key);
-        match self.label_sets.get(pod.labels.as_ref()) {
-            Some(shared) => pod.labels = shared.clone(),
-            None => {
-                self.label_sets.insert(pod.labels.clone());
-            }
-        }
         for (k, v) in pod.labels.iter() {
             self.pods_by_label
                 .entry((key.namespace.clone(), k.clone(), v.clone()))
@@ -163,9 +50,8 @@ impl PodServiceIndex {
             .entry(key.namespace.clone())
             .or_default()
             .insert(key.name.clone());
-        let pod = Arc::new(pod);
-        self.pods.insert(key, pod.clone());
-        (pod, old)
+        self.pods.insert(key, pod);
+        old
     }
 
     /// Removes a pod; returns it.
@@ -186,11 +72,45 @@ impl PodServiceIndex {
                 self.pods_by_ns.remove(&key.namespace);
             }
         }
-        // Held only by the set and this record: no stored pod uses the map any more.
-        if Arc::strong_count(&old.labels) <= 2 {
-            self.label_sets.remove(old.labels.as_ref());
-        }
         Some(old)
+    }
+
+    /// Folds one pod change in; returns the Services whose endpoints it may change. A pod
+    /// update that changes nothing the records hold is not news.
+    pub fn apply_pod_change(&mut self, c: &Change<PodRecord>) -> Vec<ObjectKey> {
+        match c {
+            Change::Apply(p) => {
+                let old = self.put_pod(p.clone());
+                if old.as_deref().is_some_and(|o| *o == **p) {
+                    return vec![];
+                }
+                self.services_for_pod_change(old.as_deref(), Some(p))
+            }
+            Change::Delete(p) => {
+                let old = self.remove_pod(&p.key());
+                self.services_for_pod_change(old.as_deref(), Some(p))
+            }
+            Change::Relisted(list) => {
+                let fresh: HashSet<ObjectKey> = list.iter().map(|p| p.key()).collect();
+                let old: Vec<ObjectKey> = self.pods.keys().cloned().collect();
+                let mut affected = HashSet::new();
+                for k in old {
+                    if !fresh.contains(&k)
+                        && let Some(o) = self.remove_pod(&k)
+                    {
+                        affected.extend(self.services_for_pod_change(Some(&o), None));
+                    }
+                }
+                drop(fresh);
+                for p in list {
+                    let old = self.put_pod(p.clone());
+                    if old.as_deref().is_none_or(|o| *o != **p) {
+                        affected.extend(self.services_for_pod_change(old.as_deref(), Some(p)));
+                    }
+                }
+                affected.into_iter().collect()
+            }
+        }
     }
 
     /// Inserts or replaces a Service; returns the previous version.
@@ -483,8 +403,8 @@ mod tests {
     }
 
     #[test]
-    fn trim_slice_drops_managed_fields_and_spare_capacity() {
-        use k8s_openapi::api::discovery::v1::Endpoint;
+    fn slice_trim_drops_managed_fields_and_spare_capacity() {
+        use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
         let mut addresses = Vec::with_capacity(4);
         addresses.push("10.0.0.1".to_string());
         let mut endpoints = Vec::with_capacity(8);
@@ -492,7 +412,7 @@ mod tests {
             addresses,
             ..Default::default()
         });
-        let s = trim_slice(EndpointSlice {
+        let s = scm_runtime::informer::trim::endpoint_slice(EndpointSlice {
             metadata: ObjectMeta {
                 managed_fields: Some(vec![ManagedFieldsEntry::default()]),
                 ..Default::default()
@@ -507,18 +427,8 @@ mod tests {
         assert_eq!(eps[0].addresses, vec!["10.0.0.1".to_string()]);
     }
 
-    #[test]
-    fn index_shares_label_maps_and_forgets_unused_ones() {
-        let mut idx = PodServiceIndex::default();
-        let (a, _) = idx.put_pod(PodRecord::from_pod(pod("a", "p1", &[("app", "web")])));
-        let (b, _) = idx.put_pod(PodRecord::from_pod(pod("a", "p2", &[("app", "web")])));
-        assert!(Arc::ptr_eq(&a.labels, &b.labels));
-        assert_eq!(idx.label_sets.len(), 1);
-        drop((a, b));
-        idx.remove_pod(&ObjectKey::new("a", "p1"));
-        assert_eq!(idx.label_sets.len(), 1, "p2 still uses the map");
-        idx.remove_pod(&ObjectKey::new("a", "p2"));
-        assert!(idx.label_sets.is_empty());
+    fn rec(p: Pod) -> Arc<PodRecord> {
+        Arc::new(PodRecord::from_pod(p))
     }
 
     #[test]
@@ -532,12 +442,8 @@ mod tests {
         idx.put_service(Arc::new(svc("a", "all", Some(&[]))));
         idx.put_service(Arc::new(svc("a", "none", None)));
         idx.put_service(Arc::new(svc("b", "web", Some(&[("app", "web")]))));
-        idx.put_pod(PodRecord::from_pod(pod(
-            "a",
-            "p1",
-            &[("app", "web"), ("tier", "fe")],
-        )));
-        idx.put_pod(PodRecord::from_pod(pod("a", "p2", &[("app", "web")])));
+        idx.put_pod(rec(pod("a", "p1", &[("app", "web"), ("tier", "fe")])));
+        idx.put_pod(rec(pod("a", "p2", &[("app", "web")])));
         let l = |p: &[(&str, &str)]| {
             p.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -556,7 +462,7 @@ mod tests {
         assert_eq!(idx.pods_for("a", &BTreeMap::new()).len(), 2);
         assert!(idx.pods_for("b", &sel).is_empty());
         // Relabelling moves the pod between posting lists.
-        idx.put_pod(PodRecord::from_pod(pod("a", "p1", &[("app", "other")])));
+        idx.put_pod(rec(pod("a", "p1", &[("app", "other")])));
         assert!(idx.pods_for("a", &sel).is_empty());
         idx.remove_service(&ObjectKey::new("a", "web"));
         assert_eq!(

@@ -1,8 +1,11 @@
 //! EndpointSlice, EndpointSlice mirroring and legacy Endpoints controllers.
 //!
 //! Each is a pure core (`slices`, `mirror_core`, `endpoints_core`: observed state in, plan of
-//! writes out) and a thin kube shell that keeps trimmed caches, queues Service keys and applies
-//! plans while this process leads.
+//! writes out) and a thin kube shell that subscribes to the process's shared informers
+//! (`ctx.informers`), keeps its own index, queues keys and applies plans while this process
+//! leads. What the shells share lives once: `shell` (selector, queue, sync gate, the Pod
+//! informer), `cache` (the Service/Pod index) and `slice_store` (our slices and the
+//! generation tracker).
 
 pub mod cache;
 pub mod common;
@@ -12,6 +15,9 @@ pub mod endpoints_core;
 pub mod metrics;
 pub mod mirror_core;
 pub mod mirroring;
+pub mod pod;
+pub mod shell;
+pub mod slice_store;
 pub mod slices;
 pub mod topology;
 

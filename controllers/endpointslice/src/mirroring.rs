@@ -1,26 +1,25 @@
 //! The EndpointSlice mirroring controller's kube shell (`--controllers` name
-//! `endpointslice-mirroring`): caches Endpoints, Services and the slices we mirrored, and keeps
+//! `endpointslice-mirroring`): indexes Endpoints, Services and the slices we mirrored (from the
+//! process's shared informers), and keeps
 //! the slices equal to `mirror_core::plan` for every selector-less Service's Endpoints.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams};
-use kube::runtime::watcher;
 
-use scm_runtime::{
-    Backoff, ControllerContext, ObjectKey, Requeue, WorkQueue, WorkerConfig, run_workers,
-};
+use scm_runtime::informer::Change;
+use scm_runtime::{ControllerContext, ObjectKey, Requeue};
 
 use crate::Error;
-use crate::cache::{self, Change};
 use crate::common::*;
-use crate::controller::SliceTracker;
 use crate::metrics::{ControllerLabel, SliceMetrics};
 use crate::mirror_core;
+use crate::shell::{ShellBase, apply_service_change};
+use crate::slice_store::Slices;
 
 /// Settings of the `endpointslice-mirroring` controller.
 #[derive(Clone, Debug)]
@@ -68,16 +67,13 @@ impl MirroringConfig {
 struct State {
     endpoints: HashMap<ObjectKey, Arc<Endpoints>>,
     services: HashMap<ObjectKey, Arc<Service>>,
-    slices: HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSlice>>>,
-    synced: HashSet<&'static str>,
 }
 
 struct Shared {
-    ctx: ControllerContext,
+    base: ShellBase,
     cfg: MirroringConfig,
     state: Mutex<State>,
-    tracker: SliceTracker,
-    queue: WorkQueue<ObjectKey>,
+    slices: Slices,
     metrics: SliceMetrics,
 }
 
@@ -85,216 +81,101 @@ impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn enqueue(&self, k: ObjectKey) {
-        if self.cfg.batch_period.is_zero() {
-            self.queue.add(k);
-        } else {
-            self.queue.add_after(k, self.cfg.batch_period);
-        }
-    }
-}
-
-fn slice_key(s: &EndpointSlice) -> Option<ObjectKey> {
-    let n = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some(ObjectKey::new(
-        s.metadata.namespace.clone().unwrap_or_default(),
-        n.clone(),
-    ))
-}
-
-fn trim_endpoints(mut e: Endpoints) -> Endpoints {
-    e.metadata.managed_fields = None;
-    e
 }
 
 /// Runs the mirroring controller until `ctx.shutdown` is cancelled.
 pub async fn run(ctx: ControllerContext, config: MirroringConfig) -> Result<(), Error> {
     config.validate()?;
+    let base = ShellBase::new(
+        ctx.clone(),
+        config.service_label_selector.as_deref(),
+        config.batch_period,
+        3,
+    )?;
     let metrics = SliceMetrics::register(
         &ctx.metrics,
         "endpoint_slice_mirroring_controller",
         &ctx.name,
     );
     let shared = Arc::new(Shared {
-        queue: WorkQueue::new(Backoff {
-            base: Duration::from_millis(50),
-            max: Duration::from_secs(1000),
-        }),
-        ctx: ctx.clone(),
+        base,
         cfg: config.clone(),
         state: Mutex::new(State::default()),
-        tracker: SliceTracker::default(),
+        slices: Slices::new(vec![MIRRORING_CONTROLLER_NAME]),
         metrics,
     });
-    let c = ctx.client.clone();
-    let mut svc_cfg = watcher::Config::default();
-    if let Some(sel) = &config.service_label_selector {
-        svc_cfg = svc_cfg.labels(sel);
-    }
-    let s1 = shared.clone();
-    let t1 = cache::watch(
-        Api::<Endpoints>::all(c.clone()),
-        watcher::Config::default(),
-        ctx.shutdown.clone(),
-        cache::trim_meta,
-        move |ch| {
-            let mut st = s1.state();
-            let keys: Vec<ObjectKey> = match ch {
-                Change::Apply(e) => {
-                    let e = Arc::new(trim_endpoints(e));
-                    let k = ObjectKey::of(e.as_ref());
-                    if st
-                        .endpoints
-                        .insert(k.clone(), e.clone())
-                        .is_some_and(|o| o == e)
-                    {
-                        vec![]
-                    } else {
-                        vec![k]
-                    }
-                }
-                Change::Delete(e) => {
-                    let k = ObjectKey::of(&e);
-                    st.endpoints.remove(&k);
+    let inf = &ctx.informers;
+    let s = shared.clone();
+    inf.endpoints().subscribe(move |ch| {
+        let mut st = s.state();
+        let keys: Vec<ObjectKey> = match ch {
+            Change::Apply(e) => {
+                let k = ObjectKey::of(e.as_ref());
+                if st
+                    .endpoints
+                    .insert(k.clone(), e.clone())
+                    .is_some_and(|o| o == *e)
+                {
+                    vec![]
+                } else {
                     vec![k]
                 }
-                Change::Relisted(list) => {
-                    let mut keys: Vec<ObjectKey> = st.endpoints.keys().cloned().collect();
-                    st.endpoints = list
-                        .into_iter()
-                        .map(|e| (ObjectKey::of(&e), Arc::new(trim_endpoints(e))))
-                        .collect();
-                    keys.extend(st.endpoints.keys().cloned());
-                    st.synced.insert("endpoints");
-                    keys
-                }
-            };
-            drop(st);
-            keys.into_iter().for_each(|k| s1.enqueue(k));
-        },
-    );
-    let s2 = shared.clone();
-    let t2 = cache::watch(
-        Api::<Service>::all(c.clone()),
-        svc_cfg,
-        ctx.shutdown.clone(),
-        cache::trim_service,
-        move |ch| {
-            let mut st = s2.state();
-            let keys: Vec<ObjectKey> = match ch {
-                Change::Apply(s) => {
-                    let s = Arc::new(cache::trim_service(s));
-                    let k = ObjectKey::of(s.as_ref());
-                    st.services.insert(k.clone(), s);
-                    vec![k]
-                }
-                Change::Delete(s) => {
-                    let k = ObjectKey::of(&s);
-                    st.services.remove(&k);
-                    vec![k]
-                }
-                Change::Relisted(list) => {
-                    let mut keys: Vec<ObjectKey> = st.services.keys().cloned().collect();
-                    st.services = list
-                        .into_iter()
-                        .map(|s| (ObjectKey::of(&s), Arc::new(cache::trim_service(s))))
-                        .collect();
-                    keys.extend(st.services.keys().cloned());
-                    st.synced.insert("services");
-                    keys
-                }
-            };
-            drop(st);
-            keys.into_iter().for_each(|k| s2.queue.add(k));
-        },
-    );
-    let s3 = shared.clone();
-    let t3 = cache::watch(
-        Api::<EndpointSlice>::all(c.clone()),
-        watcher::Config::default()
-            .labels(&format!("{LABEL_MANAGED_BY}={MIRRORING_CONTROLLER_NAME}")),
-        ctx.shutdown.clone(),
-        cache::trim_meta,
-        move |ch| {
-            let mut st = s3.state();
-            let keys: Vec<ObjectKey> = match ch {
-                Change::Apply(sl) => {
-                    let Some(k) = slice_key(&sl) else { return };
-                    let news = s3.tracker.should_sync(&k, &sl);
-                    st.slices
-                        .entry(k.clone())
-                        .or_default()
-                        .insert(sl.metadata.name.clone().unwrap_or_default(), Arc::new(sl));
-                    if news { vec![k] } else { vec![] }
-                }
-                Change::Delete(sl) => {
-                    let Some(k) = slice_key(&sl) else { return };
-                    if let Some(m) = st.slices.get_mut(&k) {
-                        m.remove(sl.metadata.name.as_deref().unwrap_or(""));
-                    }
-                    if s3.tracker.handle_deletion(&k, &sl) {
-                        vec![]
-                    } else {
-                        vec![k]
-                    }
-                }
-                Change::Relisted(list) => {
-                    let mut keys: Vec<ObjectKey> = st.slices.keys().cloned().collect();
-                    st.slices.clear();
-                    for sl in list {
-                        if let Some(k) = slice_key(&sl) {
-                            st.slices
-                                .entry(k)
-                                .or_default()
-                                .insert(sl.metadata.name.clone().unwrap_or_default(), Arc::new(sl));
-                        }
-                    }
-                    keys.extend(st.slices.keys().cloned());
-                    st.synced.insert("slices");
-                    keys
-                }
-            };
-            drop(st);
-            keys.into_iter().for_each(|k| s3.queue.add(k));
-        },
-    );
-    let s4 = shared.clone();
-    let workers = async move {
-        if !scm_runtime::wait_for_sync(&s4.ctx, || s4.state().synced.len() == 3).await {
-            return;
+            }
+            Change::Delete(e) => {
+                let k = ObjectKey::of(e.as_ref());
+                st.endpoints.remove(&k);
+                vec![k]
+            }
+            Change::Relisted(list) => {
+                let mut keys: Vec<ObjectKey> = st.endpoints.keys().cloned().collect();
+                st.endpoints = list
+                    .iter()
+                    .map(|e| (ObjectKey::of(e.as_ref()), e.clone()))
+                    .collect();
+                keys.extend(st.endpoints.keys().cloned());
+                s.base.mark_synced("endpoints");
+                keys
+            }
+        };
+        drop(st);
+        keys.into_iter().for_each(|k| s.base.add_batched(k));
+    });
+    let s = shared.clone();
+    inf.services().subscribe(move |ch| {
+        let keys = apply_service_change(&s.base.services, &mut s.state().services, ch);
+        if matches!(ch, Change::Relisted(_)) {
+            s.base.mark_synced("services");
         }
-        let s5 = s4.clone();
-        run_workers(
-            &s4.ctx,
-            s4.queue.clone(),
-            WorkerConfig {
-                concurrency: s4.cfg.concurrent_syncs,
-                ..Default::default()
-            },
-            move |k| {
-                let s = s5.clone();
-                async move { reconcile(s, k).await }
-            },
-        )
+        keys.into_iter().for_each(|k| s.base.add(k));
+    });
+    let s = shared.clone();
+    inf.endpoint_slices().subscribe(move |ch| {
+        let keys = s.slices.apply_change(ch);
+        if matches!(ch, Change::Relisted(_)) {
+            s.base.mark_synced("slices");
+        }
+        keys.into_iter().for_each(|k| s.base.add(k));
+    });
+    let s = shared.clone();
+    shared
+        .base
+        .work(config.concurrent_syncs, move |k| {
+            let s = s.clone();
+            async move { reconcile(s, k).await }
+        })
         .await;
-    };
-    tokio::join!(t1, t2, t3, workers);
     Ok(())
 }
 
 async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
     let (ep, svc, existing, svc_known) = {
         let st = s.state();
-        let existing: Vec<EndpointSlice> = st
+        let existing: Vec<EndpointSlice> = s
             .slices
-            .get(&key)
-            .map(|m| {
-                m.values()
-                    .filter(|s| s.metadata.deletion_timestamp.is_none())
-                    .map(|s| s.as_ref().clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+            .current(&key)
+            .iter()
+            .map(|s| s.as_ref().clone())
+            .collect();
         (
             st.endpoints.get(&key).cloned(),
             st.services.get(&key).cloned(),
@@ -308,15 +189,15 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
         }
         _ => false,
     };
-    let api: Api<EndpointSlice> = Api::namespaced(s.ctx.client.clone(), &key.namespace);
+    let api: Api<EndpointSlice> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
     if !mirror {
         if existing.is_empty() {
-            s.tracker.delete_service(&key);
+            s.slices.tracker.delete_service(&key);
             return Ok(Requeue::Done);
         }
         if !svc_known && ep.is_some() {
             // Out of our scope rather than deleted? Leave the slices if the Service exists.
-            let svcs: Api<Service> = Api::namespaced(s.ctx.client.clone(), &key.namespace);
+            let svcs: Api<Service> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
             if let Some(live) = svcs.get_opt(&key.name).await?
                 && live.spec.as_ref().is_none_or(|s| s.selector.is_none())
             {
@@ -330,16 +211,16 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
                 Err(kube::Error::Api(ae)) if ae.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
-            s.tracker.expect_deletion(&key, sl);
+            s.slices.tracker.expect_deletion(&key, sl);
             s.metrics.change("delete");
         }
-        s.tracker.delete_service(&key);
+        s.slices.tracker.delete_service(&key);
         return Ok(Requeue::Done);
     }
     let Some(ep) = ep else {
         return Ok(Requeue::Done);
     };
-    if s.tracker.stale(&key, &existing) {
+    if s.slices.tracker.stale(&key, &existing) {
         s.metrics.sync("stale");
         return Err(Error::StaleCache(key.to_string()));
     }
@@ -358,7 +239,8 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
         ..Default::default()
     };
     if plan.invalid_addresses > 0 {
-        s.ctx
+        s.base
+            .ctx
             .events
             .warning(
                 &eref,
@@ -372,21 +254,21 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             .await;
     }
     if plan.skipped_addresses > plan.invalid_addresses {
-        s.ctx.events.warning(&eref, "TooManyAddressesToMirror", "Mirror",
+        s.base.ctx.events.warning(&eref, "TooManyAddressesToMirror", "Mirror",
             format!("A max of {} addresses can be mirrored to EndpointSlices per Endpoints subset. {} addresses were skipped",
                 s.cfg.max_endpoints_per_subset, plan.skipped_addresses)).await;
     }
     if ep.metadata.deletion_timestamp.is_none() {
         for c in &plan.create {
             let created = api.create(&PostParams::default(), c).await?;
-            s.tracker.update(&key, &created);
+            s.slices.tracker.update(&key, &created);
             s.metrics.change("create");
         }
     }
     for u in &plan.update {
         let name = u.metadata.name.clone().unwrap_or_default();
         let updated = api.replace(&name, &PostParams::default(), u).await?;
-        s.tracker.update(&key, &updated);
+        s.slices.tracker.update(&key, &updated);
         s.metrics.change("update");
     }
     for d in &plan.delete {
@@ -396,7 +278,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             Err(kube::Error::Api(ae)) if ae.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
-        s.tracker.expect_deletion(&key, d);
+        s.slices.tracker.expect_deletion(&key, d);
         s.metrics.change("delete");
     }
     s.metrics
@@ -410,7 +292,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
     s.metrics
         .writes_per_reconcile
         .get_or_create(&ControllerLabel {
-            controller: s.ctx.name.clone(),
+            controller: s.base.ctx.name.clone(),
         })
         .observe(plan.writes() as f64);
     s.metrics.sync("success");

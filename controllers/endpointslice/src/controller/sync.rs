@@ -1,0 +1,271 @@
+//! One reconcile of one Service: snapshot the indexes, plan with the core, apply the plan.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use tracing::{debug, warn};
+
+use scm_runtime::{ObjectKey, Requeue};
+
+use super::{Shared, service_ref};
+use crate::Error;
+use crate::common::*;
+use crate::metrics::{ChangedLabels, ControllerLabel};
+use crate::slice_store::managed_by;
+use crate::slices::{self, SliceInput};
+use crate::topology::{self, ZoneRatios};
+
+/// What a reconcile copies out of the caches (so no lock is held across awaits).
+struct Snapshot {
+    svc: Option<Arc<Service>>,
+    pods: Vec<Arc<PodRecord>>,
+    nodes: HashMap<String, Option<String>>,
+    // Shared with the cache: the core borrows them, so a large Service's slices are not
+    // copied for every reconcile.
+    existing: Vec<Arc<EndpointSlice>>,
+    zone_ratios: ZoneRatios,
+    hints_populated: bool,
+}
+
+fn snapshot(s: &Shared, key: &ObjectKey) -> Snapshot {
+    let st = s.state();
+    let svc = st.idx.services.get(key).cloned();
+    let pods = svc
+        .as_ref()
+        .and_then(|svc| svc.spec.as_ref().and_then(|sp| sp.selector.clone()))
+        .map(|sel| st.idx.pods_for(&key.namespace, &sel))
+        .unwrap_or_default();
+    let nodes = pods
+        .iter()
+        .filter_map(|p| p.node_name.as_deref())
+        .filter_map(|n| st.nodes.get(n).map(|t| (n.to_string(), t.zone.clone())))
+        .collect();
+    let existing = s.slices.current(key);
+    Snapshot {
+        svc,
+        pods,
+        nodes,
+        existing,
+        zone_ratios: st.zone_ratios.clone(),
+        hints_populated: st.hints_populated.contains(key),
+    }
+}
+
+pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
+    let snap = snapshot(&s, &key);
+    let Some(svc) = snap.svc else {
+        return cleanup_absent(&s, &key, snap.existing).await;
+    };
+    let spec = svc.spec.clone().unwrap_or_default();
+    if spec.type_.as_deref() == Some("ExternalName") || spec.selector.is_none() {
+        // As upstream: a Service without selector (or ExternalName) is not ours to fill.
+        return Ok(Requeue::Done);
+    }
+    if s.slices.tracker.stale(&key, &snap.existing) {
+        s.metrics.sync("stale");
+        return Err(Error::StaleCache(key.to_string()));
+    }
+    let plan = {
+        let node_zone = |n: &str| snap.nodes.get(n).cloned();
+        let input = SliceInput {
+            service: &svc,
+            pods: snap.pods.iter().map(|p| p.as_ref()).collect(),
+            node_zone: &node_zone,
+            existing: snap.existing.iter().map(|s| s.as_ref()).collect(),
+            max_endpoints_per_slice: s.cfg.max_endpoints_per_slice,
+            controller_name: CONTROLLER_NAME,
+            zone_ratios: &snap.zone_ratios,
+            hints_populated: snap.hints_populated,
+        };
+        slices::plan(&input)
+    };
+    {
+        let mut st = s.state();
+        if plan.hints_populated {
+            st.hints_populated.insert(key.clone());
+        } else {
+            st.hints_populated.remove(&key);
+        }
+    }
+    let sref = service_ref(&svc);
+    for ev in &plan.events {
+        if ev.warning {
+            s.base
+                .ctx
+                .events
+                .warning(&sref, &ev.reason, "UpdateHints", ev.message.clone())
+                .await;
+        } else {
+            s.base
+                .ctx
+                .events
+                .normal(&sref, &ev.reason, "UpdateHints", ev.message.clone())
+                .await;
+        }
+    }
+    let writes = plan.writes();
+    let result = apply(&s, &key, &svc, &plan).await;
+    let m = &s.metrics;
+    m.added.get_or_create(&vec![]).observe(plan.added as f64);
+    m.removed
+        .get_or_create(&vec![])
+        .observe(plan.removed as f64);
+    let td = spec
+        .traffic_distribution
+        .clone()
+        .filter(|t| topology::valid_traffic_distribution(Some(t)))
+        .filter(|_| !topology::hints_annotation_enabled(&labels_of(&svc.metadata.annotations)));
+    m.set_service(
+        &key,
+        plan.desired_endpoints,
+        plan.num_slices,
+        plan.desired_slices,
+        td.clone(),
+    );
+    m.changed_per_sync
+        .get_or_create(&ChangedLabels {
+            topology: if topology::hints_annotation_enabled(&labels_of(&svc.metadata.annotations)) {
+                "Auto".into()
+            } else {
+                "Disabled".into()
+            },
+            traffic_distribution: td.unwrap_or_default(),
+        })
+        .observe(writes as f64);
+    m.writes_per_reconcile
+        .get_or_create(&ControllerLabel {
+            controller: s.base.ctx.name.clone(),
+        })
+        .observe(writes as f64);
+    if let Err(e) = result {
+        m.sync("error");
+        s.base
+            .ctx
+            .events
+            .warning(
+                &sref,
+                "FailedToUpdateEndpointSlices",
+                "UpdateEndpointSlices",
+                format!("Error updating Endpoint Slices for Service {key}: {e}"),
+            )
+            .await;
+        return Err(e);
+    }
+    if !plan.missing_nodes.is_empty() {
+        m.sync("error");
+        return Err(Error::NodeNotFound(format!(
+            "{key}: pods {:?}",
+            plan.missing_nodes
+        )));
+    }
+    m.sync("success");
+    if writes > 0 {
+        debug!(service = %key, creates = plan.create.len(), updates = plan.update.len(), deletes = plan.delete.len(), "applied EndpointSlice plan");
+    }
+    Ok(Requeue::Done)
+}
+
+async fn apply(
+    s: &Shared,
+    key: &ObjectKey,
+    svc: &Service,
+    plan: &slices::SlicePlan,
+) -> Result<(), Error> {
+    let api: Api<EndpointSlice> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
+    // Creates first, then updates, then deletes: ready endpoints never dip mid-plan.
+    if svc.metadata.deletion_timestamp.is_none() {
+        for c in &plan.create {
+            match api.create(&PostParams::default(), c).await {
+                Ok(created) => {
+                    s.slices.tracker.update(key, &created);
+                    s.metrics.change("create");
+                    s.slices.cache().write_through(key, created);
+                }
+                Err(kube::Error::Api(ae))
+                    if ae.code == 403 && ae.message.contains("being terminated") =>
+                {
+                    return Ok(());
+                }
+                Err(e) => return Err(Error::Kube(e)),
+            }
+        }
+    }
+    for u in &plan.update {
+        let name = u.metadata.name.clone().unwrap_or_default();
+        // replace carries the resourceVersion read: a concurrent change is a 409 and the
+        // key is retried against fresh state.
+        let updated = api
+            .replace(&name, &PostParams::default(), u)
+            .await
+            .map_err(Error::Kube)?;
+        s.slices.tracker.update(key, &updated);
+        s.metrics.change("update");
+        s.slices.cache().write_through(key, updated);
+    }
+    for d in &plan.delete {
+        let name = d.metadata.name.clone().unwrap_or_default();
+        let dp = DeleteParams::default().preconditions(Preconditions {
+            uid: d.metadata.uid.clone(),
+            resource_version: None,
+        });
+        match api.delete(&name, &dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+            Err(e) => return Err(Error::Kube(e)),
+        }
+        s.slices.tracker.expect_deletion(key, d);
+        s.metrics.change("delete");
+        s.slices.cache().forget(key, &name);
+    }
+    Ok(())
+}
+
+/// A Service absent from our cache: deleted, or outside our scope. Only when the API server
+/// confirms it is gone do we delete the slices we made for it (there may be no garbage
+/// collector running, and a Service merely out of scope keeps its slices).
+async fn cleanup_absent(
+    s: &Shared,
+    key: &ObjectKey,
+    ours: Vec<Arc<EndpointSlice>>,
+) -> Result<Requeue, Error> {
+    s.metrics.delete_service(key);
+    if ours.is_empty() {
+        s.slices.tracker.delete_service(key);
+        return Ok(Requeue::Done);
+    }
+    let svcs: Api<Service> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
+    if let Some(live) = svcs.get_opt(&key.name).await.map_err(Error::Kube)? {
+        let owned_by_live = ours.iter().all(|sl| {
+            sl.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| Some(&o.uid) == live.metadata.uid.as_ref())
+        });
+        if owned_by_live {
+            return Ok(Requeue::Done);
+        }
+    }
+    let api: Api<EndpointSlice> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
+    for sl in &ours {
+        if managed_by(sl) != Some(CONTROLLER_NAME) {
+            continue; // adopted-but-not-yet-relabelled slices stay with their owner
+        }
+        let name = sl.metadata.name.clone().unwrap_or_default();
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+            Err(e) => {
+                warn!(service = %key, slice = %name, error = %e, "could not delete slice of deleted Service");
+                return Err(Error::Kube(e));
+            }
+        }
+        s.metrics.change("delete");
+        s.slices.cache().forget(key, &name);
+    }
+    s.slices.tracker.delete_service(key);
+    Ok(Requeue::Done)
+}

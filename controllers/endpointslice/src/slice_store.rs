@@ -1,0 +1,340 @@
+//! The EndpointSlices a controller manages, as the EndpointSlice and mirroring shells both
+//! keep them: an index by Service of the slices carrying our managed-by value (filtered here:
+//! the process's one slice informer holds every manager's), and the generation tracker that
+//! tells our own writes' echoes from news and a stale view from a current one.
+
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use scm_runtime::ObjectKey;
+use scm_runtime::informer::Change;
+
+use crate::common::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME};
+
+/// Upstream's EndpointSliceTracker: the generation of every slice we wrote, or "deletion
+/// expected", per Service. A cache showing an older generation (or a slice we deleted) is
+/// stale: we wait for it to catch up instead of acting on it.
+#[derive(Default)]
+pub struct SliceTracker {
+    by_service: Mutex<HashMap<ObjectKey, HashMap<String, i64>>>,
+}
+
+const DELETION_EXPECTED: i64 = -1;
+
+fn uid(s: &EndpointSlice) -> String {
+    s.metadata.uid.clone().unwrap_or_default()
+}
+
+fn generation(s: &EndpointSlice) -> i64 {
+    s.metadata.generation.unwrap_or(0)
+}
+
+impl SliceTracker {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ObjectKey, HashMap<String, i64>>> {
+        self.by_service.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a slice as written by us at its generation.
+    pub fn update(&self, key: &ObjectKey, s: &EndpointSlice) {
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .insert(uid(s), generation(s));
+    }
+
+    /// Records that we deleted a slice.
+    pub fn expect_deletion(&self, key: &ObjectKey, s: &EndpointSlice) {
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .insert(uid(s), DELETION_EXPECTED);
+    }
+
+    /// Whether a slice event is news to us (not merely the echo of our own write).
+    pub fn should_sync(&self, key: &ObjectKey, s: &EndpointSlice) -> bool {
+        match self.lock().get(key).and_then(|m| m.get(&uid(s))) {
+            None => true,
+            Some(g) => generation(s) > *g,
+        }
+    }
+
+    /// Handles a deletion event; true if it was one we expected.
+    pub fn handle_deletion(&self, key: &ObjectKey, s: &EndpointSlice) -> bool {
+        let mut g = self.lock();
+        match g.get_mut(key).and_then(|m| m.remove(&uid(s))) {
+            Some(DELETION_EXPECTED) => true,
+            Some(_) => false,
+            None => false,
+        }
+    }
+
+    /// Whether `slices` (what the cache shows) is older than what we wrote.
+    pub fn stale(&self, key: &ObjectKey, slices: &[impl Borrow<EndpointSlice>]) -> bool {
+        let g = self.lock();
+        let Some(m) = g.get(key) else { return false };
+        let mut seen = HashSet::new();
+        for s in slices {
+            let s = s.borrow();
+            seen.insert(uid(s));
+            if let Some(want) = m.get(&uid(s))
+                && (*want == DELETION_EXPECTED || *want > generation(s))
+            {
+                return true;
+            }
+        }
+        m.iter()
+            .any(|(u, g)| *g != DELETION_EXPECTED && !seen.contains(u))
+    }
+
+    /// Forgets a Service.
+    pub fn delete_service(&self, key: &ObjectKey) {
+        self.lock().remove(key);
+    }
+}
+
+/// The Service a slice belongs to (its `kubernetes.io/service-name` label).
+pub fn service_key_of(s: &EndpointSlice) -> Option<ObjectKey> {
+    let name = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    if name.is_empty() {
+        return None;
+    }
+    Some(ObjectKey::new(
+        s.metadata.namespace.clone().unwrap_or_default(),
+        name.clone(),
+    ))
+}
+
+/// A slice's `managed-by` label.
+pub fn managed_by(s: &EndpointSlice) -> Option<&str> {
+    s.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_MANAGED_BY))
+        .map(String::as_str)
+}
+
+/// One controller's slices by Service, and by (namespace, name) to notice relabelling.
+#[derive(Default)]
+pub struct SliceCache {
+    managers: Vec<&'static str>,
+    by_service: HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSlice>>>,
+    owner: HashMap<(String, String), ObjectKey>,
+}
+
+impl SliceCache {
+    /// Slices whose managed-by value is one of `managers`.
+    pub fn new(managers: Vec<&'static str>) -> Self {
+        SliceCache {
+            managers,
+            ..Default::default()
+        }
+    }
+
+    /// Whether a slice is one this cache keeps.
+    pub fn keeps(&self, s: &EndpointSlice) -> bool {
+        managed_by(s).is_some_and(|m| self.managers.contains(&m))
+    }
+
+    /// The slices of one Service (including those being deleted).
+    pub fn of(&self, key: &ObjectKey) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.by_service
+            .get(key)
+            .into_iter()
+            .flat_map(|m| m.values())
+    }
+
+    /// The Services holding slices.
+    pub fn services(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.by_service.keys()
+    }
+
+    fn insert(&mut self, key: ObjectKey, sl: Arc<EndpointSlice>) -> Option<ObjectKey> {
+        let name = sl.metadata.name.clone().unwrap_or_default();
+        let at = (key.namespace.clone(), name.clone());
+        let prev = self.owner.insert(at, key.clone()).filter(|p| *p != key);
+        if let Some(p) = &prev {
+            self.remove_from(p, &name);
+        }
+        self.by_service.entry(key).or_default().insert(name, sl);
+        prev
+    }
+
+    fn remove_from(&mut self, key: &ObjectKey, name: &str) {
+        if let Some(m) = self.by_service.get_mut(key) {
+            m.remove(name);
+            if m.is_empty() {
+                self.by_service.remove(key);
+            }
+        }
+    }
+
+    /// Forgets a slice we deleted (its deletion event may come later).
+    pub fn forget(&mut self, key: &ObjectKey, name: &str) {
+        self.owner
+            .remove(&(key.namespace.clone(), name.to_string()));
+        self.remove_from(key, name);
+    }
+
+    /// Puts a slice we wrote into the cache at once (unless a newer version of it is already
+    /// cached), so the next reconcile need not wait for the watch to echo our own write.
+    pub fn write_through(&mut self, key: &ObjectKey, sl: EndpointSlice) {
+        // Trimmed as the informer trims: when its echo arrived first, this copy (with the
+        // managedFields of every endpoint) would otherwise stay cached.
+        let sl = scm_runtime::informer::trim::endpoint_slice(sl);
+        let name = sl.metadata.name.as_deref().unwrap_or_default();
+        let newer_cached = self
+            .by_service
+            .get(key)
+            .and_then(|m| m.get(name))
+            .is_some_and(|c| c.metadata.uid == sl.metadata.uid && generation(c) > generation(&sl));
+        if !newer_cached {
+            self.insert(key.clone(), Arc::new(sl));
+        }
+    }
+
+    fn remove_named(&mut self, namespace: &str, name: &str) -> Option<ObjectKey> {
+        let key = self
+            .owner
+            .remove(&(namespace.to_string(), name.to_string()))?;
+        self.remove_from(&key, name);
+        Some(key)
+    }
+
+    /// Folds one change of the process's slice informer in (slices of other managers are
+    /// skipped, and one relabelled away from us counts as deleted, as a watch with a label
+    /// selector would show it); returns the Services to reconcile.
+    pub fn apply_change(
+        &mut self,
+        c: &Change<EndpointSlice>,
+        tracker: &SliceTracker,
+    ) -> Vec<ObjectKey> {
+        match c {
+            Change::Apply(sl) if self.keeps(sl) => {
+                let Some(key) = service_key_of(sl) else {
+                    return vec![];
+                };
+                let news = tracker.should_sync(&key, sl);
+                let mut out: Vec<ObjectKey> =
+                    self.insert(key.clone(), sl.clone()).into_iter().collect();
+                if news {
+                    out.push(key);
+                }
+                out
+            }
+            Change::Apply(sl) | Change::Delete(sl) => {
+                let ns = sl.metadata.namespace.as_deref().unwrap_or_default();
+                let name = sl.metadata.name.as_deref().unwrap_or_default();
+                let Some(key) = self.remove_named(ns, name).or_else(|| {
+                    // A deletion of a slice we never cached (or already forgot).
+                    matches!(c, Change::Delete(_))
+                        .then(|| service_key_of(sl))
+                        .flatten()
+                        .filter(|_| self.keeps(sl))
+                }) else {
+                    return vec![];
+                };
+                if tracker.handle_deletion(&key, sl) {
+                    vec![]
+                } else {
+                    vec![key]
+                }
+            }
+            Change::Relisted(list) => {
+                let mut keys: HashSet<ObjectKey> = self.by_service.keys().cloned().collect();
+                self.by_service.clear();
+                self.owner.clear();
+                for sl in list {
+                    if !self.keeps(sl) {
+                        continue;
+                    }
+                    if let Some(key) = service_key_of(sl) {
+                        keys.insert(key.clone());
+                        self.insert(key, sl.clone());
+                    }
+                }
+                keys.into_iter().collect()
+            }
+        }
+    }
+}
+
+/// The cache and tracker together, as a shell holds them.
+#[derive(Default)]
+pub struct Slices {
+    cache: Mutex<SliceCache>,
+    /// Generations of our writes.
+    pub tracker: SliceTracker,
+}
+
+impl Slices {
+    /// Slices managed by one of `managers`.
+    pub fn new(managers: Vec<&'static str>) -> Self {
+        Slices {
+            cache: Mutex::new(SliceCache::new(managers)),
+            tracker: SliceTracker::default(),
+        }
+    }
+
+    /// The cache, locked.
+    pub fn cache(&self) -> MutexGuard<'_, SliceCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Folds an informer change in; returns the Services to reconcile.
+    pub fn apply_change(&self, c: &Change<EndpointSlice>) -> Vec<ObjectKey> {
+        self.cache().apply_change(c, &self.tracker)
+    }
+
+    /// The Service's slices as a reconcile reads them: not being deleted.
+    pub fn current(&self, key: &ObjectKey) -> Vec<Arc<EndpointSlice>> {
+        self.cache()
+            .of(key)
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn slice(uid: &str, generation: i64) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                uid: Some(uid.into()),
+                generation: Some(generation),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tracker_detects_stale_views_and_echoes() {
+        let t = SliceTracker::default();
+        let k = ObjectKey::new("ns", "svc");
+        t.update(&k, &slice("a", 2));
+        assert!(
+            !t.should_sync(&k, &slice("a", 2)),
+            "our own write is no news"
+        );
+        assert!(t.should_sync(&k, &slice("a", 3)), "someone else's edit is");
+        assert!(t.stale(&k, &[slice("a", 1)]), "older than our write");
+        let none: &[EndpointSlice] = &[];
+        assert!(t.stale(&k, none), "our slice missing from the view");
+        assert!(!t.stale(&k, &[slice("a", 2)]));
+        t.expect_deletion(&k, &slice("a", 2));
+        assert!(t.stale(&k, &[slice("a", 2)]), "deleted slice still shown");
+        assert!(!t.stale(&k, none));
+        assert!(t.handle_deletion(&k, &slice("a", 2)));
+        t.update(&k, &slice("b", 1));
+        assert!(
+            !t.handle_deletion(&k, &slice("b", 1)),
+            "unexpected deletion"
+        );
+    }
+}
