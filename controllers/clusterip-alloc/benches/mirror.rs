@@ -181,7 +181,11 @@ async fn e2e() -> anyhow::Result<()> {
     );
     let (leader, tx) = scm_runtime::LeaderGate::fixed(true);
     let ctx_base = scm_runtime::ContextBase::new(client.clone(), leader);
-    let (metrics, shutdown) = (ctx_base.metrics.clone(), ctx_base.shutdown.clone());
+    let (metrics, shutdown, readiness) = (
+        ctx_base.metrics.clone(),
+        ctx_base.shutdown.clone(),
+        ctx_base.readiness.clone(),
+    );
     let mk = |name: &str| ctx_base.context(name, name);
     let (c1, c2) = (mk("clusterip-alloc"), mk("nodeport-alloc"));
     let base = reset_peak();

@@ -1,18 +1,18 @@
-//! The kube shell of the `service-cidr` controller: caches of ServiceCIDRs and IPAddresses,
-//! and workers (leader only) that apply [`crate::servicecidr::plan`] with resourceVersion
+//! The kube shell of the `service-cidr` controller: subscriptions to the process's ServiceCIDR
+//! and IPAddress informers, and workers (leader only) that apply [`crate::servicecidr::plan`] with resourceVersion
 //! preconditions.
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::networking::v1::{IPAddress, ServiceCIDR, ServiceCIDRStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use scm_runtime::{Backoff, ControllerContext, ReconcileError, Requeue, WorkQueue, WorkerConfig};
-use tracing::{info, warn};
+use scm_runtime::{
+    Backoff, Change, ControllerContext, Informer, ObjectKey, ReconcileError, Requeue, WorkQueue,
+    WorkerConfig,
+};
+use tracing::info;
 
 use crate::servicecidr::{self, CidrPlan, FINALIZER};
 
@@ -49,89 +49,53 @@ impl ReconcileError for CidrError {
 }
 
 struct Shared {
-    cidrs: Store<ServiceCIDR>,
-    ips: Store<IPAddress>,
+    cidrs: Informer<ServiceCIDR>,
+    ips: Informer<IPAddress>,
+}
+
+/// Queues every terminating ServiceCIDR: an IPAddress going away may unblock its deletion.
+fn queue_terminating(cidrs: &Informer<ServiceCIDR>, queue: &WorkQueue<String>) {
+    for c in cidrs.list() {
+        if c.metadata.deletion_timestamp.is_some()
+            && let Some(n) = c.metadata.name.clone()
+        {
+            queue.add(n);
+        }
+    }
 }
 
 /// Runs `service-cidr` until `ctx.shutdown` is cancelled.
 pub async fn run(ctx: ControllerContext, config: ServiceCidrConfig) -> Result<(), CidrError> {
     let queue: WorkQueue<String> = WorkQueue::new(Backoff::default());
-    let (cidr_reader, cidr_writer) = reflector::store::<ServiceCIDR>();
-    let (ip_reader, ip_writer) = reflector::store::<IPAddress>();
-    let cidr_stream = reflector::reflector(
-        cidr_writer,
-        watcher(
-            Api::<ServiceCIDR>::all(ctx.client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff();
-    let ip_stream = reflector::reflector(
-        ip_writer,
-        watcher(
-            Api::<IPAddress>::all(ctx.client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff();
-    let mut tasks = tokio::task::JoinSet::new();
+    let cidrs = ctx.informers.service_cidrs();
+    let ips = ctx.informers.ip_addresses();
     {
         let q = queue.clone();
-        tasks.spawn(async move {
-            let mut s = std::pin::pin!(cidr_stream);
-            while let Some(ev) = s.next().await {
-                match ev {
-                    Ok(
-                        watcher::Event::Apply(o)
-                        | watcher::Event::InitApply(o)
-                        | watcher::Event::Delete(o),
-                    ) => {
-                        if let Some(n) = o.metadata.name {
-                            q.add(n);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "servicecidr watch error"),
-                }
+        cidrs.subscribe(move |c| {
+            // A relist: every listed object is looked at again; one deleted while the watch was
+            // down needs nothing (its finalizer was ours to remove only while it existed).
+            let changed = match c {
+                Change::Apply(o) | Change::Delete(o) => std::slice::from_ref(o),
+                Change::Relisted(list) => list.as_slice(),
+            };
+            for n in changed.iter().filter_map(|o| o.metadata.name.clone()) {
+                q.add(n);
             }
         });
     }
     {
         let q = queue.clone();
-        let cidrs = cidr_reader.clone();
-        tasks.spawn(async move {
-            let mut s = std::pin::pin!(ip_stream);
-            while let Some(ev) = s.next().await {
-                match ev {
-                    // An IPAddress going away may unblock a terminating ServiceCIDR.
-                    Ok(watcher::Event::Delete(_) | watcher::Event::InitDone) => {
-                        for c in cidrs.state() {
-                            if c.metadata.deletion_timestamp.is_some()
-                                && let Some(n) = c.metadata.name.clone()
-                            {
-                                q.add(n);
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "ipaddress watch error"),
-                }
+        let cidrs = cidrs.clone();
+        ips.subscribe(move |c| {
+            if matches!(c, Change::Delete(_) | Change::Relisted(_)) {
+                queue_terminating(&cidrs, &q);
             }
         });
     }
-    let synced = async {
-        cidr_reader.wait_until_ready().await.is_ok() && ip_reader.wait_until_ready().await.is_ok()
-    };
-    tokio::select! {
-        _ = ctx.shutdown.cancelled() => { tasks.abort_all(); return Ok(()) }
-        ok = synced => if !ok { tasks.abort_all(); return Ok(()) },
+    if !scm_runtime::wait_for_sync(&ctx, || cidrs.is_synced() && ips.is_synced()).await {
+        return Ok(());
     }
-    ctx.ready.mark_ready();
-    info!(controller = %ctx.name, "caches synced");
-    let shared = Arc::new(Shared {
-        cidrs: cidr_reader,
-        ips: ip_reader,
-    });
+    let shared = Arc::new(Shared { cidrs, ips });
     let rctx = ctx.clone();
     let cfg = WorkerConfig {
         concurrency: config.concurrent_syncs.max(1),
@@ -144,7 +108,6 @@ pub async fn run(ctx: ControllerContext, config: ServiceCidrConfig) -> Result<()
     })
     .await;
     queue.shut_down();
-    tasks.abort_all();
     Ok(())
 }
 
@@ -181,12 +144,12 @@ async fn reconcile(
     shared: &Shared,
     name: String,
 ) -> Result<Requeue, CidrError> {
-    let Some(obj) = shared.cidrs.get(&ObjectRef::new(&name)) else {
+    let Some(obj) = shared.cidrs.get(&ObjectKey::new("", name.as_str())) else {
         return Ok(Requeue::Done);
     };
-    let all_arc = shared.cidrs.state();
+    let all_arc = shared.cidrs.list();
     let all: Vec<&ServiceCIDR> = all_arc.iter().map(|a| a.as_ref()).collect();
-    let ips_arc = shared.ips.state();
+    let ips_arc = shared.ips.list();
     let ips: Vec<&IPAddress> = ips_arc.iter().map(|a| a.as_ref()).collect();
     let api: Api<ServiceCIDR> = Api::all(ctx.client.clone());
     match servicecidr::plan(&obj, &all, &ips, Timestamp::now()) {

@@ -8,20 +8,18 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::Resource;
 use kube::api::{Api, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use scm_runtime::{
-    Backoff, ControllerContext, ObjectKey, ReconcileError, Requeue, WorkQueue, WorkerConfig,
+    Backoff, ControllerContext, Informer, ObjectKey, ReconcileError, Requeue, WorkQueue,
+    WorkerConfig,
 };
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -141,8 +139,8 @@ impl AllocMetrics {
 
 struct Shared {
     flag: Option<RangeConfig>,
-    services: Store<Service>,
-    cidrs: Option<Store<ServiceCIDR>>,
+    services: Informer<Service>,
+    cidrs: Option<Informer<ServiceCIDR>>,
     mirror: Mutex<Option<Mirror>>,
     /// Assignments written (or being written) but not yet seen in the cache.
     pending: Mutex<BTreeMap<ObjectKey, Vec<IpAddr>>>,
@@ -158,8 +156,9 @@ impl Shared {
     fn range_config(&self) -> RangeConfig {
         match (&self.flag, &self.cidrs) {
             (Some(f), _) => f.clone(),
-            (None, Some(store)) => {
-                let objs: Vec<ServiceCIDR> = store.state().iter().map(|o| (**o).clone()).collect();
+            (None, Some(informer)) => {
+                let objs: Vec<ServiceCIDR> =
+                    informer.list().iter().map(|o| (**o).clone()).collect();
                 RangeConfig::from_service_cidrs(&objs)
             }
             (None, None) => RangeConfig::from_service_cidrs(&[]),
@@ -170,16 +169,18 @@ impl Shared {
     /// findings changed or that needs an assignment.
     fn rebuild(&self) {
         let config = self.range_config();
-        let state = self.services.state();
+        // The informer's store: after a relist it is already the new list, so Services deleted
+        // while the watch was down are gone from the rebuilt mirror too.
+        let state = self.services.list();
         let services: Vec<&Service> = state.iter().map(|s| s.as_ref()).collect();
         let pending = {
             let mut p = lock(&self.pending);
             // Drop pending assignments the cache now shows (or whose Service is gone).
             p.retain(|key, ips| {
-                let Some(svc) = services.iter().find(|s| ObjectKey::of(**s) == *key) else {
+                let Some(svc) = self.services.get(key) else {
                     return false;
                 };
-                let have: BTreeSet<String> = core::claimed_ips(svc).into_iter().collect();
+                let have: BTreeSet<String> = core::claimed_ips(&svc).into_iter().collect();
                 !ips.iter().all(|ip| have.contains(&ip.to_string()))
             });
             p.clone()
@@ -247,58 +248,29 @@ pub async fn run(ctx: ControllerContext, config: ClusterIpAllocConfig) -> Result
         Some(RangeConfig::from_flag(&config.service_cluster_ip_range)?)
     };
     let notify = Arc::new(Notify::new());
-    let (svc_reader, svc_writer) = reflector::store::<Service>();
-    let svc_stream = reflector::reflector(
-        svc_writer,
-        watcher(
-            Api::<Service>::all(ctx.client.clone()),
-            watcher::Config::default(),
-        )
-        // managedFields are most of a cached Service and never read here; a replace without
-        // them leaves the server's copy unchanged.
-        .modify(|s: &mut Service| s.metadata.managed_fields = None),
-    )
-    .default_backoff();
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(drive(svc_stream, notify.clone(), "services"));
-    let cidr_reader = if flag.is_none() {
-        let (r, w) = reflector::store::<ServiceCIDR>();
-        let s = reflector::reflector(
-            w,
-            watcher(
-                Api::<ServiceCIDR>::all(ctx.client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff();
-        tasks.spawn(drive(s, notify.clone(), "servicecidrs"));
-        Some(r)
-    } else {
-        None
-    };
+    let services = ctx.informers.services();
+    let cidrs = flag.is_none().then(|| ctx.informers.service_cidrs());
+    // Every change (a relist included) only wakes the coalesced rebuild, which reads the stores.
+    let n = notify.clone();
+    services.subscribe(move |_| n.notify_one());
+    if let Some(c) = &cidrs {
+        let n = notify.clone();
+        c.subscribe(move |_| n.notify_one());
+    }
     let shared = Arc::new(Shared {
         flag,
-        services: svc_reader.clone(),
-        cidrs: cidr_reader.clone(),
+        services: services.clone(),
+        cidrs: cidrs.clone(),
         mirror: Mutex::new(None),
         pending: Mutex::new(BTreeMap::new()),
         metrics: AllocMetrics::register(&ctx),
         queue: WorkQueue::new(Backoff::default()),
     });
-    let synced = async {
-        svc_reader.wait_until_ready().await.is_ok()
-            && match &cidr_reader {
-                Some(r) => r.wait_until_ready().await.is_ok(),
-                None => true,
-            }
-    };
-    tokio::select! {
-        _ = ctx.shutdown.cancelled() => { tasks.abort_all(); return Ok(()) }
-        ok = synced => if !ok { tasks.abort_all(); return Ok(()) },
+    let synced = || services.is_synced() && cidrs.as_ref().is_none_or(|c| c.is_synced());
+    if !scm_runtime::wait_for_sync(&ctx, synced).await {
+        return Ok(());
     }
     shared.rebuild();
-    ctx.ready.mark_ready();
-    info!(controller = %ctx.name, "caches synced");
     let rebuild = {
         let shared = shared.clone();
         // Coalesce bursts (a relist of thousands of Services) into one rebuild.
@@ -322,21 +294,7 @@ pub async fn run(ctx: ControllerContext, config: ClusterIpAllocConfig) -> Result
     });
     tokio::join!(rebuild, workers);
     shared.queue.shut_down();
-    tasks.abort_all();
     Ok(())
-}
-
-async fn drive<S, K>(stream: S, notify: Arc<Notify>, what: &'static str)
-where
-    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
-{
-    let mut stream = std::pin::pin!(stream);
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(_) => notify.notify_one(),
-            Err(e) => warn!(resource = what, error = %e, "watch error"),
-        }
-    }
 }
 
 /// Reasons the mirror reports (cleared when the finding goes away). Assign-path reasons
@@ -348,9 +306,7 @@ const FINDING_REASONS: [&str; 3] = [
 ];
 
 fn find_service(shared: &Shared, key: &ObjectKey) -> Option<Arc<Service>> {
-    shared
-        .services
-        .get(&ObjectRef::new(&key.name).within(&key.namespace))
+    shared.services.get(key)
 }
 
 async fn reconcile(

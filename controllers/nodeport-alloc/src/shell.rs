@@ -6,19 +6,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::Resource;
 use kube::api::{Api, PostParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use scm_allocator::PortSpan;
 use scm_runtime::{
-    Backoff, ControllerContext, ObjectKey, ReconcileError, Requeue, WorkQueue, WorkerConfig,
+    Backoff, ControllerContext, Informer, ObjectKey, ReconcileError, Requeue, WorkQueue,
+    WorkerConfig,
 };
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -128,7 +126,7 @@ impl AllocMetrics {
 
 struct Shared {
     span: PortSpan,
-    services: Store<Service>,
+    services: Informer<Service>,
     mirror: Mutex<Option<Mirror>>,
     pending: Mutex<BTreeMap<ObjectKey, Vec<i32>>>,
     metrics: AllocMetrics,
@@ -141,15 +139,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     fn rebuild(&self) {
-        let state = self.services.state();
+        // After a relist the store is already the new list: deleted Services are gone here.
+        let state = self.services.list();
         let services: Vec<&Service> = state.iter().map(|s| s.as_ref()).collect();
         let pending = {
             let mut p = lock(&self.pending);
             p.retain(|key, ports| {
-                let Some(svc) = services.iter().find(|s| ObjectKey::of(**s) == *key) else {
+                let Some(svc) = self.services.get(key) else {
                     return false;
                 };
-                let have: BTreeSet<i32> = core::collect_node_ports(svc).into_iter().collect();
+                let have: BTreeSet<i32> = core::collect_node_ports(&svc).into_iter().collect();
                 !ports.iter().all(|p| have.contains(p))
             });
             p.clone()
@@ -192,46 +191,22 @@ impl Shared {
 /// Runs `nodeport-alloc` until `ctx.shutdown` is cancelled.
 pub async fn run(ctx: ControllerContext, config: NodePortAllocConfig) -> Result<(), Error> {
     let notify = Arc::new(Notify::new());
-    let (reader, writer) = reflector::store::<Service>();
-    let stream = reflector::reflector(
-        writer,
-        watcher(
-            Api::<Service>::all(ctx.client.clone()),
-            watcher::Config::default(),
-        )
-        // managedFields are most of a cached Service and never read here; a replace without
-        // them leaves the server's copy unchanged.
-        .modify(|s: &mut Service| s.metadata.managed_fields = None),
-    )
-    .default_backoff();
-    let mut tasks = tokio::task::JoinSet::new();
-    {
-        let notify = notify.clone();
-        tasks.spawn(async move {
-            let mut s = std::pin::pin!(stream);
-            while let Some(ev) = s.next().await {
-                match ev {
-                    Ok(_) => notify.notify_one(),
-                    Err(e) => warn!(error = %e, "services watch error"),
-                }
-            }
-        });
-    }
+    let services = ctx.informers.services();
+    let n = notify.clone();
+    // Every change (a relist included) only wakes the coalesced rebuild, which reads the store.
+    services.subscribe(move |_| n.notify_one());
     let shared = Arc::new(Shared {
         span: config.service_node_port_range,
-        services: reader.clone(),
+        services: services.clone(),
         mirror: Mutex::new(None),
         pending: Mutex::new(BTreeMap::new()),
         metrics: AllocMetrics::register(&ctx),
         queue: WorkQueue::new(Backoff::default()),
     });
-    tokio::select! {
-        _ = ctx.shutdown.cancelled() => { tasks.abort_all(); return Ok(()) }
-        r = reader.wait_until_ready() => if r.is_err() { tasks.abort_all(); return Ok(()) },
+    if !scm_runtime::wait_for_sync(&ctx, || services.is_synced()).await {
+        return Ok(());
     }
     shared.rebuild();
-    ctx.ready.mark_ready();
-    info!(controller = %ctx.name, "caches synced");
     let rebuild = {
         let shared = shared.clone();
         // Coalesce bursts (a relist of thousands of Services) into one rebuild.
@@ -255,7 +230,6 @@ pub async fn run(ctx: ControllerContext, config: NodePortAllocConfig) -> Result<
     });
     tokio::join!(rebuild, workers);
     shared.queue.shut_down();
-    tasks.abort_all();
     Ok(())
 }
 
@@ -299,10 +273,7 @@ async fn reconcile(
     shared: &Shared,
     key: ObjectKey,
 ) -> Result<Requeue, Error> {
-    let Some(svc) = shared
-        .services
-        .get(&ObjectRef::new(&key.name).within(&key.namespace))
-    else {
+    let Some(svc) = shared.services.get(&key) else {
         return Ok(Requeue::Done);
     };
     let oref = svc.object_ref(&());
