@@ -3,7 +3,6 @@
 use anyhow::Result;
 use scm_runtime::ContextBase;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use crate::flags::Flags;
 

@@ -127,10 +127,13 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let identity = identity();
 
+    let informers = scm_runtime::Informers::new(client.clone(), shutdown.clone());
+    let health = http::Health::new(informers.clone());
     let http = http::serve(
         flags.http_address,
         metrics.clone(),
         readiness.clone(),
+        health.clone(),
         shutdown.clone(),
     )
     .await
@@ -179,11 +182,11 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
         identity: Some(identity.clone()),
-        informers: scm_runtime::Informers::new(client.clone(), shutdown.clone()),
+        informers,
     };
     let mut tasks = controllers::start(&enabled, &flags, &base).await?;
 
-    shutdown.cancelled().await;
+    let failed = supervise(&mut tasks, &shutdown, &health).await;
     info!("shutting down: no new work is taken");
     let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
     while let Some(res) = tokio::time::timeout_at(deadline, tasks.join_next())
@@ -208,7 +211,36 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     }
     let _ = tokio::time::timeout(Duration::from_millis(500), http).await;
     info!("bye");
-    Ok(())
+    match failed {
+        Some(what) => anyhow::bail!("{what}"),
+        None => Ok(()),
+    }
+}
+
+/// Waits for shutdown, or for a controller to end on its own (an error, or a panic in a
+/// reconcile). A controller that ended must not leave a healthy-looking process that keeps
+/// the Lease while nothing reconciles: `/healthz` fails at once, and the whole process shuts
+/// down (releasing the Lease, so another replica takes over) and exits non-zero, as
+/// kube-controller-manager exits on a controller's crash.
+async fn supervise(
+    tasks: &mut controllers::Tasks,
+    shutdown: &CancellationToken,
+    health: &http::Health,
+) -> Option<String> {
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        Some(res) = tasks.join_next() => {
+            let what = match res {
+                Ok((name, Ok(()))) => format!("controller {name} stopped on its own"),
+                Ok((name, Err(e))) => format!("controller {name} failed: {e:#}"),
+                Err(e) => format!("a controller task ended: {e}"),
+            };
+            error!(reason = %what, "a controller is gone: failing /healthz and giving up the Lease");
+            health.fail(what.clone());
+            shutdown.cancel();
+            Some(what)
+        }
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
@@ -250,4 +282,60 @@ fn spawn_leader_gauge(mut gate: LeaderGate, metrics: Metrics, lease: String) {
             gate.wait_lost().await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> http::Health {
+        let cfg = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
+        let client = kube::Client::try_from(cfg).expect("client");
+        http::Health::new(scm_runtime::Informers::new(
+            client,
+            CancellationToken::new(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_panicking_controller_fails_healthz_and_shuts_the_process_down() {
+        // Before, a panic in a reconcile ended only that controller's task: /healthz stayed
+        // "ok" and the Lease kept being renewed with nothing reconciling.
+        let mut tasks = controllers::Tasks::new();
+        tasks.spawn(async {
+            std::future::pending::<()>().await;
+            ("endpointslice", Ok(()))
+        });
+        tasks.spawn(async {
+            tokio::task::yield_now().await;
+            panic!("boom in a reconcile");
+        });
+        let shutdown = CancellationToken::new();
+        let h = health();
+        assert!(h.problem(http::WATCH_STALL_BOUND).is_none());
+        let failed = supervise(&mut tasks, &shutdown, &h).await;
+        assert!(failed.is_some_and(|w| w.contains("boom") || w.contains("panicked")));
+        assert!(
+            shutdown.is_cancelled(),
+            "the whole process shuts down, releasing the Lease"
+        );
+        assert!(
+            h.problem(http::WATCH_STALL_BOUND).is_some(),
+            "/healthz fails"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_not_a_failure() {
+        let mut tasks = controllers::Tasks::new();
+        tasks.spawn(async {
+            std::future::pending::<()>().await;
+            ("endpointslice", Ok(()))
+        });
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let h = health();
+        assert!(supervise(&mut tasks, &shutdown, &h).await.is_none());
+        assert!(h.problem(http::WATCH_STALL_BOUND).is_none());
+    }
 }

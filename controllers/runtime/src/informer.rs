@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
@@ -55,6 +56,8 @@ struct Shared<T> {
     store: RwLock<HashMap<ObjectKey, Arc<T>>>,
     synced: AtomicBool,
     relists: AtomicU64,
+    /// When the watch last failed with no success since, if it is failing now.
+    failing_since: Mutex<Option<Instant>>,
     subscribers: Mutex<Vec<Subscriber<T>>>,
 }
 
@@ -81,6 +84,7 @@ impl<T: Send + Sync + 'static> Informer<T> {
                 store: RwLock::new(HashMap::new()),
                 synced: AtomicBool::new(false),
                 relists: AtomicU64::new(0),
+                failing_since: Mutex::new(None),
                 subscribers: Mutex::new(Vec::new()),
             }),
         }
@@ -116,6 +120,19 @@ impl<T: Send + Sync + 'static> Informer<T> {
     /// How many complete lists the watch has delivered (1 after the first list).
     pub fn relists(&self) -> u64 {
         self.shared.relists.load(Ordering::SeqCst)
+    }
+
+    /// How long the watch has been failing with no success in between, if it is failing.
+    pub fn failing_for(&self) -> Option<Duration> {
+        lock(&self.shared.failing_since).map(|t| t.elapsed())
+    }
+
+    fn note_error(&self) {
+        lock(&self.shared.failing_since).get_or_insert_with(Instant::now);
+    }
+
+    fn note_success(&self) {
+        *lock(&self.shared.failing_since) = None;
     }
 
     /// The resource kind, for logs.
@@ -177,7 +194,11 @@ struct Hub {
     client: kube::Client,
     shutdown: CancellationToken,
     kinds: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    /// Each started informer's kind and how long its watch has been failing.
+    health: Mutex<Vec<HealthProbe>>,
 }
+
+type HealthProbe = Box<dyn Fn() -> (&'static str, Option<Duration>) + Send + Sync>;
 
 impl Informers {
     /// A hub whose watches use `client` and stop when `shutdown` is cancelled.
@@ -187,6 +208,7 @@ impl Informers {
                 client,
                 shutdown,
                 kinds: Mutex::new(HashMap::new()),
+                health: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -226,6 +248,8 @@ impl Informers {
         let kind: &'static str = Box::leak(K::kind(&()).into_owned().into_boxed_str());
         let informer = Informer::detached(kind, key);
         kinds.insert(TypeId::of::<K>(), Box::new(informer.clone()));
+        let probe = informer.clone();
+        lock(&self.hub.health).push(Box::new(move || (probe.kind(), probe.failing_for())));
         let api = Api::<K>::all(self.hub.client.clone());
         tokio::spawn(run_watch(
             api,
@@ -235,6 +259,19 @@ impl Informers {
         ));
         info!(kind, "informer started");
         informer
+    }
+
+    /// The kinds whose watch has been failing, with no success in between, for longer than
+    /// `bound` (with how long): a process that cannot see the cluster should say so on
+    /// `/healthz` rather than look healthy while acting on an ever older view.
+    pub fn stalled(&self, bound: Duration) -> Vec<(&'static str, Duration)> {
+        lock(&self.hub.health)
+            .iter()
+            .filter_map(|h| {
+                let (kind, failing) = h();
+                failing.filter(|d| *d > bound).map(|d| (kind, d))
+            })
+            .collect()
     }
 
     /// Services, trimmed by [`trim::service`].
@@ -289,10 +326,15 @@ async fn run_watch<K, T>(
             _ = shutdown.cancelled() => return,
             ev = stream.next() => ev,
         };
+        if matches!(ev, Some(Ok(_))) {
+            informer.note_success();
+        }
         match ev {
             None => return,
             Some(Err(e)) => {
-                warn!(kind = informer.kind(), error = %e, "watch error; retrying")
+                informer.note_error();
+                warn!(kind = informer.kind(), error = %e, "watch error; retrying");
+                continue;
             }
             // Drop the previous list's capacity too: it is only needed while listing.
             Some(Ok(watcher::Event::Init)) => buf = Vec::new(),
@@ -302,7 +344,9 @@ async fn run_watch<K, T>(
                 debug!(kind = informer.kind(), objects = list.len(), "relisted");
                 informer.deliver(Change::Relisted(list));
             }
-            Some(Ok(watcher::Event::Apply(o))) => informer.deliver(Change::Apply(Arc::new(prep(o)))),
+            Some(Ok(watcher::Event::Apply(o))) => {
+                informer.deliver(Change::Apply(Arc::new(prep(o))))
+            }
             Some(Ok(watcher::Event::Delete(o))) => {
                 informer.deliver(Change::Delete(Arc::new(prep(o))))
             }
@@ -373,6 +417,18 @@ mod tests {
         assert_eq!(names(&inf.list()), vec!["y"]);
         assert!(inf.get(&ObjectKey::new("a", "x")).is_none());
         assert_eq!(inf.relists(), 2);
+    }
+
+    #[test]
+    fn a_failing_watch_reports_how_long_until_it_succeeds() {
+        let inf = Informer::<Service>::detached("Service", ObjectKey::of);
+        assert!(inf.failing_for().is_none());
+        inf.note_error();
+        let first = inf.failing_for().expect("failing");
+        inf.note_error(); // a later error keeps the first failure's time
+        assert!(inf.failing_for().expect("failing") >= first);
+        inf.note_success();
+        assert!(inf.failing_for().is_none());
     }
 
     fn describe(c: &Change<Service>) -> String {
