@@ -1,8 +1,10 @@
 //! Kubernetes Events on the objects we act for. `warn_once` reports a problem once while it
-//! lasts (not once per resync); `clear` forgets it so a recurrence is reported again.
+//! lasts (not once per resync), and again once the API server has let the first Event expire;
+//! `clear` forgets it so a recurrence is reported again.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
@@ -13,7 +15,40 @@ use tracing::warn;
 #[derive(Clone)]
 pub struct EventRecorder {
     recorder: Recorder,
-    reported: Arc<Mutex<HashSet<(String, String, String)>>>,
+    reported: Arc<Mutex<Reported>>,
+}
+
+/// How long a standing problem stays reported: kube-apiserver's default `--event-ttl`. After
+/// it the Event is gone from `kubectl describe`, so a problem still there is reported again;
+/// and entries of objects deleted meanwhile (nobody clears those) are dropped, which bounds
+/// the set to the last hour's problems.
+const REPORT_TTL: Duration = Duration::from_secs(3600);
+
+type ReportKey = (String, String, String);
+
+/// Standing problems already reported, with when.
+#[derive(Default)]
+struct Reported {
+    at: HashMap<ReportKey, Instant>,
+    /// Size after the last prune: the next one runs when the map has doubled.
+    pruned_len: usize,
+}
+
+impl Reported {
+    /// Records `key` now unless it was reported within `ttl`; true if it should be reported.
+    fn insert(&mut self, key: ReportKey, now: Instant, ttl: Duration) -> bool {
+        if self.at.len() >= 2 * self.pruned_len.max(64) {
+            self.at.retain(|_, t| now.duration_since(*t) < ttl);
+            self.pruned_len = self.at.len();
+        }
+        match self.at.get(&key) {
+            Some(t) if now.duration_since(*t) < ttl => false,
+            _ => {
+                self.at.insert(key, now);
+                true
+            }
+        }
+    }
 }
 
 fn ref_key(r: &ObjectReference) -> String {
@@ -35,7 +70,7 @@ impl EventRecorder {
         };
         EventRecorder {
             recorder: Recorder::new(client, reporter),
-            reported: Arc::new(Mutex::new(HashSet::new())),
+            reported: Arc::new(Mutex::new(Reported::default())),
         }
     }
 
@@ -63,7 +98,7 @@ impl EventRecorder {
         let key = (ref_key(obj), reason.to_string(), note.clone());
         {
             let mut set = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-            if !set.insert(key) {
+            if !set.insert(key, Instant::now(), REPORT_TTL) {
                 return false;
             }
         }
@@ -76,7 +111,8 @@ impl EventRecorder {
     pub fn clear(&self, obj: &ObjectReference, reason: Option<&str>) {
         let k = ref_key(obj);
         let mut set = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-        set.retain(|(o, r, _)| !(o == &k && reason.is_none_or(|want| want == r)));
+        set.at
+            .retain(|(o, r, _), _| !(o == &k && reason.is_none_or(|want| want == r)));
     }
 
     async fn publish(
@@ -102,5 +138,42 @@ impl EventRecorder {
                 "could not publish event"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: usize) -> ReportKey {
+        (format!("Service/ns/s{i}/uid"), "R".into(), "note".into())
+    }
+
+    #[test]
+    fn a_standing_problem_is_reported_once_per_ttl() {
+        let mut r = Reported::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3600);
+        assert!(r.insert(key(1), t0, ttl));
+        assert!(!r.insert(key(1), t0 + Duration::from_secs(60), ttl));
+        assert!(
+            r.insert(key(1), t0 + ttl, ttl),
+            "again once the Event has expired"
+        );
+    }
+
+    #[test]
+    fn problems_of_deleted_objects_do_not_accumulate() {
+        // Objects deleted while a problem stood were never cleared: the set grew for ever.
+        let mut r = Reported::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3600);
+        for hour in 0..10u64 {
+            let now = t0 + Duration::from_secs(hour * 3600 + 1);
+            for i in 0..1000 {
+                r.insert(key(hour as usize * 1000 + i), now, ttl);
+            }
+        }
+        assert!(r.at.len() <= 2 * 1000 + 64, "{} entries kept", r.at.len());
     }
 }
