@@ -14,10 +14,12 @@ use tracing::{debug, info, warn};
 
 use super::budget::OpClass;
 use super::discovery::{self, RouteTable, Subnet};
+use super::elb::LbObs;
 use super::security::{self, Group, GroupChange, Rule, Traffic};
 use super::spec::DesiredLb;
-use super::{AwsProvider, LbObs, ProvideErrorMetadata, SdkError, classify, is_code};
+use super::{AwsProvider, classify, is_code};
 use crate::provider::ProviderError;
+use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
 
 /// How long an instance's VPC and security groups are trusted without asking again. Nodes'
 /// groups change rarely; a resync after this picks up a change.

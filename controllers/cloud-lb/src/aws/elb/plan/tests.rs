@@ -1,0 +1,662 @@
+//! Table tests of the ELBv2 plan: an observed state and a Service in, exactly these calls out.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{attribute_changes, plan, plan_delete, plan_hosts};
+use crate::aws::elb::{
+    ElbCall, LbObs, LbRef, Observed, ObservedLb, ObservedListener, ObservedTg, TgRef,
+};
+use crate::aws::spec::{self, ANN, Defaults, DesiredLb, Scheme};
+
+const CLUSTER: &str = "c";
+
+fn svc(ann: &[(&str, &str)], ports: &[(i32, &str, i32)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some("web".into()),
+            namespace: Some("default".into()),
+            uid: Some("0f1c-uid".into()),
+            annotations: Some(
+                ann.iter()
+                    .map(|(k, v)| (format!("{ANN}{k}"), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(p, proto, np)| ServicePort {
+                        port: *p,
+                        protocol: Some(proto.to_string()),
+                        node_port: Some(*np),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn desired(s: &Service) -> DesiredLb {
+    let defaults = Defaults {
+        subnets: vec!["subnet-1".into()],
+    };
+    spec::desired(CLUSTER, s, &defaults).expect("valid Service")
+}
+
+fn nodes(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn targets(ids: &[&str], port: i32) -> BTreeSet<(String, i32)> {
+    ids.iter().map(|s| (s.to_string(), port)).collect()
+}
+
+fn tg_name(s: &Service, port: i32, proto: &str, node_port: i32) -> String {
+    spec::target_group_name(CLUSTER, s, port, proto, node_port)
+}
+
+const LB_ARN: &str = "arn:lb/web";
+
+fn tg_arn(name: &str) -> String {
+    format!("arn:tg/{name}")
+}
+
+fn listener_arn(port: i32) -> String {
+    format!("arn:listener/{port}")
+}
+
+/// What ELBv2 holds once `d` was applied with `instances` as targets, plus what AWS adds
+/// (an attribute and a tag we do not manage, which must stay alone).
+fn converged(d: &DesiredLb, instances: &BTreeSet<String>) -> Observed {
+    let mut tags = d.tags.clone();
+    tags.insert("added-by-someone".into(), "x".into());
+    let mut attributes = d.lb_attributes.clone();
+    attributes.insert("deletion_protection.enabled".into(), "false".into());
+    Observed {
+        name: d.name.clone(),
+        cluster: CLUSTER.into(),
+        lbs: vec![ObservedLb {
+            lb: LbObs {
+                arn: LB_ARN.into(),
+                dns: Some("web.elb.example".into()),
+                vpc: Some("vpc-1".into()),
+                scheme: Some(d.scheme.as_str().into()),
+                subnets: vec!["subnet-1".into()],
+            },
+            tags: tags.clone(),
+            owned: true,
+            attributes,
+            listeners: d
+                .listeners
+                .iter()
+                .map(|l| ObservedListener {
+                    arn: listener_arn(l.port),
+                    port: l.port,
+                    protocol: l.protocol.clone(),
+                    target_group: Some(tg_arn(&l.target_group)),
+                })
+                .collect(),
+        }],
+        target_groups: d
+            .target_groups
+            .iter()
+            .map(|t| ObservedTg {
+                arn: tg_arn(&t.name),
+                name: t.name.clone(),
+                port: Some(t.node_port),
+                health: t.health.clone(),
+                tags: tags.clone(),
+                owned: true,
+                attributes: t.attributes.clone(),
+                targets: instances.iter().map(|i| (i.clone(), t.node_port)).collect(),
+            })
+            .collect(),
+        subnets: None,
+        orphans: BTreeSet::new(),
+    }
+}
+
+/// Nothing exists yet; subnets were resolved for the create.
+fn nothing(d: &DesiredLb) -> Observed {
+    Observed {
+        name: d.name.clone(),
+        cluster: CLUSTER.into(),
+        subnets: Some(vec!["subnet-1".into()]),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn nothing_exists_creates_everything_in_order() {
+    let s = svc(&[], &[(80, "TCP", 30080)]);
+    let d = desired(&s);
+    let tg = tg_name(&s, 80, "TCP", 30080);
+    let p = plan(&d, &nothing(&d), &nodes(&["i-a", "i-b"])).expect("plan");
+    assert_eq!(
+        p.calls,
+        vec![
+            ElbCall::CreateLoadBalancer {
+                name: d.name.clone(),
+                scheme: Scheme::InternetFacing,
+                ip_address_type: "ipv4".into(),
+                subnets: vec!["subnet-1".into()],
+                tags: d.tags.clone(),
+            },
+            ElbCall::CreateTargetGroup {
+                name: tg.clone(),
+                protocol: "TCP".into(),
+                port: 30080,
+                health: d.target_groups[0].health.clone(),
+                tags: d.tags.clone(),
+                vpc_of: LbRef::Created,
+            },
+            ElbCall::RegisterTargets {
+                tg: TgRef::Created(tg.clone()),
+                targets: targets(&["i-a", "i-b"], 30080),
+            },
+            ElbCall::CreateListener {
+                lb: LbRef::Created,
+                port: 80,
+                protocol: "TCP".into(),
+                tg: TgRef::Created(tg.clone()),
+            },
+        ]
+    );
+    assert_eq!(p.lb, Some(LbRef::Created));
+    assert_eq!(p.target_groups, vec![(TgRef::Created(tg), 30080)]);
+}
+
+#[test]
+fn a_create_sets_annotated_attributes_without_describing_them() {
+    let s = svc(
+        &[
+            ("cross-zone-load-balancing-enabled", "true"),
+            (
+                "target-group-attributes",
+                "deregistration_delay.timeout_seconds=10",
+            ),
+        ],
+        &[(80, "TCP", 30080)],
+    );
+    let d = desired(&s);
+    let tg = tg_name(&s, 80, "TCP", 30080);
+    let p = plan(&d, &nothing(&d), &nodes(&["i-a"])).expect("plan");
+    assert_eq!(
+        p.operations(),
+        vec![
+            "CreateLoadBalancer",
+            "ModifyLoadBalancerAttributes",
+            "CreateTargetGroup",
+            "ModifyTargetGroupAttributes",
+            "RegisterTargets",
+            "CreateListener"
+        ]
+    );
+    assert_eq!(
+        p.calls[1],
+        ElbCall::ModifyLoadBalancerAttributes {
+            lb: LbRef::Created,
+            attributes: [(
+                "load_balancing.cross_zone.enabled".to_string(),
+                "true".to_string()
+            )]
+            .into(),
+        }
+    );
+    assert_eq!(
+        p.calls[3],
+        ElbCall::ModifyTargetGroupAttributes {
+            tg: TgRef::Created(tg),
+            attributes: [(
+                "deregistration_delay.timeout_seconds".to_string(),
+                "10".to_string()
+            )]
+            .into(),
+        }
+    );
+}
+
+#[test]
+fn a_create_without_resolved_subnets_plans_nothing() {
+    let s = svc(&[], &[(80, "TCP", 30080)]);
+    let d = desired(&s);
+    let mut obs = nothing(&d);
+    obs.subnets = None;
+    assert!(plan(&d, &obs, &nodes(&["i-a"])).is_err());
+}
+
+#[test]
+fn everything_matching_plans_no_call() {
+    let s = svc(
+        &[
+            ("cross-zone-load-balancing-enabled", "true"),
+            ("additional-resource-tags", "team=a"),
+            (
+                "target-group-attributes",
+                "deregistration_delay.timeout_seconds=10",
+            ),
+        ],
+        &[(53, "TCP", 30053), (53, "UDP", 30053), (80, "TCP", 30080)],
+    );
+    let d = desired(&s);
+    let instances = nodes(&["i-a", "i-b", "i-c"]);
+    let p = plan(&d, &converged(&d, &instances), &instances).expect("plan");
+    assert_eq!(p.calls, vec![]);
+    assert_eq!(p.lb, Some(LbRef::Existing(LB_ARN.into())));
+    let mut want: Vec<(TgRef, i32)> = d
+        .target_groups
+        .iter()
+        .map(|t| (TgRef::Existing(tg_arn(&t.name)), t.node_port))
+        .collect();
+    want.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    let mut got = p.target_groups.clone();
+    got.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    assert_eq!(got, want);
+    // A host update of a converged load balancer is quiet too.
+    let hosts = plan_hosts(&converged(&d, &instances), &instances).expect("plan");
+    assert_eq!(hosts.calls, vec![]);
+}
+
+#[test]
+fn a_port_added_gets_its_group_targets_and_listener() {
+    let before = svc(&[], &[(80, "TCP", 30080)]);
+    let after = svc(&[], &[(80, "TCP", 30080), (443, "TCP", 30443)]);
+    let instances = nodes(&["i-a"]);
+    let obs = converged(&desired(&before), &instances);
+    let d = desired(&after);
+    let tg = tg_name(&after, 443, "TCP", 30443);
+    let p = plan(&d, &obs, &instances).expect("plan");
+    assert_eq!(
+        p.calls,
+        vec![
+            ElbCall::CreateTargetGroup {
+                name: tg.clone(),
+                protocol: "TCP".into(),
+                port: 30443,
+                health: d.target_groups[0].health.clone(),
+                tags: d.tags.clone(),
+                vpc_of: LbRef::Existing(LB_ARN.into()),
+            },
+            ElbCall::RegisterTargets {
+                tg: TgRef::Created(tg.clone()),
+                targets: targets(&["i-a"], 30443),
+            },
+            ElbCall::CreateListener {
+                lb: LbRef::Existing(LB_ARN.into()),
+                port: 443,
+                protocol: "TCP".into(),
+                tg: TgRef::Created(tg),
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_port_removed_loses_its_listener_then_its_group() {
+    let before = svc(&[], &[(80, "TCP", 30080), (443, "TCP", 30443)]);
+    let after = svc(&[], &[(80, "TCP", 30080)]);
+    let instances = nodes(&["i-a"]);
+    let mut obs = converged(&desired(&before), &instances);
+    // A group with another owner attached elsewhere is never ours to delete.
+    obs.target_groups.push(ObservedTg {
+        arn: "arn:tg/someone-elses".into(),
+        name: "someone-elses".into(),
+        port: Some(31000),
+        health: desired(&after).target_groups[0].health.clone(),
+        tags: BTreeMap::new(),
+        owned: false,
+        attributes: BTreeMap::new(),
+        targets: BTreeSet::new(),
+    });
+    let p = plan(&desired(&after), &obs, &instances).expect("plan");
+    assert_eq!(
+        p.calls,
+        vec![
+            ElbCall::DeleteListener {
+                arn: listener_arn(443)
+            },
+            ElbCall::DeleteTargetGroup {
+                arn: tg_arn(&tg_name(&before, 443, "TCP", 30443))
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_protocol_change_replaces_the_group_new_first_then_listener_then_old() {
+    let before = svc(&[], &[(80, "TCP", 30080)]);
+    let after = svc(&[], &[(80, "UDP", 30080)]);
+    let instances = nodes(&["i-a", "i-b"]);
+    let obs = converged(&desired(&before), &instances);
+    let d = desired(&after);
+    let new = tg_name(&after, 80, "UDP", 30080);
+    let old = tg_name(&before, 80, "TCP", 30080);
+    let p = plan(&d, &obs, &instances).expect("plan");
+    assert_eq!(
+        p.calls,
+        vec![
+            ElbCall::CreateTargetGroup {
+                name: new.clone(),
+                protocol: "UDP".into(),
+                port: 30080,
+                health: d.target_groups[0].health.clone(),
+                tags: d.tags.clone(),
+                vpc_of: LbRef::Existing(LB_ARN.into()),
+            },
+            ElbCall::RegisterTargets {
+                tg: TgRef::Created(new.clone()),
+                targets: targets(&["i-a", "i-b"], 30080),
+            },
+            // moto cannot ModifyListener to UDP: a protocol change is delete then create.
+            ElbCall::DeleteListener {
+                arn: listener_arn(80)
+            },
+            ElbCall::CreateListener {
+                lb: LbRef::Existing(LB_ARN.into()),
+                port: 80,
+                protocol: "UDP".into(),
+                tg: TgRef::Created(new),
+            },
+            ElbCall::DeleteTargetGroup { arn: tg_arn(&old) },
+        ]
+    );
+}
+
+#[test]
+fn a_node_port_change_switches_the_listener_to_a_new_group() {
+    let before = svc(&[], &[(80, "TCP", 30080)]);
+    let after = svc(&[], &[(80, "TCP", 30081)]);
+    let instances = nodes(&["i-a"]);
+    let obs = converged(&desired(&before), &instances);
+    let new = tg_name(&after, 80, "TCP", 30081);
+    let p = plan(&desired(&after), &obs, &instances).expect("plan");
+    assert_eq!(
+        p.operations(),
+        vec![
+            "CreateTargetGroup",
+            "RegisterTargets",
+            "ModifyListener",
+            "DeleteTargetGroup"
+        ]
+    );
+    assert_eq!(
+        p.calls[2],
+        ElbCall::ModifyListener {
+            arn: listener_arn(80),
+            tg: TgRef::Created(new)
+        }
+    );
+}
+
+#[test]
+fn nodes_added_and_removed_only_register_and_deregister() {
+    let s = svc(&[], &[(80, "TCP", 30080), (443, "TCP", 30443)]);
+    let d = desired(&s);
+    let obs = converged(&d, &nodes(&["i-a", "i-b"]));
+    let now = nodes(&["i-a", "i-c"]);
+    let mut want = vec![];
+    for t in &d.target_groups {
+        let tg = TgRef::Existing(tg_arn(&t.name));
+        want.push(ElbCall::DeregisterTargets {
+            tg: tg.clone(),
+            targets: targets(&["i-b"], t.node_port),
+        });
+        want.push(ElbCall::RegisterTargets {
+            tg,
+            targets: targets(&["i-c"], t.node_port),
+        });
+    }
+    assert_eq!(plan(&d, &obs, &now).expect("plan").calls, want);
+    assert_eq!(plan_hosts(&obs, &now).expect("plan").calls, want);
+    // Only added: a registration alone.
+    let more = nodes(&["i-a", "i-b", "i-d"]);
+    assert_eq!(
+        plan(&d, &obs, &more).expect("plan").operations(),
+        vec!["RegisterTargets", "RegisterTargets"]
+    );
+}
+
+#[test]
+fn drifted_attributes_health_and_tags_are_corrected_and_nothing_else() {
+    let s = svc(
+        &[
+            ("cross-zone-load-balancing-enabled", "true"),
+            ("additional-resource-tags", "team=a"),
+            (
+                "target-group-attributes",
+                "deregistration_delay.timeout_seconds=10,preserve_client_ip.enabled=true",
+            ),
+        ],
+        &[(80, "TCP", 30080)],
+    );
+    let d = desired(&s);
+    let instances = nodes(&["i-a"]);
+    let mut obs = converged(&d, &instances);
+    let lb = &mut obs.lbs[0];
+    lb.attributes
+        .insert("load_balancing.cross_zone.enabled".into(), "false".into());
+    lb.tags.remove("team");
+    let tg = &mut obs.target_groups[0];
+    tg.attributes
+        .insert("deregistration_delay.timeout_seconds".into(), "300".into());
+    tg.health.interval = 10;
+    tg.tags.insert("team".into(), "b".into());
+    let arn = tg.arn.clone();
+    let p = plan(&d, &obs, &instances).expect("plan");
+    assert_eq!(
+        p.calls,
+        vec![
+            ElbCall::ModifyLoadBalancerAttributes {
+                lb: LbRef::Existing(LB_ARN.into()),
+                attributes: [(
+                    "load_balancing.cross_zone.enabled".to_string(),
+                    "true".to_string()
+                )]
+                .into(),
+            },
+            ElbCall::AddTags {
+                arn: LB_ARN.into(),
+                tags: [("team".to_string(), "a".to_string())].into(),
+            },
+            ElbCall::ModifyTargetGroup {
+                arn: arn.clone(),
+                health: d.target_groups[0].health.clone(),
+            },
+            ElbCall::AddTags {
+                arn: arn.clone(),
+                tags: [("team".to_string(), "a".to_string())].into(),
+            },
+            ElbCall::ModifyTargetGroupAttributes {
+                tg: TgRef::Existing(arn),
+                attributes: [(
+                    "deregistration_delay.timeout_seconds".to_string(),
+                    "10".to_string()
+                )]
+                .into(),
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_foreign_load_balancer_with_our_name_is_an_error_and_no_call() {
+    let s = svc(&[], &[(80, "TCP", 30080)]);
+    let d = desired(&s);
+    let instances = nodes(&["i-a"]);
+    let mut obs = converged(&d, &instances);
+    obs.lbs[0].owned = false;
+    obs.lbs[0].tags = [("owner".to_string(), "someone-else".to_string())].into();
+    for r in [
+        plan(&d, &obs, &instances),
+        plan_delete(&obs),
+        plan_hosts(&obs, &instances),
+    ] {
+        let e = r.expect_err("must refuse");
+        assert!(!e.is_permanent(), "{e}");
+        assert!(e.to_string().contains("not tagged as owned"), "{e}");
+        assert!(e.to_string().contains(&d.name), "{e}");
+    }
+}
+
+#[test]
+fn a_foreign_target_group_with_a_wanted_name_is_an_error_and_no_call() {
+    let s = svc(&[], &[(80, "TCP", 30080)]);
+    let d = desired(&s);
+    let instances = nodes(&["i-a"]);
+    // Our load balancer is not even there yet: the refusal comes before any create.
+    let mut obs = nothing(&d);
+    let mut foreign = converged(&d, &instances).target_groups.remove(0);
+    foreign.owned = false;
+    foreign.tags = BTreeMap::new();
+    obs.target_groups.push(foreign.clone());
+    let e = plan(&d, &obs, &instances).expect_err("must refuse");
+    assert!(e.to_string().contains("not owned by this Service"), "{e}");
+    // Deletion leaves it alone: nothing of ours to delete.
+    let p = plan_delete(&obs).expect("plan");
+    assert_eq!(p.calls, vec![]);
+    // A host update does not register on it.
+    let mut hosts = converged(&d, &instances);
+    hosts.target_groups = vec![foreign];
+    assert_eq!(
+        plan_hosts(&hosts, &nodes(&["i-z"])).expect("plan").calls,
+        vec![]
+    );
+}
+
+#[test]
+fn a_scheme_change_replaces_the_load_balancer_and_keeps_the_groups() {
+    let before = svc(&[], &[(80, "TCP", 30080)]);
+    let after = svc(&[("scheme", "internal")], &[(80, "TCP", 30080)]);
+    let instances = nodes(&["i-a"]);
+    let mut obs = converged(&desired(&before), &instances);
+    obs.subnets = Some(vec!["subnet-1".into()]);
+    let d = desired(&after);
+    let tg = tg_arn(&d.target_groups[0].name);
+    let p = plan(&d, &obs, &instances).expect("plan");
+    assert_eq!(
+        p.calls,
+        vec![
+            ElbCall::DeleteLoadBalancer { arn: LB_ARN.into() },
+            ElbCall::CreateLoadBalancer {
+                name: d.name.clone(),
+                scheme: Scheme::Internal,
+                ip_address_type: "ipv4".into(),
+                subnets: vec!["subnet-1".into()],
+                tags: d.tags.clone(),
+            },
+            ElbCall::CreateListener {
+                lb: LbRef::Created,
+                port: 80,
+                protocol: "TCP".into(),
+                tg: TgRef::Existing(tg),
+            },
+        ]
+    );
+}
+
+#[test]
+fn owned_duplicates_are_deleted_and_the_oldest_kept() {
+    let s = svc(&[], &[(80, "TCP", 30080)]);
+    let d = desired(&s);
+    let instances = nodes(&["i-a"]);
+    let mut obs = converged(&d, &instances);
+    let mut dup = obs.lbs[0].clone();
+    dup.lb.arn = "arn:lb/web-duplicate".into();
+    dup.listeners.clear();
+    obs.lbs.push(dup);
+    // An older foreign one with our name does not stop us using ours.
+    let mut foreign = obs.lbs[0].clone();
+    foreign.lb.arn = "arn:lb/foreign".into();
+    foreign.owned = false;
+    obs.lbs.insert(0, foreign);
+    let p = plan(&d, &obs, &instances).expect("plan");
+    assert_eq!(
+        p.calls,
+        vec![ElbCall::DeleteLoadBalancer {
+            arn: "arn:lb/web-duplicate".into()
+        }]
+    );
+    assert_eq!(p.lb, Some(LbRef::Existing(LB_ARN.into())));
+    assert_eq!(
+        plan_delete(&obs).expect("plan").operations(),
+        vec![
+            "DeleteLoadBalancer",
+            "DeleteLoadBalancer",
+            "DeleteTargetGroup"
+        ]
+    );
+}
+
+#[test]
+fn remembered_orphans_are_deleted_last_unless_wanted_again() {
+    let s = svc(&[], &[(80, "TCP", 30080)]);
+    let d = desired(&s);
+    let instances = nodes(&["i-a"]);
+    let mut obs = converged(&d, &instances);
+    let wanted = tg_arn(&d.target_groups[0].name);
+    obs.orphans = ["arn:tg/orphan".to_string(), wanted].into();
+    assert_eq!(
+        plan(&d, &obs, &instances).expect("plan").calls,
+        vec![ElbCall::DeleteTargetGroup {
+            arn: "arn:tg/orphan".into()
+        }]
+    );
+}
+
+#[test]
+fn deletion_removes_our_load_balancer_then_every_group_of_ours() {
+    let s = svc(&[], &[(80, "TCP", 30080), (443, "TCP", 30443)]);
+    let d = desired(&s);
+    let mut obs = converged(&d, &nodes(&["i-a"]));
+    obs.orphans = ["arn:tg/orphan".to_string()].into();
+    let mut want = vec![ElbCall::DeleteLoadBalancer { arn: LB_ARN.into() }];
+    let mut groups: BTreeSet<String> = d.target_groups.iter().map(|t| tg_arn(&t.name)).collect();
+    groups.insert("arn:tg/orphan".into());
+    want.extend(
+        groups
+            .into_iter()
+            .map(|arn| ElbCall::DeleteTargetGroup { arn }),
+    );
+    let p = plan_delete(&obs).expect("plan");
+    assert_eq!(p.calls, want);
+    assert_eq!(p.lb, None);
+    // Nothing there: nothing to do.
+    assert_eq!(plan_delete(&nothing(&d)).expect("plan").calls, vec![]);
+}
+
+#[test]
+fn host_update_without_a_load_balancer_plans_nothing() {
+    let s = svc(&[], &[(80, "TCP", 30080)]);
+    let d = desired(&s);
+    let mut obs = converged(&d, &nodes(&["i-a"]));
+    obs.lbs.clear();
+    let p = plan_hosts(&obs, &nodes(&["i-b"])).expect("plan");
+    assert_eq!(p.calls, vec![]);
+    assert_eq!(p.lb, None);
+}
+
+#[test]
+fn attribute_changes_sends_only_missing_or_different_values() {
+    let want: BTreeMap<String, String> = [
+        ("a".to_string(), "1".to_string()),
+        ("b".to_string(), "2".to_string()),
+        ("c".to_string(), "3".to_string()),
+    ]
+    .into();
+    let have: BTreeMap<String, String> = [("a", "1"), ("b", "x"), ("z", "9")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let got = attribute_changes(&have, &want);
+    let got: Vec<(&str, &str)> = got.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(got, vec![("b", "2"), ("c", "3")]);
+}
