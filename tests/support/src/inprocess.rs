@@ -123,3 +123,78 @@ impl Drop for InProcess {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use scm_runtime::{Change, ObjectKey};
+
+    use super::*;
+
+    /// A client that is never answered: these tests only need the contexts.
+    fn client() -> Client {
+        let cfg = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
+        Client::try_from(cfg).expect("client")
+    }
+
+    #[tokio::test]
+    async fn controllers_share_informers_and_metrics_and_stop_together() {
+        let c = InProcess::new(client());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        c.start("a", "a-controller", |ctx| async move {
+            ctx.ready.mark_ready();
+            let _ = tx.send(ctx.informers.services());
+            ctx.shutdown.cancelled().await;
+            Ok::<_, String>(())
+        });
+        c.start("b", "b-controller", |ctx| async move {
+            ctx.ready.mark_ready();
+            ctx.shutdown.cancelled().await;
+            Err("b failed on the way out".to_string())
+        });
+        c.wait_ready(Duration::from_secs(5)).await.expect("ready");
+        // What one controller's informer holds, another's context sees: one informer per kind.
+        let a_services = rx.await.expect("a's informer");
+        let svc = Service {
+            metadata: ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some("web".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        a_services.deliver(Change::Relisted(vec![Arc::new(svc)]));
+        let b_ctx = c.context("b2", "b-controller");
+        assert!(
+            b_ctx
+                .informers
+                .services()
+                .get(&ObjectKey::new("ns", "web"))
+                .is_some()
+        );
+        let m = c.metrics();
+        for name in ["a", "b", "b2"] {
+            assert_eq!(
+                m.get(
+                    "service_controller_manager_reconcile_total",
+                    &[("controller", name)]
+                ),
+                Some(0.0),
+                "{}",
+                c.metrics_text()
+            );
+        }
+        let mut ended = c.stop(Duration::from_secs(5)).await.expect("stopped");
+        ended.sort();
+        assert_eq!(
+            ended,
+            vec![
+                ("a".to_string(), Ok(())),
+                ("b".to_string(), Err("b failed on the way out".to_string())),
+            ]
+        );
+    }
+}
