@@ -1,4 +1,4 @@
-//! The whole cloud-lb controller (reflectors, queue, workers, status writes) against a real
+//! The whole cloud-lb controller (informers, queue, workers, status writes) against a real
 //! local control plane and moto's real server, through the counting layer:
 //!
 //! 1. cold: 50 nodes, then 200 LoadBalancer Services, until every Service shows its address;
@@ -26,7 +26,7 @@ use cloud_lb::{CloudLbConfig, LoadBalancerProvider, ProviderKind, run_with_provi
 use k8s_openapi::api::core::v1::{Namespace, Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
+use scm_runtime::{ContextBase, LeaderGate, Metrics};
 use test_support::moto::{FaultProxy, Moto, REGION, is_mutating};
 use test_support::{ControlPlane, ControlPlaneOptions, NodeSpecBuilder, create_node, wait_for};
 use tokio_util::sync::CancellationToken;

@@ -1,11 +1,16 @@
 //! The controller's pure decisions: which Services it serves, whether to ensure or delete, the
 //! finalizer rules, the stable node set, which node changes matter, and when to write status.
-//! No I/O here; the shell feeds observed objects in and applies the answers.
+//! No I/O here; the shell feeds observed objects in and applies the answers: [`decide`] turns
+//! what it observed for one Service into the [`Step`] it executes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
+
+mod decide;
+
+pub use decide::{LastSync, Observed, Step, decide};
 
 /// The finalizer that keeps a Service until its load balancer is gone (upstream's name).
 pub const LB_FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
@@ -205,9 +210,9 @@ fn provider_id(n: &Node) -> Option<&str> {
 pub type NodeFingerprint = BTreeMap<String, Option<String>>;
 
 /// Fingerprint of `nodes` (already filtered to the stable set).
-pub fn fingerprint(nodes: &[Node]) -> NodeFingerprint {
+pub fn fingerprint<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> NodeFingerprint {
     nodes
-        .iter()
+        .into_iter()
         .map(|n| {
             (
                 n.metadata.name.clone().unwrap_or_default(),

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
+use scm_runtime::{ContextBase, LeaderGate, Metrics};
 use test_support::moto::{Fault, FaultKind, FaultProxy, Moto, REGION, is_mutating};
 use test_support::{ControlPlane, NodeSpecBuilder, create_node, namespace, wait_for};
 use tokio_util::sync::CancellationToken;

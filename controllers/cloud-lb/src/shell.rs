@@ -1,0 +1,370 @@
+//! The thin kube shell: subscriptions to the process's Service and Node informers (on every
+//! replica), a work queue of Service keys with per-Service backoff (5 s to 300 s), and workers
+//! (only while leading) that gather an [`Observed`] for a key, ask [`core::decide`] for the
+//! [`Step`], and execute it (in [`crate::steps`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use scm_runtime::{
+    Backoff, Change, ControllerContext, Informer, ObjectKey, Requeue, WorkQueue, WorkerConfig,
+};
+use tokio::sync::Notify;
+use tracing::{debug, info};
+
+use crate::core::{self, Action, ClassFilter, LastSync, Observed, Step};
+use crate::metrics::LbMetrics;
+use crate::nodes::{self, NodeSyncPass};
+use crate::provider::LoadBalancerProvider;
+use crate::{CloudLbConfig, Error, NODE_SYNC_DEBOUNCE, NODE_SYNC_PERIOD};
+
+/// What the shell remembers of one Service (in one record, so it is forgotten in one place).
+#[derive(Default)]
+pub(crate) struct Record {
+    /// What we last did successfully in this leadership term.
+    pub last: Option<LastSync>,
+    /// The spec fingerprint whose ensure failed permanently: no retry until it changes.
+    pub parked: Option<String>,
+    /// No provider call before this (the cloud's throttle hint).
+    pub not_before: Option<Instant>,
+}
+
+impl Record {
+    fn is_empty(&self) -> bool {
+        self.last.is_none() && self.parked.is_none() && self.not_before.is_none()
+    }
+}
+
+/// The shell's memory: one record per Service, and the leadership term it belongs to.
+#[derive(Default)]
+pub(crate) struct Memory {
+    services: HashMap<ObjectKey, Record>,
+    /// Bumped whenever leadership is lost: another replica may have changed the cloud since.
+    term: u64,
+    /// The term in which the provider was last restored.
+    restored: Option<u64>,
+}
+
+impl Memory {
+    fn remembers(&self, key: &ObjectKey) -> bool {
+        self.services.get(key).is_some_and(|r| r.last.is_some())
+    }
+
+    /// Edits `key`'s record, dropping it once it holds nothing.
+    pub fn edit<R>(&mut self, key: &ObjectKey, f: impl FnOnce(&mut Record) -> R) -> R {
+        let rec = self.services.entry(key.clone()).or_default();
+        let r = f(rec);
+        if rec.is_empty() {
+            self.services.remove(key);
+        }
+        r
+    }
+
+    /// Forgets everything about `key`.
+    pub fn forget(&mut self, key: &ObjectKey) {
+        self.services.remove(key);
+    }
+
+    /// Leadership lost: what we synced is stale; the provider must be restored again.
+    fn lose_term(&mut self) {
+        self.term += 1;
+        self.services.retain(|_, r| {
+            r.last = None;
+            !r.is_empty()
+        });
+    }
+}
+
+pub(crate) struct Shell {
+    pub ctx: ControllerContext,
+    pub config: CloudLbConfig,
+    pub filter: ClassFilter,
+    pub provider: Arc<dyn LoadBalancerProvider>,
+    pub services: Informer<Service>,
+    pub nodes: Informer<Node>,
+    pub memory: Arc<Mutex<Memory>>,
+    /// One provider restore at a time; the others wait for it, then decide again.
+    restoring: tokio::sync::Mutex<()>,
+    queue: WorkQueue<ObjectKey>,
+    pub metrics: LbMetrics,
+    pass: NodeSyncPass,
+}
+
+fn lock(m: &Mutex<Memory>) -> MutexGuard<'_, Memory> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Services the controller acts on at all (to restore and to queue at a new term).
+fn served(services: &Informer<Service>, filter: &ClassFilter) -> Vec<Arc<Service>> {
+    services
+        .list()
+        .into_iter()
+        .filter(|s| core::action(s, filter) != Action::Ignore)
+        .collect()
+}
+
+/// Runs the controller on the given informers until `ctx.shutdown` is cancelled.
+pub(crate) async fn run(
+    ctx: ControllerContext,
+    config: CloudLbConfig,
+    provider: Arc<dyn LoadBalancerProvider>,
+    services: Informer<Service>,
+    nodes: Informer<Node>,
+) -> Result<(), Error> {
+    let metrics = LbMetrics::register(&ctx);
+    let queue: WorkQueue<ObjectKey> = WorkQueue::new(Backoff {
+        base: core::MIN_RETRY_DELAY,
+        max: core::MAX_RETRY_DELAY,
+    });
+    let filter = ClassFilter {
+        class: config.load_balancer_class.clone(),
+        default_implementation: config.default_load_balancer,
+    };
+    let memory: Arc<Mutex<Memory>> = Default::default();
+    watch_services(&services, &filter, &memory, &queue);
+    let node_dirty = Arc::new(Notify::new());
+    nodes::watch_nodes(&nodes, node_dirty.clone());
+    let shell = Arc::new(Shell {
+        ctx: ctx.clone(),
+        config,
+        filter,
+        provider,
+        services,
+        nodes,
+        memory,
+        restoring: tokio::sync::Mutex::new(()),
+        queue: queue.clone(),
+        metrics,
+        pass: NodeSyncPass::default(),
+    });
+
+    let sh = shell.clone();
+    let nodesync_task = async move {
+        let mut tick = tokio::time::interval(NODE_SYNC_PERIOD);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = node_dirty.notified() => tokio::time::sleep(NODE_SYNC_DEBOUNCE).await,
+                _ = tick.tick() => {}
+            }
+            sh.node_sync_pass();
+        }
+    };
+
+    let sh = shell.clone();
+    let mut gate = ctx.leader.clone();
+    let leader_task = async move {
+        loop {
+            if !gate.wait_leading().await {
+                // The elector is gone; the workers notice on their own. Never end the select.
+                futures::future::pending::<()>().await;
+            }
+            gate.wait_lost().await;
+            if gate.is_leader() {
+                // wait_lost also returns when the elector goes away while the last word was
+                // "leading"; that is no loss, and looping on it would spin.
+                futures::future::pending::<()>().await;
+            }
+            sh.lose_term();
+        }
+    };
+
+    let sh = shell.clone();
+    let workers = async move {
+        let synced = || sh.services.is_synced() && sh.nodes.is_synced();
+        if !scm_runtime::wait_for_sync(&sh.ctx, synced).await {
+            return;
+        }
+        info!(controller = %sh.ctx.name, provider = sh.provider.provider_name(), "informers synced");
+        let worker_cfg = WorkerConfig {
+            concurrency: sh.config.concurrent_service_syncs.max(1),
+            drain_timeout: Duration::from_secs(5),
+        };
+        let sh2 = sh.clone();
+        scm_runtime::run_workers(&sh.ctx, sh.queue.clone(), worker_cfg, move |key| {
+            let sh = sh2.clone();
+            async move {
+                let r = sh.reconcile(&key).await;
+                if let Some(secs) = sh.pass.reconciled(&key) {
+                    sh.metrics.nodesync_latency.observe(secs);
+                }
+                r
+            }
+        })
+        .await;
+    };
+
+    tokio::select! {
+        _ = ctx.shutdown.cancelled() => {}
+        _ = nodesync_task => {}
+        _ = leader_task => {}
+        _ = workers => {}
+    }
+    queue.shut_down();
+    Ok(())
+}
+
+/// Subscribes to the Service informer: every change of a Service we may act on, or remember,
+/// queues its key. A relist also queues what we remember but is no longer listed (deleted while
+/// the watch was down), so its load balancer is still cleaned up.
+fn watch_services(
+    services: &Informer<Service>,
+    filter: &ClassFilter,
+    memory: &Arc<Mutex<Memory>>,
+    queue: &WorkQueue<ObjectKey>,
+) {
+    let (filter, memory, queue) = (filter.clone(), memory.clone(), queue.clone());
+    services.subscribe(move |c| {
+        let wanted = |s: &Service, key: &ObjectKey| {
+            core::action(s, &filter) != Action::Ignore || lock(&memory).remembers(key)
+        };
+        match c {
+            Change::Apply(s) => {
+                let key = ObjectKey::of(s.as_ref());
+                if wanted(s, &key) {
+                    queue.add(key);
+                }
+            }
+            Change::Delete(s) => {
+                let key = ObjectKey::of(s.as_ref());
+                if lock(&memory).remembers(&key) {
+                    queue.add(key);
+                }
+            }
+            Change::Relisted(list) => {
+                let mut listed = HashSet::with_capacity(list.len());
+                for s in list {
+                    let key = ObjectKey::of(s.as_ref());
+                    if wanted(s, &key) {
+                        queue.add(key.clone());
+                    }
+                    listed.insert(key);
+                }
+                let missed: Vec<ObjectKey> = lock(&memory)
+                    .services
+                    .iter()
+                    .filter(|(k, r)| r.last.is_some() && !listed.contains(*k))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in missed {
+                    queue.add(key);
+                }
+            }
+        }
+    });
+}
+
+impl Shell {
+    pub fn memory(&self) -> MutexGuard<'_, Memory> {
+        lock(&self.memory)
+    }
+
+    /// Queues every Service we ensure, as one node-sync pass.
+    fn node_sync_pass(&self) {
+        let keys: Vec<ObjectKey> = self
+            .services
+            .list()
+            .iter()
+            .filter(|s| core::action(s, &self.filter) == Action::Ensure)
+            .map(|s| ObjectKey::of(s.as_ref()))
+            .collect();
+        debug!(services = keys.len(), "node set pass queued");
+        self.pass.begin(&keys);
+        for k in keys {
+            self.queue.add(k);
+        }
+    }
+
+    /// Leadership lost: forget what we synced (a new term looks at every served Service again,
+    /// as a freshly started upstream controller does) and queue them all for that term.
+    fn lose_term(&self) {
+        self.memory().lose_term();
+        self.pass.abandon();
+        for s in served(&self.services, &self.filter) {
+            self.queue.add(ObjectKey::of(s.as_ref()));
+        }
+    }
+
+    /// What the controller knows about `key` now, and the stable node set it was computed from.
+    fn observe(&self, key: &ObjectKey) -> (Observed, Vec<Arc<Node>>) {
+        let service = self.services.get(key).map(|s| s.as_ref().clone());
+        let implemented_elsewhere = service
+            .as_ref()
+            .is_some_and(|s| self.provider.implemented_elsewhere(s));
+        let stable = nodes::stable_nodes(&self.nodes);
+        let nodes = core::fingerprint(stable.iter().map(|n| n.as_ref()));
+        let now = Instant::now();
+        let mut mem = self.memory();
+        let rec = mem.services.get(key);
+        let retry_wait = rec
+            .and_then(|r| r.not_before)
+            .and_then(|t| t.checked_duration_since(now))
+            .filter(|d| !d.is_zero());
+        if retry_wait.is_none() && rec.is_some_and(|r| r.not_before.is_some()) {
+            // The hint has passed: forget it.
+            mem.edit(key, |r| r.not_before = None);
+        }
+        let rec = mem.services.get(key);
+        let o = Observed {
+            restored: mem.restored == Some(mem.term),
+            service,
+            implemented_elsewhere,
+            last: rec.and_then(|r| r.last.clone()),
+            parked: rec.and_then(|r| r.parked.clone()),
+            nodes,
+            retry_wait,
+        };
+        (o, stable)
+    }
+
+    /// One reconcile of `key`: observe, decide, execute; again after a restore.
+    pub async fn reconcile(&self, key: &ObjectKey) -> Result<Requeue, Error> {
+        loop {
+            let (o, nodes) = self.observe(key);
+            let step = core::decide(&self.filter, &o);
+            debug!(service = %key, ?step, "decided");
+            let res = match step {
+                Step::Restore => match self.restore().await {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
+                },
+                other => self.execute(key, other, o, nodes).await,
+            };
+            if let Err(Error::Provider(e)) = &res
+                && let Some(after) = e.retry_after()
+            {
+                // The cloud said when to come back: the next provider call waits until then,
+                // however soon the backoff hands the key out again.
+                debug!(service = %key, ?after, "throttled with a hint");
+                let until = Instant::now() + after;
+                self.memory().edit(key, |r| r.not_before = Some(until));
+            }
+            return res;
+        }
+    }
+
+    /// Once per leadership term, before any other provider call: let the provider rebuild from
+    /// every served Service.
+    async fn restore(&self) -> Result<(), Error> {
+        let _one = self.restoring.lock().await;
+        let term = {
+            let m = self.memory();
+            if m.restored == Some(m.term) {
+                return Ok(());
+            }
+            m.term
+        };
+        let served: Vec<Service> = served(&self.services, &self.filter)
+            .iter()
+            .map(|s| s.as_ref().clone())
+            .collect();
+        self.provider
+            .restore(&self.config.cluster_name, &served)
+            .await?;
+        info!(services = served.len(), "provider state restored");
+        self.memory().restored = Some(term);
+        Ok(())
+    }
+}

@@ -1,0 +1,337 @@
+//! Executing a [`Step`]: the provider calls, the Service writes (through [`crate::status`]) and
+//! the Events upstream's controller records, in upstream's order (finalizer before the first
+//! cloud call; status after it; status cleared before the finalizer goes).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, ObjectReference, Service};
+use kube::Resource;
+use scm_runtime::{ObjectKey, Requeue};
+use tracing::{debug, info, warn};
+
+use crate::core::{self, LastSync, Observed, Step};
+use crate::shell::Shell;
+use crate::{Error, status};
+
+/// Event notes are limited to 1024 bytes by the API; longer ones are cut at a char boundary.
+pub(crate) fn note(s: String) -> String {
+    const MAX: usize = 1024;
+    if s.len() <= MAX {
+        return s;
+    }
+    let mut end = MAX - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+fn reference(svc: &Service) -> ObjectReference {
+    svc.object_ref(&())
+}
+
+impl Shell {
+    /// Executes `step` for `key`, decided from `o` with the stable node set `nodes`.
+    pub(crate) async fn execute(
+        &self,
+        key: &ObjectKey,
+        step: Step,
+        o: Observed,
+        nodes: Vec<Arc<Node>>,
+    ) -> Result<Requeue, Error> {
+        let client = &self.ctx.client;
+        match step {
+            Step::Restore => Ok(Requeue::After(Duration::ZERO)),
+            Step::Wait(d) => {
+                debug!(service = %key, wait = ?d, "throttled: waiting for the cloud's hint");
+                Ok(Requeue::After(d))
+            }
+            Step::Ignore => {
+                self.memory().edit(key, |r| r.last = None);
+                Ok(Requeue::Done)
+            }
+            Step::Forget => {
+                self.memory().forget(key);
+                Ok(Requeue::Done)
+            }
+            Step::DeleteVanished => {
+                let last = self.memory().edit(key, |r| r.last.take());
+                if let Some(last) = last {
+                    info!(service = %key, "service vanished: deleting its load balancer");
+                    self.provider
+                        .ensure_deleted(&self.config.cluster_name, &last.service)
+                        .await?;
+                }
+                self.memory().forget(key);
+                Ok(Requeue::Done)
+            }
+            Step::Park => {
+                debug!(service = %key, "waiting for the Service to change after a permanent error");
+                Ok(Requeue::Done)
+            }
+            Step::InSync => Ok(Requeue::Done),
+            Step::StatusOnly | Step::HostsOnly { .. } => {
+                let (Some(svc), Some(last)) = (o.service, o.last) else {
+                    return Ok(Requeue::Done);
+                };
+                let rewrite = matches!(
+                    step,
+                    Step::StatusOnly
+                        | Step::HostsOnly {
+                            rewrite_status: true
+                        }
+                );
+                if rewrite {
+                    // Usually our own status write has not reached the cache yet (the
+                    // conditional write then conflicts, re-reads and finds it in place);
+                    // otherwise someone changed the status and ours is put back. No cloud call.
+                    let fresh = status::write_status(client, svc.clone(), &last.status).await?;
+                    self.memory().edit(key, |r| {
+                        if let Some(l) = r.last.as_mut() {
+                            l.service = fresh;
+                        }
+                    });
+                }
+                if step == Step::StatusOnly {
+                    return Ok(Requeue::Done);
+                }
+                // Only the node set changed: update hosts, as upstream's node sync does.
+                self.update_hosts(key, &svc, &nodes, o.nodes).await
+            }
+            Step::Ensure => {
+                let Some(svc) = o.service else {
+                    return Ok(Requeue::Done);
+                };
+                self.ensure(key, svc, &nodes, o.nodes).await
+            }
+            Step::Cleanup => {
+                let Some(svc) = o.service else {
+                    return Ok(Requeue::Done);
+                };
+                self.cleanup(key, svc).await
+            }
+        }
+    }
+
+    async fn ensure(
+        &self,
+        key: &ObjectKey,
+        svc: Service,
+        nodes: &[Arc<Node>],
+        nodes_fp: core::NodeFingerprint,
+    ) -> Result<Requeue, Error> {
+        let r = reference(&svc);
+        let events = &self.ctx.events;
+        events
+            .normal(
+                &r,
+                "EnsuringLoadBalancer",
+                "Ensure",
+                "Ensuring load balancer".into(),
+            )
+            .await;
+        // The finalizer goes on before the first cloud call, so deletion always waits for us.
+        let svc = status::add_finalizer(&self.ctx.client, svc).await?;
+        // After a conflict the write went to a newer copy: remember what we actually ensured.
+        let spec = core::spec_fingerprint(&svc);
+        if nodes.is_empty() {
+            events
+                .warning(
+                    &r,
+                    "UnAvailableLoadBalancer",
+                    "Ensure",
+                    "There are no available nodes for LoadBalancer".into(),
+                )
+                .await;
+        }
+        self.metrics.sync_total.inc();
+        let hosts: Vec<Node> = nodes.iter().map(|n| n.as_ref().clone()).collect();
+        let lb = match self
+            .provider
+            .ensure(&self.config.cluster_name, &svc, &hosts)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                events
+                    .warning(
+                        &r,
+                        "SyncLoadBalancerFailed",
+                        "Ensure",
+                        note(format!(
+                            "Error syncing load balancer: failed to ensure load balancer: {e}"
+                        )),
+                    )
+                    .await;
+                if e.is_permanent() {
+                    warn!(service = %key, error = %e, "permanent error: not retrying until the Service changes");
+                    self.memory().edit(key, |r| r.parked = Some(spec));
+                    return Ok(Requeue::Done);
+                }
+                return Err(e.into());
+            }
+        };
+        self.memory().edit(key, |r| r.parked = None);
+        events
+            .normal(
+                &r,
+                "EnsuredLoadBalancer",
+                "Ensure",
+                "Ensured load balancer".into(),
+            )
+            .await;
+        let svc = status::write_status(&self.ctx.client, svc, &lb).await?;
+        let last = LastSync {
+            service: svc,
+            spec,
+            nodes: nodes_fp,
+            status: lb,
+        };
+        self.memory().edit(key, |r| r.last = Some(last));
+        Ok(Requeue::Done)
+    }
+
+    async fn update_hosts(
+        &self,
+        key: &ObjectKey,
+        svc: &Service,
+        nodes: &[Arc<Node>],
+        fp: core::NodeFingerprint,
+    ) -> Result<Requeue, Error> {
+        let r = reference(svc);
+        let events = &self.ctx.events;
+        let start = Instant::now();
+        self.metrics.sync_total.inc();
+        let hosts: Vec<Node> = nodes.iter().map(|n| n.as_ref().clone()).collect();
+        let res = self
+            .provider
+            .update_hosts(&self.config.cluster_name, svc, &hosts)
+            .await;
+        let secs = start.elapsed().as_secs_f64();
+        self.metrics.host_update_latency.observe(secs);
+        match res {
+            Ok(()) => {
+                if nodes.is_empty() {
+                    events
+                        .warning(
+                            &r,
+                            "UnAvailableLoadBalancer",
+                            "Update",
+                            "There are no available nodes for LoadBalancer".into(),
+                        )
+                        .await;
+                } else {
+                    events
+                        .normal(
+                            &r,
+                            "UpdatedLoadBalancer",
+                            "Update",
+                            "Updated load balancer with new hosts".into(),
+                        )
+                        .await;
+                }
+                self.memory().edit(key, |r| {
+                    if let Some(l) = r.last.as_mut() {
+                        l.nodes = fp;
+                    }
+                });
+                Ok(Requeue::Done)
+            }
+            Err(e) => {
+                self.metrics.nodesync_errors.inc();
+                let names: Vec<&str> = nodes
+                    .iter()
+                    .take(20)
+                    .filter_map(|n| n.metadata.name.as_deref())
+                    .collect();
+                events
+                    .warning(
+                        &r,
+                        "UpdateLoadBalancerFailed",
+                        "Update",
+                        note(format!(
+                            "Error updating load balancer with new hosts {names:?} [node names limited, total number of nodes: {}], error: {e}",
+                            nodes.len()
+                        )),
+                    )
+                    .await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn cleanup(&self, key: &ObjectKey, svc: Service) -> Result<Requeue, Error> {
+        let cluster = &self.config.cluster_name;
+        let r = reference(&svc);
+        let events = &self.ctx.events;
+        let exists = match self.provider.get(cluster, &svc).await {
+            Ok(s) => s.is_some(),
+            Err(e) => {
+                events
+                    .warning(
+                        &r,
+                        "SyncLoadBalancerFailed",
+                        "Delete",
+                        note(format!(
+                            "Error syncing load balancer: failed to check if load balancer exists before cleanup: {e}"
+                        )),
+                    )
+                    .await;
+                return Err(e.into());
+            }
+        };
+        if exists {
+            events
+                .normal(
+                    &r,
+                    "DeletingLoadBalancer",
+                    "Delete",
+                    "Deleting load balancer".into(),
+                )
+                .await;
+            if let Err(e) = self.provider.ensure_deleted(cluster, &svc).await {
+                events
+                    .warning(
+                        &r,
+                        "DeleteLoadBalancerFailed",
+                        "Delete",
+                        note(format!("Error deleting load balancer: {e}")),
+                    )
+                    .await;
+                return Err(e.into());
+            }
+        } else {
+            // Still release anything half-made (and the local pool's reservation).
+            self.provider.ensure_deleted(cluster, &svc).await?;
+        }
+        let client = &self.ctx.client;
+        let svc = match status::write_status(client, svc, &LoadBalancerStatus::default()).await {
+            Ok(s) => s,
+            Err(Error::Kube(e)) if status::is_not_found(&e) => return Ok(Requeue::Done),
+            Err(e) => return Err(e),
+        };
+        status::remove_finalizer(client, svc).await?;
+        events
+            .normal(
+                &r,
+                "DeletedLoadBalancer",
+                "Delete",
+                "Deleted load balancer".into(),
+            )
+            .await;
+        self.memory().forget(key);
+        Ok(Requeue::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn notes_fit_the_api_limit() {
+        assert_eq!(super::note("short".into()), "short");
+        let long = "é".repeat(900);
+        let n = super::note(long);
+        assert!(n.len() <= 1024 && n.ends_with("..."));
+    }
+}
