@@ -115,6 +115,19 @@ pub enum PortError {
     Mismatched,
 }
 
+/// Node ports as a ledger's pool ([`crate::Mirror`]): values are `spec.ports[].nodePort`.
+impl crate::mirror::Pool for PortRange {
+    type Value = i32;
+
+    fn mark(&mut self, port: i32) -> bool {
+        self.allocate(i64::from(port)).is_ok()
+    }
+
+    fn unmark(&mut self, port: i32) {
+        self.release(i64::from(port));
+    }
+}
+
 /// A range of node ports with kube-apiserver's allocation semantics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortRange {

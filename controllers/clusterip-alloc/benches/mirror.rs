@@ -114,18 +114,18 @@ fn pure() {
     .expect("config");
     let span = "30000-32767".parse().expect("span");
     // Warm up once, then measure the median of several builds.
-    let _ = clusterip_alloc::core::Mirror::build(&cfg, &refs, &BTreeMap::new());
+    let _ = clusterip_alloc::core::build(&cfg, &refs, &BTreeMap::new());
     let mut times = Vec::new();
     let mut peak = 0;
     let mut used = (0, 0);
     for _ in 0..7 {
         let base = reset_peak();
         let t = Instant::now();
-        let m = clusterip_alloc::core::Mirror::build(&cfg, &refs, &BTreeMap::new());
-        let n = nodeport_alloc::core::Mirror::build(span, &refs, &BTreeMap::new());
+        let m = clusterip_alloc::core::build(&cfg, &refs, &BTreeMap::new());
+        let n = nodeport_alloc::core::build(span, &refs, &BTreeMap::new());
         times.push(t.elapsed());
         peak = peak.max(PEAK.load(Ordering::Relaxed) - base);
-        used = (m.owners.len(), n.capacity().0);
+        used = (m.owners.len(), nodeport_alloc::core::capacity(&n).0);
         assert!(m.findings.is_empty() && n.findings.is_empty());
     }
     times.sort();

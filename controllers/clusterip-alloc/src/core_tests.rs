@@ -1,10 +1,15 @@
 use super::*;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::ServiceSpec;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::api::networking::v1::ServiceCIDRSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use scm_allocator::Report;
+use scm_allocator::{IpRange, Placement};
+use std::collections::{BTreeMap, BTreeSet};
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
@@ -48,7 +53,7 @@ fn with_ip(ip: &str) -> impl FnOnce(&mut ServiceSpec) {
 
 fn build(cfg: &RangeConfig, svcs: &[Service]) -> Mirror {
     let refs: Vec<&Service> = svcs.iter().collect();
-    Mirror::build(cfg, &refs, &BTreeMap::new())
+    super::build(cfg, &refs, &BTreeMap::new())
 }
 
 fn k(ns: &str, n: &str) -> ObjectKey {
@@ -84,7 +89,7 @@ fn mirror_counts_and_reserves_kubernetes_ip() {
     let m = build(&cfg, &svcs);
     assert!(m.findings.is_empty(), "{:?}", m.findings);
     // one Service plus the reserved first IP
-    assert_eq!(m.capacity(), vec![(net("10.96.0.0/24"), 2, 252)]);
+    assert_eq!(m.pool.capacity(), vec![(net("10.96.0.0/24"), 2, 252)]);
     assert_eq!(
         m.owners.get(&"10.96.0.1".parse().unwrap()),
         Some(&k("default", "kubernetes"))
@@ -184,6 +189,7 @@ fn service_cidr_mode_messages_and_default_family() {
     // Beyond the tracked part of a big IPv6 CIDR: valid, no finding, still counted.
     assert!(!m.findings.contains_key(&k("a", "in6")));
     let cap: BTreeMap<_, _> = m
+        .pool
         .capacity()
         .into_iter()
         .map(|(c, u, f)| (c, (u, f)))
@@ -208,7 +214,12 @@ fn most_specific_service_cidr_tracks_an_ip() {
         mk("small", "10.96.1.0/24"),
     ]);
     let m = build(&cfg, &[svc("a", "s", 1, with_ip("10.96.1.7"))]);
-    let cap: BTreeMap<_, _> = m.capacity().into_iter().map(|(c, u, _)| (c, u)).collect();
+    let cap: BTreeMap<_, _> = m
+        .pool
+        .capacity()
+        .into_iter()
+        .map(|(c, u, _)| (c, u))
+        .collect();
     assert_eq!(cap[&net("10.96.1.0/24")], 1);
     assert_eq!(cap[&net("10.96.0.0/16")], 1); // the kubernetes reservation
 }
@@ -408,7 +419,7 @@ fn pending_assignments_are_claimed_before_services() {
     let mut pending = BTreeMap::new();
     pending.insert(k("a", "p"), vec!["10.96.3.3".parse().unwrap()]);
     let s = svc("a", "other", 1, with_ip("10.96.3.3"));
-    let m = Mirror::build(&cfg, &[&s], &pending);
+    let m = super::build(&cfg, &[&s], &pending);
     assert_eq!(
         m.findings[&k("a", "other")][0].reason(),
         "ClusterIPAlreadyAllocated"
@@ -443,7 +454,7 @@ proptest! {
         }
         let again = build(&cfg, &services);
         prop_assert!(again.findings.is_empty());
-        prop_assert_eq!(again.capacity(), m.capacity());
+        prop_assert_eq!(again.pool.capacity(), m.pool.capacity());
     }
 }
 

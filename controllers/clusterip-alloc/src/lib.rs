@@ -3,6 +3,11 @@
 //! assigns addresses where a non-allocating API server left them empty, and runs the
 //! ServiceCIDR controller (finalizer, Ready condition, deletion blocking).
 //!
+//! Layout: [`core`] is pure (ranges, findings, the ledger built from all Services, the assign
+//! plan); [`shell`] only implements [`scm_allocator::shell::Allocator`], the allocator shell
+//! shared with `nodeport-alloc`; [`servicecidr`] and [`cidr_shell`] are the ServiceCIDR
+//! controller. Both shells read the process's shared informers; neither opens a watch.
+//!
 //! Where we deliberately differ from kube-apiserver's repair loops:
 //! - The state is rebuilt from Services, never stored, so there is no leak detection and no
 //!   `ClusterIPNotAllocated` ("repair") finding: nothing can be out of sync with a snapshot.

@@ -1,11 +1,13 @@
 //! The pure NodePort core: the port range and all Services in, the mirrored allocation state,
 //! repair findings and per-Service assign plans out. No I/O here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::Service;
 use rand::Rng;
-use scm_allocator::{PortRange, PortSpan};
+use scm_allocator::shell::seniority;
+pub use scm_allocator::shell::service_type;
+use scm_allocator::{Pending, PortRange, PortSpan, Report};
 use scm_runtime::ObjectKey;
 
 /// A problem upstream's NodePort repair loop reports, as an Event on the Service.
@@ -30,9 +32,8 @@ pub enum Finding {
     },
 }
 
-impl Finding {
-    /// Event reason, as upstream.
-    pub fn reason(&self) -> &'static str {
+impl Report for Finding {
+    fn reason(&self) -> &'static str {
         match self {
             Finding::Duplicate { .. } => "PortAlreadyAllocated",
             Finding::OutOfRange { .. } => "PortOutOfRange",
@@ -40,13 +41,12 @@ impl Finding {
         }
     }
 
-    /// Event action, as upstream.
-    pub fn action(&self) -> &'static str {
+    fn action(&self) -> &'static str {
         "PortAllocation"
     }
 
     /// The `type` label of `apiserver_nodeport_repair_port_errors_total`.
-    pub fn metric_type(&self) -> &'static str {
+    fn metric_type(&self) -> &'static str {
         match self {
             Finding::Duplicate { .. } => "duplicate",
             Finding::OutOfRange { .. } => "outOfRange",
@@ -54,8 +54,8 @@ impl Finding {
         }
     }
 
-    /// Event note, worded as upstream's repair loop.
-    pub fn message(&self) -> String {
+    /// Worded as upstream's repair loop.
+    fn message(&self) -> String {
         match self {
             Finding::Duplicate { port } => {
                 format!("Port {port} was assigned to multiple services; please recreate service")
@@ -68,14 +68,6 @@ impl Finding {
             ),
         }
     }
-}
-
-/// Service `type`, defaulted to ClusterIP as the API server defaults it.
-pub fn service_type(svc: &Service) -> &str {
-    svc.spec
-        .as_ref()
-        .and_then(|s| s.type_.as_deref())
-        .unwrap_or("ClusterIP")
 }
 
 fn uses_node_ports(svc: &Service) -> bool {
@@ -156,97 +148,62 @@ pub fn needs_assignment(svc: &Service) -> bool {
     missing || (wants_health_check(svc) && spec.health_check_node_port.unwrap_or(0) == 0)
 }
 
-/// The node-port allocation state mirrored from all Services.
-#[derive(Clone, Debug)]
-pub struct Mirror {
-    /// The allocations.
-    pub range: PortRange,
-    /// Who holds each port.
-    pub owners: HashMap<i32, ObjectKey>,
-    /// Findings per Service.
-    pub findings: BTreeMap<ObjectKey, Vec<Finding>>,
-    /// Services that need an assignment (or a type-change cleanup).
-    pub needs_assign: BTreeSet<ObjectKey>,
-}
+/// The node-port allocation state mirrored from all Services: the ledger over the port range.
+pub type Mirror = scm_allocator::Mirror<PortRange, ObjectKey, Finding>;
 
-impl Mirror {
-    /// Builds the state from all Services; contested ports go to the oldest Service (then by
-    /// key), so a restart rebuilds the same owners. `pending` are written but unobserved
-    /// assignments, claimed first.
-    pub fn build(
-        span: PortSpan,
-        services: &[&Service],
-        pending: &BTreeMap<ObjectKey, Vec<i32>>,
-    ) -> Self {
-        let mut m = Mirror {
-            range: PortRange::new(span),
-            owners: HashMap::new(),
-            findings: BTreeMap::new(),
-            needs_assign: BTreeSet::new(),
-        };
-        for (key, ports) in pending {
-            for p in ports {
-                if m.range.allocate(*p as i64).is_ok() {
-                    m.owners.insert(*p, key.clone());
-                }
-            }
-        }
-        let mut sorted: Vec<&Service> = services.to_vec();
-        sorted.sort_by_cached_key(|s| {
-            (
-                s.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                ObjectKey::of(*s),
-            )
-        });
-        for svc in sorted {
-            let key = ObjectKey::of(svc);
+/// Builds the state from all Services; contested ports go to the oldest Service (then by key),
+/// so a restart rebuilds the same owners. `pending` are written but unobserved assignments,
+/// claimed first.
+pub fn build(span: PortSpan, services: &[&Service], pending: &Pending<ObjectKey, i32>) -> Mirror {
+    Mirror::build(
+        PortRange::new(span),
+        services,
+        pending,
+        seniority,
+        |m, key, svc| {
             if uses_node_ports(svc) {
                 let mut mine = BTreeSet::new();
                 for port in collect_node_ports(svc) {
-                    if let Some(f) = m.observe(port, &key, &mut mine) {
-                        m.findings.entry(key.clone()).or_default().push(f);
+                    if let Some(f) = observe(m, port, key, &mut mine) {
+                        m.report(key, f);
                     }
                 }
             }
             if needs_assignment(svc) {
-                m.needs_assign.insert(key);
+                m.needs_assign.insert(key.clone());
             }
-        }
-        m
-    }
+        },
+    )
+}
 
-    fn observe(&mut self, port: i32, key: &ObjectKey, mine: &mut BTreeSet<i32>) -> Option<Finding> {
-        if !self.range.span().contains(port as i64) {
-            return Some(Finding::OutOfRange {
-                port,
-                range: self.range.span().to_string(),
-            });
-        }
-        match self.owners.get(&port) {
-            Some(holder) if holder != key => Some(Finding::Duplicate { port }),
-            Some(_) if !mine.insert(port) => Some(Finding::Duplicate { port }),
-            Some(_) => None,
-            None => {
-                mine.insert(port);
-                let _ = self.range.allocate(port as i64);
-                self.owners.insert(port, key.clone());
-                None
-            }
+fn observe(
+    m: &mut Mirror,
+    port: i32,
+    key: &ObjectKey,
+    mine: &mut BTreeSet<i32>,
+) -> Option<Finding> {
+    let span = m.pool.span();
+    if !span.contains(port as i64) {
+        return Some(Finding::OutOfRange {
+            port,
+            range: span.to_string(),
+        });
+    }
+    match m.holder(&port) {
+        Some(holder) if holder != key => Some(Finding::Duplicate { port }),
+        Some(_) if !mine.insert(port) => Some(Finding::Duplicate { port }),
+        Some(_) => None,
+        None => {
+            mine.insert(port);
+            m.claim(port, key);
+            None
         }
     }
+}
 
-    /// Frees `port` if `key` holds it.
-    pub fn release(&mut self, port: i32, key: &ObjectKey) {
-        if self.owners.get(&port) == Some(key) {
-            self.owners.remove(&port);
-            self.range.release(port as i64);
-        }
-    }
-
-    /// (allocated, available) for the capacity gauges.
-    pub fn capacity(&self) -> (usize, usize) {
-        (self.range.used(), self.range.free())
-    }
+/// (allocated, available) for the capacity gauges.
+pub fn capacity(m: &Mirror) -> (usize, usize) {
+    (m.pool.used(), m.pool.free())
 }
 
 /// What to write to a Service.
@@ -297,23 +254,20 @@ pub fn plan<R: Rng + ?Sized>(mirror: &mut Mirror, svc: &Service, rng: &mut R) ->
         if let Some(p) = held.pop() {
             return Ok(p);
         }
-        match mirror.range.allocate_next(rng) {
-            Ok(p) => {
-                let p = p as i32;
-                mirror.owners.insert(p, key.clone());
-                fresh.push(p);
-                Ok(p)
-            }
-            Err(_) => Err(Finding::Full {
-                range: mirror.range.span().to_string(),
-            }),
-        }
+        let span = mirror.pool.span();
+        let p = mirror
+            .take(&key, |r| r.allocate_next(rng).map(i32::from))
+            .map_err(|_| Finding::Full {
+                range: span.to_string(),
+            })?;
+        fresh.push(p);
+        Ok(p)
     };
     let ports = spec.ports.clone().unwrap_or_default();
     let name = svc.metadata.name.clone().unwrap_or_default();
     let refusal = |port: i32, holder: Option<&ObjectKey>, mirror: &Mirror| -> Option<String> {
-        if !mirror.range.span().contains(port as i64) {
-            return Some(scm_allocator::PortError::NotInRange(mirror.range.span()).to_string());
+        if !mirror.pool.span().contains(port as i64) {
+            return Some(scm_allocator::PortError::NotInRange(mirror.pool.span()).to_string());
         }
         match holder {
             Some(h) if *h != key => Some(scm_allocator::PortError::Allocated.to_string()),
@@ -395,6 +349,33 @@ pub fn plan<R: Rng + ?Sized>(mirror: &mut Mirror, svc: &Service, rng: &mut R) ->
     Plan::Assign {
         node_ports,
         health_check_node_port: hc,
+    }
+}
+
+/// Writes an Assign or Clear plan into the Service (the fields kube-apiserver would store).
+pub fn apply(plan: &Plan, svc: &mut Service) {
+    let Some(spec) = svc.spec.as_mut() else {
+        return;
+    };
+    match plan {
+        Plan::Clear => {
+            for p in spec.ports.iter_mut().flatten() {
+                p.node_port = None;
+            }
+            spec.health_check_node_port = None;
+        }
+        Plan::Assign {
+            node_ports,
+            health_check_node_port,
+        } => {
+            for (p, np) in spec.ports.iter_mut().flatten().zip(node_ports) {
+                p.node_port = (*np != 0).then_some(*np);
+            }
+            if health_check_node_port.is_some() {
+                spec.health_check_node_port = *health_check_node_port;
+            }
+        }
+        Plan::Nothing | Plan::Full(_) | Plan::Reject(_) => {}
     }
 }
 

@@ -4,6 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use std::collections::BTreeMap;
 
 fn span() -> PortSpan {
     "30000-32767".parse().unwrap()
@@ -49,9 +50,9 @@ fn k(n: &str) -> ObjectKey {
     ObjectKey::new("ns", n)
 }
 
-fn build(svcs: &[Service]) -> Mirror {
+fn build_all(svcs: &[Service]) -> Mirror {
     let refs: Vec<&Service> = svcs.iter().collect();
-    Mirror::build(span(), &refs, &BTreeMap::new())
+    super::build(span(), &refs, &BTreeMap::new())
 }
 
 #[test]
@@ -78,7 +79,7 @@ fn mirror_and_findings() {
             |_| {},
         ),
     ];
-    let m = build(&svcs);
+    let m = build_all(&svcs);
     assert!(
         !m.findings.contains_key(&k("a")),
         "TCP+UDP on one port is one allocation"
@@ -101,7 +102,7 @@ fn mirror_and_findings() {
         )
     );
     assert_eq!(m.findings[&k("e")][0].reason(), "PortAlreadyAllocated");
-    assert_eq!(m.capacity().0, 4); // 30080, 30083, 30084, 30090
+    assert_eq!(capacity(&m).0, 4); // 30080, 30083, 30084, 30090
     assert!(m.needs_assign.is_empty());
 }
 
@@ -114,7 +115,7 @@ fn assigns_one_port_per_entry_sharing_tcp_udp() {
         vec![port(53, "TCP", 0), port(53, "UDP", 0), port(80, "TCP", 0)],
         |_| {},
     );
-    let mut m = build(std::slice::from_ref(&s));
+    let mut m = build_all(std::slice::from_ref(&s));
     let mut rng = StdRng::seed_from_u64(1);
     let p = plan(&mut m, &s, &mut rng);
     let Plan::Assign {
@@ -132,7 +133,7 @@ fn assigns_one_port_per_entry_sharing_tcp_udp() {
     );
     assert_eq!(*health_check_node_port, None);
     assert_eq!(new_ports(&s, &p).len(), 2);
-    assert_eq!(m.capacity().0, 2);
+    assert_eq!(capacity(&m).0, 2);
 }
 
 #[test]
@@ -144,7 +145,7 @@ fn requested_port_on_later_entry_is_shared() {
         vec![port(53, "TCP", 0), port(53, "UDP", 30053)],
         |_| {},
     );
-    let mut m = build(std::slice::from_ref(&s));
+    let mut m = build_all(std::slice::from_ref(&s));
     let p = plan(&mut m, &s, &mut StdRng::seed_from_u64(2));
     assert_eq!(
         p,
@@ -167,8 +168,8 @@ fn load_balancer_health_check_and_no_node_ports() {
             s.external_traffic_policy = Some("Local".into());
         },
     );
-    let mut m = build(std::slice::from_ref(&s));
-    assert!(m.range.has(30081), "explicit ports stay reserved");
+    let mut m = build_all(std::slice::from_ref(&s));
+    assert!(m.pool.has(30081), "explicit ports stay reserved");
     let p = plan(&mut m, &s, &mut StdRng::seed_from_u64(3));
     let Plan::Assign {
         node_ports,
@@ -181,7 +182,7 @@ fn load_balancer_health_check_and_no_node_ports() {
     assert!(health_check_node_port.is_some_and(|h| h != 30081));
     // Cluster policy: no health check port.
     let s = svc("lb2", 1, "LoadBalancer", vec![port(80, "TCP", 0)], |_| {});
-    let mut m = build(std::slice::from_ref(&s));
+    let mut m = build_all(std::slice::from_ref(&s));
     let p = plan(&mut m, &s, &mut StdRng::seed_from_u64(3));
     assert!(
         matches!(p, Plan::Assign { health_check_node_port: None, ref node_ports } if node_ports[0] != 0)
@@ -191,8 +192,8 @@ fn load_balancer_health_check_and_no_node_ports() {
 #[test]
 fn type_change_releases_and_clears() {
     let s = svc("a", 1, "ClusterIP", vec![port(80, "TCP", 30080)], |_| {});
-    let mut m = build(std::slice::from_ref(&s));
-    assert!(!m.range.has(30080));
+    let mut m = build_all(std::slice::from_ref(&s));
+    assert!(!m.pool.has(30080));
     assert_eq!(plan(&mut m, &s, &mut StdRng::seed_from_u64(0)), Plan::Clear);
     let e = svc("e", 1, "ExternalName", vec![], |s| {
         s.health_check_node_port = Some(30001)
@@ -206,9 +207,9 @@ fn type_change_releases_and_clears() {
 fn changed_node_port_releases_old_one() {
     let before = svc("a", 1, "NodePort", vec![port(80, "TCP", 30080)], |_| {});
     let after = svc("a", 1, "NodePort", vec![port(80, "TCP", 30081)], |_| {});
-    assert!(build(&[before]).range.has(30080));
-    let m = build(&[after]);
-    assert!(!m.range.has(30080) && m.range.has(30081));
+    assert!(build_all(&[before]).pool.has(30080));
+    let m = build_all(&[after]);
+    assert!(!m.pool.has(30080) && m.pool.has(30081));
 }
 
 #[test]
@@ -222,14 +223,14 @@ fn full_range() {
         vec![port(80, "TCP", 0), port(81, "TCP", 0)],
         |_| {},
     );
-    let mut m = Mirror::build(small, &[&a, &b], &BTreeMap::new());
+    let mut m = super::build(small, &[&a, &b], &BTreeMap::new());
     let p = plan(&mut m, &b, &mut StdRng::seed_from_u64(0));
     let Plan::Full(f) = p else { panic!("{p:?}") };
     assert_eq!(
         f.message(),
         "Port range 30000-30001 is full; you must widen the port range in order to create new services"
     );
-    assert_eq!(m.capacity().0, 1, "partial allocation rolled back");
+    assert_eq!(capacity(&m).0, 1, "partial allocation rolled back");
 }
 
 #[test]
@@ -237,7 +238,7 @@ fn held_ports_are_reused() {
     let s = svc("a", 1, "NodePort", vec![port(80, "TCP", 0)], |_| {});
     let mut pending = BTreeMap::new();
     pending.insert(k("a"), vec![31000]);
-    let mut m = Mirror::build(span(), &[&s], &pending);
+    let mut m = super::build(span(), &[&s], &pending);
     assert_eq!(
         plan(&mut m, &s, &mut StdRng::seed_from_u64(0)),
         Plan::Assign {
@@ -261,7 +262,7 @@ proptest! {
         }).collect();
         let refs: Vec<Service> = services.clone();
         let refs: Vec<&Service> = refs.iter().collect();
-        let mut m = Mirror::build(small, &refs, &BTreeMap::new());
+        let mut m = super::build(small, &refs, &BTreeMap::new());
         let mut rng = StdRng::seed_from_u64(seed);
         let mut seen = BTreeSet::new();
         for s in services.iter_mut() {
@@ -274,14 +275,14 @@ proptest! {
                     for (p, np) in sp.ports.as_mut().unwrap().iter_mut().zip(node_ports) { p.node_port = Some(np); }
                     sp.health_check_node_port = health_check_node_port;
                 }
-                Plan::Full(_) => prop_assert!(m.range.free() < 2),
+                Plan::Full(_) => prop_assert!(m.pool.free() < 2),
                 other => prop_assert!(false, "{:?}", other),
             }
         }
         let refs: Vec<&Service> = services.iter().collect();
-        let again = Mirror::build(small, &refs, &BTreeMap::new());
+        let again = super::build(small, &refs, &BTreeMap::new());
         prop_assert!(again.findings.is_empty());
-        prop_assert_eq!(again.capacity(), m.capacity());
+        prop_assert_eq!(capacity(&again), capacity(&m));
     }
 }
 
@@ -302,7 +303,7 @@ fn requested_ports_refused_like_upstream_when_taken_or_outside() {
         vec![port(80, "TCP", 80), port(81, "TCP", 0)],
         |_| {},
     );
-    let mut m = build(&[a, b.clone(), c.clone()]);
+    let mut m = build_all(&[a, b.clone(), c.clone()]);
     let mut rng = StdRng::seed_from_u64(0);
     assert_eq!(
         plan(&mut m, &b, &mut rng),
@@ -320,8 +321,8 @@ fn deleted_service_releases_its_ports() {
         s.external_traffic_policy = Some("Local".into());
         s.health_check_node_port = Some(30081);
     });
-    let with = build(std::slice::from_ref(&a));
-    assert_eq!(with.capacity().0, 2);
-    let without = build(&[]);
-    assert_eq!(without.capacity(), (0, 2768));
+    let with = build_all(std::slice::from_ref(&a));
+    assert_eq!(capacity(&with).0, 2);
+    let without = build_all(&[]);
+    assert_eq!(capacity(&without), (0, 2768));
 }

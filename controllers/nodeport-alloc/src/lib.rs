@@ -6,6 +6,10 @@
 //! "repair" findings), contested ports belong to the oldest Service, refusals of requested
 //! ports become `NodePortAllocationFailed` Warning Events with upstream's message, and Events
 //! and repair counters come from the leader only.
+//!
+//! Layout: [`core`] is pure (findings, the ledger over the port range, the assign plan);
+//! [`shell`] only implements [`scm_allocator::shell::Allocator`], the allocator shell shared
+//! with `clusterip-alloc`, which reads the process's shared Service informer.
 
 pub mod core;
 pub mod shell;
