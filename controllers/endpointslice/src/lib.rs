@@ -5,7 +5,7 @@
 //! (`ctx.informers`), keeps its own index, queues keys and applies plans while this process
 //! leads. What the shells share lives once: `shell` (selector, queue, sync gate, the Pod
 //! informer), `cache` (the Service/Pod index) and `slice_store` (our slices and the
-//! generation tracker).
+//! generation tracker), `writer` (every EndpointSlice write).
 
 pub mod cache;
 pub mod common;
@@ -20,6 +20,7 @@ pub mod shell;
 pub mod slice_store;
 pub mod slices;
 pub mod topology;
+pub mod writer;
 
 pub use controller::{EndpointSliceConfig, run};
 pub use endpoints::{EndpointsConfig, run as run_endpoints};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::Api;
 
 use scm_runtime::informer::Change;
 use scm_runtime::{ControllerContext, ObjectKey, Requeue};
@@ -20,6 +20,7 @@ use crate::metrics::{ControllerLabel, SliceMetrics};
 use crate::mirror_core;
 use crate::shell::{ShellBase, apply_service_change};
 use crate::slice_store::Slices;
+use crate::writer::SliceWrites;
 
 /// Settings of the `endpointslice-mirroring` controller.
 #[derive(Clone, Debug)]
@@ -189,7 +190,6 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
         }
         _ => false,
     };
-    let api: Api<EndpointSlice> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
     if !mirror {
         if existing.is_empty() {
             s.slices.tracker.delete_service(&key);
@@ -204,16 +204,13 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
                 return Ok(Requeue::Done);
             }
         }
-        for sl in &existing {
-            let name = sl.metadata.name.clone().unwrap_or_default();
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-            s.slices.tracker.expect_deletion(&key, sl);
-            s.metrics.change("delete");
-        }
+        let w = SliceWrites {
+            delete: &existing,
+            ..Default::default()
+        };
+        s.slices
+            .write(&s.base.ctx.client, &key, w, false, &s.metrics)
+            .await?;
         s.slices.tracker.delete_service(&key);
         return Ok(Requeue::Done);
     }
@@ -258,29 +255,15 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             format!("A max of {} addresses can be mirrored to EndpointSlices per Endpoints subset. {} addresses were skipped",
                 s.cfg.max_endpoints_per_subset, plan.skipped_addresses)).await;
     }
-    if ep.metadata.deletion_timestamp.is_none() {
-        for c in &plan.create {
-            let created = api.create(&PostParams::default(), c).await?;
-            s.slices.tracker.update(&key, &created);
-            s.metrics.change("create");
-        }
-    }
-    for u in &plan.update {
-        let name = u.metadata.name.clone().unwrap_or_default();
-        let updated = api.replace(&name, &PostParams::default(), u).await?;
-        s.slices.tracker.update(&key, &updated);
-        s.metrics.change("update");
-    }
-    for d in &plan.delete {
-        let name = d.metadata.name.clone().unwrap_or_default();
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        s.slices.tracker.expect_deletion(&key, d);
-        s.metrics.change("delete");
-    }
+    let w = SliceWrites {
+        create: &plan.create,
+        update: &plan.update,
+        delete: &plan.delete,
+    };
+    let creates = ep.metadata.deletion_timestamp.is_none();
+    s.slices
+        .write(&s.base.ctx.client, &key, w, creates, &s.metrics)
+        .await?;
     s.metrics
         .added
         .get_or_create(&vec![])

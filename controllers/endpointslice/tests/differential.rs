@@ -23,13 +23,12 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
+use scm_runtime::{ContextBase, LeaderGate};
 use serde::Deserialize;
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
     namespace, set_pod_status,
 };
-use tokio_util::sync::CancellationToken;
 
 #[derive(Deserialize, Debug)]
 struct Scenario {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use kube::api::Api;
 use tracing::{debug, warn};
 
 use scm_runtime::{ObjectKey, Requeue};
@@ -17,6 +17,7 @@ use crate::metrics::{ChangedLabels, ControllerLabel};
 use crate::slice_store::managed_by;
 use crate::slices::{self, SliceInput};
 use crate::topology::{self, ZoneRatios};
+use crate::writer::SliceWrites;
 
 /// What a reconcile copies out of the caches (so no lock is held across awaits).
 struct Snapshot {
@@ -107,7 +108,16 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         }
     }
     let writes = plan.writes();
-    let result = apply(&s, &key, &svc, &plan).await;
+    let w = SliceWrites {
+        create: &plan.create,
+        update: &plan.update,
+        delete: &plan.delete,
+    };
+    let creates = svc.metadata.deletion_timestamp.is_none();
+    let result = s
+        .slices
+        .write(&s.base.ctx.client, &key, w, creates, &s.metrics)
+        .await;
     let m = &s.metrics;
     m.added.get_or_create(&vec![]).observe(plan.added as f64);
     m.removed
@@ -168,61 +178,6 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
     Ok(Requeue::Done)
 }
 
-async fn apply(
-    s: &Shared,
-    key: &ObjectKey,
-    svc: &Service,
-    plan: &slices::SlicePlan,
-) -> Result<(), Error> {
-    let api: Api<EndpointSlice> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
-    // Creates first, then updates, then deletes: ready endpoints never dip mid-plan.
-    if svc.metadata.deletion_timestamp.is_none() {
-        for c in &plan.create {
-            match api.create(&PostParams::default(), c).await {
-                Ok(created) => {
-                    s.slices.tracker.update(key, &created);
-                    s.metrics.change("create");
-                    s.slices.cache().write_through(key, created);
-                }
-                Err(kube::Error::Api(ae))
-                    if ae.code == 403 && ae.message.contains("being terminated") =>
-                {
-                    return Ok(());
-                }
-                Err(e) => return Err(Error::Kube(e)),
-            }
-        }
-    }
-    for u in &plan.update {
-        let name = u.metadata.name.clone().unwrap_or_default();
-        // replace carries the resourceVersion read: a concurrent change is a 409 and the
-        // key is retried against fresh state.
-        let updated = api
-            .replace(&name, &PostParams::default(), u)
-            .await
-            .map_err(Error::Kube)?;
-        s.slices.tracker.update(key, &updated);
-        s.metrics.change("update");
-        s.slices.cache().write_through(key, updated);
-    }
-    for d in &plan.delete {
-        let name = d.metadata.name.clone().unwrap_or_default();
-        let dp = DeleteParams::default().preconditions(Preconditions {
-            uid: d.metadata.uid.clone(),
-            resource_version: None,
-        });
-        match api.delete(&name, &dp).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-            Err(e) => return Err(Error::Kube(e)),
-        }
-        s.slices.tracker.expect_deletion(key, d);
-        s.metrics.change("delete");
-        s.slices.cache().forget(key, &name);
-    }
-    Ok(())
-}
-
 /// A Service absent from our cache: deleted, or outside our scope. Only when the API server
 /// confirms it is gone do we delete the slices we made for it (there may be no garbage
 /// collector running, and a Service merely out of scope keeps its slices).
@@ -249,22 +204,23 @@ async fn cleanup_absent(
             return Ok(Requeue::Done);
         }
     }
-    let api: Api<EndpointSlice> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
-    for sl in &ours {
-        if managed_by(sl) != Some(CONTROLLER_NAME) {
-            continue; // adopted-but-not-yet-relabelled slices stay with their owner
-        }
-        let name = sl.metadata.name.clone().unwrap_or_default();
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-            Err(e) => {
-                warn!(service = %key, slice = %name, error = %e, "could not delete slice of deleted Service");
-                return Err(Error::Kube(e));
-            }
-        }
-        s.metrics.change("delete");
-        s.slices.cache().forget(key, &name);
+    // Adopted-but-not-yet-relabelled slices stay with their owner.
+    let delete: Vec<EndpointSlice> = ours
+        .iter()
+        .filter(|sl| managed_by(sl) == Some(CONTROLLER_NAME))
+        .map(|sl| sl.as_ref().clone())
+        .collect();
+    let w = SliceWrites {
+        delete: &delete,
+        ..Default::default()
+    };
+    if let Err(e) = s
+        .slices
+        .write(&s.base.ctx.client, key, w, false, &s.metrics)
+        .await
+    {
+        warn!(service = %key, error = %e, "could not delete slices of deleted Service");
+        return Err(e);
     }
     s.slices.tracker.delete_service(key);
     Ok(Requeue::Done)

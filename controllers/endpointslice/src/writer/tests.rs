@@ -1,0 +1,224 @@
+//! The writer against a recording double: the exact calls a plan produces, and what the
+//! tracker and cache hold after each kind of answer.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::Status;
+use scm_runtime::Metrics;
+
+use super::*;
+use crate::common::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MIRRORING_CONTROLLER_NAME};
+
+/// Records every call; answers from a script (default: success, generation 1).
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<String>>,
+    answers: Mutex<VecDeque<Option<kube::Error>>>,
+}
+
+impl Recorder {
+    fn answer(&self) -> Result<(), kube::Error> {
+        match self.answers.lock().unwrap().pop_front().flatten() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn script(&self, answers: Vec<Option<kube::Error>>) {
+        *self.answers.lock().unwrap() = answers.into();
+    }
+}
+
+fn echo(s: &EndpointSlice, uid: &str) -> EndpointSlice {
+    let mut out = s.clone();
+    if out.metadata.name.is_none() {
+        out.metadata.name = s.metadata.generate_name.clone().map(|g| format!("{g}x"));
+    }
+    out.metadata.uid.get_or_insert_with(|| uid.to_string());
+    out.metadata.generation = Some(s.metadata.generation.unwrap_or(0) + 1);
+    out
+}
+
+impl SliceApi for Recorder {
+    async fn create(&self, ns: &str, s: &EndpointSlice) -> Result<EndpointSlice, kube::Error> {
+        let g = s.metadata.generate_name.clone().unwrap_or_default();
+        self.calls.lock().unwrap().push(format!("create {ns}/{g}"));
+        self.answer().map(|_| echo(s, "new-uid"))
+    }
+    async fn replace(&self, ns: &str, s: &EndpointSlice) -> Result<EndpointSlice, kube::Error> {
+        let n = s.metadata.name.clone().unwrap_or_default();
+        let rv = s.metadata.resource_version.clone().unwrap_or_default();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("replace {ns}/{n} rv={rv}"));
+        self.answer().map(|_| echo(s, ""))
+    }
+    async fn delete(&self, ns: &str, name: &str, uid: Option<String>) -> Result<(), kube::Error> {
+        let uid = uid.unwrap_or_default();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("delete {ns}/{name} uid={uid}"));
+        self.answer()
+    }
+}
+
+fn api_error(code: u16, message: &str) -> Option<kube::Error> {
+    Some(kube::Error::Api(
+        Status::failure(message, "").with_code(code).boxed(),
+    ))
+}
+
+fn slice(name: Option<&str>, uid: &str, generation: i64) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            namespace: Some("ns".into()),
+            name: name.map(String::from),
+            generate_name: Some("svc-".into()),
+            uid: (!uid.is_empty()).then(|| uid.to_string()),
+            generation: Some(generation),
+            resource_version: Some("7".into()),
+            labels: Some(
+                [
+                    (LABEL_SERVICE_NAME.to_string(), "svc".to_string()),
+                    (
+                        LABEL_MANAGED_BY.to_string(),
+                        MIRRORING_CONTROLLER_NAME.to_string(),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        ..Default::default()
+    }
+}
+
+fn fixture() -> (Slices, SliceMetrics, ObjectKey) {
+    let metrics = SliceMetrics::register(&Metrics::new(), "test", "test");
+    (
+        Slices::new(vec![MIRRORING_CONTROLLER_NAME]),
+        metrics,
+        ObjectKey::new("ns", "svc"),
+    )
+}
+
+fn names(s: &Slices, key: &ObjectKey) -> Vec<String> {
+    s.cache()
+        .of(key)
+        .filter_map(|s| s.metadata.name.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn creates_then_updates_then_uid_preconditioned_deletes() {
+    let (s, m, key) = fixture();
+    let api = Recorder::default();
+    let (c, u, d) = (
+        [slice(None, "", 0)],
+        [slice(Some("svc-a"), "ua", 3)],
+        [slice(Some("svc-b"), "ub", 1)],
+    );
+    let w = SliceWrites {
+        create: &c,
+        update: &u,
+        delete: &d,
+    };
+    assert_eq!(
+        s.write(&api, &key, w, true, &m).await.unwrap(),
+        Written::All
+    );
+    assert_eq!(
+        api.calls(),
+        vec![
+            "create ns/svc-",
+            "replace ns/svc-a rv=7",
+            "delete ns/svc-b uid=ub"
+        ]
+    );
+    // Both written slices are cached at the generation the server answered, and the tracker
+    // takes the cache as current; the deleted one is expected gone.
+    assert_eq!(names(&s, &key), vec!["svc-a", "svc-x"]);
+    assert!(!s.tracker.stale(&key, &s.current(&key)));
+    assert!(!s.tracker.should_sync(&key, &echo(&u[0], "")));
+    assert!(s.tracker.handle_deletion(&key, &d[0]));
+}
+
+#[tokio::test]
+async fn no_creates_while_the_owner_is_deleted() {
+    let (s, m, key) = fixture();
+    let api = Recorder::default();
+    let (c, d) = ([slice(None, "", 0)], [slice(Some("svc-b"), "ub", 1)]);
+    let w = SliceWrites {
+        create: &c,
+        delete: &d,
+        ..Default::default()
+    };
+    s.write(&api, &key, w, false, &m).await.unwrap();
+    assert_eq!(api.calls(), vec!["delete ns/svc-b uid=ub"]);
+}
+
+#[tokio::test]
+async fn a_terminating_namespace_ends_the_plan_quietly() {
+    let (s, m, key) = fixture();
+    let api = Recorder::default();
+    api.script(vec![api_error(
+        403,
+        "endpointslices \"svc-\" is forbidden: unable to create new content in namespace ns because it is being terminated",
+    )]);
+    let (c, u) = (
+        [slice(None, "", 0), slice(None, "", 0)],
+        [slice(Some("svc-a"), "ua", 3)],
+    );
+    let w = SliceWrites {
+        create: &c,
+        update: &u,
+        ..Default::default()
+    };
+    assert_eq!(
+        s.write(&api, &key, w, true, &m).await.unwrap(),
+        Written::NamespaceTerminating
+    );
+    assert_eq!(api.calls(), vec!["create ns/svc-"]);
+    let none: &[EndpointSlice] = &[];
+    assert!(!s.tracker.stale(&key, none), "nothing recorded");
+    // Any other 403 is an error.
+    api.script(vec![api_error(403, "forbidden: RBAC")]);
+    assert!(s.write(&api, &key, w, true, &m).await.is_err());
+}
+
+#[tokio::test]
+async fn not_found_on_delete_is_done_and_a_uid_conflict_is_not() {
+    let (s, m, key) = fixture();
+    let api = Recorder::default();
+    let d = [slice(Some("svc-b"), "ub", 1)];
+    s.cache().write_through(&key, d[0].clone());
+    api.script(vec![api_error(404, "not found")]);
+    let w = SliceWrites {
+        delete: &d,
+        ..Default::default()
+    };
+    assert_eq!(
+        s.write(&api, &key, w, true, &m).await.unwrap(),
+        Written::All
+    );
+    assert!(names(&s, &key).is_empty());
+    assert!(s.tracker.handle_deletion(&key, &d[0]));
+    // Someone deleted and recreated the slice under the same name: the precondition fails
+    // (409), the slice is not deleted, and nothing is recorded as expected gone.
+    s.cache().write_through(&key, d[0].clone());
+    api.script(vec![api_error(
+        409,
+        "Precondition failed: UID in precondition: ub, UID in object meta: other",
+    )]);
+    let err = s.write(&api, &key, w, true, &m).await.unwrap_err();
+    assert!(matches!(err, Error::Kube(kube::Error::Api(ref st)) if st.code == 409));
+    assert_eq!(names(&s, &key), vec!["svc-b"]);
+    assert!(!s.tracker.handle_deletion(&key, &d[0]));
+}
