@@ -20,6 +20,11 @@ use crate::nodes::{self, NodeSyncPass};
 use crate::provider::LoadBalancerProvider;
 use crate::{CloudLbConfig, Error, NODE_SYNC_DEBOUNCE, NODE_SYNC_PERIOD};
 
+#[cfg(test)]
+mod fake_api;
+#[cfg(test)]
+mod tests;
+
 /// What the shell remembers of one Service (in one record, so it is forgotten in one place).
 #[derive(Default)]
 pub(crate) struct Record {
