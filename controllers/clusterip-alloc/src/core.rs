@@ -5,7 +5,7 @@
 //! - [`finding`]: what the repair loop reports.
 //! - this module: the ledger ([`Mirror`], shared with NodePorts as [`scm_allocator::Mirror`])
 //!   built from all Services.
-//! - [`plan`]: the assign path.
+//! - [`assign`]: the assign path ([`plan`]).
 
 use std::net::IpAddr;
 
@@ -15,12 +15,12 @@ pub use scm_allocator::shell::service_type;
 use scm_allocator::{IpFamily, Pending};
 use scm_runtime::ObjectKey;
 
+pub mod assign;
 pub mod finding;
-pub mod plan;
 pub mod ranges;
 
+pub use assign::{Plan, Rejection, apply, new_ips, plan};
 pub use finding::Finding;
-pub use plan::{Plan, Rejection, apply, new_ips, plan};
 pub use ranges::{
     ConfigError, DEFAULT_SERVICE_CIDR, RangeConfig, RangeSource, RangeSpec, Ranges, TrackedRange,
 };
