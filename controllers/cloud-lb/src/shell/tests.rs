@@ -164,6 +164,7 @@ fn node(name: &str) -> Arc<Node> {
 struct Running {
     log: Log,
     base: ContextBase,
+    services: Informer<Service>,
     _leader: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), Error>>,
 }
@@ -184,10 +185,11 @@ impl Running {
             default_load_balancer: false,
             ..CloudLbConfig::default()
         };
-        let task = tokio::spawn(run(ctx, config, provider, services, nodes));
+        let task = tokio::spawn(run(ctx, config, provider, services.clone(), nodes));
         Running {
             log: log.clone(),
             base,
+            services,
             // A dropped sender would read as "elector gone".
             _leader: leader,
             task,
@@ -269,6 +271,28 @@ async fn finalizer_then_ensure_then_status() {
         Some(vec![LB_FINALIZER.to_string()])
     );
     assert!(!core::status_differs(&now, &published()));
+    r.stop();
+}
+
+#[tokio::test]
+async fn a_relist_without_a_remembered_service_deletes_its_load_balancer() {
+    let log = Log::default();
+    let svc = service(&[], false, None);
+    let api = FakeApi::start(&svc, 1, log.clone()).await;
+    let mut cached = svc.clone();
+    cached.metadata.resource_version = Some("1".into());
+    let provider = FakeProvider::new(&log, vec![]);
+    let r = Running::start(&api, &log, cached, provider).await;
+    let before = r.wait_for("api: PATCH services/web/status").await;
+    // The watch was down while someone removed our finalizer and deleted the Service; the
+    // new list no longer has it.
+    r.services.deliver(Change::Relisted(vec![]));
+    let got = r.wait_for("provider: ensure_deleted").await;
+    assert_eq!(got[..before.len()], before[..]);
+    assert_eq!(
+        got[before.len()..],
+        lines(&["provider: ensure_deleted ns/web"])[..]
+    );
     r.stop();
 }
 
