@@ -92,6 +92,28 @@ impl SliceTracker {
     pub fn delete_service(&self, key: &ObjectKey) {
         self.lock().remove(key);
     }
+
+    /// Reconciles the tracker with a relist: slices missing from the complete new list were
+    /// deleted while the watch was down (their deletion events are lost), so their entries go;
+    /// otherwise `stale()` would wait forever for a slice that will never be shown again.
+    /// (A write made after the list was taken is forgotten too, until its event arrives; as
+    /// upstream's relist, that costs at most a redundant write, never a frozen Service.)
+    /// Returns the Services whose entries changed.
+    pub fn retain_listed(&self, listed: &HashMap<ObjectKey, HashSet<String>>) -> Vec<ObjectKey> {
+        let mut changed = Vec::new();
+        self.lock().retain(|key, m| {
+            let before = m.len();
+            match listed.get(key) {
+                Some(uids) => m.retain(|u, _| uids.contains(u)),
+                None => m.clear(),
+            }
+            if m.len() != before {
+                changed.push(key.clone());
+            }
+            !m.is_empty()
+        });
+        changed
+    }
 }
 
 /// The Service a slice belongs to (its `kubernetes.io/service-name` label).
@@ -245,15 +267,18 @@ impl SliceCache {
                 let mut keys: HashSet<ObjectKey> = self.by_service.keys().cloned().collect();
                 self.by_service.clear();
                 self.owner.clear();
+                let mut listed: HashMap<ObjectKey, HashSet<String>> = HashMap::new();
                 for sl in list {
                     if !self.keeps(sl) {
                         continue;
                     }
                     if let Some(key) = service_key_of(sl) {
                         keys.insert(key.clone());
+                        listed.entry(key.clone()).or_default().insert(uid(sl));
                         self.insert(key, sl.clone());
                     }
                 }
+                keys.extend(tracker.retain_listed(&listed));
                 keys.into_iter().collect()
             }
         }
@@ -336,5 +361,77 @@ mod tests {
             !t.handle_deletion(&k, &slice("b", 1)),
             "unexpected deletion"
         );
+    }
+
+    fn ours(name: &str, uid: &str, generation: i64) -> Arc<EndpointSlice> {
+        let mut s = slice(uid, generation);
+        s.metadata.namespace = Some("ns".into());
+        s.metadata.name = Some(name.into());
+        s.metadata.labels = Some(
+            [
+                (LABEL_SERVICE_NAME.to_string(), "svc".to_string()),
+                (LABEL_MANAGED_BY.to_string(), "us".to_string()),
+            ]
+            .into(),
+        );
+        Arc::new(s)
+    }
+
+    /// Issue 12, defect 1: one of our slices deleted while the watch was down, then a relist.
+    /// Before the fix the tracker kept it, `stale()` stayed true for good and the Service never
+    /// synced again.
+    #[test]
+    fn relist_forgets_slices_deleted_while_the_watch_was_down() {
+        let s = Slices::new(vec!["us"]);
+        let k = ObjectKey::new("ns", "svc");
+        let (a, b, c) = (ours("a", "ua", 1), ours("b", "ub", 1), ours("c", "uc", 1));
+        s.apply_change(&Change::Relisted(vec![a.clone(), b.clone(), c.clone()]));
+        s.tracker.update(&k, &a);
+        s.tracker.update(&k, &b);
+        s.tracker.expect_deletion(&k, &c);
+        assert!(s.tracker.stale(&k, &s.current(&k)), "c is still shown");
+        // a and c went while the watch was down; b stays.
+        let keys = s.apply_change(&Change::Relisted(vec![b.clone()]));
+        assert_eq!(keys, vec![k.clone()]);
+        assert!(
+            !s.tracker.stale(&k, &s.current(&k)),
+            "the relist is current"
+        );
+        assert!(
+            s.tracker.should_sync(&k, &a),
+            "a is forgotten: its return is news"
+        );
+        assert!(!s.tracker.should_sync(&k, &b), "b is still our write");
+        assert!(
+            !s.tracker.handle_deletion(&k, &c),
+            "c's expected deletion is settled"
+        );
+        // Nothing of ours left at all: the Service is forgotten by the tracker.
+        s.apply_change(&Change::Relisted(vec![]));
+        assert!(s.tracker.lock().is_empty());
+    }
+
+    #[test]
+    fn other_managers_slices_are_skipped_and_relabelling_away_is_a_deletion() {
+        let s = Slices::new(vec!["us"]);
+        let k = ObjectKey::new("ns", "svc");
+        let a = ours("a", "ua", 1);
+        let mut theirs = (*a).clone();
+        theirs
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(LABEL_MANAGED_BY.into(), "them".into());
+        let theirs = Arc::new(theirs);
+        assert!(
+            s.apply_change(&Change::Relisted(vec![theirs.clone()]))
+                .is_empty()
+        );
+        assert_eq!(s.apply_change(&Change::Apply(a.clone())), vec![k.clone()]);
+        assert_eq!(s.current(&k).len(), 1);
+        // Relabelled to another manager: gone from our view, and news (not our deletion).
+        assert_eq!(s.apply_change(&Change::Apply(theirs)), vec![k.clone()]);
+        assert!(s.current(&k).is_empty());
     }
 }
