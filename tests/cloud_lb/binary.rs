@@ -1,7 +1,8 @@
 //! The manager binary's cloud-lb controller end to end: flags to config, provider from
 //! `--cloud-config`, the AWS SDK's default credential chain and `AWS_ENDPOINT_URL` (pointed at
 //! moto on loopback), against the real local control plane. The controller's behaviour in
-//! depth is tested in controllers/cloud-lb/tests; this checks the wiring.
+//! depth is tested by the other modules of this binary; this checks the wiring. These tests
+//! hold the same serial lock: their Nodes would otherwise be targets of the others.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,6 +15,8 @@ use test_support::moto::Moto;
 use test_support::{
     ControlPlane, Manager, NodeSpecBuilder, create_node, manager_binary, namespace, wait_for,
 };
+
+use crate::harness::SERIAL;
 
 const T: Duration = Duration::from_secs(90);
 
@@ -109,6 +112,7 @@ async fn round_trip(client: &kube::Client, ns: &str, class: &str) -> Result<Serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_load_balancers_from_local_pools() -> Result<()> {
+    let _g = SERIAL.lock().await;
     let cp = ControlPlane::shared().await?;
     let client = cp.client().await?;
     let ns = namespace(&client, "cloudlb-bin-local").await?;
@@ -130,6 +134,7 @@ async fn binary_serves_load_balancers_from_local_pools() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_nlbs_through_the_sdk_default_chain() -> Result<()> {
+    let _g = SERIAL.lock().await;
     let cp = ControlPlane::shared().await?;
     let client = cp.client().await?;
     let ns = namespace(&client, "cloudlb-bin-aws").await?;
@@ -169,6 +174,7 @@ async fn binary_serves_nlbs_through_the_sdk_default_chain() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_killed_mid_create_then_restarted_adopts_the_load_balancer() -> Result<()> {
     use test_support::moto::{Fault, FaultKind, FaultProxy};
+    let _g = SERIAL.lock().await;
     let cp = ControlPlane::shared().await?;
     let client = cp.client().await?;
     let ns = namespace(&client, "cloudlb-bin-kill").await?;

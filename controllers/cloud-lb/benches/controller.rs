@@ -5,7 +5,7 @@
 //!
 //! The nodes' instance IDs are unknown to EC2, so the security-group pass describes but writes
 //! no rule: 200 Services' rules on one group would exceed EC2's default quota of 60 inbound
-//! rules per group, which moto enforces (tests/cloud_lb.rs covers the rules themselves).
+//! rules per group, which moto enforces (tests/cloud_lb/ec2.rs covers the rules themselves).
 //!
 //! 2. steady-state resync: a restarted controller re-ensures all 200 (0 mutating calls);
 //! 3. one node added, until every load balancer has registered it;

@@ -1,0 +1,326 @@
+//! What every cloud-lb integration test uses: the serial lock, a controller in this process,
+//! fixtures and polling helpers against the real local control plane.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use cloud_lb::local::{LocalCloudConfig, LocalProvider};
+use cloud_lb::{CloudLbConfig, LoadBalancerProvider, ProviderKind, run_with_provider};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use scm_runtime::{ContextBase, LeaderGate, Metrics};
+use test_support::{ControlPlane, NodeSpecBuilder, create_node, namespace, wait_for};
+use tokio_util::sync::CancellationToken;
+
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub const T: Duration = Duration::from_secs(60);
+pub const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
+
+/// A controller running in this process (a crash is `abort`).
+pub struct Ctrl {
+    token: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    metrics: Metrics,
+    leader: tokio::sync::watch::Sender<bool>,
+}
+
+impl Ctrl {
+    pub fn start(
+        client: &kube::Client,
+        config: CloudLbConfig,
+        provider: Arc<dyn LoadBalancerProvider>,
+    ) -> Ctrl {
+        Self::start_as(client, config, provider, true)
+    }
+
+    /// Starts leading or following; `set_leading` flips it later.
+    pub fn start_as(
+        client: &kube::Client,
+        config: CloudLbConfig,
+        provider: Arc<dyn LoadBalancerProvider>,
+        leading: bool,
+    ) -> Ctrl {
+        // Logs with RUST_LOG=cloud_lb=debug (and --nocapture).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let (leader, tx) = LeaderGate::fixed(leading);
+        let base = ContextBase::new(client.clone(), leader);
+        let (token, metrics) = (base.shutdown.clone(), base.metrics.clone());
+        let ctx = base.context("cloud-lb", "service-controller");
+        let task = tokio::spawn(async move {
+            if let Err(e) = run_with_provider(ctx, config, provider).await {
+                eprintln!("controller stopped: {e}");
+            }
+        });
+        Ctrl {
+            token,
+            task: Some(task),
+            metrics,
+            leader: tx,
+        }
+    }
+
+    pub fn set_leading(&self, leading: bool) {
+        let _ = self.leader.send(leading);
+    }
+
+    /// Reconciles completed so far.
+    pub fn reconciles_done(&self) -> u64 {
+        self.count("service_controller_manager_reconcile_duration_seconds_count")
+    }
+
+    /// The value of a metric line starting with `name` (0 when absent).
+    pub fn count(&self, name: &str) -> u64 {
+        self.metrics
+            .encode()
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+
+    pub fn crash(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Ctrl {
+    // A failing test must not leave its controller running into the next one.
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A local provider with one pool.
+pub fn local_pool(cidr: &str) -> Arc<dyn LoadBalancerProvider> {
+    Arc::new(
+        LocalProvider::new(LocalCloudConfig {
+            pools: vec![cidr.parse().expect("cidr")],
+            ip_mode: None,
+        })
+        .expect("valid pools"),
+    )
+}
+
+/// The controller's configuration for the local provider, serving only `class`.
+pub fn local_config(cluster: &str, class: &str) -> CloudLbConfig {
+    CloudLbConfig {
+        cloud_provider: ProviderKind::Local,
+        cloud_config: None,
+        cluster_name: cluster.into(),
+        concurrent_service_syncs: 2,
+        load_balancer_class: Some(class.into()),
+        default_load_balancer: false,
+    }
+}
+
+pub async fn setup() -> Result<(kube::Client, String)> {
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    // Start from no nodes: they are cluster-wide and would be targets of every test.
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in nodes.list(&ListParams::default()).await?.items {
+        if let Some(name) = n.metadata.name {
+            let _ = nodes.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+    wait_for("nodes gone", T, || {
+        let nodes = nodes.clone();
+        async move {
+            nodes
+                .list(&ListParams::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+        }
+    })
+    .await?;
+    let ns = namespace(&client, "cloudlb").await?;
+    Ok((client, ns))
+}
+
+pub fn instance(name: &str) -> String {
+    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("i-{hex}")
+}
+
+pub async fn node(client: &kube::Client, name: &str) -> Result<Node> {
+    node_on(client, name, &instance(name)).await
+}
+
+/// A Node whose providerID names EC2 instance `id`.
+pub async fn node_on(client: &kube::Client, name: &str, id: &str) -> Result<Node> {
+    create_node(
+        client,
+        NodeSpecBuilder {
+            name: name.into(),
+            zone: Some("us-east-1a".into()),
+            provider_id: Some(format!("aws:///us-east-1a/{id}")),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub fn lb_service(
+    ns: &str,
+    name: &str,
+    class: Option<&str>,
+    ports: &[(&str, i32, &str, Option<i32>)],
+) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            load_balancer_class: class.map(str::to_string),
+            selector: Some([("app".to_string(), name.to_string())].into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p, proto, np)| ServicePort {
+                        name: Some(n.to_string()),
+                        port: *p,
+                        protocol: Some(proto.to_string()),
+                        node_port: *np,
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+pub async fn create(client: &kube::Client, svc: &Service) -> Result<Service> {
+    let api: Api<Service> = Api::namespaced(
+        client.clone(),
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+    );
+    Ok(api.create(&PostParams::default(), svc).await?)
+}
+
+pub async fn get(client: &kube::Client, ns: &str, name: &str) -> Option<Service> {
+    Api::<Service>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+}
+
+pub fn hostname(s: &Service) -> Option<String> {
+    s.status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?
+        .hostname
+        .clone()
+}
+
+pub fn ips(s: &Service) -> Vec<String> {
+    s.status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone())
+        .collect()
+}
+
+pub fn has_finalizer(s: &Service) -> bool {
+    s.metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == FINALIZER)
+}
+
+pub async fn wait_status(client: &kube::Client, ns: &str, name: &str) -> Result<Service> {
+    wait_for(&format!("{ns}/{name} load balancer status"), T, || async {
+        get(client, ns, name)
+            .await
+            .filter(|s| hostname(s).is_some() || !ips(s).is_empty())
+    })
+    .await
+}
+
+pub async fn events(client: &kube::Client, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .map(|e| e.note.unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub async fn wait_event(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    contains: &str,
+) -> Result<String> {
+    wait_for(
+        &format!("{reason} event on {ns}/{name} containing {contains:?}"),
+        T,
+        || async {
+            events(client, ns, name, reason)
+                .await
+                .into_iter()
+                .find(|n| n.contains(contains))
+        },
+    )
+    .await
+}
+
+pub async fn patch(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    p: serde_json::Value,
+) -> Result<Service> {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&p))
+        .await?)
+}
+
+pub fn node_port(s: &Service, port: i32) -> i32 {
+    s.spec
+        .as_ref()
+        .and_then(|sp| sp.ports.as_ref())
+        .and_then(|ps| ps.iter().find(|p| p.port == port))
+        .and_then(|p| p.node_port)
+        .unwrap_or(0)
+}
