@@ -1,0 +1,111 @@
+//! The table the bench prints: one row per figure, ours against upstream's, with the ratio.
+
+use crate::shape::{Mode, Shape};
+use crate::side::{CHANGES_PER_SEC, Figures, STEADY_SECONDS};
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn row(name: &str, a: String, b: String, r: String) {
+    println!("{name:<48} {a:>14} {b:>14} {r:>8}");
+}
+
+fn secs(name: &str, a: f64, b: f64) {
+    row(name, format!("{a:.1}"), format!("{b:.1}"), ratio(a, b));
+}
+
+fn ms(name: &str, a: f64, b: f64) {
+    row(
+        name,
+        format!("{:.0}", a * 1e3),
+        format!("{:.0}", b * 1e3),
+        ratio(a, b),
+    );
+}
+
+fn count(name: &str, a: usize, b: usize) {
+    row(
+        name,
+        a.to_string(),
+        b.to_string(),
+        ratio(a as f64, b as f64),
+    );
+}
+
+fn mib(name: &str, a: f64, b: f64) {
+    row(name, format!("{a:.0}"), format!("{b:.0}"), ratio(a, b));
+}
+
+/// Prints the comparison of `ours` and `up` on `shape`.
+pub fn print(shape: &Shape, ours: &Figures, up: &Figures) {
+    println!();
+    println!("EndpointSlice controller: {}", shape.describe());
+    println!(
+        "{:<48} {:>14} {:>14} {:>8}",
+        "figure", "ours", "upstream", "ratio"
+    );
+    secs(
+        "cold start: time to converge (s)",
+        ours.cold.converge.as_secs_f64(),
+        up.cold.converge.as_secs_f64(),
+    );
+    count(
+        &format!("cold start: writes (minimum {})", shape.minimum_slices()),
+        ours.cold.writes,
+        up.cold.writes,
+    );
+    if shape.mode == Mode::Default {
+        row(
+            &format!("steady state: writes in {STEADY_SECONDS} s"),
+            ours.flips.steady_writes.to_string(),
+            up.flips.steady_writes.to_string(),
+            "-".into(),
+        );
+        count(
+            &format!(
+                "{} readiness flips ({CHANGES_PER_SEC}/s): writes",
+                ours.flips.changes
+            ),
+            ours.flips.change_writes,
+            up.flips.change_writes,
+        );
+        ms(
+            "flip -> slice latency p50 (ms)",
+            ours.flips.p50.as_secs_f64(),
+            up.flips.p50.as_secs_f64(),
+        );
+        ms(
+            "flip -> slice latency p99 (ms)",
+            ours.flips.p99.as_secs_f64(),
+            up.flips.p99.as_secs_f64(),
+        );
+    }
+    mib("peak RSS (MiB)", ours.peak_rss_mb, up.peak_rss_mb);
+    secs("CPU (s)", ours.cpu_s, up.cpu_s);
+    if shape.mode == Mode::Envelope {
+        let (a, b) = (&ours.restart, &up.restart);
+        row(
+            "restart: writes until stable (minimum 0)",
+            a.writes.to_string(),
+            b.writes.to_string(),
+            "-".into(),
+        );
+        secs(
+            "restart: time until stable (s)",
+            a.settle.as_secs_f64(),
+            b.settle.as_secs_f64(),
+        );
+        ms(
+            "restart: then a readiness change shows (ms)",
+            a.canary.as_secs_f64(),
+            b.canary.as_secs_f64(),
+        );
+        mib("restart: peak RSS (MiB)", a.peak_rss_mb, b.peak_rss_mb);
+        secs("restart: CPU (s)", a.cpu_s, b.cpu_s);
+    }
+}
