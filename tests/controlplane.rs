@@ -164,3 +164,76 @@ async fn ranges_are_settable_and_sigterm_removes_the_data_directory() {
     assert!(!data.join("etcd").exists(), "etcd data left behind");
     assert!(!data.join("pki").exists(), "certificates left behind");
 }
+
+/// The harness's Event listing finds Events about an object whichever API wrote them:
+/// `core/v1` (`involvedObject`) and `events.k8s.io/v1` (`regarding`) share one store.
+#[tokio::test]
+async fn events_about_an_object_are_listed_from_both_event_apis() {
+    use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
+    use k8s_openapi::api::events::v1::Event;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use test_support::events::{event_notes, events_about, events_with_reason};
+
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let client = cp.client().await.expect("client");
+    let ns = test_support::namespace(&client, "events")
+        .await
+        .expect("ns");
+    let about = |name: &str| ObjectReference {
+        kind: Some("Service".into()),
+        namespace: Some(ns.clone()),
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    let core = CoreEvent {
+        metadata: ObjectMeta {
+            name: Some("web.core".into()),
+            ..Default::default()
+        },
+        involved_object: about("web"),
+        reason: Some("Old".into()),
+        message: Some("written as core/v1".into()),
+        type_: Some("Normal".into()),
+        ..Default::default()
+    };
+    Api::<CoreEvent>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &core)
+        .await
+        .expect("core/v1 event");
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    for (name, regarding, reason) in [("web.new", "web", "New"), ("db.new", "db", "New")] {
+        let ev = Event {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            regarding: Some(about(regarding)),
+            reason: Some(reason.into()),
+            note: Some(format!("{reason} about {regarding}")),
+            type_: Some("Warning".into()),
+            action: Some("Test".into()),
+            event_time: Some(now.clone()),
+            reporting_controller: Some("test".into()),
+            reporting_instance: Some("test-1".into()),
+            ..Default::default()
+        };
+        Api::<Event>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &ev)
+            .await
+            .expect("events.k8s.io/v1 event");
+    }
+    let web = events_about(&client, &ns, "web").await.expect("list");
+    let mut reasons: Vec<String> = web.iter().filter_map(|e| e.reason.clone()).collect();
+    reasons.sort();
+    assert_eq!(reasons, vec!["New", "Old"]);
+    assert_eq!(
+        event_notes(&client, &ns, "web", "Old").await,
+        vec!["written as core/v1"]
+    );
+    assert_eq!(events_with_reason(&client, &ns, "db", "New").await.len(), 1);
+    assert!(
+        events_with_reason(&client, &ns, "db", "Old")
+            .await
+            .is_empty()
+    );
+}
