@@ -26,6 +26,7 @@ use kube::{Client, Config};
 use tokio::process::{Child, Command};
 use tokio::sync::OnceCell;
 
+pub mod double;
 pub mod events;
 pub mod inprocess;
 pub mod manager;

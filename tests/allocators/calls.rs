@@ -1,0 +1,127 @@
+//! The exact API calls of an allocator shell, recorded by the API double: a simple assignment
+//! is one replace with the read's resourceVersion as precondition; a 409 is followed by one
+//! re-read and one re-planned replace with the new resourceVersion.
+
+use super::*;
+
+const SERVICES: &str = "/api/v1/namespaces/ns/services";
+
+/// Creates `ns/name` without ClusterIP fields in the double; returns its resourceVersion.
+fn create_plain(d: &double::Double, name: &str) -> u64 {
+    let mut s = svc(name, |_| {});
+    s.metadata.namespace = Some("ns".into());
+    let created = d.create(s);
+    created
+        .metadata
+        .resource_version
+        .and_then(|rv| rv.parse().ok())
+        .expect("resourceVersion")
+}
+
+/// Waits until `name` has a ClusterIP and the shell's mirror has seen it (2 addresses held:
+/// it and the one reserved for default/kubernetes), so no write of this round is still to come.
+async fn assigned_and_mirrored(
+    d: &Arc<double::Double>,
+    cip: &Running,
+    name: &'static str,
+) -> Service {
+    let got = wait_for("assigned", DEADLINE, || {
+        let d = d.clone();
+        async move {
+            d.get("ns", name)
+                .filter(|s| spec_of(s).cluster_ip.is_some())
+        }
+    })
+    .await
+    .expect("assigned");
+    let m = cip.metrics.clone();
+    wait_for("mirror saw the write", DEADLINE, || {
+        let t = m.encode();
+        async move {
+            (sample(
+                &t,
+                "kube_apiserver_clusterip_allocator_allocated_ips{cidr=\"10.96.0.0/16\"}",
+            )? == 2.0)
+                .then_some(())
+        }
+    })
+    .await
+    .expect("mirrored");
+    got
+}
+
+/// The ClusterIP fields of a recorded replace.
+fn written_ips(call: &double::Call) -> serde_json::Value {
+    call.body["spec"]["clusterIPs"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simple_assignment_is_exactly_one_replace_preconditioned_on_the_read() {
+    let d = double::Double::new();
+    let client = double::serve(d.clone()).await;
+    let rv = create_plain(&d, "plain");
+    let cip = start_clusterip(&client, &["10.96.0.0/16"]);
+    let got = assigned_and_mirrored(&d, &cip, "plain").await;
+    assert_eq!(
+        d.calls_to(SERVICES),
+        vec![format!("PUT {SERVICES}/plain rv={rv}")],
+        "{:#?}",
+        d.calls()
+    );
+    let put = d
+        .calls()
+        .into_iter()
+        .find(|c| c.method == "PUT")
+        .expect("the replace");
+    let sp = spec_of(&got);
+    assert_eq!(written_ips(&put), serde_json::json!(sp.cluster_ips));
+    assert_eq!(put.body["spec"]["ipFamilies"], serde_json::json!(["IPv4"]));
+    assert_eq!(put.body["spec"]["ipFamilyPolicy"], "SingleStack");
+    // The rest of the Service is written back as read.
+    assert_eq!(put.body["metadata"]["name"], "plain");
+    assert_eq!(put.body["spec"]["ports"][0]["port"], 80);
+    assert_eq!(d.stats(), (1, 0));
+    cip.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_is_re_read_and_re_planned_with_the_new_resource_version() {
+    let d = double::Double::new();
+    let client = double::serve(d.clone()).await;
+    d.conflict_next_write("ns", "contested");
+    let rv = create_plain(&d, "contested");
+    let cip = start_clusterip(&client, &["10.96.0.0/16"]);
+    let got = assigned_and_mirrored(&d, &cip, "contested").await;
+    // The double commits a concurrent change (rv + 1) before answering the first replace 409.
+    assert_eq!(
+        d.calls_to(SERVICES),
+        vec![
+            format!("PUT {SERVICES}/contested rv={rv}"),
+            format!("GET {SERVICES}/contested"),
+            format!("PUT {SERVICES}/contested rv={}", rv + 1),
+        ],
+        "{:#?}",
+        d.calls()
+    );
+    let puts: Vec<double::Call> = d
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "PUT")
+        .collect();
+    // The re-planned write carries the concurrent change and what is stored now.
+    assert_eq!(puts[1].body["metadata"]["labels"]["touched"], "yes");
+    assert_eq!(
+        written_ips(&puts[1]),
+        serde_json::json!(spec_of(&got).cluster_ips)
+    );
+    assert_eq!(
+        got.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("touched"))
+            .map(String::as_str),
+        Some("yes")
+    );
+    assert_eq!(d.stats(), (1, 1));
+    cip.stop().await;
+}
