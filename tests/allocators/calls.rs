@@ -125,3 +125,54 @@ async fn a_conflict_is_re_read_and_re_planned_with_the_new_resource_version() {
     assert_eq!(d.stats(), (1, 1));
     cip.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_port_shell_writes_one_preconditioned_replace_too() {
+    let d = double::Double::new();
+    let client = double::serve(d.clone()).await;
+    let mut s = svc("np", |s| s.type_ = Some("NodePort".into()));
+    s.metadata.namespace = Some("ns".into());
+    let rv = d.create(s).metadata.resource_version.expect("rv");
+    let np = start_nodeport(&client, "30000-32767");
+    let got = wait_for("node port assigned", DEADLINE, || {
+        let d = d.clone();
+        async move {
+            d.get("ns", "np").filter(|s| {
+                spec_of(s)
+                    .ports
+                    .iter()
+                    .flatten()
+                    .all(|p| p.node_port.is_some())
+            })
+        }
+    })
+    .await
+    .expect("assigned");
+    let m = np.metrics.clone();
+    wait_for("mirror saw the write", DEADLINE, || {
+        let t = m.encode();
+        async move {
+            (sample(&t, "kube_apiserver_nodeport_allocator_allocated_ports")? == 1.0).then_some(())
+        }
+    })
+    .await
+    .expect("mirrored");
+    assert_eq!(
+        d.calls_to(SERVICES),
+        vec![format!("PUT {SERVICES}/np rv={rv}")],
+        "{:#?}",
+        d.calls()
+    );
+    let put = d
+        .calls()
+        .into_iter()
+        .find(|c| c.method == "PUT")
+        .expect("the replace");
+    let port = spec_of(&got).ports.as_ref().and_then(|p| p[0].node_port);
+    assert_eq!(
+        put.body["spec"]["ports"][0]["nodePort"],
+        serde_json::json!(port)
+    );
+    assert_eq!(d.stats(), (1, 0));
+    np.stop().await;
+}
