@@ -5,8 +5,10 @@
 //! asserts the exact calls in order. Successful writes are handed to the Service informer, as
 //! the API server's watch would.
 //!
-//! (The shared recording double planned for `tests/support` did not exist yet; this one knows
-//! only what the cloud-lb shell calls: Service GET/PATCH, status PATCH, Events.)
+//! Why not `test_support::double`: that double serves Service replaces (PUT) and watches for the
+//! allocator shells, while this shell writes conditional merge patches to the Service and to its
+//! status subresource; this one knows only those calls, a GET and Events. The shell's informers
+//! are fed directly (detached), so no watch is served here.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
