@@ -102,10 +102,12 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
             "endpointslice" => {
                 let cfg = endpointslice::EndpointSliceConfig {
                     max_endpoints_per_slice: usize::from(flags.max_endpoints_per_slice),
-                    concurrent_syncs: usize::from(flags.concurrent_service_endpoint_syncs),
-                    batch_period: flags.endpointslice_updates_batch_period,
                     takeover: flags.endpointslice_takeover,
-                    service_label_selector: selector(flags),
+                    shell: endpointslice::ShellConfig {
+                        concurrent_syncs: usize::from(flags.concurrent_service_endpoint_syncs),
+                        batch_period: flags.endpointslice_updates_batch_period,
+                        service_label_selector: selector(flags),
+                    },
                 };
                 tasks.spawn(async move {
                     (name, endpointslice::run(ctx, cfg).await.map_err(Into::into))
@@ -113,12 +115,14 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
             }
             "endpointslice-mirroring" => {
                 let cfg = endpointslice::MirroringConfig {
-                    concurrent_syncs: usize::from(
-                        flags.mirroring_concurrent_service_endpoint_syncs,
-                    ),
                     max_endpoints_per_subset: usize::from(flags.mirroring_max_endpoints_per_subset),
-                    batch_period: flags.mirroring_endpointslice_updates_batch_period,
-                    service_label_selector: selector(flags),
+                    shell: endpointslice::ShellConfig {
+                        concurrent_syncs: usize::from(
+                            flags.mirroring_concurrent_service_endpoint_syncs,
+                        ),
+                        batch_period: flags.mirroring_endpointslice_updates_batch_period,
+                        service_label_selector: selector(flags),
+                    },
                 };
                 tasks.spawn(async move {
                     (

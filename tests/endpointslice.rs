@@ -68,7 +68,7 @@ fn scope(ns: &str) -> Option<String> {
 }
 
 fn start_slices(client: &Client, ns: &str, mut cfg: EndpointSliceConfig) -> Running {
-    cfg.service_label_selector = scope(ns);
+    cfg.shell.service_label_selector = scope(ns);
     let (ctx, r) = context(client, "endpointslice");
     tokio::spawn(async move {
         if let Err(e) = endpointslice::run(ctx, cfg).await {
@@ -79,10 +79,8 @@ fn start_slices(client: &Client, ns: &str, mut cfg: EndpointSliceConfig) -> Runn
 }
 
 fn start_mirroring(client: &Client, ns: &str) -> Running {
-    let cfg = MirroringConfig {
-        service_label_selector: scope(ns),
-        ..Default::default()
-    };
+    let mut cfg = MirroringConfig::default();
+    cfg.shell.service_label_selector = scope(ns);
     let (ctx, r) = context(client, "endpointslice-mirroring");
     tokio::spawn(async move {
         if let Err(e) = endpointslice::run_mirroring(ctx, cfg).await {

@@ -4,8 +4,7 @@
 //! its plan while this process leads.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 
@@ -15,9 +14,7 @@ use scm_runtime::informer::Change;
 use crate::Error;
 use crate::cache::PodServiceIndex;
 use crate::common::*;
-use crate::metrics::SliceMetrics;
-use crate::shell::{self, ShellBase, apply_service_change};
-use crate::slice_store::Slices;
+use crate::shell::{self, ShellConfig, SliceShell};
 use crate::slices;
 use crate::topology::{self, NodeTopology, ZoneRatios};
 
@@ -28,24 +25,19 @@ mod sync;
 pub struct EndpointSliceConfig {
     /// `--max-endpoints-per-slice` (default 100, at most 1000).
     pub max_endpoints_per_slice: usize,
-    /// `--concurrent-service-endpoint-syncs` (default 5).
-    pub concurrent_syncs: usize,
-    /// `--endpointslice-updates-batch-period` (default 0: no batching).
-    pub batch_period: Duration,
     /// `--endpointslice-takeover`: adopt slices managed by kube-controller-manager.
     pub takeover: bool,
-    /// `--service-label-selector`: only Services matching it are served (None: all).
-    pub service_label_selector: Option<String>,
+    /// `--concurrent-service-endpoint-syncs`, `--endpointslice-updates-batch-period` and
+    /// `--service-label-selector`.
+    pub shell: ShellConfig,
 }
 
 impl Default for EndpointSliceConfig {
     fn default() -> Self {
         EndpointSliceConfig {
             max_endpoints_per_slice: slices::DEFAULT_MAX_ENDPOINTS_PER_SLICE,
-            concurrent_syncs: 5,
-            batch_period: Duration::ZERO,
             takeover: false,
-            service_label_selector: None,
+            shell: ShellConfig::default(),
         }
     }
 }
@@ -53,21 +45,16 @@ impl Default for EndpointSliceConfig {
 impl EndpointSliceConfig {
     /// Checks ranges the way kube-controller-manager validates its flags.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.max_endpoints_per_slice < 1
-            || self.max_endpoints_per_slice > slices::MAX_MAX_ENDPOINTS_PER_SLICE
-        {
-            return Err(Error::Config(format!(
-                "--max-endpoints-per-slice must be between 1 and {}, got {}",
-                slices::MAX_MAX_ENDPOINTS_PER_SLICE,
-                self.max_endpoints_per_slice
-            )));
-        }
-        if self.concurrent_syncs < 1 {
-            return Err(Error::Config(
-                "--concurrent-service-endpoint-syncs must be at least 1".into(),
-            ));
-        }
-        Ok(())
+        shell::check_range(
+            "max-endpoints-per-slice",
+            self.max_endpoints_per_slice,
+            1,
+            slices::MAX_MAX_ENDPOINTS_PER_SLICE,
+        )?;
+        shell::check_workers(
+            "concurrent-service-endpoint-syncs",
+            self.shell.concurrent_syncs,
+        )
     }
 }
 
@@ -79,20 +66,7 @@ struct State {
     hints_populated: HashSet<ObjectKey>,
 }
 
-struct Shared {
-    base: ShellBase,
-    cfg: EndpointSliceConfig,
-    state: Mutex<State>,
-    slices: Slices,
-    metrics: SliceMetrics,
-}
-
-impl Shared {
-    // Lock order: `state`, then the slice cache; never the other way round.
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+type Shared = SliceShell<EndpointSliceConfig, State>;
 
 fn node_topology(n: &Node) -> NodeTopology {
     let labels = n.metadata.labels.clone().unwrap_or_default();
@@ -133,66 +107,44 @@ pub async fn run(
     config: EndpointSliceConfig,
 ) -> Result<(), Error> {
     config.validate()?;
-    let base = ShellBase::new(
-        ctx.clone(),
-        config.service_label_selector.as_deref(),
-        config.batch_period,
-        4,
-    )?;
-    let metrics = SliceMetrics::register(&ctx.metrics, "endpoint_slice_controller", &ctx.name);
     let mut managers = vec![CONTROLLER_NAME];
     if config.takeover {
         managers.push(UPSTREAM_CONTROLLER_NAME);
     }
-    let shared = Arc::new(Shared {
-        base,
-        cfg: config.clone(),
-        state: Mutex::new(State::default()),
-        slices: Slices::new(managers),
-        metrics,
-    });
+    let shared: Arc<Shared> = SliceShell::new(
+        &ctx,
+        &config.shell,
+        4,
+        config.clone(),
+        managers,
+        "endpoint_slice_controller",
+    )?;
     let inf = &ctx.informers;
     let s = shared.clone();
     inf.services().subscribe(move |c| on_service(&s, c));
     let s = shared.clone();
     shell::pods(inf).subscribe(move |c| {
-        let keys = s.state().idx.apply_pod_change(c);
-        if matches!(c, Change::Relisted(_)) {
-            s.base.mark_synced("pods");
-        }
-        keys.into_iter().for_each(|k| s.base.add_batched(k));
+        let keys = s.base.fold_pods(&mut s.state().idx, c);
+        s.base.add_all_batched(keys);
     });
     let s = shared.clone();
     inf.nodes().subscribe(move |c| on_node(&s, c));
     let s = shared.clone();
-    inf.endpoint_slices().subscribe(move |c| {
-        let keys = s.slices.apply_change(c);
-        if matches!(c, Change::Relisted(_)) {
-            s.base.mark_synced("slices");
-        }
-        keys.into_iter().for_each(|k| s.base.add(k));
-    });
-    let s = shared.clone();
-    shared
-        .base
-        .work(config.concurrent_syncs, move |key| {
-            let s = s.clone();
-            async move { sync::reconcile(s, key).await }
-        })
-        .await;
+    inf.endpoint_slices()
+        .subscribe(move |c| s.base.add_all(s.base.fold_slices(&s.slices, c)));
+    shared.base.serve(shared.clone(), sync::reconcile).await;
     Ok(())
 }
 
 fn on_service(s: &Shared, c: &Change<Service>) {
     let mut st = s.state();
-    let mut keys = apply_service_change(&s.base.services, &mut st.idx, c);
+    let mut keys = s.base.fold_services(&mut st.idx, c);
     if matches!(c, Change::Relisted(_)) {
         // Slices whose Service we have never seen get a look too (deleted while down).
         keys.extend(s.slices.cache().services().cloned());
-        s.base.mark_synced("services");
     }
     drop(st);
-    keys.into_iter().for_each(|k| s.base.add(k));
+    s.base.add_all(keys);
 }
 
 fn on_node(s: &Shared, c: &Change<Node>) {

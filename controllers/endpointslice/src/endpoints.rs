@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use kube::api::{Api, DeleteParams, PostParams};
@@ -16,28 +15,11 @@ use crate::Error;
 use crate::cache::PodServiceIndex;
 use crate::common::PodRecord;
 use crate::endpoints_core::{self, EndpointsPlan};
-use crate::shell::{self, ShellBase, apply_service_change};
+use crate::shell::{self, ShellBase, ShellConfig};
 
-/// Settings of the `endpoints` controller.
-#[derive(Clone, Debug)]
-pub struct EndpointsConfig {
-    /// `--concurrent-endpoint-syncs` (default 5).
-    pub concurrent_syncs: usize,
-    /// Batch period for pod changes (upstream: `--endpoint-updates-batch-period`, default 0).
-    pub batch_period: Duration,
-    /// `--service-label-selector`: only Services matching it are served (None: all).
-    pub service_label_selector: Option<String>,
-}
-
-impl Default for EndpointsConfig {
-    fn default() -> Self {
-        EndpointsConfig {
-            concurrent_syncs: 5,
-            batch_period: Duration::ZERO,
-            service_label_selector: None,
-        }
-    }
-}
+/// Settings of the `endpoints` controller: `--concurrent-endpoint-syncs`, the batch period
+/// for pod changes (upstream: `--endpoint-updates-batch-period`) and `--service-label-selector`.
+pub type EndpointsConfig = ShellConfig;
 
 #[derive(Default)]
 struct State {
@@ -60,17 +42,8 @@ impl Shared {
 
 /// Runs the legacy Endpoints controller until `ctx.shutdown` is cancelled.
 pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), Error> {
-    if config.concurrent_syncs < 1 {
-        return Err(Error::Config(
-            "--concurrent-endpoint-syncs must be at least 1".into(),
-        ));
-    }
-    let base = ShellBase::new(
-        ctx.clone(),
-        config.service_label_selector.as_deref(),
-        config.batch_period,
-        3,
-    )?;
+    shell::check_workers("concurrent-endpoint-syncs", config.concurrent_syncs)?;
+    let base = ShellBase::new(ctx.clone(), &config, 3)?;
     let shared = Arc::new(Shared {
         base,
         state: Mutex::new(State::default()),
@@ -79,30 +52,17 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
     let inf = &ctx.informers;
     let s = shared.clone();
     inf.services().subscribe(move |ch| {
-        let keys = apply_service_change(&s.base.services, &mut s.state().idx, ch);
-        if matches!(ch, Change::Relisted(_)) {
-            s.base.mark_synced("services");
-        }
-        keys.into_iter().for_each(|k| s.base.add(k));
+        let keys = s.base.fold_services(&mut s.state().idx, ch);
+        s.base.add_all(keys);
     });
     let s = shared.clone();
     shell::pods(inf).subscribe(move |ch| {
-        let keys = s.state().idx.apply_pod_change(ch);
-        if matches!(ch, Change::Relisted(_)) {
-            s.base.mark_synced("pods");
-        }
-        keys.into_iter().for_each(|k| s.base.add_batched(k));
+        let keys = s.base.fold_pods(&mut s.state().idx, ch);
+        s.base.add_all_batched(keys);
     });
     let s = shared.clone();
     inf.endpoints().subscribe(move |ch| on_endpoints(&s, ch));
-    let s = shared.clone();
-    shared
-        .base
-        .work(config.concurrent_syncs, move |k| {
-            let s = s.clone();
-            async move { reconcile(s, k).await }
-        })
-        .await;
+    shared.base.serve(shared.clone(), reconcile).await;
     Ok(())
 }
 
@@ -129,7 +89,6 @@ fn on_endpoints(s: &Shared, ch: &Change<Endpoints>) {
                 .iter()
                 .map(|e| (ObjectKey::of(e.as_ref()), e.clone()))
                 .collect();
-            s.base.mark_synced("endpoints");
             // As upstream's checkLeftoverEndpoints: every Endpoints object (except
             // leader-election records) gets a look, so those of deleted Services go.
             st.endpoints
@@ -145,7 +104,8 @@ fn on_endpoints(s: &Shared, ch: &Change<Endpoints>) {
         }
     };
     drop(st);
-    keys.into_iter().for_each(|k| s.base.add(k));
+    s.base.synced_on_relist("endpoints", ch);
+    s.base.add_all(keys);
 }
 
 async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {

@@ -25,6 +25,7 @@ pub mod writer;
 pub use controller::{EndpointSliceConfig, run};
 pub use endpoints::{EndpointsConfig, run as run_endpoints};
 pub use mirroring::{MirroringConfig, run as run_mirroring};
+pub use shell::ShellConfig;
 
 /// Errors of the three controllers.
 #[derive(Debug, thiserror::Error)]

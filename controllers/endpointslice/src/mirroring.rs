@@ -4,8 +4,7 @@
 //! the slices equal to `mirror_core::plan` for every selector-less Service's Endpoints.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -16,32 +15,26 @@ use scm_runtime::{ControllerContext, ObjectKey, Requeue};
 
 use crate::Error;
 use crate::common::*;
-use crate::metrics::{ControllerLabel, SliceMetrics};
+use crate::metrics::ControllerLabel;
 use crate::mirror_core;
-use crate::shell::{ShellBase, apply_service_change};
-use crate::slice_store::Slices;
+use crate::shell::{self, ShellConfig, SliceShell};
 use crate::writer::SliceWrites;
 
 /// Settings of the `endpointslice-mirroring` controller.
 #[derive(Clone, Debug)]
 pub struct MirroringConfig {
-    /// `--mirroring-concurrent-service-endpoint-syncs` (default 5).
-    pub concurrent_syncs: usize,
     /// `--mirroring-max-endpoints-per-subset` (default 1000, at most 1000).
     pub max_endpoints_per_subset: usize,
-    /// `--mirroring-endpointslice-updates-batch-period` (default 0).
-    pub batch_period: Duration,
-    /// `--service-label-selector`: only Services matching it are served (None: all).
-    pub service_label_selector: Option<String>,
+    /// `--mirroring-concurrent-service-endpoint-syncs`,
+    /// `--mirroring-endpointslice-updates-batch-period` and `--service-label-selector`.
+    pub shell: ShellConfig,
 }
 
 impl Default for MirroringConfig {
     fn default() -> Self {
         MirroringConfig {
-            concurrent_syncs: 5,
             max_endpoints_per_subset: mirror_core::DEFAULT_MAX_ENDPOINTS_PER_SUBSET,
-            batch_period: Duration::ZERO,
-            service_label_selector: None,
+            shell: ShellConfig::default(),
         }
     }
 }
@@ -49,18 +42,16 @@ impl Default for MirroringConfig {
 impl MirroringConfig {
     /// Checks ranges as kube-controller-manager does.
     pub fn validate(&self) -> Result<(), Error> {
-        if !(1..=1000).contains(&self.max_endpoints_per_subset) {
-            return Err(Error::Config(format!(
-                "--mirroring-max-endpoints-per-subset must be between 1 and 1000, got {}",
-                self.max_endpoints_per_subset
-            )));
-        }
-        if self.concurrent_syncs < 1 {
-            return Err(Error::Config(
-                "--mirroring-concurrent-service-endpoint-syncs must be at least 1".into(),
-            ));
-        }
-        Ok(())
+        shell::check_range(
+            "mirroring-max-endpoints-per-subset",
+            self.max_endpoints_per_subset,
+            1,
+            1000,
+        )?;
+        shell::check_workers(
+            "mirroring-concurrent-service-endpoint-syncs",
+            self.shell.concurrent_syncs,
+        )
     }
 }
 
@@ -70,41 +61,19 @@ struct State {
     services: HashMap<ObjectKey, Arc<Service>>,
 }
 
-struct Shared {
-    base: ShellBase,
-    cfg: MirroringConfig,
-    state: Mutex<State>,
-    slices: Slices,
-    metrics: SliceMetrics,
-}
-
-impl Shared {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+type Shared = SliceShell<MirroringConfig, State>;
 
 /// Runs the mirroring controller until `ctx.shutdown` is cancelled.
 pub async fn run(ctx: ControllerContext, config: MirroringConfig) -> Result<(), Error> {
     config.validate()?;
-    let base = ShellBase::new(
-        ctx.clone(),
-        config.service_label_selector.as_deref(),
-        config.batch_period,
+    let shared: Arc<Shared> = SliceShell::new(
+        &ctx,
+        &config.shell,
         3,
-    )?;
-    let metrics = SliceMetrics::register(
-        &ctx.metrics,
+        config.clone(),
+        vec![MIRRORING_CONTROLLER_NAME],
         "endpoint_slice_mirroring_controller",
-        &ctx.name,
-    );
-    let shared = Arc::new(Shared {
-        base,
-        cfg: config.clone(),
-        state: Mutex::new(State::default()),
-        slices: Slices::new(vec![MIRRORING_CONTROLLER_NAME]),
-        metrics,
-    });
+    )?;
     let inf = &ctx.informers;
     let s = shared.clone();
     inf.endpoints().subscribe(move |ch| {
@@ -134,37 +103,22 @@ pub async fn run(ctx: ControllerContext, config: MirroringConfig) -> Result<(), 
                     .map(|e| (ObjectKey::of(e.as_ref()), e.clone()))
                     .collect();
                 keys.extend(st.endpoints.keys().cloned());
-                s.base.mark_synced("endpoints");
                 keys
             }
         };
         drop(st);
-        keys.into_iter().for_each(|k| s.base.add_batched(k));
+        s.base.synced_on_relist("endpoints", ch);
+        s.base.add_all_batched(keys);
     });
     let s = shared.clone();
     inf.services().subscribe(move |ch| {
-        let keys = apply_service_change(&s.base.services, &mut s.state().services, ch);
-        if matches!(ch, Change::Relisted(_)) {
-            s.base.mark_synced("services");
-        }
-        keys.into_iter().for_each(|k| s.base.add(k));
+        let keys = s.base.fold_services(&mut s.state().services, ch);
+        s.base.add_all(keys);
     });
     let s = shared.clone();
-    inf.endpoint_slices().subscribe(move |ch| {
-        let keys = s.slices.apply_change(ch);
-        if matches!(ch, Change::Relisted(_)) {
-            s.base.mark_synced("slices");
-        }
-        keys.into_iter().for_each(|k| s.base.add(k));
-    });
-    let s = shared.clone();
-    shared
-        .base
-        .work(config.concurrent_syncs, move |k| {
-            let s = s.clone();
-            async move { reconcile(s, k).await }
-        })
-        .await;
+    inf.endpoint_slices()
+        .subscribe(move |ch| s.base.add_all(s.base.fold_slices(&s.slices, ch)));
+    shared.base.serve(shared.clone(), reconcile).await;
     Ok(())
 }
 

@@ -4,10 +4,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::{Expression, Selector, SelectorExt};
 
 use scm_runtime::informer::{Change, Informer};
@@ -18,6 +19,26 @@ use scm_runtime::{
 use crate::Error;
 use crate::cache::PodServiceIndex;
 use crate::common::PodRecord;
+use crate::metrics::SliceMetrics;
+use crate::slice_store::Slices;
+
+/// Checks a flag's value is within `lo..=hi`, as kube-controller-manager validates them.
+pub fn check_range(flag: &str, value: usize, lo: usize, hi: usize) -> Result<(), Error> {
+    if (lo..=hi).contains(&value) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "--{flag} must be between {lo} and {hi}, got {value}"
+    )))
+}
+
+/// Checks a worker count flag is at least 1.
+pub fn check_workers(flag: &str, value: usize) -> Result<(), Error> {
+    if value < 1 {
+        return Err(Error::Config(format!("--{flag} must be at least 1")));
+    }
+    Ok(())
+}
 
 /// The process's Pod informer, as compact records. The EndpointSlice and Endpoints
 /// controllers both ask through here, so they ask with the same functions and share one watch.
@@ -209,6 +230,67 @@ pub fn apply_service_change(
     }
 }
 
+/// What every shell is configured with.
+#[derive(Clone, Debug)]
+pub struct ShellConfig {
+    /// Workers: the controller's `--concurrent-*-syncs` (default 5).
+    pub concurrent_syncs: usize,
+    /// How long pod- (or Endpoints-) driven changes are batched (default 0: not at all).
+    pub batch_period: Duration,
+    /// `--service-label-selector`: only Services matching it are served (None: all).
+    pub service_label_selector: Option<String>,
+}
+
+impl Default for ShellConfig {
+    fn default() -> Self {
+        ShellConfig {
+            concurrent_syncs: 5,
+            batch_period: Duration::ZERO,
+            service_label_selector: None,
+        }
+    }
+}
+
+/// What the EndpointSlice and mirroring shells hold: the base, their settings, their own index
+/// (`St`), our slices with their tracker, and the slice metrics.
+pub struct SliceShell<C, St> {
+    /// Context, queue, filter and sync gate.
+    pub base: ShellBase,
+    /// The controller's settings.
+    pub cfg: C,
+    /// The controller's own index. Lock order: this, then the slice cache.
+    pub state: Mutex<St>,
+    /// Our slices and the generation tracker; every write goes through [`Slices::write`].
+    pub slices: Slices,
+    /// The controller's slice metrics.
+    pub metrics: SliceMetrics,
+}
+
+impl<C, St: Default> SliceShell<C, St> {
+    /// A shell over the slices of `managers`, its metrics registered under `subsystem`.
+    pub fn new(
+        ctx: &ControllerContext,
+        shell: &ShellConfig,
+        caches: usize,
+        cfg: C,
+        managers: Vec<&'static str>,
+        subsystem: &str,
+    ) -> Result<Arc<Self>, Error> {
+        Ok(Arc::new(SliceShell {
+            base: ShellBase::new(ctx.clone(), shell, caches)?,
+            cfg,
+            state: Mutex::new(St::default()),
+            slices: Slices::new(managers),
+            metrics: SliceMetrics::register(&ctx.metrics, subsystem, &ctx.name),
+        }))
+    }
+
+    /// The controller's index, locked.
+    pub fn state(&self) -> MutexGuard<'_, St> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The parts every shell has: its context, queue, batching and the first-list gate.
 pub struct ShellBase {
     /// The controller's context.
@@ -218,18 +300,14 @@ pub struct ShellBase {
     /// The Services in scope.
     pub services: ServiceFilter,
     batch_period: Duration,
+    concurrency: usize,
     synced: Mutex<HashSet<&'static str>>,
     caches: usize,
 }
 
 impl ShellBase {
     /// A base for a shell whose workers wait for `caches` indexes' first lists.
-    pub fn new(
-        ctx: ControllerContext,
-        service_label_selector: Option<&str>,
-        batch_period: Duration,
-        caches: usize,
-    ) -> Result<Self, Error> {
+    pub fn new(ctx: ControllerContext, cfg: &ShellConfig, caches: usize) -> Result<Self, Error> {
         Ok(ShellBase {
             ctx,
             queue: WorkQueue::new(Backoff {
@@ -238,8 +316,9 @@ impl ShellBase {
                 base: Duration::from_millis(50),
                 max: Duration::from_secs(1000),
             }),
-            services: ServiceFilter::parse(service_label_selector)?,
-            batch_period,
+            services: ServiceFilter::parse(cfg.service_label_selector.as_deref())?,
+            batch_period: cfg.batch_period,
+            concurrency: cfg.concurrent_syncs,
             synced: Mutex::new(HashSet::new()),
             caches,
         })
@@ -259,6 +338,51 @@ impl ShellBase {
         }
     }
 
+    /// Queues keys now.
+    pub fn add_all(&self, keys: Vec<ObjectKey>) {
+        keys.into_iter().for_each(|k| self.queue.add(k));
+    }
+
+    /// Queues keys after the batch period.
+    pub fn add_all_batched(&self, keys: Vec<ObjectKey>) {
+        keys.into_iter().for_each(|k| self.add_batched(k));
+    }
+
+    /// Folds a Service change into `store` (see [`apply_service_change`]); a relist marks the
+    /// Service index synced. Returns the keys to queue.
+    pub fn fold_services(
+        &self,
+        store: &mut impl ServiceStore,
+        c: &Change<Service>,
+    ) -> Vec<ObjectKey> {
+        let keys = apply_service_change(&self.services, store, c);
+        self.synced_on_relist("services", c);
+        keys
+    }
+
+    /// Folds a pod change into the index; a relist marks the pod index synced. Returns the
+    /// Services to queue.
+    pub fn fold_pods(&self, idx: &mut PodServiceIndex, c: &Change<PodRecord>) -> Vec<ObjectKey> {
+        let keys = idx.apply_pod_change(c);
+        self.synced_on_relist("pods", c);
+        keys
+    }
+
+    /// Folds a slice change into our slices; a relist marks them synced. Returns the keys to
+    /// queue.
+    pub fn fold_slices(&self, slices: &Slices, c: &Change<EndpointSlice>) -> Vec<ObjectKey> {
+        let keys = slices.apply_change(c);
+        self.synced_on_relist("slices", c);
+        keys
+    }
+
+    /// Marks the index `name` synced if `c` is a relist.
+    pub fn synced_on_relist<T>(&self, name: &'static str, c: &Change<T>) {
+        if matches!(c, Change::Relisted(_)) {
+            self.mark_synced(name);
+        }
+    }
+
     /// Records that the index `name` holds its first list.
     pub fn mark_synced(&self, name: &'static str) {
         self.synced
@@ -271,10 +395,20 @@ impl ShellBase {
         self.synced.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.caches
     }
 
+    /// [`Self::work`] with `reconcile(shared, key)` for each key.
+    pub async fn serve<S, F, Fut>(&self, shared: Arc<S>, reconcile: F)
+    where
+        S: Send + Sync + 'static,
+        F: Fn(Arc<S>, ObjectKey) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Result<Requeue, Error>> + Send + 'static,
+    {
+        self.work(move |k| reconcile(shared.clone(), k)).await
+    }
+
     /// Waits for every index's first list (acting on a partial view could delete what is
     /// merely not listed yet), then runs `reconcile` over the queue while leading, until
     /// shutdown.
-    pub async fn work<F, Fut>(&self, concurrency: usize, reconcile: F)
+    pub async fn work<F, Fut>(&self, reconcile: F)
     where
         F: Fn(ObjectKey) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = Result<Requeue, Error>> + Send + 'static,
@@ -286,7 +420,7 @@ impl ShellBase {
             &self.ctx,
             self.queue.clone(),
             WorkerConfig {
-                concurrency,
+                concurrency: self.concurrency,
                 ..Default::default()
             },
             reconcile,
