@@ -34,20 +34,39 @@ async fn assigned_and_mirrored(
     })
     .await
     .expect("assigned");
-    let m = cip.metrics.clone();
+    settled(
+        cip,
+        "kube_apiserver_clusterip_allocator_allocated_ips{cidr=\"10.96.0.0/16\"}",
+        2.0,
+    )
+    .await;
+    got
+}
+
+/// Waits until the controller's gauge `sample_name` shows `want`: its mirror has seen the write
+/// (or holds it as pending), so no write of this round is still to come.
+async fn settled(ctl: &Running, sample_name: &str, want: f64) {
+    let m = ctl.metrics.clone();
     wait_for("mirror saw the write", DEADLINE, || {
         let t = m.encode();
-        async move {
-            (sample(
-                &t,
-                "kube_apiserver_clusterip_allocator_allocated_ips{cidr=\"10.96.0.0/16\"}",
-            )? == 2.0)
-                .then_some(())
-        }
+        async move { (sample(&t, sample_name)? == want).then_some(()) }
     })
     .await
     .expect("mirrored");
-    got
+}
+
+/// Asserts that the only call to `ns/name` was one replace preconditioned on `rv`; returns it.
+fn the_only_replace(d: &double::Double, name: &str, rv: &str) -> double::Call {
+    assert_eq!(
+        d.calls_to(SERVICES),
+        vec![format!("PUT {SERVICES}/{name} rv={rv}")],
+        "{:#?}",
+        d.calls()
+    );
+    d.calls()
+        .into_iter()
+        .find(|c| c.method == "PUT")
+        .expect("the replace")
 }
 
 /// The ClusterIP fields of a recorded replace.
@@ -62,17 +81,7 @@ async fn a_simple_assignment_is_exactly_one_replace_preconditioned_on_the_read()
     let rv = create_plain(&d, "plain");
     let cip = start_clusterip(&client, &["10.96.0.0/16"]);
     let got = assigned_and_mirrored(&d, &cip, "plain").await;
-    assert_eq!(
-        d.calls_to(SERVICES),
-        vec![format!("PUT {SERVICES}/plain rv={rv}")],
-        "{:#?}",
-        d.calls()
-    );
-    let put = d
-        .calls()
-        .into_iter()
-        .find(|c| c.method == "PUT")
-        .expect("the replace");
+    let put = the_only_replace(&d, "plain", &rv.to_string());
     let sp = spec_of(&got);
     assert_eq!(written_ips(&put), serde_json::json!(sp.cluster_ips));
     assert_eq!(put.body["spec"]["ipFamilies"], serde_json::json!(["IPv4"]));
@@ -148,26 +157,13 @@ async fn the_node_port_shell_writes_one_preconditioned_replace_too() {
     })
     .await
     .expect("assigned");
-    let m = np.metrics.clone();
-    wait_for("mirror saw the write", DEADLINE, || {
-        let t = m.encode();
-        async move {
-            (sample(&t, "kube_apiserver_nodeport_allocator_allocated_ports")? == 1.0).then_some(())
-        }
-    })
-    .await
-    .expect("mirrored");
-    assert_eq!(
-        d.calls_to(SERVICES),
-        vec![format!("PUT {SERVICES}/np rv={rv}")],
-        "{:#?}",
-        d.calls()
-    );
-    let put = d
-        .calls()
-        .into_iter()
-        .find(|c| c.method == "PUT")
-        .expect("the replace");
+    settled(
+        &np,
+        "kube_apiserver_nodeport_allocator_allocated_ports",
+        1.0,
+    )
+    .await;
+    let put = the_only_replace(&d, "np", &rv);
     let port = spec_of(&got).ports.as_ref().and_then(|p| p[0].node_port);
     assert_eq!(
         put.body["spec"]["ports"][0]["nodePort"],

@@ -249,7 +249,8 @@ pub async fn handle(State(d): State<Arc<Double>>, req: Request) -> Response {
             let Some(cur) = g.services.get(&key).cloned() else {
                 return status(404, "NotFound", &format!("services \"{name}\" not found"));
             };
-            if g.conflict_once.remove(&key) {
+            let concurrent = g.conflict_once.remove(&key);
+            if concurrent {
                 // Someone else writes first.
                 let mut other = cur.clone();
                 other
@@ -258,16 +259,8 @@ pub async fn handle(State(d): State<Arc<Double>>, req: Request) -> Response {
                     .get_or_insert_with(Default::default)
                     .insert("touched".into(), "yes".into());
                 d.commit(&mut g, "MODIFIED", other);
-                g.conflicts += 1;
-                return status(
-                    409,
-                    "Conflict",
-                    &format!(
-                        "Operation cannot be fulfilled on services \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
-                    ),
-                );
             }
-            if new.metadata.resource_version != cur.metadata.resource_version {
+            if concurrent || new.metadata.resource_version != cur.metadata.resource_version {
                 g.conflicts += 1;
                 return status(
                     409,
