@@ -56,9 +56,10 @@ impl Shell {
                 Ok(Requeue::Done)
             }
             Step::DeleteVanished => {
-                let last = self.memory().edit(key, |r| r.last.take());
-                if let Some(last) = last {
+                if let Some(last) = o.last {
                     info!(service = %key, "service vanished: deleting its load balancer");
+                    // Remembered until the delete succeeds: a retry must still know what to
+                    // delete (forgetting first leaked the load balancer on any failure).
                     self.provider
                         .ensure_deleted(&self.config.cluster_name, &last.service)
                         .await?;

@@ -26,6 +26,7 @@ const T: Duration = Duration::from_secs(20);
 struct FakeProvider {
     log: Log,
     ensures: Mutex<VecDeque<Result<LoadBalancerStatus, ProviderError>>>,
+    deletes: Mutex<VecDeque<Result<(), ProviderError>>>,
     ensure_times: Mutex<Vec<Instant>>,
 }
 
@@ -43,6 +44,7 @@ impl FakeProvider {
         Arc::new(FakeProvider {
             log: log.clone(),
             ensures: Mutex::new(script.into()),
+            deletes: Mutex::new(VecDeque::new()),
             ensure_times: Mutex::new(Vec::new()),
         })
     }
@@ -105,7 +107,12 @@ impl LoadBalancerProvider for FakeProvider {
     }
     async fn ensure_deleted(&self, _: &str, svc: &Service) -> Result<(), ProviderError> {
         self.note("ensure_deleted", svc, None);
-        Ok(())
+        let next = self
+            .deletes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        next.unwrap_or(Ok(()))
     }
     async fn restore(&self, _: &str, services: &[Service]) -> Result<(), ProviderError> {
         record(&self.log, format!("provider: restore {}", services.len()));
@@ -293,6 +300,39 @@ async fn a_relist_without_a_remembered_service_deletes_its_load_balancer() {
         got[before.len()..],
         lines(&["provider: ensure_deleted ns/web"])[..]
     );
+    r.stop();
+}
+
+#[tokio::test]
+async fn a_failed_delete_of_a_vanished_service_is_retried() {
+    let log = Log::default();
+    let svc = service(&[], false, None);
+    let api = FakeApi::start(&svc, 1, log.clone()).await;
+    let mut cached = svc.clone();
+    cached.metadata.resource_version = Some("1".into());
+    let provider = FakeProvider::new(&log, vec![]);
+    provider
+        .deletes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back(Err(ProviderError::retryable("cloud unavailable")));
+    let r = Running::start(&api, &log, cached, provider).await;
+    r.wait_for("api: PATCH services/web/status").await;
+    r.services.deliver(Change::Relisted(vec![]));
+    // The first delete fails; the retry (after the backoff) must still know what to delete.
+    let deadline = Instant::now() + T;
+    loop {
+        let log = r.log();
+        let deletes = log
+            .iter()
+            .filter(|l| l.starts_with("provider: ensure_deleted ns/web"))
+            .count();
+        if deletes == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not retried: {log:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     r.stop();
 }
 
