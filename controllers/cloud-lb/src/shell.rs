@@ -82,14 +82,16 @@ impl Memory {
     }
 }
 
+/// The controller while it runs: what the workers share.
 pub(crate) struct Shell {
     pub ctx: ControllerContext,
     pub config: CloudLbConfig,
-    pub filter: ClassFilter,
+    filter: ClassFilter,
     pub provider: Arc<dyn LoadBalancerProvider>,
-    pub services: Informer<Service>,
-    pub nodes: Informer<Node>,
-    pub memory: Arc<Mutex<Memory>>,
+    services: Informer<Service>,
+    nodes: Informer<Node>,
+    /// Shared with the Service subscription (which asks whether a key is remembered).
+    memory: Arc<Mutex<Memory>>,
     /// One provider restore at a time; the others wait for it, then decide again.
     restoring: tokio::sync::Mutex<()>,
     queue: WorkQueue<ObjectKey>,
