@@ -1,8 +1,8 @@
-//! Differential tests: every scenario in `tests/scenarios/*.yaml` (Nodes, Services, then steps
-//! applied to Pods and Services) runs on one real API server with our EndpointSlice
-//! controller and kube-controller-manager's (`--controllers=endpointslice`) side by side. Each
-//! manages its own slices (different managed-by values), so both see exactly the same objects
-//! at the same moments. After every step both must converge to the same EndpointSlices,
+//! Differential tests: every scenario in `tests/differential/scenarios/*.yaml` (Nodes,
+//! Services, then steps applied to Pods and Services) runs on one real API server with our
+//! EndpointSlice controller and kube-controller-manager's (`--controllers=endpointslice`) side
+//! by side. Each manages its own slices (different managed-by values), so both see exactly the
+//! same objects at the same moments. After every step both must converge to the same EndpointSlices,
 //! endpoint for endpoint: addresses, conditions, ports, hostname, nodeName, zone, hints;
 //! generated names, resourceVersions, the managed-by label and upstream's trigger-time
 //! annotation are ignored.
@@ -436,7 +436,7 @@ async fn ours_and_upstream_agree_on_every_scenario() -> Result<()> {
         ctx,
         endpointslice::EndpointSliceConfig::default(),
     ));
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/differential/scenarios");
     let mut files: Vec<_> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
