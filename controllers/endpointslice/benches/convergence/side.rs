@@ -71,8 +71,8 @@ pub struct Flips {
 pub struct Restart {
     /// Writes from the restart until stable, not counting the canary change's one.
     pub writes: usize,
-    /// From the restart until stable (no writes for 30 s and an idle process), less the
-    /// quiet window.
+    /// From the restart until its last write or, if later, until its process went idle
+    /// (under 2% of a core over 10 s), as seen once it was quiet for 30 s.
     pub settle: Duration,
     /// Latency of one readiness change made once stable (proves the restarted side is live).
     pub canary: Duration,
@@ -305,6 +305,8 @@ impl Side<'_> {
         let mut child = (self.spawn)()?;
         let pid = child.id().context("restarted child pid")?;
         let mut cpu: VecDeque<(Instant, f64)> = VecDeque::new();
+        // Since when the process has been idle without a break.
+        let mut idle_since: Option<Instant> = None;
         let settle = loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if let Ok(Some(st)) = child.try_wait() {
@@ -317,6 +319,7 @@ impl Side<'_> {
             }
             let (t0, c0) = cpu[0];
             let idle = now - t0 >= CPU_WINDOW && cpu[cpu.len() - 1].1 - c0 < IDLE_CPU_S;
+            idle_since = if idle { idle_since.or(Some(t0)) } else { None };
             let last = lock(self.tally)
                 .last_write
                 .get(m)
@@ -324,12 +327,13 @@ impl Side<'_> {
                 .filter(|t| *t > start)
                 .unwrap_or(start);
             let quiet = now - last >= QUIET && now - start >= QUIET;
-            if quiet && idle {
-                break (now - start).saturating_sub(QUIET);
+            if let (true, Some(since)) = (quiet, idle_since) {
+                // Settled at its last write or when it went idle, whichever came later.
+                break (last.max(since)) - start;
             }
             if quiet && now - start > Duration::from_secs(900) {
                 eprintln!("  {m}: no writes but still busy 15 min after the restart; going on");
-                break (now - start).saturating_sub(QUIET);
+                break last - start;
             }
             if now - start > Duration::from_secs(3600) {
                 bail!("{m} still writing an hour after the restart");
