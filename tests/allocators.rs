@@ -11,6 +11,7 @@
 //! Modules: [`mirror`] (stock API server), [`service_cidr`], [`assign`] and [`calls`] (double).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,95 +21,73 @@ use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use scm_runtime::{ContextBase, ControllerContext, LeaderGate, Metrics};
-use test_support::{ControlPlane, ControlPlaneOptions, double, wait_for};
-use tokio_util::sync::CancellationToken;
+use scm_runtime::Metrics;
+use test_support::{ControlPlane, ControlPlaneOptions, InProcess, double, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A controller started through its crate's `run()` with a context built here.
+/// A controller started through its crate's `run()` from its own in-process context base
+/// ([`InProcess`], as the manager builds contexts).
 struct Running {
     metrics: Metrics,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    procs: InProcess,
 }
 
 impl Running {
+    fn start<F, Fut, E>(client: &Client, name: &str, reporter: &str, run: F) -> Running
+    where
+        F: FnOnce(scm_runtime::ControllerContext) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let procs = InProcess::new(client.clone());
+        procs.start(name, reporter, run);
+        Running {
+            metrics: procs.base.metrics.clone(),
+            procs,
+        }
+    }
+
+    /// Stops it as SIGTERM would (drained, bounded).
     async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        if let Err(e) = self.procs.stop(Duration::from_secs(10)).await {
+            eprintln!("stopping: {e}");
+        }
+    }
+
+    /// Kills it: tasks aborted, nothing drained (as a crash would).
+    fn kill(self) {
+        drop(self.procs);
     }
 }
 
-fn context(
-    client: &Client,
-    name: &str,
-    reporter: &str,
-    metrics: &Metrics,
-) -> (ControllerContext, CancellationToken) {
-    let (leader, tx) = LeaderGate::fixed(true);
-    // Keep the sender alive for the test's lifetime: a dropped sender reads as "lost".
-    std::mem::forget(tx);
-    let mut base = ContextBase::new(client.clone(), leader);
-    base.metrics = metrics.clone();
-    let shutdown = base.shutdown.clone();
-    (base.context(name, reporter), shutdown)
-}
-
 fn start_clusterip(client: &Client, ranges: &[&str]) -> Running {
-    let metrics = Metrics::new();
-    let (ctx, shutdown) = context(client, "clusterip-alloc", "clusterip-allocator", &metrics);
     let cfg = clusterip_alloc::ClusterIpAllocConfig {
         service_cluster_ip_range: ranges.iter().map(|r| r.parse().expect("cidr")).collect(),
         concurrent_syncs: 2,
     };
-    let task = tokio::spawn(async move {
-        if let Err(e) = clusterip_alloc::run(ctx, cfg).await {
-            eprintln!("clusterip-alloc: {e}");
-        }
-    });
-    Running {
-        metrics,
-        shutdown,
-        task,
-    }
+    Running::start(client, "clusterip-alloc", "clusterip-allocator", |ctx| {
+        clusterip_alloc::run(ctx, cfg)
+    })
 }
 
 fn start_nodeport(client: &Client, range: &str) -> Running {
-    let metrics = Metrics::new();
-    let (ctx, shutdown) = context(client, "nodeport-alloc", "nodeport-allocator", &metrics);
     let cfg = nodeport_alloc::NodePortAllocConfig {
         service_node_port_range: range.parse().expect("range"),
         concurrent_syncs: 2,
     };
-    let task = tokio::spawn(async move {
-        if let Err(e) = nodeport_alloc::run(ctx, cfg).await {
-            eprintln!("nodeport-alloc: {e}");
-        }
-    });
-    Running {
-        metrics,
-        shutdown,
-        task,
-    }
+    Running::start(client, "nodeport-alloc", "nodeport-allocator", |ctx| {
+        nodeport_alloc::run(ctx, cfg)
+    })
 }
 
 fn start_service_cidr(client: &Client) -> Running {
-    let metrics = Metrics::new();
-    let (ctx, shutdown) = context(client, "service-cidr", "service-cidr-controller", &metrics);
-    let task = tokio::spawn(async move {
-        let cfg = clusterip_alloc::ServiceCidrConfig {
-            concurrent_syncs: 2,
-        };
-        if let Err(e) = clusterip_alloc::run_service_cidr(ctx, cfg).await {
-            eprintln!("service-cidr: {e}");
-        }
-    });
-    Running {
-        metrics,
-        shutdown,
-        task,
-    }
+    let cfg = clusterip_alloc::ServiceCidrConfig {
+        concurrent_syncs: 2,
+    };
+    Running::start(client, "service-cidr", "service-cidr-controller", |ctx| {
+        clusterip_alloc::run_service_cidr(ctx, cfg)
+    })
 }
 
 /// The value of one sample line (`name{labels} value`) in Prometheus text.

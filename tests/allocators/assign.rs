@@ -320,17 +320,15 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
     let mut waiting = svc("waiting", |_| {});
     waiting.metadata.namespace = Some("ns".into());
     d.create(waiting);
-    let metrics = Metrics::new();
-    let (leader, tx) = LeaderGate::fixed(false);
-    let mut base = ContextBase::new(client.clone(), leader);
-    base.metrics = metrics.clone();
-    let shutdown = base.shutdown.clone();
-    let ctx = base.context("clusterip-alloc", "clusterip-allocator");
+    let procs = InProcess::with_leading(client.clone(), false);
+    let metrics = procs.base.metrics.clone();
     let cfg = clusterip_alloc::ClusterIpAllocConfig {
         service_cluster_ip_range: vec!["10.96.0.0/16".parse().expect("cidr")],
         concurrent_syncs: 2,
     };
-    let task = tokio::spawn(clusterip_alloc::run(ctx, cfg));
+    procs.start("clusterip-alloc", "clusterip-allocator", |ctx| {
+        clusterip_alloc::run(ctx, cfg)
+    });
     let gauge = |want: f64| {
         let m = metrics.clone();
         move || {
@@ -364,7 +362,7 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
             .is_none()
     );
     // Leading: the queued Service is assigned.
-    tx.send(true).expect("gate");
+    procs.set_leading(true);
     let s = wait_for("assigned once leading", DEADLINE, || {
         let d = d.clone();
         async move {
@@ -376,8 +374,7 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
     .expect("assigned");
     assert_ne!(spec_of(&s).cluster_ip.as_deref(), Some("10.96.5.5"));
     assert_ne!(spec_of(&s).cluster_ip.as_deref(), Some("10.96.0.1"));
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    procs.stop(Duration::from_secs(10)).await.expect("stopped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,8 +150,8 @@ async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
     };
     let before = gauges(&format!("{}{}", cip.metrics.encode(), np.metrics.encode()));
     assert_eq!(before.len(), 6, "{before:?}");
-    cip.task.abort();
-    np.task.abort();
+    cip.kill();
+    np.kill();
     let cip = start_clusterip(&client, &["10.96.0.0/16", "fd00:10::/108"]);
     let np = start_nodeport(&client, "30000-32767");
     let (cm, nm) = (cip.metrics.clone(), np.metrics.clone());
