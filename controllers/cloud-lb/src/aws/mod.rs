@@ -206,9 +206,14 @@ impl AwsProvider {
     /// `TargetGroupNotFound`.
     async fn update_known_targets(
         &self,
+        name: &str,
         groups: &[(String, i32)],
         instances: &BTreeSet<String>,
     ) -> Result<(), ProviderError> {
+        let obs = Observed {
+            name: name.to_string(),
+            ..Default::default()
+        };
         for (arn, port) in groups {
             let have = self.describe_targets(arn, *port).await?;
             let tg = TgRef::Existing(arn.clone());
@@ -216,7 +221,7 @@ impl AwsProvider {
                 calls: elb::target_changes(&tg, *port, &have, instances),
                 ..Default::default()
             };
-            self.apply(&plan, &Observed::default()).await?;
+            self.apply(&plan, &obs).await?;
         }
         Ok(())
     }
@@ -324,7 +329,7 @@ impl LoadBalancerProvider for AwsProvider {
             .get(&name)
             .cloned();
         if let Some((lb, groups)) = cached {
-            match self.update_known_targets(&groups, &instances).await {
+            match self.update_known_targets(&name, &groups, &instances).await {
                 Ok(()) => {
                     return self
                         .update_host_security(cluster, &name, &lb, &desired, &instances)

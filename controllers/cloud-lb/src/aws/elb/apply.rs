@@ -1,7 +1,7 @@
 //! Executes an [`ElbPlan`] and nothing else: every decision was made by the plan. Answers that
 //! say the wanted state already holds (a listener, load balancer or group already gone, a
-//! target already deregistered) count as success. Creates are never retried by the SDK (see
-//! [`no_sdk_retry`]).
+//! target already deregistered) count as success. Creates are never retried by the SDK: the
+//! controller's next pass observes first and finds what a lost answer created.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -8,9 +8,9 @@
 //! no longer wanted are deleted, each wanted listener is created or switched to its group, and
 //! last the groups no longer wanted are deleted, once nothing forwards to them.
 //!
-//! Emulator-proofing kept from the diff-between-awaits version: a changed NodePort gets a new
-//! target group (its name hashes the node port) rather than re-registered ports; a listener
-//! protocol change is delete-then-create (moto cannot ModifyListener to UDP).
+//! Emulator-proofing: a changed NodePort gets a new target group (its name hashes the node
+//! port) rather than re-registered ports; a listener protocol change is delete-then-create
+//! (moto cannot ModifyListener to UDP).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
