@@ -218,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     report(
-        "cold: 200 Services created",
+        &format!("cold: {n_services} Services created"),
         start.elapsed(),
         &proxy.counts(),
     );
