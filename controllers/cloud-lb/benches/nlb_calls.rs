@@ -1,5 +1,5 @@
-//! ELBv2 calls by operation, and time to converge, for the AWS provider against moto's real
-//! server (through the counting layer in front of it):
+//! ELBv2 and EC2 calls by operation, and time to converge, for the AWS provider against moto's
+//! real server (through the counting layer in front of it):
 //!
 //! 1. cold: 200 LoadBalancer Services over 50 nodes;
 //! 2. steady-state resync: every Service ensured again (must make 0 mutating calls);
@@ -67,6 +67,19 @@ fn service(i: usize) -> Service {
         }),
         status: None,
     }
+}
+
+/// The EC2 operations the provider uses (everything else the proxy counts is ELBv2).
+fn is_ec2(op: &str) -> bool {
+    matches!(
+        op,
+        "DescribeInstances"
+            | "DescribeSubnets"
+            | "DescribeRouteTables"
+            | "DescribeSecurityGroups"
+            | "AuthorizeSecurityGroupIngress"
+            | "RevokeSecurityGroupIngress"
+    )
 }
 
 struct Phase {
@@ -200,17 +213,21 @@ async fn main() -> anyhow::Result<()> {
         "# cloud-lb AWS provider vs moto: {n_services} Services x 1 port, {n_nodes} nodes, concurrency {concurrency}"
     );
     for p in &phases {
-        let total: u64 = p.calls.values().sum();
-        let mutating: u64 = p
-            .calls
-            .iter()
-            .filter(|(k, _)| is_mutating(k))
-            .map(|(_, v)| v)
-            .sum();
+        let sum = |ec2: bool, mutating: bool| -> u64 {
+            p.calls
+                .iter()
+                .filter(|(k, _)| is_ec2(k) == ec2 && (!mutating || is_mutating(k)))
+                .map(|(_, v)| v)
+                .sum()
+        };
         println!(
-            "\n## {}: {:.2} s, {total} ELBv2 calls ({mutating} mutating)",
+            "\n## {}: {:.2} s, {} ELBv2 calls ({} mutating), {} EC2 calls ({} mutating)",
             p.name,
-            p.elapsed.as_secs_f64()
+            p.elapsed.as_secs_f64(),
+            sum(false, false),
+            sum(false, true),
+            sum(true, false),
+            sum(true, true),
         );
         for (op, n) in &p.calls {
             println!("  {op:<34} {n:>6}");
