@@ -37,7 +37,7 @@ pub fn emulator_ec2_client(endpoint: &str, region: &str, max_attempts: u32) -> a
 }
 
 /// An ELBv2 client with static dummy credentials for an emulator at `endpoint` (tests and
-/// benchmarks; production uses [`AwsProvider::new`] and the SDK's default chain).
+/// benchmarks; production uses [`crate::aws::AwsProvider::new`] and the SDK's default chain).
 pub fn emulator_client(endpoint: &str, region: &str, max_attempts: u32) -> elbv2::Client {
     let conf = elbv2::Config::builder()
         .behavior_version(elbv2::config::BehaviorVersion::latest())

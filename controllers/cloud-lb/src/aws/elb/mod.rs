@@ -1,6 +1,6 @@
-//! The ELBv2 half of the AWS provider, in three steps: [`observe`] describes what exists for a
-//! Service into one [`Observed`] value, [`plan`] (pure) turns the desired load balancer and that
-//! value into an [`ElbPlan`] (the exact ELBv2 calls to make, in dependency order), and
+//! The ELBv2 half of the AWS provider, in three steps: [`observe`] describes what exists for
+//! a Service into one [`Observed`] value, [`plan()`] (pure) turns the desired load balancer and
+//! that value into an [`ElbPlan`] (the exact ELBv2 calls to make, in dependency order), and
 //! [`apply`] executes a plan and nothing else. A test can therefore assert "this observed state
 //! and this Service give exactly these calls" without an emulator.
 

@@ -13,7 +13,7 @@ use crate::aws::spec::{self, DesiredLb, HealthCheck};
 use crate::aws::{AwsProvider, classify, is_code};
 use crate::provider::ProviderError;
 
-/// How far [`AwsProvider::observe`] looks beyond the load balancer, its groups and their tags.
+/// How far `AwsProvider::observe` looks beyond the load balancer, its groups and their tags.
 pub enum Depth<'a> {
     /// Nothing more (deletion).
     Shallow,
