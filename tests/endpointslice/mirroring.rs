@@ -7,6 +7,7 @@ use endpointslice::writer::SliceWrites;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use scm_runtime::ObjectKey;
+use test_support::apiproxy::{Action, ApiProxy, Match};
 
 use super::*;
 
@@ -206,5 +207,58 @@ async fn mirrored_slice_recreated_under_its_name_survives_a_stale_delete() -> Re
     slices
         .write(&e.client, &key, current, false, &metrics)
         .await?;
+    Ok(())
+}
+
+/// Issue 12 defect 1, for mirroring: a mirrored slice deleted while the slice watch was down
+/// (every slice request refused, then a `410 Gone` forcing a relist) is mirrored again after
+/// the relist. Before the relist reconciled the generation tracker, the tracker kept the
+/// deleted slice, every sync of the Endpoints failed as stale and it never synced again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_slice_deleted_while_the_watch_was_down_is_mirrored_again() -> Result<()> {
+    let e = env("es-mirror-relist").await?;
+    let proxy = ApiProxy::start(e.client.clone()).await?;
+    let via_proxy = Client::try_from(proxy.config()?)?;
+    let _m = start_mirroring(&via_proxy, &e.ns);
+    selectorless_service(&e).await?;
+    let first = wait_for("mirrored slice", WAIT, || {
+        let f = e.slices_by("ext", MIRRORING_CONTROLLER_NAME);
+        async move { f.await.ok().filter(|s| total_endpoints(s) == 2) }
+    })
+    .await?
+    .remove(0);
+    // The slice watch goes down: every slice request is refused until the relist.
+    let down = Action::Status {
+        code: 503,
+        retry_after: None,
+    };
+    let all = Match {
+        watch: None,
+        ..Match::resource("endpointslices")
+    };
+    proxy.fail(all, down, u32::MAX);
+    proxy.end_watches("endpointslices");
+    let before = proxy.injected();
+    wait_for("a refused re-watch", WAIT, || async {
+        (proxy.injected() > before).then_some(())
+    })
+    .await?;
+    let name = first.metadata.name.clone().unwrap_or_default();
+    e.slices_api()
+        .delete(&name, &DeleteParams::default())
+        .await?;
+    proxy.clear_faults();
+    proxy.fail(Match::watches("endpointslices"), Action::Gone, 1);
+    wait_for("the Endpoints mirrored again", WAIT, || {
+        let f = e.slices_by("ext", MIRRORING_CONTROLLER_NAME);
+        let first_uid = first.metadata.uid.clone();
+        async move {
+            f.await
+                .ok()
+                .filter(|s| s.len() == 1 && s[0].metadata.uid != first_uid)
+                .filter(|s| total_endpoints(s) == 2)
+        }
+    })
+    .await?;
     Ok(())
 }
