@@ -42,6 +42,8 @@ impl Shell {
     ) -> Result<Requeue, Error> {
         let client = &self.ctx.client;
         match step {
+            // `Shell::reconcile` restores and decides again before executing; should a
+            // Restore ever get here, look at the key again at once.
             Step::Restore => Ok(Requeue::After(Duration::ZERO)),
             Step::Wait(d) => {
                 debug!(service = %key, wait = ?d, "throttled: waiting for the cloud's hint");
