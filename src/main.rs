@@ -228,6 +228,9 @@ async fn supervise(
     health: &http::Health,
 ) -> Option<String> {
     tokio::select! {
+        // Shutdown first: on SIGTERM the controllers end too, and a random pick of their end
+        // would report a clean stop as "stopped on its own" and exit 1.
+        biased;
         _ = shutdown.cancelled() => None,
         Some(res) = tasks.join_next() => {
             let what = match res {

@@ -162,10 +162,10 @@ async fn serves_health_readiness_metrics_and_exits_cleanly_on_sigterm() {
 
     let started = Instant::now();
     m.signal(15).expect("SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(10), m.child.wait())
+    let status = m
+        .wait_exit(Duration::from_secs(10))
         .await
-        .expect("exits within 10 s")
-        .expect("wait");
+        .expect("exits within 10 s");
     assert!(
         status.success(),
         "exit status {status:?}; logs:\n{}",
@@ -377,11 +377,15 @@ async fn a_leader_that_cannot_renew_stops_leading_within_the_renew_deadline() {
         lost.elapsed()
     );
     m.signal(15).expect("SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(10), m.child.wait())
+    let status = m
+        .wait_exit(Duration::from_secs(10))
         .await
-        .expect("exits within 10 s even without an API server")
-        .expect("wait");
-    assert!(status.success());
+        .expect("exits within 10 s even without an API server");
+    assert!(
+        status.success(),
+        "exit status {status:?}; logs:\n{}",
+        m.log_lines().join("\n")
+    );
 }
 
 /// The kinds the manager watches with every controller on; each must be watched exactly once.

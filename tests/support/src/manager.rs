@@ -1,7 +1,7 @@
 //! The manager binary as a child process of the test, its output captured line by line.
 
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -27,6 +27,7 @@ pub struct Manager {
     pub child: Child,
     /// Everything it has logged (stdout and stderr), line by line.
     pub logs: Arc<Mutex<Vec<String>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Manager {
@@ -45,6 +46,7 @@ impl Manager {
             .kill_on_drop(true);
         let mut child = cmd.spawn().context("starting the manager")?;
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for out in [
             child
                 .stdout
@@ -59,14 +61,30 @@ impl Manager {
         .flatten()
         {
             let logs = logs.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(l)) = lines.next_line().await {
                     logs.lock().unwrap_or_else(|e| e.into_inner()).push(l);
                 }
-            });
+            }));
         }
-        Ok(Manager { child, logs })
+        Ok(Manager {
+            child,
+            logs,
+            readers,
+        })
+    }
+
+    /// Waits up to `timeout` for the process to exit, then (up to 2 s more) for its last log
+    /// lines, so that [`Self::log_lines`] after an exit shows how it ended.
+    pub async fn wait_exit(&mut self, timeout: std::time::Duration) -> Result<ExitStatus> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .map_err(|_| anyhow!("the manager did not exit within {timeout:?}"))??;
+        for r in self.readers.drain(..) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), r).await;
+        }
+        Ok(status)
     }
 
     /// A copy of the log lines so far.
