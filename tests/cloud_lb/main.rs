@@ -17,3 +17,4 @@ mod elbv2;
 mod harness;
 mod lifecycle;
 mod local_pools;
+mod quota;

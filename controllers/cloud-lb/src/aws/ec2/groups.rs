@@ -113,32 +113,40 @@ impl AwsProvider {
         Ok((groups, tagged))
     }
 
-    async fn apply_group_change(&self, c: &GroupChange) -> Result<(), ProviderError> {
-        if !c.revoke.is_empty() {
-            self.before(OpClass::Ec2Mutate, "RevokeSecurityGroupIngress")
-                .await;
-            match self
-                .ec2
-                .revoke_security_group_ingress()
-                .group_id(&c.group)
-                .set_ip_permissions(Some(c.revoke.iter().map(permission).collect()))
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                // Already gone (a concurrent change): the wanted state holds.
-                Err(e) if is_code(&e, &["InvalidPermission.NotFound"]) => {}
-                Err(e) => return Err(classify("RevokeSecurityGroupIngress", e)),
-            }
+    /// Revokes `rules` from `group`; rules already gone count as revoked.
+    async fn revoke(&self, group: &str, rules: &[Rule]) -> Result<(), ProviderError> {
+        if rules.is_empty() {
+            return Ok(());
         }
-        if !c.grant.is_empty() {
+        self.before(OpClass::Ec2Mutate, "RevokeSecurityGroupIngress")
+            .await;
+        match self
+            .ec2
+            .revoke_security_group_ingress()
+            .group_id(group)
+            .set_ip_permissions(Some(rules.iter().map(permission).collect()))
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            // Already gone (a concurrent change): the wanted state holds.
+            Err(e) if is_code(&e, &["InvalidPermission.NotFound"]) => {}
+            Err(e) => return Err(classify("RevokeSecurityGroupIngress", e)),
+        }
+        Ok(())
+    }
+
+    async fn apply_group_change(&self, c: &GroupChange) -> Result<(), ProviderError> {
+        let (revoke_first, grant, revoke_last) = c.steps();
+        self.revoke(&c.group, &revoke_first).await?;
+        if !grant.is_empty() {
             self.before(OpClass::Ec2Mutate, "AuthorizeSecurityGroupIngress")
                 .await;
             match self
                 .ec2
                 .authorize_security_group_ingress()
                 .group_id(&c.group)
-                .set_ip_permissions(Some(c.grant.iter().map(permission).collect()))
+                .set_ip_permissions(Some(grant.iter().map(permission).collect()))
                 .send()
                 .await
             {
@@ -157,6 +165,7 @@ impl AwsProvider {
                 Err(e) => return Err(classify("AuthorizeSecurityGroupIngress", e)),
             }
         }
+        self.revoke(&c.group, &revoke_last).await?;
         info!(group = %c.group, granted = c.grant.len(), revoked = c.revoke.len(), "updated security group rules");
         Ok(())
     }

@@ -88,6 +88,22 @@ pub struct GroupChange {
     pub revoke: Vec<Rule>,
 }
 
+impl GroupChange {
+    /// The order the rules change in, so that a failure part-way (EC2's rule quota, an outage)
+    /// never leaves the load balancer with neither its old nor its new rules: revokes that must
+    /// make room for a grant of the same rule identity first (EC2 refuses a duplicate), then
+    /// every grant, then the other revokes.
+    pub fn steps(&self) -> (Vec<Rule>, Vec<Rule>, Vec<Rule>) {
+        let granted: BTreeSet<_> = self.grant.iter().map(Rule::identity).collect();
+        let (first, last) = self
+            .revoke
+            .iter()
+            .cloned()
+            .partition(|r| granted.contains(&r.identity()));
+        (first, self.grant.clone(), last)
+    }
+}
+
 /// The client rule description for `lb_name`.
 pub fn client_description(lb_name: &str) -> String {
     format!("{CLIENT_RULE}={lb_name}")
@@ -255,6 +271,9 @@ pub fn plan(
             out.push(change);
         }
     }
+    // Groups that gain rules before groups that only lose them (a node moving between
+    // groups): the load balancer is never closed on every group at once.
+    out.sort_by_key(|c| c.grant.is_empty());
     out
 }
 #[cfg(test)]

@@ -344,3 +344,69 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn grants_come_before_revokes_except_to_make_room_for_the_same_rule() {
+    // Issue 12 defect 6: a range change revoked first, so hitting the rule quota left the load
+    // balancer with neither range.
+    let old = rule(
+        "tcp",
+        30080,
+        "203.0.113.0/24",
+        "kubernetes.io/rule/nlb/client=lb-a",
+    );
+    let new = rule(
+        "tcp",
+        30080,
+        "198.51.100.0/24",
+        "kubernetes.io/rule/nlb/client=lb-a",
+    );
+    let bent = rule(
+        "tcp",
+        30080,
+        "198.51.101.0/24",
+        "kubernetes.io/rule/nlb/mtu",
+    );
+    let fixed = rule(
+        "tcp",
+        30080,
+        "198.51.101.0/24",
+        "kubernetes.io/rule/nlb/client=lb-a",
+    );
+    let c = GroupChange {
+        group: "sg-1".into(),
+        grant: vec![new.clone(), fixed.clone()],
+        revoke: vec![old.clone(), bent.clone()],
+    };
+    let (first, grant, last) = c.steps();
+    assert_eq!(
+        first,
+        vec![bent],
+        "a clashing rule must go before its replacement"
+    );
+    assert_eq!(grant, vec![new, fixed]);
+    assert_eq!(last, vec![old]);
+}
+
+#[test]
+fn groups_that_gain_rules_change_before_groups_that_only_lose_them() {
+    let t = traffic(&["0.0.0.0/0"]);
+    let before = plan(&[], &BTreeSet::new(), "lb-a", Some(&t));
+    assert!(before.is_empty());
+    // Group "a" holds the rules but is no longer a node group; "b" is the nodes' group now.
+    let mut groups = vec![
+        Group {
+            id: "a".into(),
+            rules: BTreeSet::new(),
+        },
+        Group {
+            id: "b".into(),
+            rules: BTreeSet::new(),
+        },
+    ];
+    let first = plan(&groups, &["a".to_string()].into(), "lb-a", Some(&t));
+    apply(&mut groups, &first);
+    let moved = plan(&groups, &["b".to_string()].into(), "lb-a", Some(&t));
+    let order: Vec<&str> = moved.iter().map(|c| c.group.as_str()).collect();
+    assert_eq!(order, vec!["b", "a"], "{moved:?}");
+}
