@@ -30,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 mod legacy;
 #[path = "endpointslice/mirroring.rs"]
 mod mirroring;
+#[path = "endpointslice/service_status.rs"]
+mod service_status;
 #[path = "endpointslice/slices.rs"]
 mod slices;
 
