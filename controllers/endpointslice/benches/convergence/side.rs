@@ -145,6 +145,10 @@ impl Side<'_> {
             f.flips = self.flips(ready, seed).await?;
         }
         (f.peak_rss_mb, f.cpu_s) = proc_usage(pid);
+        eprintln!(
+            "  {}: peak RSS {:.0} MiB, CPU {:.1} s",
+            self.managed_by, f.peak_rss_mb, f.cpu_s
+        );
         if self.shape.mode == Mode::Envelope {
             let (r, c) = self.restart(child, ready).await?;
             f.restart = r;
@@ -348,9 +352,13 @@ impl Side<'_> {
         // Writes trailing the canary's would be the restart's too.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let (peak_rss_mb, cpu_s) = proc_usage(pid);
+        let writes = (self.writes() - base).saturating_sub(1);
+        eprintln!(
+            "  {m}: after the restart {writes} writes, canary {canary:.1?}, peak RSS {peak_rss_mb:.0} MiB, CPU {cpu_s:.1} s"
+        );
         Ok((
             Restart {
-                writes: (self.writes() - base).saturating_sub(1),
+                writes,
                 settle,
                 canary,
                 peak_rss_mb,
