@@ -4,7 +4,9 @@
 //! - the manager binary as a child process ([`Manager`]), or controllers in-process from one
 //!   shared context base ([`InProcess`]);
 //! - metric scraping ([`metrics`]: the manager's and the API server's `/metrics` as samples);
-//! - Event listing ([`events`]); the AWS emulator ([`moto`]);
+//! - Event listing ([`events`]); the AWS emulator ([`moto`]); a recording API double that
+//!   asserts exact calls (`double`) and a fault-injecting proxy in front of kube-apiserver
+//!   (`apiproxy`);
 //! - polling with deadlines ([`wait_for`], [`wait_stable`]), never fixed sleeps.
 
 use std::collections::BTreeMap;
