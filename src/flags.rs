@@ -372,6 +372,8 @@ impl Flags {
                 return Err("--leader-elect-resource-name must not be empty".into());
             }
         }
+        endpointslice::shell::ServiceFilter::parse(Some(&self.service_label_selector))
+            .map_err(|e| e.to_string())?;
         enabled_controllers(&self.controllers, !self.cloud_provider.is_empty())?;
         Ok(())
     }
@@ -474,6 +476,11 @@ mod tests {
                 "--leader-elect-lease-duration",
             ),
             (vec!["--kube-api-qps=1e-300"], "--kube-api-qps"),
+            // Was a controller failing after start-up instead of exit 2.
+            (
+                vec!["--service-label-selector=app in (a"],
+                "--service-label-selector",
+            ),
             // client-go refuses a renew deadline within 1.2 retry periods.
             (
                 vec![
