@@ -73,9 +73,12 @@ impl<P: Pool, K: Ord + Clone, F> Mirror<P, K, F> {
                 m.claim(*v, key);
             }
         }
-        let mut order: Vec<((A, K), &S)> = items.iter().map(|s| (seniority(s), *s)).collect();
-        order.sort_by(|a, b| a.0.cmp(&b.0));
-        for ((_, key), s) in order {
+        // The sort keys are dropped before the ledger grows (and each key made again as its
+        // item is visited), which keeps the peak of a rebuild low.
+        let mut order: Vec<&S> = items.to_vec();
+        order.sort_by_cached_key(|s| seniority(s));
+        for s in order {
+            let (_, key) = seniority(s);
             visit(&mut m, &key, s);
         }
         m
