@@ -4,7 +4,7 @@ SHELL := /usr/bin/env bash
 ENV := source tests/scripts/env.sh &&
 UP_DIR := .scm/up
 
-.PHONY: help tools build test lint unit run up down demo image-check clean-tools
+.PHONY: help tools build test lint unit chaos run up down demo image-check clean-tools
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,13 @@ test: tools lint ## everything CI runs: lint, unit, property and integration tes
 
 unit: ## only the fast tests that need no control plane
 	@$(ENV) cargo test --locked --workspace --lib --bins
+
+chaos: tools ## the failure scenarios (tests/faults, the rule-quota one in tests/cloud_lb) and a table of their invariants
+	@$(ENV) rm -f "$$CARGO_TARGET_DIR/chaos.tsv"; rc=0; \
+	  SCM_CHAOS_REPORT="$$CARGO_TARGET_DIR/chaos.tsv" cargo test --locked --test faults -- --include-ignored || rc=1; \
+	  cargo test --locked --test cloud_lb quota || rc=1; \
+	  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' scenario faults outcome slices-differ double-allocations panics converged; \
+	  cat "$$CARGO_TARGET_DIR/chaos.tsv" 2>/dev/null; exit $$rc
 
 run: build ## run the manager against $$KUBECONFIG (make up prints one)
 	@$(ENV) "$$CARGO_TARGET_DIR/debug/service-controller-manager" --kubeconfig "$${KUBECONFIG:?set KUBECONFIG, e.g. from make up}" $(ARGS)

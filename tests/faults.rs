@@ -1,6 +1,10 @@
 //! Failure scenarios against the real kube-apiserver, with faults injected by the proxy in
-//! `test_support::apiproxy`: watches that go down and come back with `410 Gone`, and what the
-//! shared informers and the controllers make of the deletions they missed meanwhile.
+//! `test_support::apiproxy`: watches that go down and come back with `410 Gone`, forced
+//! conflicts and throttling on writes, an outage of one kind's API. Our controllers talk to the
+//! API server only through the proxy; kube-controller-manager's EndpointSlice controller runs
+//! beside them directly, and at the end of each scenario the invariants in
+//! `test_support::invariants` must hold: our slices equal upstream's, nothing allocated twice,
+//! no panic. Each scenario adds a row to the report `make chaos` prints (`SCM_CHAOS_REPORT`).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -11,9 +15,11 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::core::ObjectMeta;
+use reqwest::Method;
 use scm_runtime::{Change, Informers};
 use test_support::apiproxy::{Action, ApiProxy, Match};
 use test_support::inprocess::InProcess;
+use test_support::invariants::{converge, double_allocations, panics};
 use test_support::{
     ControlPlane, NodeSpecBuilder, PodBuilder, create_node, create_pod, namespace, set_pod_status,
     wait_for,
@@ -190,4 +196,244 @@ async fn a_slice_deleted_while_the_watch_was_down_is_recreated_after_the_relist(
     })
     .await?;
     Ok(())
+}
+
+/// One row of the chaos report, written when `SCM_CHAOS_REPORT` names a file.
+struct Row<'a> {
+    scenario: &'a str,
+    faults: u64,
+    converged_in: Duration,
+    slices_differ: bool,
+    doubles: usize,
+    panics: u64,
+}
+
+fn report(r: &Row) {
+    let Ok(path) = std::env::var("SCM_CHAOS_REPORT") else {
+        return;
+    };
+    let outcome = if r.slices_differ || r.doubles > 0 || r.panics > 0 {
+        "FAIL"
+    } else {
+        "ok"
+    };
+    let line = format!(
+        "{}\t{}\t{}\t{}\t{}\t{}\t{:.1}s\n",
+        r.scenario,
+        r.faults,
+        outcome,
+        u8::from(r.slices_differ),
+        r.doubles,
+        r.panics,
+        r.converged_in.as_secs_f64()
+    );
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// A namespace of `services` Services (`svc-<i>`, selecting `app=svc-<i>`) with `pods` ready
+/// pods each on one node, served by our EndpointSlice controller through `proxy` and by
+/// kube-controller-manager's directly.
+struct Scene {
+    admin: kube::Client,
+    ns: String,
+    services: Vec<String>,
+    _kcm: tokio::process::Child,
+    _ours: InProcess,
+}
+
+impl Scene {
+    async fn start(
+        cp: &ControlPlane,
+        proxy: &ApiProxy,
+        prefix: &str,
+        services: usize,
+        pods: usize,
+    ) -> Result<Scene> {
+        test_support::invariants::count_panics();
+        let admin = cp.client().await?;
+        let ns = namespace(&admin, prefix).await?;
+        let node = format!("{ns}-node");
+        create_node(
+            &admin,
+            NodeSpecBuilder {
+                name: node.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let api: Api<Service> = Api::namespaced(admin.clone(), &ns);
+        let mut names = Vec::new();
+        for i in 0..services {
+            let name = format!("svc-{i}");
+            api.create(
+                &PostParams::default(),
+                &service(&ns, &name, Some(("app", &name))),
+            )
+            .await?;
+            for p in 0..pods {
+                let pod = format!("{name}-{p}");
+                let mut pb = PodBuilder::new(&ns, &pod, &[("app", &name)]);
+                pb.node_name = Some(node.clone());
+                create_pod(&admin, &pb).await?;
+                set_pod_status(
+                    &admin,
+                    &ns,
+                    &pod,
+                    true,
+                    &[&format!("10.{}.{i}.{}", 40 + services % 100, p + 1)],
+                )
+                .await?;
+            }
+            names.push(name);
+        }
+        let kcm = test_support::upstream_endpointslice_controller(cp)?;
+        let ours = InProcess::new(kube::Client::try_from(proxy.config()?)?);
+        ours.start("endpointslice", "endpoint-slice-controller", |ctx| {
+            endpointslice::run(ctx, endpointslice::EndpointSliceConfig::default())
+        });
+        Ok(Scene {
+            admin,
+            ns,
+            services: names,
+            _kcm: kcm,
+            _ours: ours,
+        })
+    }
+
+    /// Flips the readiness of every pod of every Service `rounds` times.
+    async fn flap(&self, pods: usize, rounds: usize) -> Result<()> {
+        for r in 0..rounds {
+            for (i, s) in self.services.iter().enumerate() {
+                for p in 0..pods {
+                    let ready = r % 2 == 1;
+                    set_pod_status(
+                        &self.admin,
+                        &self.ns,
+                        &format!("{s}-{p}"),
+                        ready,
+                        &[&format!(
+                            "10.{}.{i}.{}",
+                            40 + self.services.len() % 100,
+                            p + 1
+                        )],
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the invariants, reports the row and fails on any broken one.
+    async fn finish(
+        &self,
+        scenario: &str,
+        proxy: &ApiProxy,
+        since: std::time::Instant,
+    ) -> Result<()> {
+        let slices = converge(&self.admin, &self.ns, &self.services, false, scenario).await;
+        let converged_in = since.elapsed();
+        let doubles = double_allocations(&self.admin).await?;
+        let row = Row {
+            scenario,
+            faults: proxy.injected(),
+            converged_in,
+            slices_differ: slices.is_err(),
+            doubles: doubles.len(),
+            panics: panics(),
+        };
+        report(&row);
+        let compared = slices?;
+        assert!(compared.endpoints > 0, "{scenario}: nothing was compared");
+        assert!(
+            doubles.is_empty(),
+            "{scenario}: allocated twice: {doubles:?}"
+        );
+        assert_eq!(panics(), 0, "{scenario}: a panic in this process");
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_conflicts_on_slice_writes_during_readiness_flaps() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let proxy = ApiProxy::start(cp.client().await?).await?;
+    let scene = Scene::start(cp, &proxy, "faults-409", 3, 3).await?;
+    let started = std::time::Instant::now();
+    let conflict = Action::Status {
+        code: 409,
+        retry_after: None,
+    };
+    proxy.fail(
+        Match::writes(Method::PUT, "endpointslices"),
+        conflict.clone(),
+        6,
+    );
+    proxy.fail(Match::writes(Method::POST, "endpointslices"), conflict, 3);
+    scene.flap(3, 3).await?;
+    scene
+        .finish(
+            "409s on slice writes while readiness flaps",
+            &proxy,
+            started,
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_writes_with_retry_after_converge() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let proxy = ApiProxy::start(cp.client().await?).await?;
+    let scene = Scene::start(cp, &proxy, "faults-429", 2, 2).await?;
+    let started = std::time::Instant::now();
+    let throttled = Action::Status {
+        code: 429,
+        retry_after: Some(1),
+    };
+    proxy.fail(
+        Match {
+            watch: Some(false),
+            ..Match::resource("endpointslices")
+        },
+        throttled,
+        8,
+    );
+    scene.flap(2, 2).await?;
+    scene
+        .finish("429 with Retry-After on slice requests", &proxy, started)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_the_pod_api_then_recovery_converges() -> Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let proxy = ApiProxy::start(cp.client().await?).await?;
+    let scene = Scene::start(cp, &proxy, "faults-outage", 2, 2).await?;
+    // Wait for our first slices, so the outage hits a running controller.
+    let ours = || async {
+        let api: Api<EndpointSlice> = Api::namespaced(scene.admin.clone(), &scene.ns);
+        let lp = ListParams::default().labels(&format!(
+            "endpointslice.kubernetes.io/managed-by={}",
+            test_support::invariants::OURS
+        ));
+        let n = api.list(&lp).await.ok()?.items.len();
+        (n >= scene.services.len()).then_some(())
+    };
+    wait_for("our first slices", WAIT, ours).await?;
+    let started = std::time::Instant::now();
+    while_watch_down(&proxy, "pods", || async { scene.flap(2, 3).await }).await?;
+    scene
+        .finish(
+            "pods API down, readiness changed meanwhile, 410 on return",
+            &proxy,
+            started,
+        )
+        .await
 }

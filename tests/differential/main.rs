@@ -11,20 +11,16 @@
 //! zone are re-hinted to another zone follows Go map order upstream (random) and sorted order
 //! here, so those scenarios compare hint counts per zone instead (`hints: counts`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use endpointslice::common::{
-    CONTROLLER_NAME, LABEL_MANAGED_BY, LABEL_SERVICE_NAME, UPSTREAM_CONTROLLER_NAME,
-};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use scm_runtime::{ContextBase, LeaderGate};
 use serde::Deserialize;
+use test_support::invariants::converge;
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
     namespace, set_pod_status,
@@ -103,178 +99,6 @@ enum Step {
         patch: serde_json::Value,
     },
     DeleteService(String),
-}
-
-/// How much a converged comparison covered.
-#[derive(Default, Debug)]
-struct Compared {
-    endpoints: usize,
-    hinted: usize,
-}
-
-/// One endpoint as compared: everything but the order it sits in.
-type EpView = BTreeMap<String, String>;
-/// (addressType, sorted ports) -> endpoints by address.
-type View = BTreeMap<(String, Vec<String>), BTreeMap<Vec<String>, EpView>>;
-
-fn view(slices: &[EndpointSlice], hint_counts: bool) -> (View, BTreeMap<String, usize>) {
-    let mut v: View = BTreeMap::new();
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for s in slices {
-        let mut ports: Vec<String> = s
-            .ports
-            .iter()
-            .flatten()
-            .map(|p| {
-                format!(
-                    "{}/{}/{}/{:?}",
-                    p.name.clone().unwrap_or_default(),
-                    p.port.unwrap_or(0),
-                    p.protocol.clone().unwrap_or_default(),
-                    p.app_protocol
-                )
-            })
-            .collect();
-        ports.sort();
-        let group = v.entry((s.address_type.clone(), ports)).or_default();
-        for e in s.endpoints.iter().flatten() {
-            let c = e.conditions.clone().unwrap_or_default();
-            let mut m = BTreeMap::new();
-            m.insert("ready".into(), format!("{:?}", c.ready));
-            m.insert("serving".into(), format!("{:?}", c.serving));
-            m.insert("terminating".into(), format!("{:?}", c.terminating));
-            m.insert("hostname".into(), format!("{:?}", e.hostname));
-            m.insert("nodeName".into(), format!("{:?}", e.node_name));
-            m.insert("zone".into(), format!("{:?}", e.zone));
-            m.insert(
-                "target".into(),
-                format!(
-                    "{:?}",
-                    e.target_ref
-                        .as_ref()
-                        .map(|r| (&r.kind, &r.namespace, &r.name, &r.uid))
-                ),
-            );
-            let hint = format!(
-                "{:?}",
-                e.hints.as_ref().map(|h| (
-                    h.for_zones
-                        .as_ref()
-                        .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>()),
-                    h.for_nodes
-                        .as_ref()
-                        .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>())
-                ))
-            );
-            if hint_counts {
-                *counts.entry(hint).or_default() += 1;
-            } else {
-                m.insert("hints".into(), hint);
-            }
-            let mut addrs = e.addresses.clone();
-            addrs.sort();
-            group.insert(addrs, m);
-        }
-    }
-    (v, counts)
-}
-
-struct Side {
-    slices: usize,
-    view: (View, BTreeMap<String, usize>),
-    labels: BTreeSet<BTreeMap<String, String>>,
-}
-
-async fn side(
-    client: &Client,
-    ns: &str,
-    svc: &str,
-    managed_by: &str,
-    hint_counts: bool,
-) -> Result<Side> {
-    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!(
-        "{LABEL_SERVICE_NAME}={svc},{LABEL_MANAGED_BY}={managed_by}"
-    ));
-    let items = api.list(&lp).await?.items;
-    let labels = items
-        .iter()
-        .map(|s| {
-            let mut l = s.metadata.labels.clone().unwrap_or_default();
-            l.remove(LABEL_MANAGED_BY);
-            l
-        })
-        .collect();
-    Ok(Side {
-        slices: items.len(),
-        view: view(&items, hint_counts),
-        labels,
-    })
-}
-
-/// Waits until ours and upstream's agree for every Service and keep agreeing for 1.5 s
-/// (upstream delays some syncs by 1 s); fails with the last difference.
-async fn converge(
-    client: &Client,
-    ns: &str,
-    svcs: &[String],
-    hint_counts: bool,
-    what: &str,
-) -> Result<Compared> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut agreed_since: Option<Instant> = None;
-    loop {
-        let mut diff = None;
-        let mut compared = Compared::default();
-        for s in svcs {
-            let ours = side(client, ns, s, CONTROLLER_NAME, hint_counts).await?;
-            let up = side(client, ns, s, UPSTREAM_CONTROLLER_NAME, hint_counts).await?;
-            if ours.view != up.view {
-                diff = Some(format!(
-                    "service {s}: ours {:?}\nupstream {:?}",
-                    ours.view, up.view
-                ));
-                break;
-            }
-            if ours.labels != up.labels {
-                diff = Some(format!(
-                    "service {s} labels: ours {:?} upstream {:?}",
-                    ours.labels, up.labels
-                ));
-                break;
-            }
-            if ours.slices != up.slices {
-                diff = Some(format!(
-                    "service {s}: {} slices here, {} upstream",
-                    ours.slices, up.slices
-                ));
-                break;
-            }
-            compared.endpoints += ours.view.0.values().map(BTreeMap::len).sum::<usize>();
-            compared.hinted += ours
-                .view
-                .1
-                .iter()
-                .filter(|(k, _)| k.as_str() != "None")
-                .map(|(_, n)| n)
-                .sum::<usize>();
-        }
-        match diff {
-            None => {
-                let since = *agreed_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= Duration::from_millis(1500) {
-                    return Ok(compared);
-                }
-            }
-            Some(d) => {
-                agreed_since = None;
-                if Instant::now() >= deadline {
-                    bail!("{what}: ours and upstream differ:\n{d}");
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
 }
 
 async fn create_pod_def(client: &Client, ns: &str, p: &PodDef) -> Result<()> {

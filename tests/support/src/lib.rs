@@ -28,9 +28,11 @@ use kube::{Client, Config};
 use tokio::process::{Child, Command};
 use tokio::sync::OnceCell;
 
+pub mod apiproxy;
 pub mod double;
 pub mod events;
 pub mod inprocess;
+pub mod invariants;
 pub mod manager;
 pub mod metrics;
 pub mod moto;

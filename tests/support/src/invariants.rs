@@ -1,0 +1,261 @@
+//! Invariants a scenario must leave behind, checked against the real API server: our
+//! EndpointSlices equal what upstream's controller produced for the same objects (the
+//! differential comparison), no ClusterIP or NodePort held twice, and no panic in this
+//! process.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Client;
+use kube::api::{Api, ListParams};
+
+/// `endpointslice.kubernetes.io/managed-by`.
+pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+/// `kubernetes.io/service-name`.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Our EndpointSlice controller's managed-by value.
+pub const OURS: &str = "endpointslice.service-controller-manager.k8s.io";
+/// kube-controller-manager's managed-by value.
+pub const UPSTREAM: &str = "endpointslice-controller.k8s.io";
+
+/// How much a converged comparison covered.
+#[derive(Default, Debug)]
+pub struct Compared {
+    /// Endpoints compared.
+    pub endpoints: usize,
+    /// Endpoints with hints.
+    pub hinted: usize,
+}
+
+/// One endpoint as compared: everything but the order it sits in.
+type EpView = BTreeMap<String, String>;
+/// (addressType, sorted ports) -> endpoints by address.
+type View = BTreeMap<(String, Vec<String>), BTreeMap<Vec<String>, EpView>>;
+
+fn view(slices: &[EndpointSlice], hint_counts: bool) -> (View, BTreeMap<String, usize>) {
+    let mut v: View = BTreeMap::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for s in slices {
+        let mut ports: Vec<String> = s
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{}/{}/{}/{:?}",
+                    p.name.clone().unwrap_or_default(),
+                    p.port.unwrap_or(0),
+                    p.protocol.clone().unwrap_or_default(),
+                    p.app_protocol
+                )
+            })
+            .collect();
+        ports.sort();
+        let group = v.entry((s.address_type.clone(), ports)).or_default();
+        for e in s.endpoints.iter().flatten() {
+            let c = e.conditions.clone().unwrap_or_default();
+            let mut m = BTreeMap::new();
+            m.insert("ready".into(), format!("{:?}", c.ready));
+            m.insert("serving".into(), format!("{:?}", c.serving));
+            m.insert("terminating".into(), format!("{:?}", c.terminating));
+            m.insert("hostname".into(), format!("{:?}", e.hostname));
+            m.insert("nodeName".into(), format!("{:?}", e.node_name));
+            m.insert("zone".into(), format!("{:?}", e.zone));
+            m.insert(
+                "target".into(),
+                format!(
+                    "{:?}",
+                    e.target_ref
+                        .as_ref()
+                        .map(|r| (&r.kind, &r.namespace, &r.name, &r.uid))
+                ),
+            );
+            let hint = format!(
+                "{:?}",
+                e.hints.as_ref().map(|h| (
+                    h.for_zones
+                        .as_ref()
+                        .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>()),
+                    h.for_nodes
+                        .as_ref()
+                        .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>())
+                ))
+            );
+            if hint_counts {
+                *counts.entry(hint).or_default() += 1;
+            } else {
+                m.insert("hints".into(), hint);
+            }
+            let mut addrs = e.addresses.clone();
+            addrs.sort();
+            group.insert(addrs, m);
+        }
+    }
+    (v, counts)
+}
+
+struct Side {
+    slices: usize,
+    view: (View, BTreeMap<String, usize>),
+    labels: BTreeSet<BTreeMap<String, String>>,
+}
+
+async fn side(
+    client: &Client,
+    ns: &str,
+    svc: &str,
+    managed_by: &str,
+    hint_counts: bool,
+) -> Result<Side> {
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!(
+        "{LABEL_SERVICE_NAME}={svc},{LABEL_MANAGED_BY}={managed_by}"
+    ));
+    let items = api.list(&lp).await?.items;
+    let labels = items
+        .iter()
+        .map(|s| {
+            let mut l = s.metadata.labels.clone().unwrap_or_default();
+            l.remove(LABEL_MANAGED_BY);
+            l
+        })
+        .collect();
+    Ok(Side {
+        slices: items.len(),
+        view: view(&items, hint_counts),
+        labels,
+    })
+}
+
+/// Waits until ours and upstream's agree for every Service and keep agreeing for 1.5 s
+/// (upstream delays some syncs by 1 s); fails with the last difference.
+pub async fn converge(
+    client: &Client,
+    ns: &str,
+    svcs: &[String],
+    hint_counts: bool,
+    what: &str,
+) -> Result<Compared> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut agreed_since: Option<Instant> = None;
+    loop {
+        let mut diff = None;
+        let mut compared = Compared::default();
+        for s in svcs {
+            let ours = side(client, ns, s, OURS, hint_counts).await?;
+            let up = side(client, ns, s, UPSTREAM, hint_counts).await?;
+            if ours.view != up.view {
+                diff = Some(format!(
+                    "service {s}: ours {:?}\nupstream {:?}",
+                    ours.view, up.view
+                ));
+                break;
+            }
+            if ours.labels != up.labels {
+                diff = Some(format!(
+                    "service {s} labels: ours {:?} upstream {:?}",
+                    ours.labels, up.labels
+                ));
+                break;
+            }
+            if ours.slices != up.slices {
+                diff = Some(format!(
+                    "service {s}: {} slices here, {} upstream",
+                    ours.slices, up.slices
+                ));
+                break;
+            }
+            compared.endpoints += ours.view.0.values().map(BTreeMap::len).sum::<usize>();
+            compared.hinted += ours
+                .view
+                .1
+                .iter()
+                .filter(|(k, _)| k.as_str() != "None")
+                .map(|(_, n)| n)
+                .sum::<usize>();
+        }
+        match diff {
+            None => {
+                let since = *agreed_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_millis(1500) {
+                    return Ok(compared);
+                }
+            }
+            Some(d) => {
+                agreed_since = None;
+                if Instant::now() >= deadline {
+                    bail!("{what}: ours and upstream differ:\n{d}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+static PANICS: AtomicU64 = AtomicU64::new(0);
+static HOOK: Once = Once::new();
+
+/// Counts panics in this process from now on (any thread, including controller tasks),
+/// keeping the default report. Call at the start of a scenario.
+pub fn count_panics() {
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
+/// Panics seen since [`count_panics`].
+pub fn panics() -> u64 {
+    PANICS.load(Ordering::SeqCst)
+}
+
+/// ClusterIPs and NodePorts held by more than one Service, cluster-wide (empty when none).
+pub async fn double_allocations(client: &Client) -> Result<Vec<String>> {
+    let svcs = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let mut ips: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut ports: BTreeMap<i32, BTreeSet<String>> = BTreeMap::new();
+    for s in &svcs {
+        let key = format!(
+            "{}/{}",
+            s.metadata.namespace.as_deref().unwrap_or(""),
+            s.metadata.name.as_deref().unwrap_or("")
+        );
+        let Some(spec) = s.spec.as_ref() else {
+            continue;
+        };
+        for ip in spec.cluster_ips.iter().flatten() {
+            if !ip.is_empty() && ip != "None" {
+                ips.entry(ip.clone()).or_default().push(key.clone());
+            }
+        }
+        // One Service may use a port number for two protocols; two Services may not share it.
+        for p in spec.ports.iter().flatten() {
+            if let Some(np) = p.node_port.filter(|n| *n > 0) {
+                ports.entry(np).or_default().insert(key.clone());
+            }
+        }
+    }
+    let mut out: Vec<String> = ips
+        .into_iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(ip, v)| format!("ClusterIP {ip}: {v:?}"))
+        .collect();
+    out.extend(
+        ports
+            .into_iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(p, v)| format!("NodePort {p}: {v:?}")),
+    );
+    Ok(out)
+}
