@@ -108,6 +108,25 @@ fn on_endpoints(s: &Shared, ch: &Change<Endpoints>) {
     s.base.add_all(keys);
 }
 
+/// Whether the cached Endpoints is still the version our last update replaced (our write has
+/// not come back yet). Once the cache has moved past it, the entry is dropped, so the map holds
+/// only writes still in flight.
+fn stale_cache(
+    rvs: &Mutex<HashMap<ObjectKey, String>>,
+    key: &ObjectKey,
+    current: Option<&Endpoints>,
+) -> bool {
+    let mut rvs = rvs.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(stale) = rvs.get(key) else {
+        return false;
+    };
+    if current.is_some_and(|c| c.metadata.resource_version.as_ref() == Some(stale)) {
+        return true;
+    }
+    rvs.remove(key);
+    false
+}
+
 async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
     let (svc, pods, current) = {
         let st = s.state();
@@ -121,6 +140,10 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
     };
     let api: Api<Endpoints> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
     let Some(svc) = svc else {
+        s.stale_rvs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
         // As upstream: the Service is gone, so is its Endpoints object. A Service merely out
         // of our scope keeps it.
         let svcs: Api<Service> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
@@ -137,14 +160,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
     if spec.type_.as_deref() == Some("ExternalName") || spec.selector.is_none() {
         return Ok(Requeue::Done);
     }
-    if let (Some(cur), Some(stale)) = (
-        &current,
-        s.stale_rvs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key),
-    ) && cur.metadata.resource_version.as_ref() == Some(stale)
-    {
+    if stale_cache(&s.stale_rvs, &key, current.as_deref()) {
         return Err(Error::StaleCache(key.to_string()));
     }
     let pod_refs: Vec<&PodRecord> = pods.iter().map(|p| p.as_ref()).collect();
@@ -170,4 +186,35 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
         }
     }
     Ok(Requeue::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn at(rv: &str) -> Endpoints {
+        Endpoints {
+            metadata: ObjectMeta {
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_stale_version_is_forgotten_once_the_cache_moves_past_it() {
+        // Entries were never removed: one per Service ever updated, deleted ones included.
+        let rvs = Mutex::new(HashMap::new());
+        let k = ObjectKey::new("n", "a");
+        rvs.lock().expect("lock").insert(k.clone(), "5".to_string());
+        assert!(stale_cache(&rvs, &k, Some(&at("5"))));
+        assert!(!stale_cache(&rvs, &k, Some(&at("6"))));
+        assert!(rvs.lock().expect("lock").is_empty());
+        assert!(
+            !stale_cache(&rvs, &k, Some(&at("5"))),
+            "nothing left to wait for"
+        );
+    }
 }

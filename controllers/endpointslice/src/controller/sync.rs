@@ -187,6 +187,7 @@ async fn cleanup_absent(
     ours: Vec<Arc<EndpointSlice>>,
 ) -> Result<Requeue, Error> {
     s.metrics.delete_service(key);
+    s.state().hints_populated.remove(key);
     if ours.is_empty() {
         s.slices.tracker.delete_service(key);
         return Ok(Requeue::Done);
