@@ -175,7 +175,8 @@ impl SliceMetrics {
             s.by_traffic_distribution
                 .get_or_create(&TrafficDistributionLabel {
                     traffic_distribution: t.into(),
-                });
+                })
+                .set(0);
         }
         s
     }
