@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use cloud_lb::local::{LocalCloudConfig, LocalProvider};
-use cloud_lb::{CloudLbConfig, LoadBalancerProvider, ProviderKind, run_with_provider};
+use cloud_lb::{
+    CloudLbConfig, LoadBalancerProvider, NODE_SYNC_PERIOD, ProviderKind, run_with_provider_every,
+};
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -43,6 +45,27 @@ impl Ctrl {
         provider: Arc<dyn LoadBalancerProvider>,
         leading: bool,
     ) -> Ctrl {
+        Self::start_with(client, config, provider, leading, NODE_SYNC_PERIOD)
+    }
+
+    /// Starts leading, with the periodic pass (host comparison and existence check) every
+    /// `resync`.
+    pub fn start_every(
+        client: &kube::Client,
+        config: CloudLbConfig,
+        provider: Arc<dyn LoadBalancerProvider>,
+        resync: Duration,
+    ) -> Ctrl {
+        Self::start_with(client, config, provider, true, resync)
+    }
+
+    fn start_with(
+        client: &kube::Client,
+        config: CloudLbConfig,
+        provider: Arc<dyn LoadBalancerProvider>,
+        leading: bool,
+        resync: Duration,
+    ) -> Ctrl {
         // Logs with RUST_LOG=cloud_lb=debug (and --nocapture).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -53,7 +76,7 @@ impl Ctrl {
         let (token, metrics) = (base.shutdown.clone(), base.metrics.clone());
         let ctx = base.context("cloud-lb", "service-controller");
         let task = tokio::spawn(async move {
-            if let Err(e) = run_with_provider(ctx, config, provider).await {
+            if let Err(e) = run_with_provider_every(ctx, config, provider, resync).await {
                 eprintln!("controller stopped: {e}");
             }
         });

@@ -18,3 +18,4 @@ mod harness;
 mod lifecycle;
 mod local_pools;
 mod quota;
+mod repair;

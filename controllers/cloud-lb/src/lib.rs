@@ -30,9 +30,11 @@ use scm_runtime::{ControllerContext, ReconcileError};
 
 pub use config::{CloudLbConfig, build_provider};
 pub use provider::{LoadBalancerProvider, ProviderError, ProviderKind};
+pub use steps::SERVED_ELSEWHERE;
 
 /// How often every Service's hosts are compared with the node set even without node events
-/// (upstream's nodeSyncPeriod).
+/// (upstream's nodeSyncPeriod), and every load balancer we remember is checked for existence
+/// (one provider `get` each; recreated when gone).
 pub const NODE_SYNC_PERIOD: Duration = Duration::from_secs(100);
 /// How long node events are collected before one host-update pass (batching).
 pub const NODE_SYNC_DEBOUNCE: Duration = Duration::from_millis(500);
@@ -74,7 +76,20 @@ pub async fn run_with_provider(
     config: CloudLbConfig,
     provider: Arc<dyn LoadBalancerProvider>,
 ) -> Result<(), Error> {
+    run_with_provider_every(ctx, config, provider, NODE_SYNC_PERIOD).await
+}
+
+/// [`run_with_provider`] with another period for the periodic pass (which compares every
+/// Service's hosts with the node set and checks that every load balancer we remember still
+/// exists); tests use a short one.
+pub async fn run_with_provider_every(
+    ctx: ControllerContext,
+    config: CloudLbConfig,
+    provider: Arc<dyn LoadBalancerProvider>,
+    resync: Duration,
+) -> Result<(), Error> {
     let services = ctx.informers.services();
     let nodes = ctx.informers.nodes();
-    shell::run(ctx, config, provider, services, nodes).await
+    let periods = shell::Periods { resync };
+    shell::run(ctx, config, provider, services, nodes, periods).await
 }

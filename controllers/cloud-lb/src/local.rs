@@ -278,6 +278,18 @@ impl LoadBalancerProvider for LocalProvider {
         svc_name(service)
     }
 
+    fn recognises(&self, _cluster: &str, _service: &Service, status: &LoadBalancerStatus) -> bool {
+        // Addresses from our pools only (a hostname is never ours).
+        let ingress = status.ingress.as_deref().unwrap_or_default();
+        let st = self.lock();
+        !ingress.is_empty()
+            && ingress.iter().all(|i| {
+                i.ip.as_deref()
+                    .and_then(|ip| ip.parse::<IpAddr>().ok())
+                    .is_some_and(|ip| st.cidrs.iter().any(|c| c.contains(&ip)))
+            })
+    }
+
     async fn get(
         &self,
         _cluster: &str,

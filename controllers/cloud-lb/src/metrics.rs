@@ -1,6 +1,7 @@
 //! upstream's `service_controller` metric families.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use scm_runtime::ControllerContext;
 
@@ -15,6 +16,8 @@ pub(crate) struct LbMetrics {
     pub nodesync_latency: Histogram,
     /// One observation per Service's host update.
     pub host_update_latency: Histogram,
+    /// Class-less Services we refuse because another controller already serves them.
+    pub served_elsewhere: Gauge,
 }
 
 impl LbMetrics {
@@ -25,6 +28,7 @@ impl LbMetrics {
             nodesync_errors: Counter::default(),
             nodesync_latency: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
             host_update_latency: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            served_elsewhere: Gauge::default(),
         };
         let mut reg = ctx.metrics.registry();
         reg.register(
@@ -46,6 +50,11 @@ impl LbMetrics {
             "service_controller_update_loadbalancer_host_latency_seconds",
             "A metric measuring the latency for updating each load balancer hosts.",
             m.host_update_latency.clone(),
+        );
+        reg.register(
+            "service_controller_loadbalancer_served_elsewhere",
+            "Class-less LoadBalancer Services not served because another controller already publishes their load balancer",
+            m.served_elsewhere.clone(),
         );
         m
     }

@@ -263,6 +263,15 @@ pub trait LoadBalancerProvider: Send + Sync {
         false
     }
 
+    /// True if `status` is one this provider would publish for the Service (e.g. the DNS name
+    /// of a load balancer named as ours, or addresses from our pools). Decides, when our
+    /// load balancer is not found, whether a Service's status was ours (deleted out of band:
+    /// recreate) or another controller's (leave it alone). Must not call the network. The
+    /// default is false: an unexplained status is someone else's.
+    fn recognises(&self, _cluster: &str, _service: &Service, _status: &LoadBalancerStatus) -> bool {
+        false
+    }
+
     /// Called once after the caches have synced and before any other call, with every Service
     /// the controller serves, so a stateful provider can rebuild its state (the local pool
     /// re-reserves published addresses). The default does nothing.

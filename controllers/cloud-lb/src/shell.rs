@@ -18,7 +18,7 @@ use crate::core::{self, Action, ClassFilter, LastSync, Observed, Step};
 use crate::metrics::LbMetrics;
 use crate::nodes::{self, NodeSyncPass};
 use crate::provider::LoadBalancerProvider;
-use crate::{CloudLbConfig, Error, NODE_SYNC_DEBOUNCE, NODE_SYNC_PERIOD};
+use crate::{CloudLbConfig, Error, NODE_SYNC_DEBOUNCE};
 
 #[cfg(test)]
 mod fake_api;
@@ -34,11 +34,19 @@ pub(crate) struct Record {
     pub parked: Option<String>,
     /// No provider call before this (the cloud's throttle hint).
     pub not_before: Option<Instant>,
+    /// A periodic pass asked to check that its load balancer still exists.
+    pub verify: bool,
+    /// Refused as served by another controller, decided from this [`core::refusal_key`].
+    pub refused: Option<String>,
 }
 
 impl Record {
     fn is_empty(&self) -> bool {
-        self.last.is_none() && self.parked.is_none() && self.not_before.is_none()
+        // `verify` alone is nothing to keep: only remembered Services are verified.
+        self.last.is_none()
+            && self.parked.is_none()
+            && self.not_before.is_none()
+            && self.refused.is_none()
     }
 }
 
@@ -54,7 +62,9 @@ pub(crate) struct Memory {
 
 impl Memory {
     fn remembers(&self, key: &ObjectKey) -> bool {
-        self.services.get(key).is_some_and(|r| r.last.is_some())
+        self.services
+            .get(key)
+            .is_some_and(|r| r.last.is_some() || r.refused.is_some())
     }
 
     /// Edits `key`'s record, dropping it once it holds nothing.
@@ -70,6 +80,13 @@ impl Memory {
     /// Forgets everything about `key`.
     pub fn forget(&mut self, key: &ObjectKey) {
         self.services.remove(key);
+    }
+
+    /// A periodic pass: every load balancer we remember is checked once for existence.
+    fn ask_verify(&mut self) {
+        for r in self.services.values_mut() {
+            r.verify = r.last.is_some();
+        }
     }
 
     /// Leadership lost: what we synced is stale; the provider must be restored again.
@@ -99,6 +116,13 @@ pub(crate) struct Shell {
     pass: NodeSyncPass,
 }
 
+/// The node-sync pass's period (upstream's nodeSyncPeriod), which is also when every
+/// remembered load balancer is checked for existence.
+pub(crate) struct Periods {
+    /// Every Service is compared with the node set, and its load balancer checked, this often.
+    pub resync: Duration,
+}
+
 fn lock(m: &Mutex<Memory>) -> MutexGuard<'_, Memory> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -119,6 +143,7 @@ pub(crate) async fn run(
     provider: Arc<dyn LoadBalancerProvider>,
     services: Informer<Service>,
     nodes: Informer<Node>,
+    periods: Periods,
 ) -> Result<(), Error> {
     let metrics = LbMetrics::register(&ctx);
     let queue: WorkQueue<ObjectKey> = WorkQueue::new(Backoff {
@@ -149,12 +174,13 @@ pub(crate) async fn run(
 
     let sh = shell.clone();
     let nodesync_task = async move {
-        let mut tick = tokio::time::interval(NODE_SYNC_PERIOD);
+        let mut tick = tokio::time::interval(periods.resync);
         tick.tick().await;
         loop {
             tokio::select! {
                 _ = node_dirty.notified() => tokio::time::sleep(NODE_SYNC_DEBOUNCE).await,
-                _ = tick.tick() => {}
+                // Only the periodic pass checks existence: node events stay cloud-read free.
+                _ = tick.tick() => sh.memory().ask_verify(),
             }
             sh.node_sync_pass();
         }
@@ -252,7 +278,9 @@ fn watch_services(
                 let missed: Vec<ObjectKey> = lock(&memory)
                     .services
                     .iter()
-                    .filter(|(k, r)| r.last.is_some() && !listed.contains(*k))
+                    .filter(|(k, r)| {
+                        (r.last.is_some() || r.refused.is_some()) && !listed.contains(*k)
+                    })
                     .map(|(k, _)| k.clone())
                     .collect();
                 for key in missed {
@@ -295,11 +323,17 @@ impl Shell {
     }
 
     /// What the controller knows about `key` now, and the stable node set it was computed from.
-    fn observe(&self, key: &ObjectKey) -> (Observed, Vec<Arc<Node>>) {
+    fn observe(&self, key: &ObjectKey, found: Option<bool>) -> (Observed, Vec<Arc<Node>>) {
         let service = self.services.get(key).map(|s| s.as_ref().clone());
         let implemented_elsewhere = service
             .as_ref()
             .is_some_and(|s| self.provider.implemented_elsewhere(s));
+        let recognised = service.as_ref().is_some_and(|s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.load_balancer.as_ref())
+                .is_some_and(|lb| self.provider.recognises(&self.config.cluster_name, s, lb))
+        });
         let stable = nodes::stable_nodes(&self.nodes);
         let nodes = core::fingerprint(stable.iter().map(|n| n.as_ref()));
         let now = Instant::now();
@@ -322,14 +356,20 @@ impl Shell {
             parked: rec.and_then(|r| r.parked.clone()),
             nodes,
             retry_wait,
+            verify: rec.is_some_and(|r| r.verify),
+            found,
+            recognised,
+            refused: rec.and_then(|r| r.refused.clone()),
         };
         (o, stable)
     }
 
     /// One reconcile of `key`: observe, decide, execute; again after a restore.
     pub async fn reconcile(&self, key: &ObjectKey) -> Result<Requeue, Error> {
+        // What the provider's `get` answered, once a step asked (decided again with it).
+        let mut found = None;
         loop {
-            let (o, nodes) = self.observe(key);
+            let (o, nodes) = self.observe(key, found);
             let step = core::decide(&self.filter, &o);
             debug!(service = %key, ?step, "decided");
             let res = match step {
@@ -337,7 +377,23 @@ impl Shell {
                     Ok(()) => continue,
                     Err(e) => Err(e),
                 },
-                other => self.execute(key, other, o, nodes).await,
+                Step::LookUp if found.is_none() => match self.look_up(o.service.as_ref()).await {
+                    Ok(exists) => {
+                        found = Some(exists);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+                other => {
+                    self.note_refusal(key, other, o.service.as_ref());
+                    let res = self.execute(key, other, o, nodes).await;
+                    if found.is_some() && res.is_ok() {
+                        // Checked and acted on: nothing more until the next periodic pass (a
+                        // failed recreate keeps the request, so its retry looks again).
+                        self.memory().edit(key, |r| r.verify = false);
+                    }
+                    res
+                }
             };
             if let Err(Error::Provider(e)) = &res
                 && let Some(after) = e.retry_after()
@@ -349,6 +405,41 @@ impl Shell {
                 self.memory().edit(key, |r| r.not_before = Some(until));
             }
             return res;
+        }
+    }
+
+    /// Whether our load balancer for the Service exists (the provider's `get`: in AWS a
+    /// coalesced DescribeLoadBalancers and DescribeTags; in the local provider, memory).
+    async fn look_up(&self, svc: Option<&Service>) -> Result<bool, Error> {
+        let Some(svc) = svc else {
+            return Ok(false);
+        };
+        Ok(self
+            .provider
+            .get(&self.config.cluster_name, svc)
+            .await?
+            .is_some())
+    }
+
+    /// Keeps the record of a refusal (and the gauge of refused Services) in step with `step`.
+    fn note_refusal(&self, key: &ObjectKey, step: Step, svc: Option<&Service>) {
+        let now = match (step, svc) {
+            (Step::ServedElsewhere { .. }, Some(s)) => Some(core::refusal_key(s)),
+            _ => None,
+        };
+        let (was, is) = self.memory().edit(key, |r| {
+            let was = r.refused.is_some();
+            r.refused = now;
+            (was, r.refused.is_some())
+        });
+        match (was, is) {
+            (false, true) => {
+                self.metrics.served_elsewhere.inc();
+            }
+            (true, false) => {
+                self.metrics.served_elsewhere.dec();
+            }
+            _ => {}
         }
     }
 

@@ -27,6 +27,9 @@ pub(crate) fn note(s: String) -> String {
     format!("{}...", &s[..end])
 }
 
+/// The Warning Event's reason for a class-less Service another controller already serves.
+pub const SERVED_ELSEWHERE: &str = "LoadBalancerServedElsewhere";
+
 fn reference(svc: &Service) -> ObjectReference {
     svc.object_ref(&())
 }
@@ -113,6 +116,47 @@ impl Shell {
                     return Ok(Requeue::Done);
                 };
                 self.cleanup(key, svc).await
+            }
+            // `Shell::reconcile` looks up and decides again; never decided twice in a row.
+            Step::LookUp => Ok(Requeue::After(Duration::ZERO)),
+            Step::Recreate => {
+                let Some(svc) = o.service else {
+                    return Ok(Requeue::Done);
+                };
+                let name = self
+                    .provider
+                    .load_balancer_name(&self.config.cluster_name, &svc);
+                info!(service = %key, load_balancer = %name, "load balancer gone: recreating it");
+                self.ctx
+                    .events
+                    .normal(
+                        &reference(&svc),
+                        "RecreatingLoadBalancer",
+                        "Ensure",
+                        note(format!(
+                            "Load balancer {name} no longer exists (deleted outside this controller): recreating it"
+                        )),
+                    )
+                    .await;
+                self.ensure(key, svc, &nodes, o.nodes).await
+            }
+            Step::ServedElsewhere { warn } => {
+                let Some(svc) = o.service else {
+                    return Ok(Requeue::Done);
+                };
+                if warn {
+                    warn!(service = %key, "class-less Service already served by another controller: not serving it");
+                    self.ctx
+                        .events
+                        .warning(
+                            &reference(&svc),
+                            SERVED_ELSEWHERE,
+                            "Ensure",
+                            "status.loadBalancer was not written by this controller and no load balancer of ours exists: another controller (e.g. the cluster's cloud-controller-manager) serves class-less Services here, so this one is left alone. Set spec.loadBalancerClass to use this controller, or run it with --default-load-balancer=false".into(),
+                        )
+                        .await;
+                }
+                Ok(Requeue::Done)
             }
         }
     }

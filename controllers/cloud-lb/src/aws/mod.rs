@@ -259,6 +259,21 @@ impl LoadBalancerProvider for AwsProvider {
         spec::is_external(service)
     }
 
+    fn recognises(&self, cluster: &str, service: &Service, status: &LoadBalancerStatus) -> bool {
+        // An NLB's DNS name is `<name>-<id>.elb.<region>.amazonaws.com`.
+        let prefix = format!(
+            "{}-",
+            spec::load_balancer_name(cluster, service).to_ascii_lowercase()
+        );
+        let ingress = status.ingress.as_deref().unwrap_or_default();
+        !ingress.is_empty()
+            && ingress.iter().all(|i| {
+                i.hostname
+                    .as_deref()
+                    .is_some_and(|h| h.to_ascii_lowercase().starts_with(&prefix))
+            })
+    }
+
     async fn get(
         &self,
         cluster: &str,

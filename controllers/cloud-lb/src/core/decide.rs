@@ -6,7 +6,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Service};
 
 use super::{
-    Action, ClassFilter, NodeFingerprint, action, spec_fingerprint, status_differs, with_finalizer,
+    Action, ClassFilter, NodeFingerprint, action, class_of, has_finalizer, has_ingress, normalized,
+    spec_fingerprint, status_differs, with_finalizer,
 };
 
 /// What the controller last did successfully for a Service (its memory, lost with the
@@ -40,6 +41,28 @@ pub struct Observed {
     pub nodes: NodeFingerprint,
     /// How long the cloud still asked us to wait (a throttle's `retry_after`), if at all.
     pub retry_wait: Option<Duration>,
+    /// A periodic pass asked to check that the load balancer still exists (it may have been
+    /// deleted out of band while spec and nodes stayed the same).
+    pub verify: bool,
+    /// What the provider's `get` answered in this reconcile (whether our load balancer
+    /// exists); `None` until [`Step::LookUp`] asked.
+    pub found: Option<bool>,
+    /// Whether the provider recognises the Service's published status as one it would write
+    /// (a local predicate on names or pools, no network).
+    pub recognised: bool,
+    /// The [`refusal_key`] under which we last refused the Service as served elsewhere.
+    pub refused: Option<String>,
+}
+
+/// What a refusal as served elsewhere was decided from (the spec and the published status):
+/// while it stays the same the refusal stands without asking the provider again.
+pub fn refusal_key(svc: &Service) -> String {
+    let status = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+    format!(
+        "{}|{}",
+        spec_fingerprint(svc),
+        serde_json::Value::Array(normalized(status))
+    )
 }
 
 /// What a reconcile of one Service key does.
@@ -72,6 +95,18 @@ pub enum Step {
     },
     /// Create or bring the load balancer up to date: finalizer, provider ensure, status.
     Ensure,
+    /// Ask the provider whether our load balancer exists (its `get`), then decide again.
+    LookUp,
+    /// Our load balancer is gone although nothing changed (deleted out of band): say so in an
+    /// Event, then ensure (which recreates it and publishes the new status).
+    Recreate,
+    /// A class-less Service already served by another controller (a status we did not write,
+    /// no load balancer of ours): leave it alone, no cloud call, no finalizer; `warn` on the
+    /// first refusal of this spec and status.
+    ServedElsewhere {
+        /// Whether to record the Warning Event (not again while nothing changed).
+        warn: bool,
+    },
 }
 
 impl Step {
@@ -79,7 +114,12 @@ impl Step {
     pub fn calls_provider(self) -> bool {
         matches!(
             self,
-            Step::DeleteVanished | Step::Cleanup | Step::HostsOnly { .. } | Step::Ensure
+            Step::DeleteVanished
+                | Step::Cleanup
+                | Step::HostsOnly { .. }
+                | Step::Ensure
+                | Step::LookUp
+                | Step::Recreate
         )
     }
 }
@@ -120,16 +160,41 @@ fn decide_restored(filter: &ClassFilter, o: &Observed) -> Step {
     }
     match act {
         Action::Ignore => Step::Ignore,
+        Action::Cleanup
+            if o.last.is_none()
+                && class_of(svc).is_none()
+                && has_ingress(svc)
+                && has_finalizer(svc) =>
+        {
+            // Deleted or no longer a LoadBalancer: with someone else's status on it, the
+            // (same-named) finalizer and the status are theirs to remove, not ours.
+            if o.refused.is_some() {
+                return Step::ServedElsewhere { warn: false };
+            }
+            match o.found {
+                None => Step::LookUp,
+                Some(false) if !o.recognised => Step::ServedElsewhere { warn: true },
+                Some(_) => Step::Cleanup,
+            }
+        }
         Action::Cleanup => Step::Cleanup,
         Action::Ensure => {
             let spec = spec_fingerprint(svc);
             if o.parked.as_deref() == Some(spec.as_str()) {
                 return Step::Park;
             }
+            if o.last.is_none() && class_of(svc).is_none() && has_ingress(svc) {
+                return class_less_with_status(svc, o);
+            }
             match &o.last {
                 Some(last) if last.spec == spec => {
                     let rewrite_status = status_differs(svc, &last.status);
                     match (last.nodes == o.nodes, rewrite_status) {
+                        (true, false) if o.verify => match o.found {
+                            None => Step::LookUp,
+                            Some(true) => Step::InSync,
+                            Some(false) => Step::Recreate,
+                        },
                         (true, false) => Step::InSync,
                         (true, true) => Step::StatusOnly,
                         (false, rewrite_status) => Step::HostsOnly { rewrite_status },
@@ -141,356 +206,24 @@ fn decide_restored(filter: &ClassFilter, o: &Observed) -> Step {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::LB_FINALIZER;
-    use k8s_openapi::api::core::v1::{
-        LoadBalancerIngress, ServicePort, ServiceSpec, ServiceStatus,
-    };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-
-    const OURS: &str = "example.com/ours";
-
-    /// A Service described by the table's columns.
-    #[derive(Clone, Copy)]
-    struct S {
-        type_: &'static str,
-        class: Option<&'static str>,
-        finalizer: bool,
-        deleting: bool,
-        /// The published ingress IP, if any.
-        ip: Option<&'static str>,
-        port: i32,
+/// A class-less Service we hold no record of already shows a load balancer: ours from before
+/// a restart (the provider finds our load balancer; or it is gone but the status is one we
+/// would write and our finalizer is on, so it was deleted out of band), else another
+/// controller's (the cluster's own cloud-controller-manager serves class-less Services too,
+/// with the same finalizer name, so the finalizer alone proves nothing).
+fn class_less_with_status(svc: &Service, o: &Observed) -> Step {
+    if o.refused.as_deref() == Some(refusal_key(svc).as_str()) {
+        return Step::ServedElsewhere { warn: false };
     }
-
-    const LB: S = S {
-        type_: "LoadBalancer",
-        class: Some(OURS),
-        finalizer: true,
-        deleting: false,
-        ip: Some("10.0.0.1"),
-        port: 80,
-    };
-
-    fn status(ip: Option<&str>) -> LoadBalancerStatus {
-        LoadBalancerStatus {
-            ingress: ip.map(|ip| {
-                vec![LoadBalancerIngress {
-                    ip: Some(ip.into()),
-                    ..Default::default()
-                }]
-            }),
-        }
-    }
-
-    fn service(s: S) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                namespace: Some("ns".into()),
-                name: Some("svc".into()),
-                uid: Some("uid-1".into()),
-                finalizers: s.finalizer.then(|| vec![LB_FINALIZER.to_string()]),
-                deletion_timestamp: s.deleting.then(|| Time(Default::default())),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                type_: Some(s.type_.into()),
-                load_balancer_class: s.class.map(str::to_string),
-                ports: Some(vec![ServicePort {
-                    port: s.port,
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            status: Some(ServiceStatus {
-                load_balancer: Some(status(s.ip)),
-                ..Default::default()
-            }),
-        }
-    }
-
-    fn nodes(names: &[&str]) -> NodeFingerprint {
-        names.iter().map(|n| (n.to_string(), None)).collect()
-    }
-
-    /// What we remember: the last sync of `s` with node set `ns` and published `ip`.
-    fn last(s: S, ns: &[&str], ip: Option<&str>) -> Option<LastSync> {
-        let svc = service(s);
-        Some(LastSync {
-            spec: spec_fingerprint(&svc),
-            service: svc,
-            nodes: nodes(ns),
-            status: status(ip),
-        })
-    }
-
-    fn observed(svc: Option<S>) -> Observed {
-        Observed {
-            restored: true,
-            service: svc.map(service),
-            nodes: nodes(&["a", "b"]),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn decision_table() {
-        let filter = ClassFilter {
-            class: Some(OURS.into()),
-            default_implementation: false,
-        };
-        let fresh = S {
-            finalizer: false,
-            ip: None,
-            ..LB
-        };
-        let moved = S { port: 8080, ..LB };
-        let parked_spec = spec_fingerprint(&service(fresh));
-        let wait = Duration::from_secs(7);
-        let rows: Vec<(&str, Observed, Step)> = vec![
-            (
-                "first reconcile of a term restores, whatever the Service",
-                Observed {
-                    restored: false,
-                    ..observed(Some(fresh))
-                },
-                Step::Restore,
-            ),
-            (
-                "new Service of our class",
-                observed(Some(fresh)),
-                Step::Ensure,
-            ),
-            (
-                "a class-less Service is not ours (not the default)",
-                observed(Some(S {
-                    class: None,
-                    ..fresh
-                })),
-                Step::Ignore,
-            ),
-            (
-                "another implementation's Service, even remembered",
-                Observed {
-                    last: last(LB, &["a", "b"], Some("10.0.0.1")),
-                    ..observed(Some(S {
-                        class: Some("other.example.com/lb"),
-                        ..fresh
-                    }))
-                },
-                Step::Ignore,
-            ),
-            (
-                "type changed away with our finalizer",
-                observed(Some(S {
-                    type_: "ClusterIP",
-                    ..LB
-                })),
-                Step::Cleanup,
-            ),
-            (
-                "being deleted with our finalizer",
-                observed(Some(S {
-                    deleting: true,
-                    ..LB
-                })),
-                Step::Cleanup,
-            ),
-            (
-                "being deleted without our finalizer",
-                observed(Some(S {
-                    deleting: true,
-                    finalizer: false,
-                    ..LB
-                })),
-                Step::Ignore,
-            ),
-            (
-                "implemented elsewhere, never ours",
-                Observed {
-                    implemented_elsewhere: true,
-                    ..observed(Some(fresh))
-                },
-                Step::Ignore,
-            ),
-            (
-                "implemented elsewhere now, ours before (finalizer on)",
-                Observed {
-                    implemented_elsewhere: true,
-                    ..observed(Some(LB))
-                },
-                Step::Cleanup,
-            ),
-            (
-                "gone, remembered: delete from what we last saw",
-                Observed {
-                    last: last(LB, &["a", "b"], Some("10.0.0.1")),
-                    ..observed(None)
-                },
-                Step::DeleteVanished,
-            ),
-            ("gone, nothing remembered", observed(None), Step::Forget),
-            (
-                "this spec failed permanently",
-                Observed {
-                    parked: Some(parked_spec.clone()),
-                    ..observed(Some(fresh))
-                },
-                Step::Park,
-            ),
-            (
-                "a permanent failure of another spec does not park this one",
-                Observed {
-                    parked: Some(parked_spec.clone()),
-                    ..observed(Some(moved))
-                },
-                Step::Ensure,
-            ),
-            (
-                "everything as last synced",
-                Observed {
-                    last: last(LB, &["a", "b"], Some("10.0.0.1")),
-                    ..observed(Some(LB))
-                },
-                Step::InSync,
-            ),
-            (
-                "our status write not in the cache yet, or overwritten",
-                Observed {
-                    last: last(LB, &["a", "b"], Some("10.0.0.1")),
-                    ..observed(Some(S { ip: None, ..LB }))
-                },
-                Step::StatusOnly,
-            ),
-            (
-                "only the node set changed",
-                Observed {
-                    last: last(LB, &["a"], Some("10.0.0.1")),
-                    ..observed(Some(LB))
-                },
-                Step::HostsOnly {
-                    rewrite_status: false,
-                },
-            ),
-            (
-                "node set and status both differ",
-                Observed {
-                    last: last(LB, &["a"], Some("10.0.0.1")),
-                    ..observed(Some(S {
-                        ip: Some("10.0.0.9"),
-                        ..LB
-                    }))
-                },
-                Step::HostsOnly {
-                    rewrite_status: true,
-                },
-            ),
-            (
-                "the spec changed since the last sync",
-                Observed {
-                    last: last(LB, &["a", "b"], Some("10.0.0.1")),
-                    ..observed(Some(moved))
-                },
-                Step::Ensure,
-            ),
-            (
-                "throttled: an ensure waits out the hint",
-                Observed {
-                    retry_wait: Some(wait),
-                    ..observed(Some(fresh))
-                },
-                Step::Wait(wait),
-            ),
-            (
-                "throttled: a cleanup waits too",
-                Observed {
-                    retry_wait: Some(wait),
-                    ..observed(Some(S {
-                        deleting: true,
-                        ..LB
-                    }))
-                },
-                Step::Wait(wait),
-            ),
-            (
-                "throttled: a status rewrite needs no cloud call",
-                Observed {
-                    retry_wait: Some(wait),
-                    last: last(LB, &["a", "b"], Some("10.0.0.1")),
-                    ..observed(Some(S { ip: None, ..LB }))
-                },
-                Step::StatusOnly,
-            ),
-            (
-                "throttled: restore still comes first",
-                Observed {
-                    restored: false,
-                    retry_wait: Some(wait),
-                    ..observed(Some(fresh))
-                },
-                Step::Restore,
-            ),
-        ];
-        for (what, o, want) in rows {
-            assert_eq!(decide(&filter, &o), want, "{what}");
-        }
-    }
-
-    #[test]
-    fn default_implementation_serves_class_less_services() {
-        let filter = ClassFilter {
-            class: None,
-            default_implementation: true,
-        };
-        let s = S {
-            class: None,
-            finalizer: false,
-            ip: None,
-            ..LB
-        };
-        assert_eq!(decide(&filter, &observed(Some(s))), Step::Ensure);
-        // Leftover status of ours on a Service that is no longer a LoadBalancer is cleared.
-        let left = S {
-            type_: "NodePort",
-            ..s
-        };
-        let with_status = S {
-            ip: Some("1.2.3.4"),
-            ..left
-        };
-        assert_eq!(decide(&filter, &observed(Some(left))), Step::Ignore);
-        assert_eq!(decide(&filter, &observed(Some(with_status))), Step::Cleanup);
-    }
-
-    #[test]
-    fn only_provider_steps_wait() {
-        let all = [
-            Step::Restore,
-            Step::Wait(Duration::from_secs(1)),
-            Step::Ignore,
-            Step::Forget,
-            Step::DeleteVanished,
-            Step::Cleanup,
-            Step::Park,
-            Step::InSync,
-            Step::StatusOnly,
-            Step::HostsOnly {
-                rewrite_status: true,
-            },
-            Step::Ensure,
-        ];
-        let calling: Vec<Step> = all.into_iter().filter(|s| s.calls_provider()).collect();
-        assert_eq!(
-            calling,
-            vec![
-                Step::DeleteVanished,
-                Step::Cleanup,
-                Step::HostsOnly {
-                    rewrite_status: true
-                },
-                Step::Ensure
-            ]
-        );
+    match o.found {
+        None => Step::LookUp,
+        Some(true) => Step::Ensure,
+        Some(false) if o.recognised && has_finalizer(svc) => Step::Recreate,
+        Some(false) => Step::ServedElsewhere {
+            warn: o.refused.is_none(),
+        },
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -192,7 +192,10 @@ impl Running {
             default_load_balancer: false,
             ..CloudLbConfig::default()
         };
-        let task = tokio::spawn(run(ctx, config, provider, services.clone(), nodes));
+        let periods = Periods {
+            resync: crate::NODE_SYNC_PERIOD,
+        };
+        let task = tokio::spawn(run(ctx, config, provider, services.clone(), nodes, periods));
         Running {
             log: log.clone(),
             base,

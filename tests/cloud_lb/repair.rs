@@ -1,0 +1,195 @@
+//! What the periodic pass repairs and what the controller refuses to take over (issue 12,
+//! defects 4 and 7): a load balancer deleted out of band is recreated and the status follows;
+//! a class-less Service another controller already serves is left alone.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use cloud_lb::{CloudLbConfig, SERVED_ELSEWHERE};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams};
+use test_support::wait_for;
+
+use crate::aws::Aws;
+use crate::harness::*;
+
+/// Short enough that a test sees a few passes, long enough not to crowd the node events.
+const RESYNC: Duration = Duration::from_secs(2);
+
+const SERVED_ELSEWHERE_METRIC: &str = "service_controller_loadbalancer_served_elsewhere";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_load_balancer_deleted_out_of_band_is_recreated() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-repair").await?;
+    let class = "test.example.com/repair";
+    let ctrl = Ctrl::start_every(&client, aws.config(class, false), aws.provider(), RESYNC);
+    node(&client, "repair-a").await?;
+
+    create(
+        &client,
+        &lb_service(&ns, "web", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let svc = wait_status(&client, &ns, "web").await?;
+    let lb = aws
+        .lb_of(&svc)
+        .await
+        .ok_or_else(|| anyhow!("no load balancer"))?;
+    let old_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+    assert_eq!(hostname(&svc).as_deref(), lb.dns_name());
+
+    // Someone deletes the NLB behind the controller's back (console, a script, a cleanup job).
+    aws.elb
+        .delete_load_balancer()
+        .load_balancer_arn(&old_arn)
+        .send()
+        .await?;
+    assert!(aws.lb_of(&svc).await.is_none(), "deleted in moto");
+
+    // Nothing about the Service or the nodes changes: only the periodic pass can notice.
+    let new = wait_for("a new load balancer", T, || async {
+        aws.lb_of(&svc)
+            .await
+            .filter(|l| l.load_balancer_arn() != Some(old_arn.as_str()))
+    })
+    .await?;
+    let new_dns = new.dns_name().unwrap_or_default().to_string();
+    let svc = wait_for("the status follows the new load balancer", T, || async {
+        get(&client, &ns, "web")
+            .await
+            .filter(|s| hostname(s).as_deref() == Some(new_dns.as_str()))
+    })
+    .await?;
+    assert!(has_finalizer(&svc));
+    let note = wait_event(
+        &client,
+        &ns,
+        "web",
+        "RecreatingLoadBalancer",
+        "no longer exists",
+    )
+    .await?;
+    assert!(note.contains("recreating"), "{note}");
+    let arn = new.load_balancer_arn().unwrap_or_default().to_string();
+    assert_eq!(aws.listeners(&arn).await.len(), 1, "listener recreated");
+    assert_eq!(aws.tgs_of(&arn).await.len(), 1, "target group attached");
+    ctrl.stop().await;
+    Ok(())
+}
+
+/// Writes `ip` into the Service's status as another controller would.
+async fn publish_as_someone_else(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    ip: &str,
+) -> Result<()> {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    let p = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&p))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_class_less_service_served_by_another_controller_is_left_alone() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    node(&client, "elsewhere-a").await?;
+    // The cluster's own cloud-controller-manager already serves these two (it uses the same
+    // finalizer name as we do; the second carries it).
+    create(
+        &client,
+        &lb_service(&ns, "theirs", None, &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    publish_as_someone_else(&client, &ns, "theirs", "203.0.113.7").await?;
+    let mut finalized = lb_service(&ns, "theirs-fin", None, &[("http", 80, "TCP", None)]);
+    finalized.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+    create(&client, &finalized).await?;
+    publish_as_someone_else(&client, &ns, "theirs-fin", "203.0.113.8").await?;
+    // And one nobody serves yet: ours, as the default implementation.
+    create(
+        &client,
+        &lb_service(&ns, "ours", None, &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+
+    let config = || CloudLbConfig {
+        default_load_balancer: true,
+        load_balancer_class: None,
+        ..local_config("it-elsewhere", "unused")
+    };
+    let ctrl = Ctrl::start(&client, config(), local_pool("10.77.0.0/28"));
+    let ours = wait_status(&client, &ns, "ours").await?;
+    assert_eq!(ips(&ours).len(), 1, "ours is served");
+    for (name, ip) in [("theirs", "203.0.113.7"), ("theirs-fin", "203.0.113.8")] {
+        let note = wait_event(&client, &ns, name, SERVED_ELSEWHERE, "another controller").await?;
+        assert!(note.contains("--default-load-balancer=false"), "{note}");
+        let s = get(&client, &ns, name)
+            .await
+            .ok_or_else(|| anyhow!("gone"))?;
+        assert_eq!(ips(&s), vec![ip.to_string()], "{name}: status untouched");
+    }
+    wait_for("served-elsewhere gauge at 2", T, || async {
+        (ctrl.count(SERVED_ELSEWHERE_METRIC) == 2).then_some(())
+    })
+    .await?;
+    let theirs = get(&client, &ns, "theirs")
+        .await
+        .ok_or_else(|| anyhow!("gone"))?;
+    assert!(!has_finalizer(&theirs), "no finalizer added to theirs");
+    assert!(
+        events(&client, &ns, "theirs", "EnsuringLoadBalancer")
+            .await
+            .is_empty()
+    );
+    assert!(
+        events(&client, &ns, "theirs-fin", "EnsuringLoadBalancer")
+            .await
+            .is_empty()
+    );
+
+    // Deleting theirs: their finalizer (same name as ours) is theirs to remove, not ours.
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .delete("theirs-fin", &Default::default())
+        .await?;
+    // A restart adopts what we served (our pool's address, our finalizer) without a Warning.
+    ctrl.stop().await;
+    let ctrl = Ctrl::start(&client, config(), local_pool("10.77.0.0/28"));
+    wait_for("refusals counted again after the restart", T, || async {
+        (ctrl.count(SERVED_ELSEWHERE_METRIC) == 2).then_some(())
+    })
+    .await?;
+    let fin = get(&client, &ns, "theirs-fin")
+        .await
+        .ok_or_else(|| anyhow!("gone"))?;
+    assert!(
+        has_finalizer(&fin),
+        "their finalizer stays on a deleting Service"
+    );
+    assert_eq!(ips(&fin), vec!["203.0.113.8".to_string()]);
+    let again = get(&client, &ns, "ours")
+        .await
+        .ok_or_else(|| anyhow!("gone"))?;
+    assert_eq!(ips(&again), ips(&ours), "ours keeps its address");
+    assert!(
+        events(&client, &ns, "ours", SERVED_ELSEWHERE)
+            .await
+            .is_empty()
+    );
+    assert!(has_finalizer(&again));
+    ctrl.stop().await;
+
+    // Let the namespace go: play the other controller's part.
+    patch(
+        &client,
+        &ns,
+        "theirs-fin",
+        serde_json::json!({"metadata": {"finalizers": null}}),
+    )
+    .await?;
+    Ok(())
+}
