@@ -3,8 +3,11 @@
 //!
 //! 1. cold: 200 LoadBalancer Services over 50 nodes;
 //! 2. steady-state resync: every Service ensured again (must make 0 mutating calls);
-//! 3. one node added (host update of every Service);
-//! 4. one node removed.
+//! 3. periodic existence check: the controller's periodic pass asks `exist` once for every
+//!    Service it remembers (to recreate load balancers deleted out of band; 0 mutating calls),
+//!    and its fallback after a failure, a `get` per Service;
+//! 4. one node added (host update of every Service);
+//! 5. one node removed.
 //!
 //! Run: `cargo bench -p cloud-lb --bench nlb_calls` (env BENCH_SERVICES, BENCH_NODES,
 //! BENCH_CONCURRENCY override the sizes). The provider is driven directly with
@@ -180,6 +183,24 @@ async fn main() -> anyhow::Result<()> {
                 let p = provider.clone();
                 let n = stable.clone();
                 async move { p.ensure(cluster, &s, &n).await.is_ok() }
+            })
+        })
+        .await,
+    );
+    phases.push(
+        phase(&proxy, "periodic existence check", || async {
+            match provider.exist(cluster, &services).await {
+                Ok(v) => v.iter().filter(|e| !**e).count(),
+                Err(_) => services.len(),
+            }
+        })
+        .await,
+    );
+    phases.push(
+        phase(&proxy, "existence check fallback (get each)", || {
+            for_all(&services, concurrency, |s| {
+                let p = provider.clone();
+                async move { matches!(p.get(cluster, &s).await, Ok(Some(_))) }
             })
         })
         .await,

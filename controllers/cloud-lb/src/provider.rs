@@ -263,6 +263,18 @@ pub trait LoadBalancerProvider: Send + Sync {
         false
     }
 
+    /// For each Service, whether its load balancer exists: the periodic pass's existence check
+    /// for every Service we remember, so a load balancer deleted out of band is recreated. May
+    /// be answered more cheaply than one [`LoadBalancerProvider::get`] each (AWS: one paged
+    /// DescribeLoadBalancers for all); the default asks `get` one at a time.
+    async fn exist(&self, cluster: &str, services: &[Service]) -> Result<Vec<bool>, ProviderError> {
+        let mut out = Vec::with_capacity(services.len());
+        for s in services {
+            out.push(self.get(cluster, s).await?.is_some());
+        }
+        Ok(out)
+    }
+
     /// True if `status` is one this provider would publish for the Service (e.g. the DNS name
     /// of a load balancer named as ours, or addresses from our pools). Decides, when our
     /// load balancer is not found, whether a Service's status was ours (deleted out of band:

@@ -12,7 +12,7 @@ use scm_runtime::{
     Backoff, Change, ControllerContext, Informer, ObjectKey, Requeue, WorkQueue, WorkerConfig,
 };
 use tokio::sync::Notify;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::core::{self, Action, ClassFilter, LastSync, Observed, Step};
 use crate::metrics::LbMetrics;
@@ -36,6 +36,9 @@ pub(crate) struct Record {
     pub not_before: Option<Instant>,
     /// A periodic pass asked to check that its load balancer still exists.
     pub verify: bool,
+    /// The periodic pass's answer for all Services at once, if it got one (else the key's
+    /// reconcile asks the provider's `get` itself).
+    pub found: Option<bool>,
     /// Refused as served by another controller, decided from this [`core::refusal_key`].
     pub refused: Option<String>,
 }
@@ -80,13 +83,6 @@ impl Memory {
     /// Forgets everything about `key`.
     pub fn forget(&mut self, key: &ObjectKey) {
         self.services.remove(key);
-    }
-
-    /// A periodic pass: every load balancer we remember is checked once for existence.
-    fn ask_verify(&mut self) {
-        for r in self.services.values_mut() {
-            r.verify = r.last.is_some();
-        }
     }
 
     /// Leadership lost: what we synced is stale; the provider must be restored again.
@@ -180,7 +176,7 @@ pub(crate) async fn run(
             tokio::select! {
                 _ = node_dirty.notified() => tokio::time::sleep(NODE_SYNC_DEBOUNCE).await,
                 // Only the periodic pass checks existence: node events stay cloud-read free.
-                _ = tick.tick() => sh.memory().ask_verify(),
+                _ = tick.tick() => sh.check_existence().await,
             }
             sh.node_sync_pass();
         }
@@ -296,6 +292,38 @@ impl Shell {
         lock(&self.memory)
     }
 
+    /// The periodic pass's existence check: one provider question for every load balancer we
+    /// remember (nothing on a replica that does not lead: it remembers none); each Service's
+    /// reconcile in the pass then decides with the answer.
+    async fn check_existence(&self) {
+        let remembered: Vec<(ObjectKey, Service)> = self
+            .memory()
+            .services
+            .iter()
+            .filter_map(|(k, r)| r.last.as_ref().map(|l| (k.clone(), l.service.clone())))
+            .collect();
+        if remembered.is_empty() {
+            return;
+        }
+        let services: Vec<Service> = remembered.iter().map(|(_, s)| s.clone()).collect();
+        let answer = self
+            .provider
+            .exist(&self.config.cluster_name, &services)
+            .await;
+        if let Err(e) = &answer {
+            // Each Service's reconcile asks `get` itself instead.
+            warn!(error = %e, "periodic existence check failed");
+        }
+        let found = answer.ok().filter(|v| v.len() == remembered.len());
+        let mut mem = self.memory();
+        for (i, (key, _)) in remembered.iter().enumerate() {
+            if let Some(r) = mem.services.get_mut(key) {
+                r.verify = true;
+                r.found = found.as_ref().map(|v| v[i]);
+            }
+        }
+    }
+
     /// Queues every Service we ensure, as one node-sync pass.
     fn node_sync_pass(&self) {
         let keys: Vec<ObjectKey> = self
@@ -357,7 +385,7 @@ impl Shell {
             nodes,
             retry_wait,
             verify: rec.is_some_and(|r| r.verify),
-            found,
+            found: found.or(rec.filter(|r| r.verify).and_then(|r| r.found)),
             recognised,
             refused: rec.and_then(|r| r.refused.clone()),
         };
@@ -386,11 +414,15 @@ impl Shell {
                 },
                 other => {
                     self.note_refusal(key, other, o.service.as_ref());
+                    let answered = o.found.is_some();
                     let res = self.execute(key, other, o, nodes).await;
-                    if found.is_some() && res.is_ok() {
+                    if answered && res.is_ok() {
                         // Checked and acted on: nothing more until the next periodic pass (a
                         // failed recreate keeps the request, so its retry looks again).
-                        self.memory().edit(key, |r| r.verify = false);
+                        self.memory().edit(key, |r| {
+                            r.verify = false;
+                            r.found = None;
+                        });
                     }
                     res
                 }

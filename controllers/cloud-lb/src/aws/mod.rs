@@ -259,6 +259,42 @@ impl LoadBalancerProvider for AwsProvider {
         spec::is_external(service)
     }
 
+    async fn exist(&self, cluster: &str, services: &[Service]) -> Result<Vec<bool>, ProviderError> {
+        if services.is_empty() {
+            return Ok(vec![]);
+        }
+        // One paged DescribeLoadBalancers (400 a page) for the whole pass instead of a lookup
+        // per Service: presence of our deterministic name is enough to tell a deletion; what
+        // is found is checked for ownership by the ensure that follows any change.
+        let mut names = BTreeSet::new();
+        let mut marker: Option<String> = None;
+        loop {
+            self.before(OpClass::Describe, "DescribeLoadBalancers")
+                .await;
+            let out = self
+                .client
+                .describe_load_balancers()
+                .page_size(400)
+                .set_marker(marker.take())
+                .send()
+                .await
+                .map_err(|e| classify("DescribeLoadBalancers", e))?;
+            names.extend(
+                out.load_balancers()
+                    .iter()
+                    .filter_map(|l| l.load_balancer_name().map(str::to_string)),
+            );
+            match out.next_marker() {
+                Some(m) if !m.is_empty() => marker = Some(m.to_string()),
+                _ => break,
+            }
+        }
+        Ok(services
+            .iter()
+            .map(|s| names.contains(&spec::load_balancer_name(cluster, s)))
+            .collect())
+    }
+
     fn recognises(&self, cluster: &str, service: &Service, status: &LoadBalancerStatus) -> bool {
         // An NLB's DNS name is `<name>-<id>.elb.<region>.amazonaws.com`.
         let prefix = format!(
