@@ -259,6 +259,19 @@ impl Fault {
         }
     }
 
+    /// An AWS error answer with this status and code `times` times (e.g. 400
+    /// `ResourceInUse`, `TooManyTargetGroups`, `OperationNotPermitted`).
+    pub fn code(action: Option<&str>, status: u16, code: &str, times: u32) -> Fault {
+        Fault {
+            action: action.map(str::to_string),
+            kind: FaultKind::Error {
+                status,
+                code: code.into(),
+            },
+            times,
+        }
+    }
+
     /// An HTTP 503 `ServiceUnavailable` `times` times.
     pub fn unavailable(action: Option<&str>, times: u32) -> Fault {
         Fault {
@@ -277,6 +290,10 @@ struct ProxyState {
     counts: BTreeMap<String, u64>,
     faults: VecDeque<Fault>,
     injected: u64,
+    /// Share of calls (0-100) throttled when no scripted fault answers them.
+    throttle_percent: u64,
+    /// Calls the share has been taken of.
+    throttle_seen: u64,
 }
 
 /// The fault-injecting, call-counting layer in front of moto.
@@ -330,6 +347,15 @@ impl FaultProxy {
     /// Drops every queued fault.
     pub fn clear_faults(&self) {
         self.lock().faults.clear();
+    }
+
+    /// Throttles `percent` of the calls (0-100; 0 turns it off) that no scripted fault answers,
+    /// spread evenly and deterministically (call n is throttled when the running share of
+    /// throttled calls would otherwise fall behind), as a cloud API under load does.
+    pub fn throttle_percent(&self, percent: u64) {
+        let mut g = self.lock();
+        g.throttle_percent = percent.min(100);
+        g.throttle_seen = 0;
     }
 
     /// Calls seen so far by operation (including faulted ones).
@@ -399,6 +425,15 @@ async fn serve(conn: TcpStream, upstream: &str, st: Arc<Mutex<ProxyState>>) -> R
             Some(f.kind.clone())
         });
         g.faults.retain(|f| f.times > 0);
+        let kind = kind.or_else(|| {
+            let (p, n) = (g.throttle_percent, g.throttle_seen);
+            g.throttle_seen += 1;
+            // Throttle call n when floor((n+1)p/100) passes floor(np/100): exactly p%.
+            ((n + 1) * p / 100 > n * p / 100).then(|| FaultKind::Error {
+                status: 400,
+                code: "Throttling".into(),
+            })
+        });
         if kind.is_some() {
             g.injected += 1;
         }

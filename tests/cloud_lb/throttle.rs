@@ -1,0 +1,77 @@
+//! AWS throttling a share of every call during a mass create and a mass delete: every Service
+//! gets its load balancer, and after the deletes nothing is left in the cloud (no leak).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams};
+use test_support::wait_for;
+
+use crate::aws::*;
+use crate::harness::*;
+
+async fn mass_create_and_delete_under_throttling(services: usize, percent: u64) -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let cluster = "it-throttle";
+    let aws = Aws::start(cluster).await?;
+    let class = "test.example.com/throttle";
+    node(&client, "throttle-a").await?;
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    aws.proxy.throttle_percent(percent);
+    let names: Vec<String> = (0..services).map(|i| format!("web-{i}")).collect();
+    for n in &names {
+        create(
+            &client,
+            &lb_service(&ns, n, Some(class), &[("http", 80, "TCP", None)]),
+        )
+        .await?;
+    }
+    // Backoff after a throttle starts at 5 s: allow several rounds for every Service.
+    let long = Duration::from_secs(120 + 3 * services as u64);
+    wait_for("a load balancer for every Service", long, || async {
+        for n in &names {
+            hostname(&get(&client, &ns, n).await?)?;
+        }
+        Some(())
+    })
+    .await?;
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    for n in &names {
+        api.delete(n, &DeleteParams::default()).await?;
+    }
+    wait_for("every Service gone (finalizers released)", long, || async {
+        for n in &names {
+            if get(&client, &ns, n).await.is_some() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await?;
+    assert!(aws.proxy.injected() > 0, "no call was throttled");
+    aws.proxy.throttle_percent(0);
+    let lbs = aws.elb.describe_load_balancers().send().await?;
+    let tgs = aws.elb.describe_target_groups().send().await?;
+    assert!(
+        lbs.load_balancers().is_empty() && tgs.target_groups().is_empty(),
+        "leaked: {} load balancers, {} target groups",
+        lbs.load_balancers().len(),
+        tgs.target_groups().len()
+    );
+    ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_services_created_and_deleted_with_25_percent_throttled() -> Result<()> {
+    mass_create_and_delete_under_throttling(10, 25).await
+}
+
+/// The full size; `make chaos` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: run by make chaos"]
+async fn a_hundred_services_created_and_deleted_with_30_percent_throttled() -> Result<()> {
+    mass_create_and_delete_under_throttling(100, 30).await
+}
