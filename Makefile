@@ -24,10 +24,10 @@ test: tools lint ## everything CI runs: lint, unit, property and integration tes
 unit: ## only the fast tests that need no control plane
 	@$(ENV) cargo test --locked --workspace --lib --bins
 
-chaos: tools ## the failure scenarios (tests/faults, the rule-quota one in tests/cloud_lb) and a table of their invariants
+chaos: tools ## the failure scenarios (tests/faults; rule quota and throttling in tests/cloud_lb) and a table of their invariants
 	@$(ENV) rm -f "$$CARGO_TARGET_DIR/chaos.tsv"; rc=0; \
 	  SCM_CHAOS_REPORT="$$CARGO_TARGET_DIR/chaos.tsv" cargo test --locked --test faults -- --include-ignored || rc=1; \
-	  cargo test --locked --test cloud_lb quota || rc=1; \
+	  cargo test --locked --test cloud_lb -- --include-ignored quota throttle || rc=1; \
 	  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' scenario faults outcome slices-differ double-allocations panics converged; \
 	  cat "$$CARGO_TARGET_DIR/chaos.tsv" 2>/dev/null; exit $$rc
 
