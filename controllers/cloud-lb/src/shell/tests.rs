@@ -28,6 +28,8 @@ struct FakeProvider {
     ensures: Mutex<VecDeque<Result<LoadBalancerStatus, ProviderError>>>,
     deletes: Mutex<VecDeque<Result<(), ProviderError>>>,
     ensure_times: Mutex<Vec<Instant>>,
+    /// The load balancer was deleted out of band: `get` finds nothing until the next ensure.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 fn published() -> LoadBalancerStatus {
@@ -46,6 +48,7 @@ impl FakeProvider {
             ensures: Mutex::new(script.into()),
             deletes: Mutex::new(VecDeque::new()),
             ensure_times: Mutex::new(Vec::new()),
+            gone: Default::default(),
         })
     }
 
@@ -76,7 +79,8 @@ impl LoadBalancerProvider for FakeProvider {
         svc: &Service,
     ) -> Result<Option<LoadBalancerStatus>, ProviderError> {
         self.note("get", svc, None);
-        Ok(Some(published()))
+        let gone = self.gone.load(std::sync::atomic::Ordering::SeqCst);
+        Ok((!gone).then(published))
     }
     async fn ensure(
         &self,
@@ -85,6 +89,7 @@ impl LoadBalancerProvider for FakeProvider {
         nodes: &[Node],
     ) -> Result<LoadBalancerStatus, ProviderError> {
         self.note("ensure", svc, Some(nodes));
+        self.gone.store(false, std::sync::atomic::Ordering::SeqCst);
         self.ensure_times
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -178,6 +183,17 @@ struct Running {
 
 impl Running {
     async fn start(api: &FakeApi, log: &Log, cached: Service, provider: Arc<FakeProvider>) -> Self {
+        Self::start_every(api, log, cached, provider, crate::NODE_SYNC_PERIOD).await
+    }
+
+    /// [`Running::start`] with the periodic pass every `resync`.
+    async fn start_every(
+        api: &FakeApi,
+        log: &Log,
+        cached: Service,
+        provider: Arc<FakeProvider>,
+        resync: Duration,
+    ) -> Self {
         let (gate, leader) = LeaderGate::fixed(true);
         let base = ContextBase::new(api.client(), gate);
         let ctx = base.context("cloud-lb", "service-controller");
@@ -192,9 +208,7 @@ impl Running {
             default_load_balancer: false,
             ..CloudLbConfig::default()
         };
-        let periods = Periods {
-            resync: crate::NODE_SYNC_PERIOD,
-        };
+        let periods = Periods { resync };
         let task = tokio::spawn(run(ctx, config, provider, services.clone(), nodes, periods));
         Running {
             log: log.clone(),
@@ -471,6 +485,74 @@ async fn a_throttle_hint_holds_the_retry_back() {
     assert!(
         gap >= hint,
         "retried after {gap:?}, before the hint of {hint:?}"
+    );
+    r.stop();
+}
+
+/// Issue 12 defect 4, the exact calls: the periodic pass asks the provider whether the load
+/// balancer exists (and writes nothing while it does); once it is gone, a Normal Event says so
+/// and the ensure recreates it.
+#[tokio::test]
+async fn the_periodic_pass_recreates_a_load_balancer_deleted_out_of_band() {
+    let log = Log::default();
+    let svc = service(&[], false, None);
+    let api = FakeApi::start(&svc, 1, log.clone()).await;
+    let mut cached = svc.clone();
+    cached.metadata.resource_version = Some("1".into());
+    let provider = FakeProvider::new(&log, vec![]);
+    let r = Running::start_every(
+        &api,
+        &log,
+        cached,
+        provider.clone(),
+        Duration::from_millis(200),
+    )
+    .await;
+    let first = r.wait_for("api: PATCH services/web/status").await;
+    // A few passes with the load balancer in place: one `get` each, nothing else.
+    let deadline = Instant::now() + T;
+    while r.log().len() < first.len() + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no periodic check in {:#?}",
+            r.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    provider
+        .gone
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + T;
+    let got = loop {
+        let log = r.log();
+        if let Some(i) = log
+            .iter()
+            .position(|l| l == "api: event RecreatingLoadBalancer")
+            && log.len() >= i + 4
+        {
+            break (log, i);
+        }
+        assert!(Instant::now() < deadline, "no recreate in {:#?}", r.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (log, i) = got;
+    assert_eq!(log[..first.len()], first[..]);
+    assert!(
+        log[first.len()..i]
+            .iter()
+            .all(|l| l == "provider: get ns/web"),
+        "only existence checks before the deletion: {log:#?}"
+    );
+    assert_eq!(
+        log[i - 1..i + 4],
+        lines(&[
+            "provider: get ns/web",
+            "api: event RecreatingLoadBalancer",
+            "api: event EnsuringLoadBalancer",
+            "provider: ensure ns/web [\"a\"]",
+            "api: event EnsuredLoadBalancer",
+        ])[..],
+        "{log:#?}"
     );
     r.stop();
 }
