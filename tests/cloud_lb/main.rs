@@ -18,5 +18,5 @@ mod harness;
 mod lifecycle;
 mod local_pools;
 mod quota;
-mod throttle;
 mod repair;
+mod throttle;
