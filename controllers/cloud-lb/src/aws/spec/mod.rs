@@ -300,4 +300,4 @@ pub fn desired(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -5,7 +5,9 @@ use k8s_openapi::api::core::v1::{Node, NodeSpec, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proptest::prelude::*;
 
-fn svc(ann: &[(&str, &str)], ports: &[(i32, &str, i32)]) -> Service {
+/// A LoadBalancer Service `default/web` with these annotations (suffixes of [`ANN`]) and
+/// (port, protocol, nodePort) ports; the ELBv2 plan tests build theirs with it too.
+pub(crate) fn svc(ann: &[(&str, &str)], ports: &[(i32, &str, i32)]) -> Service {
     Service {
         metadata: ObjectMeta {
             name: Some("web".into()),

@@ -5,45 +5,14 @@ mod ownership;
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Service;
 
 use crate::aws::elb::{LbObs, Observed, ObservedLb, ObservedListener, ObservedTg};
-use crate::aws::spec::{self, ANN, Defaults, DesiredLb};
+use crate::aws::spec::{self, Defaults, DesiredLb};
 
 pub(super) const CLUSTER: &str = "c";
 
-pub(super) fn svc(ann: &[(&str, &str)], ports: &[(i32, &str, i32)]) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some("web".into()),
-            namespace: Some("default".into()),
-            uid: Some("0f1c-uid".into()),
-            annotations: Some(
-                ann.iter()
-                    .map(|(k, v)| (format!("{ANN}{k}"), v.to_string()))
-                    .collect(),
-            ),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: Some("LoadBalancer".into()),
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|(p, proto, np)| ServicePort {
-                        port: *p,
-                        protocol: Some(proto.to_string()),
-                        node_port: Some(*np),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-            ..Default::default()
-        }),
-        status: None,
-    }
-}
+pub(super) use crate::aws::spec::tests::svc;
 
 pub(super) fn desired(s: &Service) -> DesiredLb {
     let defaults = Defaults {
