@@ -23,8 +23,8 @@ mod shell;
 mod status;
 mod steps;
 
-use std::sync::Arc;
 use std::time::Duration;
+use std::sync::Arc;
 
 use scm_runtime::{ControllerContext, ReconcileError};
 
@@ -60,6 +60,62 @@ impl ReconcileError for Error {
             Error::Provider(e) => e.metric_label(),
             Error::Kube(_) => "kube",
         }
+    }
+
+    /// A throttle is the account's rate, not this Service's fault: come back after the cloud's
+    /// hint, or after a short jittered delay (so throttled Services spread out), without the
+    /// per-Service backoff growing towards 300 s. Calls stay paced by the provider's budget.
+    fn retry_without_backoff(&self) -> Option<Duration> {
+        match self {
+            Error::Provider(e @ ProviderError::Throttled { .. }) => Some(
+                e.retry_after()
+                    .unwrap_or_else(|| THROTTLE_RETRY.start + jitter(THROTTLE_RETRY)),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// When an unhinted throttle retries: uniformly within this window.
+pub const THROTTLE_RETRY: std::ops::Range<Duration> =
+    Duration::from_secs(2)..Duration::from_secs(6);
+
+fn jitter(w: std::ops::Range<Duration>) -> Duration {
+    let span = (w.end - w.start).as_millis() as u64;
+    Duration::from_millis(rand::random_range(0..span.max(1)))
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use scm_runtime::ReconcileError;
+
+    #[test]
+    fn throttles_retry_soon_without_backoff_and_other_failures_back_off() {
+        let unhinted = Error::Provider(ProviderError::Throttled {
+            message: "Rate exceeded".into(),
+            code: Some("Throttling".into()),
+            retry_after: None,
+            source: None,
+        });
+        for _ in 0..100 {
+            let d = unhinted
+                .retry_without_backoff()
+                .expect("throttles skip the backoff");
+            assert!(THROTTLE_RETRY.contains(&d), "{d:?}");
+        }
+        let hinted = Error::Provider(ProviderError::Throttled {
+            message: "slow down".into(),
+            code: None,
+            retry_after: Some(Duration::from_secs(30)),
+            source: None,
+        });
+        assert_eq!(
+            hinted.retry_without_backoff(),
+            Some(Duration::from_secs(30))
+        );
+        let broken = Error::Provider(ProviderError::retryable("InternalFailure"));
+        assert_eq!(broken.retry_without_backoff(), None);
     }
 }
 

@@ -27,8 +27,8 @@
 //!   matches.
 //! * Never modify or delete resources it cannot prove it owns.
 //! * Classify failures with [`ProviderError`]: the controller retries `Retryable` with
-//!   per-Service exponential backoff (5 s to 300 s), waits at least the hinted delay for
-//!   `Throttled`, and for `Permanent` (e.g. an invalid annotation) records a Warning Event and
+//!   per-Service exponential backoff (5 s to 300 s), retries `Throttled` after its hint (else
+//!   2 to 6 s) without growing that backoff (a throttle is the account's rate), and for `Permanent` (e.g. an invalid annotation) records a Warning Event and
 //!   does not retry until the Service changes.
 //!
 //! A minimal provider that hands every Service one fixed hostname:

@@ -195,6 +195,13 @@ impl ContextBase {
 pub trait ReconcileError: std::fmt::Display {
     /// A short, bounded label for `service_controller_manager_reconcile_errors_total`.
     fn metric_label(&self) -> &'static str;
+
+    /// `Some(delay)` when the failure says nothing about this key (a rate limit shared by
+    /// every key said "slow down"): the key comes back after `delay` and its own backoff does
+    /// not grow, so a throttled pass that made progress is not punished like a broken object.
+    fn retry_without_backoff(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// What to do with a key after a successful reconcile.
@@ -372,7 +379,13 @@ fn finish<K, E>(
                     name: name.to_string(),
                 })
                 .inc();
-            let delay = queue.add_rate_limited(key.clone());
+            let delay = match e.retry_without_backoff() {
+                Some(d) => {
+                    queue.add_after(key.clone(), d);
+                    d
+                }
+                None => queue.add_rate_limited(key.clone()),
+            };
             warn!(controller = %name, key = %key, error = %e, retry_in = ?delay, "reconcile failed");
         }
     }
@@ -461,6 +474,66 @@ mod tests {
         ctx.shutdown.cancel();
         let r = tokio::time::timeout(Duration::from_secs(10), worker).await;
         assert!(r.is_ok(), "workers did not stop after the drain timeout");
+    }
+
+    #[derive(Debug)]
+    struct SlowDown;
+    impl std::fmt::Display for SlowDown {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("slow down")
+        }
+    }
+    impl ReconcileError for SlowDown {
+        fn metric_label(&self) -> &'static str {
+            "slow_down"
+        }
+        fn retry_without_backoff(&self) -> Option<Duration> {
+            Some(Duration::from_millis(50))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_slow_down_retries_after_its_delay_without_growing_the_backoff() {
+        let (ctx, _tx) = context(true);
+        // A base delay far beyond the test's patience: only the error's own delay can bring
+        // the key back in time.
+        let queue = WorkQueue::new(Backoff {
+            base: Duration::from_secs(3600),
+            max: Duration::from_secs(3600),
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let w = tokio::spawn({
+            let ctx = ctx.clone();
+            let queue = queue.clone();
+            async move {
+                run_workers(&ctx, queue, WorkerConfig::default(), move |_k: String| {
+                    let c = c.clone();
+                    async move {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        Err::<Requeue, _>(SlowDown)
+                    }
+                })
+                .await
+            }
+        });
+        queue.add("k".into());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while calls.load(Ordering::SeqCst) < 4 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the key came back after each slow-down");
+        assert_eq!(queue.failures(&"k".to_string()), 0, "backoff did not grow");
+        assert!(
+            ctx.metrics
+                .encode()
+                .contains("reconcile_errors_total{controller=\"test\",error=\"slow_down\"}"),
+            "slow-downs are still counted as errors"
+        );
+        ctx.shutdown.cancel();
+        let _ = w.await;
     }
 
     #[tokio::test(start_paused = true)]
