@@ -44,6 +44,8 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
             concurrent_service_syncs: usize::from(flags.concurrent_service_syncs),
             load_balancer_class: Some(flags.load_balancer_class.clone()).filter(|c| !c.is_empty()),
             default_load_balancer: flags.default_load_balancer,
+            inventory_interval: flags.cloud_inventory_interval,
+            orphans: flags.cloud_orphans,
         };
         let provider = cloud_lb::build_provider(&config)
             .await

@@ -55,6 +55,16 @@ pub struct Flags {
     #[arg(long)]
     pub cloud_config: Option<PathBuf>,
 
+    /// How often the cloud inventory sweep lists load balancers and target groups tagged for
+    /// --cluster-name to find orphans (and once at each leadership start); at least 1s.
+    #[arg(long, default_value = "10m", value_parser = parse_inventory_interval)]
+    pub cloud_inventory_interval: Duration,
+
+    /// What the inventory sweep does with an orphaned cloud resource: 'report' (metric and
+    /// Warning log) or 'delete' (report, then delete it).
+    #[arg(long, default_value = "report", value_parser = parse_orphans)]
+    pub cloud_orphans: cloud_lb::OrphanMode,
+
     /// Load balancer class this manager implements (spec.loadBalancerClass).
     #[arg(
         long,
@@ -244,6 +254,25 @@ fn parse_cluster_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// The shortest `--cloud-inventory-interval`: each sweep lists every load balancer and target
+/// group in the region, and the interval is also the age below which none is an orphan.
+const MIN_INVENTORY_INTERVAL: Duration = Duration::from_secs(1);
+
+fn parse_inventory_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_INVENTORY_INTERVAL {
+        return Err(format!(
+            "must be at least {}s",
+            MIN_INVENTORY_INTERVAL.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_orphans(s: &str) -> Result<cloud_lb::OrphanMode, String> {
+    s.parse()
+}
+
 /// The smallest `--kube-api-qps` taken (apart from 0, no limit).
 const MIN_QPS: f64 = 0.001;
 
@@ -408,6 +437,8 @@ mod tests {
         assert_eq!(f.kube_api_qps, 20.0);
         assert_eq!(f.kube_api_burst, 30);
         assert_eq!(f.cluster_name, "kubernetes");
+        assert_eq!(f.cloud_inventory_interval, Duration::from_secs(600));
+        assert_eq!(f.cloud_orphans, cloud_lb::OrphanMode::Report);
     }
 
     #[test]
@@ -481,6 +512,19 @@ mod tests {
                 vec!["--service-label-selector=app in (a"],
                 "--service-label-selector",
             ),
+            (
+                vec!["--cloud-inventory-interval=0s"],
+                "--cloud-inventory-interval",
+            ),
+            (
+                vec!["--cloud-inventory-interval=10"],
+                "--cloud-inventory-interval",
+            ),
+            (
+                vec!["--cloud-inventory-interval=99999999999999999999h"],
+                "--cloud-inventory-interval",
+            ),
+            (vec!["--cloud-orphans=purge"], "--cloud-orphans"),
             // client-go refuses a renew deadline within 1.2 retry periods.
             (
                 vec![

@@ -194,6 +194,7 @@ impl Aws {
             concurrent_service_syncs: 4,
             load_balancer_class: Some(class.into()),
             default_load_balancer: default,
+            ..CloudLbConfig::default()
         }
     }
 

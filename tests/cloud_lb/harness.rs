@@ -151,6 +151,7 @@ pub fn local_config(cluster: &str, class: &str) -> CloudLbConfig {
         concurrent_service_syncs: 2,
         load_balancer_class: Some(class.into()),
         default_load_balancer: false,
+        ..CloudLbConfig::default()
     }
 }
 

@@ -136,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         concurrent_service_syncs: concurrency,
         load_balancer_class: None,
         default_load_balancer: true,
+        ..CloudLbConfig::default()
     };
     let ns = "bench";
     Api::<Namespace>::all(client.clone())

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::inventory::OrphanMode;
 use crate::provider::{LoadBalancerProvider, ProviderKind};
 use crate::{Error, aws, local};
 
@@ -23,7 +25,16 @@ pub struct CloudLbConfig {
     /// `--default-load-balancer` (default true): also serve Services without a
     /// class.
     pub default_load_balancer: bool,
+    /// `--cloud-inventory-interval` (default 10 min): how often the inventory sweep lists the
+    /// cloud for orphans (and once at each leadership start); also the minimum age of a load
+    /// balancer it may call an orphan.
+    pub inventory_interval: Duration,
+    /// `--cloud-orphans` (default `report`): what the sweep does with an orphan.
+    pub orphans: OrphanMode,
 }
+
+/// `--cloud-inventory-interval`'s default.
+pub const DEFAULT_INVENTORY_INTERVAL: Duration = Duration::from_secs(600);
 
 impl Default for CloudLbConfig {
     fn default() -> Self {
@@ -34,6 +45,8 @@ impl Default for CloudLbConfig {
             concurrent_service_syncs: 1,
             load_balancer_class: None,
             default_load_balancer: true,
+            inventory_interval: DEFAULT_INVENTORY_INTERVAL,
+            orphans: OrphanMode::Report,
         }
     }
 }

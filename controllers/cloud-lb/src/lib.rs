@@ -15,6 +15,7 @@
 pub mod aws;
 mod config;
 pub mod core;
+pub mod inventory;
 pub mod local;
 mod metrics;
 mod nodes;
@@ -23,12 +24,13 @@ mod shell;
 mod status;
 mod steps;
 
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use scm_runtime::{ControllerContext, ReconcileError};
 
-pub use config::{CloudLbConfig, build_provider};
+pub use config::{CloudLbConfig, DEFAULT_INVENTORY_INTERVAL, build_provider};
+pub use inventory::OrphanMode;
 pub use provider::{LoadBalancerProvider, ProviderError, ProviderKind};
 pub use steps::SERVED_ELSEWHERE;
 
@@ -137,7 +139,8 @@ pub async fn run_with_provider(
 
 /// [`run_with_provider`] with another period for the periodic pass (which compares every
 /// Service's hosts with the node set and checks that every load balancer we remember still
-/// exists); tests use a short one.
+/// exists); tests use a short one. The cloud inventory sweep ([`inventory`]) runs beside it,
+/// every `config.inventory_interval` while leading.
 pub async fn run_with_provider_every(
     ctx: ControllerContext,
     config: CloudLbConfig,
@@ -147,5 +150,18 @@ pub async fn run_with_provider_every(
     let services = ctx.informers.services();
     let nodes = ctx.informers.nodes();
     let periods = shell::Periods { resync };
-    shell::run(ctx, config, provider, services, nodes, periods).await
+    // The inventory sweep runs beside the shell, on the same Service informer and leader gate.
+    let sweep = inventory::sweep::run(
+        ctx.clone(),
+        config.clone(),
+        provider.clone(),
+        services.clone(),
+    );
+    let shell = shell::run(ctx, config, provider, services, nodes, periods);
+    tokio::pin!(shell);
+    tokio::select! {
+        r = &mut shell => r,
+        // The sweep ends only with the process (or the elector): the shell decides the end.
+        () = sweep => shell.await,
+    }
 }

@@ -1,6 +1,7 @@
 //! upstream's `service_controller` metric families.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use scm_runtime::ControllerContext;
@@ -55,6 +56,60 @@ impl LbMetrics {
             "service_controller_loadbalancer_served_elsewhere",
             "Class-less LoadBalancer Services not served because another controller already publishes their load balancer",
             m.served_elsewhere.clone(),
+        );
+        m
+    }
+}
+
+/// The `kind` label of the inventory sweep's families.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    /// `load_balancer`, `target_group` or `security_group_rule`.
+    pub kind: String,
+}
+
+/// The cloud inventory sweep's metrics.
+#[derive(Clone)]
+pub(crate) struct InventoryMetrics {
+    /// Orphans the last sweep left in the cloud (reported, or not deleted), by kind.
+    pub orphaned: Family<KindLabel, Gauge>,
+    /// Orphans deleted, by kind.
+    pub deleted: Family<KindLabel, Counter>,
+    /// Sweeps completed.
+    pub sweeps: Counter,
+    /// Sweeps that failed (listing failed, or the Service cache was not synced).
+    pub sweep_errors: Counter,
+}
+
+impl InventoryMetrics {
+    /// Registers the families in the context's registry.
+    pub fn register(ctx: &ControllerContext) -> Self {
+        let m = InventoryMetrics {
+            orphaned: Family::default(),
+            deleted: Family::default(),
+            sweeps: Counter::default(),
+            sweep_errors: Counter::default(),
+        };
+        let mut reg = ctx.metrics.registry();
+        reg.register(
+            "service_controller_orphaned_cloud_resources",
+            "Cloud resources tagged for this cluster that no live LoadBalancer Service we serve accounts for, as the last inventory sweep left them (reported, or not yet deleted)",
+            m.orphaned.clone(),
+        );
+        reg.register(
+            "service_controller_orphaned_cloud_resources_deleted",
+            "Orphaned cloud resources the inventory sweep deleted (--cloud-orphans=delete)",
+            m.deleted.clone(),
+        );
+        reg.register(
+            "service_controller_cloud_inventory_sweeps",
+            "Cloud inventory sweeps completed",
+            m.sweeps.clone(),
+        );
+        reg.register(
+            "service_controller_cloud_inventory_sweep_errors",
+            "Cloud inventory sweeps that failed before deciding anything",
+            m.sweep_errors.clone(),
         );
         m
     }

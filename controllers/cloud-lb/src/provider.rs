@@ -83,11 +83,14 @@
 //! predicate ([`LoadBalancerProvider::implemented_elsewhere`]) checked before any call, and
 //! [`LoadBalancerProvider::restore`] lets stateful providers rebuild from Services at start.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
+
+use crate::inventory::{Inventory, Orphan};
 
 /// Why a provider call failed, which decides how the controller retries it.
 /// The cause of a [`ProviderError`]: the SDK's or library's own error, shared so that a
@@ -282,6 +285,33 @@ pub trait LoadBalancerProvider: Send + Sync {
     /// default is false: an unexplained status is someone else's.
     fn recognises(&self, _cluster: &str, _service: &Service, _status: &LoadBalancerStatus) -> bool {
         false
+    }
+
+    /// Every load balancer and target group tagged for `cluster` whose name the provider could
+    /// have given (the inventory sweep's listing; see [`crate::inventory`]). `None`: the
+    /// provider keeps nothing in a cloud to sweep (the default; the local pools live in
+    /// memory and are rebuilt from the Services).
+    async fn inventory(&self, _cluster: &str) -> Result<Option<Inventory>, ProviderError> {
+        Ok(None)
+    }
+
+    /// The names of every resource the provider may have made for `service` (its load balancer
+    /// and, in AWS, each port's target groups): the inventory sweep keeps a served Service's
+    /// resources only under these names. Must not call the network. The default is the load
+    /// balancer's name.
+    fn resource_names(&self, cluster: &str, service: &Service) -> BTreeSet<String> {
+        [self.load_balancer_name(cluster, service)].into()
+    }
+
+    /// Deletes one orphan the inventory sweep found (a load balancer after revoking its
+    /// security-group rules; a target group); succeeds if it is already gone. The default
+    /// refuses: a provider without an inventory has no orphans.
+    async fn delete_orphan(&self, _cluster: &str, orphan: &Orphan) -> Result<(), ProviderError> {
+        Err(ProviderError::permanent(format!(
+            "provider {} cannot delete {}",
+            self.provider_name(),
+            orphan.arn
+        )))
     }
 
     /// Called once after the caches have synced and before any other call, with every Service

@@ -26,6 +26,7 @@ pub mod discovery;
 pub mod ec2;
 pub mod elb;
 pub mod errors;
+pub mod inventory;
 pub mod security;
 pub mod spec;
 
@@ -293,6 +294,29 @@ impl LoadBalancerProvider for AwsProvider {
             .iter()
             .map(|s| names.contains(&spec::load_balancer_name(cluster, s)))
             .collect())
+    }
+
+    async fn inventory(
+        &self,
+        cluster: &str,
+    ) -> Result<Option<crate::inventory::Inventory>, ProviderError> {
+        self.list_inventory(cluster).await.map(Some)
+    }
+
+    fn resource_names(&self, cluster: &str, service: &Service) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = spec::target_group_names(cluster, service)
+            .into_iter()
+            .collect();
+        names.insert(spec::load_balancer_name(cluster, service));
+        names
+    }
+
+    async fn delete_orphan(
+        &self,
+        cluster: &str,
+        orphan: &crate::inventory::Orphan,
+    ) -> Result<(), ProviderError> {
+        self.delete_orphan_resource(cluster, orphan).await
     }
 
     fn recognises(&self, cluster: &str, service: &Service, status: &LoadBalancerStatus) -> bool {

@@ -113,6 +113,27 @@ impl AwsProvider {
         Ok((groups, tagged))
     }
 
+    /// How many ingress rules in `vpc`'s security groups are described as each load balancer's
+    /// (client and health rules, by load balancer name): what the inventory sweep reports
+    /// beside an orphaned load balancer. One paged DescribeSecurityGroups.
+    pub(crate) async fn rules_by_lb(
+        &self,
+        cluster: &str,
+        vpc: &str,
+    ) -> Result<std::collections::BTreeMap<String, usize>, ProviderError> {
+        let (groups, _) = self.vpc_groups(cluster, vpc).await?;
+        let mut out = std::collections::BTreeMap::new();
+        for r in groups.iter().flat_map(|g| g.rules.iter()) {
+            let lb = [security::CLIENT_RULE, security::HEALTH_RULE]
+                .iter()
+                .find_map(|p| r.description.strip_prefix(p)?.strip_prefix('='));
+            if let Some(lb) = lb {
+                *out.entry(lb.to_string()).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// Revokes `rules` from `group`; rules already gone count as revoked.
     async fn revoke(&self, group: &str, rules: &[Rule]) -> Result<(), ProviderError> {
         if rules.is_empty() {

@@ -319,7 +319,7 @@ impl AwsProvider {
     /// Tags of any number of ARNs; absent resources are left out (nothing proves them ours).
     /// Lookups are coalesced across concurrent reconciles into DescribeTags calls of up to 20
     /// ARNs, the API's limit.
-    async fn tags(
+    pub(crate) async fn tags(
         &self,
         arns: &[String],
     ) -> Result<HashMap<String, BTreeMap<String, String>>, ProviderError> {

@@ -15,7 +15,8 @@ pub use annotations::{SOURCE_RANGES_ANNOTATION, is_external};
 use annotations::{ann, bad, health_check, key_values, scheme, source_ranges};
 use names::meta;
 pub use names::{
-    instance_id, instance_ids, load_balancer_name, target_group_name, target_group_names,
+    instance_id, instance_ids, load_balancer_name, name_prefix, target_group_name,
+    target_group_names,
 };
 
 /// Annotation prefix shared by cloud-provider-aws and the AWS Load Balancer Controller.

@@ -46,6 +46,13 @@ pub fn load_balancer_name(cluster: &str, svc: &Service) -> String {
     )
 }
 
+/// The readable start shared by the names of every load balancer and target group made for
+/// the Service `namespace/name` (`k8s-<ns>-<name>-`): the inventory sweep takes as possibly
+/// ours only what starts so for the Service its tags name.
+pub fn name_prefix(namespace: &str, name: &str) -> String {
+    format!("k8s-{}-{}-", sanitize(namespace, 8), sanitize(name, 8))
+}
+
 /// A target group's name; the hash covers the port, protocol and node port (as
 /// cloud-provider-aws does), so a NodePort change creates a new group instead of re-registering
 /// ports in place.
