@@ -259,3 +259,99 @@ pub async fn double_allocations(client: &Client) -> Result<Vec<String>> {
     );
     Ok(out)
 }
+
+/// ELBv2 load balancers and target groups tagged `kubernetes.io/cluster/<cluster>=owned` that
+/// belong to no live LoadBalancer Service (the cloud-leak invariant): the Service their
+/// `kubernetes.io/service-name` tag names must exist, be of type LoadBalancer and not be being
+/// deleted. One line per leaked resource, with its ARN and the Service its tags name (empty
+/// when none leaks).
+pub async fn leaked_cloud_resources(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    cluster: &str,
+    client: &Client,
+) -> Result<Vec<String>> {
+    let mut arns = vec![];
+    let mut marker = None;
+    loop {
+        let page = elb
+            .describe_load_balancers()
+            .set_marker(marker.take())
+            .send()
+            .await?;
+        arns.extend(
+            page.load_balancers()
+                .iter()
+                .filter_map(|l| l.load_balancer_arn().map(str::to_string)),
+        );
+        match page.next_marker() {
+            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
+            _ => break,
+        }
+    }
+    loop {
+        let page = match elb
+            .describe_target_groups()
+            .set_marker(marker.take())
+            .send()
+            .await
+        {
+            Ok(p) => p,
+            Err(e) if e.as_service_error().and_then(|s| s.meta().code()) == Some("TargetGroupNotFound") => break,
+            Err(e) => return Err(e.into()),
+        };
+        arns.extend(
+            page.target_groups()
+                .iter()
+                .filter_map(|t| t.target_group_arn().map(str::to_string)),
+        );
+        match page.next_marker() {
+            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
+            _ => break,
+        }
+    }
+    let live: BTreeSet<String> = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|s| {
+            s.metadata.deletion_timestamp.is_none()
+                && s.spec.as_ref().and_then(|sp| sp.type_.as_deref()) == Some("LoadBalancer")
+        })
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s.metadata.namespace.as_deref().unwrap_or(""),
+                s.metadata.name.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    let cluster_tag = format!("kubernetes.io/cluster/{cluster}");
+    let mut out = vec![];
+    for chunk in arns.chunks(20) {
+        let tags = elb
+            .describe_tags()
+            .set_resource_arns(Some(chunk.to_vec()))
+            .send()
+            .await?;
+        for d in tags.tag_descriptions() {
+            let get = |k: &str| {
+                d.tags()
+                    .iter()
+                    .find(|t| t.key() == Some(k))
+                    .and_then(|t| t.value())
+            };
+            if get(&cluster_tag) != Some("owned") {
+                continue;
+            }
+            let svc = get(LABEL_SERVICE_NAME).unwrap_or("");
+            if !live.contains(svc) {
+                out.push(format!(
+                    "{} (tagged for Service {svc:?})",
+                    d.resource_arn().unwrap_or("")
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
