@@ -15,6 +15,7 @@ mod binary;
 mod ec2;
 mod elbv2;
 mod harness;
+mod inventory;
 mod lifecycle;
 mod local_pools;
 mod quota;

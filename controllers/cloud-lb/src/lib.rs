@@ -87,40 +87,6 @@ fn jitter(w: std::ops::Range<Duration>) -> Duration {
     Duration::from_millis(rand::random_range(0..span.max(1)))
 }
 
-#[cfg(test)]
-mod retry_tests {
-    use super::*;
-    use scm_runtime::ReconcileError;
-
-    #[test]
-    fn throttles_retry_soon_without_backoff_and_other_failures_back_off() {
-        let unhinted = Error::Provider(ProviderError::Throttled {
-            message: "Rate exceeded".into(),
-            code: Some("Throttling".into()),
-            retry_after: None,
-            source: None,
-        });
-        for _ in 0..100 {
-            let d = unhinted
-                .retry_without_backoff()
-                .expect("throttles skip the backoff");
-            assert!(THROTTLE_RETRY.contains(&d), "{d:?}");
-        }
-        let hinted = Error::Provider(ProviderError::Throttled {
-            message: "slow down".into(),
-            code: None,
-            retry_after: Some(Duration::from_secs(30)),
-            source: None,
-        });
-        assert_eq!(
-            hinted.retry_without_backoff(),
-            Some(Duration::from_secs(30))
-        );
-        let broken = Error::Provider(ProviderError::retryable("InternalFailure"));
-        assert_eq!(broken.retry_without_backoff(), None);
-    }
-}
-
 /// Runs the controller with the provider `config` selects until `ctx.shutdown` is cancelled.
 pub async fn run(ctx: ControllerContext, config: CloudLbConfig) -> Result<(), Error> {
     let provider = build_provider(&config).await?;
@@ -163,5 +129,39 @@ pub async fn run_with_provider_every(
         r = &mut shell => r,
         // The sweep ends only with the process (or the elector): the shell decides the end.
         () = sweep => shell.await,
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use scm_runtime::ReconcileError;
+
+    #[test]
+    fn throttles_retry_soon_without_backoff_and_other_failures_back_off() {
+        let unhinted = Error::Provider(ProviderError::Throttled {
+            message: "Rate exceeded".into(),
+            code: Some("Throttling".into()),
+            retry_after: None,
+            source: None,
+        });
+        for _ in 0..100 {
+            let d = unhinted
+                .retry_without_backoff()
+                .expect("throttles skip the backoff");
+            assert!(THROTTLE_RETRY.contains(&d), "{d:?}");
+        }
+        let hinted = Error::Provider(ProviderError::Throttled {
+            message: "slow down".into(),
+            code: None,
+            retry_after: Some(Duration::from_secs(30)),
+            source: None,
+        });
+        assert_eq!(
+            hinted.retry_without_backoff(),
+            Some(Duration::from_secs(30))
+        );
+        let broken = Error::Provider(ProviderError::retryable("InternalFailure"));
+        assert_eq!(broken.retry_without_backoff(), None);
     }
 }

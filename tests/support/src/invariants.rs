@@ -296,7 +296,12 @@ pub async fn leaked_cloud_resources(
             .await
         {
             Ok(p) => p,
-            Err(e) if e.as_service_error().and_then(|s| s.meta().code()) == Some("TargetGroupNotFound") => break,
+            Err(e)
+                if e.as_service_error().and_then(|s| s.meta().code())
+                    == Some("TargetGroupNotFound") =>
+            {
+                break;
+            }
             Err(e) => return Err(e.into()),
         };
         arns.extend(

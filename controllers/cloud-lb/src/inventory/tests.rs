@@ -56,6 +56,14 @@ fn summary(out: &[Orphan]) -> Vec<(Kind, &str, Why)> {
         .collect()
 }
 
+/// What a table row states: its name, the inventory, the Services' claims, the orphans.
+type Case = (
+    &'static str,
+    Inventory,
+    BTreeMap<String, Claim>,
+    Vec<(Kind, &'static str, Why)>,
+);
+
 #[test]
 fn orphans_table() {
     use Kind::{LoadBalancer as Lb, TargetGroup as Tg};
@@ -63,12 +71,7 @@ fn orphans_table() {
         c.map(|c| BTreeMap::from([("ns/a".to_string(), c)]))
             .unwrap_or_default()
     };
-    let cases: Vec<(
-        &str,
-        Inventory,
-        BTreeMap<String, Claim>,
-        Vec<(Kind, &str, Why)>,
-    )> = vec![
+    let cases: Vec<Case> = vec![
         (
             "served under its names: nothing",
             one_service(old()),
