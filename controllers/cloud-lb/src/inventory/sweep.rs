@@ -181,3 +181,207 @@ pub(crate) async fn sweep(
     }
     Ok(Some(Outcome { found, deleted }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::UNIX_EPOCH;
+
+    use async_trait::async_trait;
+    use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node};
+    use scm_runtime::{Change, ContextBase, LeaderGate, ObjectKey};
+
+    use super::*;
+    use crate::inventory::{Inventory, TaggedLb, TaggedTg};
+
+    /// A provider whose cloud holds one old load balancer and its group for a Service that no
+    /// longer exists; it records inventory calls and deletions.
+    #[derive(Default)]
+    struct Cloud {
+        listed: Mutex<u32>,
+        deleted: Mutex<Vec<String>>,
+        /// Refuse to delete load balancers (e.g. deletion protection is on).
+        refuse_lbs: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl LoadBalancerProvider for Cloud {
+        fn provider_name(&self) -> &'static str {
+            "cloud"
+        }
+        fn load_balancer_name(&self, _: &str, s: &Service) -> String {
+            s.metadata.name.clone().unwrap_or_default()
+        }
+        async fn get(
+            &self,
+            _: &str,
+            _: &Service,
+        ) -> Result<Option<LoadBalancerStatus>, ProviderError> {
+            Ok(None)
+        }
+        async fn ensure(
+            &self,
+            _: &str,
+            _: &Service,
+            _: &[Node],
+        ) -> Result<LoadBalancerStatus, ProviderError> {
+            Ok(LoadBalancerStatus::default())
+        }
+        async fn update_hosts(
+            &self,
+            _: &str,
+            _: &Service,
+            _: &[Node],
+        ) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn ensure_deleted(&self, _: &str, _: &Service) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn inventory(&self, _: &str) -> Result<Option<Inventory>, ProviderError> {
+            *self.listed.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            Ok(Some(Inventory {
+                lbs: vec![TaggedLb {
+                    arn: "lb-gone".into(),
+                    name: "gone".into(),
+                    service: Some("ns/gone".into()),
+                    created: Some(UNIX_EPOCH),
+                    vpc: None,
+                    rules: 0,
+                }],
+                tgs: vec![TaggedTg {
+                    arn: "tg-gone".into(),
+                    name: "gone-80".into(),
+                    service: Some("ns/gone".into()),
+                    load_balancers: vec!["lb-gone".into()],
+                }],
+                all_lbs: ["lb-gone".to_string()].into(),
+            }))
+        }
+        async fn delete_orphan(&self, _: &str, o: &Orphan) -> Result<(), ProviderError> {
+            if o.kind == Kind::LoadBalancer
+                && self.refuse_lbs.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(ProviderError::permanent("OperationNotPermitted"));
+            }
+            self.deleted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(o.arn.clone());
+            Ok(())
+        }
+    }
+
+    impl Cloud {
+        fn listed(&self) -> u32 {
+            *self.listed.lock().unwrap_or_else(|e| e.into_inner())
+        }
+        fn deleted(&self) -> Vec<String> {
+            self.deleted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        }
+    }
+
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn start(mode: OrphanMode) -> (Arc<Cloud>, ContextBase, tokio::sync::watch::Sender<bool>) {
+        let (gate, tx) = LeaderGate::fixed(false);
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:9".parse().expect("url"),
+        ))
+        .expect("client");
+        let base = ContextBase::new(client, gate);
+        let ctx = base.context("cloud-lb", "service-controller");
+        let services = Informer::<Service>::detached("Service", ObjectKey::of);
+        services.deliver(Change::Relisted(vec![]));
+        let cloud = Arc::new(Cloud::default());
+        let config = CloudLbConfig {
+            inventory_interval: EVERY,
+            orphans: mode,
+            ..CloudLbConfig::default()
+        };
+        tokio::spawn(run(ctx, config, cloud.clone(), services));
+        (cloud, base, tx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweeps_run_only_while_leading_at_each_term_start_and_every_interval() {
+        let (cloud, base, leader) = start(OrphanMode::Delete);
+        tokio::time::sleep(EVERY * 6).await;
+        assert_eq!(cloud.listed(), 0, "a follower lists nothing");
+
+        leader.send(true).expect("gate");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(cloud.listed(), 1, "a sweep at the start of the term");
+        assert_eq!(
+            cloud.deleted(),
+            ["lb-gone", "tg-gone"],
+            "load balancer first"
+        );
+        let text = base.metrics.encode();
+        for line in [
+            "service_controller_orphaned_cloud_resources_deleted_total{kind=\"load_balancer\"} 1",
+            "service_controller_orphaned_cloud_resources_deleted_total{kind=\"target_group\"} 1",
+            "service_controller_orphaned_cloud_resources{kind=\"load_balancer\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        tokio::time::sleep(EVERY).await;
+        assert_eq!(cloud.listed(), 2, "then every interval");
+
+        leader.send(false).expect("gate");
+        tokio::time::sleep(EVERY * 6).await;
+        assert_eq!(cloud.listed(), 2, "no sweep after losing the lease");
+
+        leader.send(true).expect("gate");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(cloud.listed(), 3, "a sweep at the start of the next term");
+        base.shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn report_mode_counts_and_deletes_nothing() {
+        let (cloud, base, leader) = start(OrphanMode::Report);
+        leader.send(true).expect("gate");
+        tokio::time::sleep(EVERY * 3).await;
+        assert!(cloud.listed() >= 3, "{}", cloud.listed());
+        assert!(cloud.deleted().is_empty());
+        let text = base.metrics.encode();
+        for line in [
+            "service_controller_orphaned_cloud_resources{kind=\"load_balancer\"} 1",
+            "service_controller_orphaned_cloud_resources{kind=\"target_group\"} 1",
+            "service_controller_orphaned_cloud_resources{kind=\"security_group_rule\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        base.shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_stays_while_its_load_balancer_cannot_be_deleted() {
+        let (cloud, base, leader) = start(OrphanMode::Delete);
+        cloud
+            .refuse_lbs
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        leader.send(true).expect("gate");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(cloud.listed(), 1);
+        assert!(cloud.deleted().is_empty(), "{:?}", cloud.deleted());
+        let text = base.metrics.encode();
+        for line in [
+            "service_controller_orphaned_cloud_resources{kind=\"load_balancer\"} 1",
+            "service_controller_orphaned_cloud_resources{kind=\"target_group\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        // Once the load balancer can go, the next sweep deletes both.
+        cloud
+            .refuse_lbs
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(EVERY).await;
+        assert_eq!(cloud.deleted(), ["lb-gone", "tg-gone"]);
+        base.shutdown.cancel();
+    }
+}
