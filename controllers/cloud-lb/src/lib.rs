@@ -11,6 +11,9 @@
 //! backoff (5 s to 300 s), and its workers (only while leading) execute steps: `steps` makes
 //! the provider calls and records Events, `status` writes the finalizer and status with a
 //! conditional patch recomputed on conflict, `nodes` batches node changes into node-sync passes.
+//! [`inventory`] is the cloud inventory sweep beside it: while leading, every
+//! `--cloud-inventory-interval`, what the provider finds tagged for the cluster is compared
+//! (purely, [`inventory::orphans`]) with the live Services, and orphans are reported or deleted.
 
 pub mod aws;
 mod config;
