@@ -1,83 +1,45 @@
 //! Failure scenarios against the real kube-apiserver, with faults injected by the proxy in
 //! `test_support::apiproxy`: watches that go down and come back with `410 Gone`, forced
-//! conflicts and throttling on writes, an outage of one kind's API. Our controllers talk to the
-//! API server only through the proxy; kube-controller-manager's EndpointSlice controller runs
-//! beside them directly, and at the end of each scenario the invariants in
-//! `test_support::invariants` must hold: our slices equal upstream's, nothing allocated twice,
-//! no panic. Each scenario adds a row to the report `make chaos` prints (`SCM_CHAOS_REPORT`).
+//! conflicts and throttling on writes, an outage of one kind's API, a silent (half-open) watch
+//! (`silent`); and faults of the cluster's own making: hand-edited slices and a slice held by a
+//! finalizer (`edits`), changes made while no replica leads (`leaderless`), the leader killed
+//! in the middle of a mass create (`failover`). Our controllers talk to the API server only
+//! through the proxy (the failover scenario runs two manager processes instead);
+//! kube-controller-manager's EndpointSlice controller runs beside them directly, and at the end
+//! of each scenario the invariants in `test_support::invariants` must hold: our slices equal
+//! upstream's, nothing allocated twice, no panic. Each scenario adds a row to the report
+//! `make chaos` prints (`SCM_CHAOS_REPORT`); the long ones are `#[ignore]`d and run there.
+
+// The crate root is tests/faults.rs, so its modules name their files under tests/faults/.
+#[path = "faults/edits.rs"]
+mod edits;
+#[path = "faults/failover.rs"]
+mod failover;
+#[path = "faults/leaderless.rs"]
+mod leaderless;
+#[path = "faults/scene.rs"]
+mod scene;
+#[path = "faults/silent.rs"]
+mod silent;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Result;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::core::ObjectMeta;
 use reqwest::Method;
 use scm_runtime::{Change, Informers};
 use test_support::apiproxy::{Action, ApiProxy, Match};
 use test_support::inprocess::InProcess;
-use test_support::invariants::{converge, double_allocations, panics};
 use test_support::{
     ControlPlane, NodeSpecBuilder, PodBuilder, create_node, create_pod, namespace, set_pod_status,
     wait_for,
 };
 use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(60);
-
-fn service(ns: &str, name: &str, selector: Option<(&str, &str)>) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            namespace: Some(ns.into()),
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            selector: selector.map(|(k, v)| [(k.to_string(), v.to_string())].into()),
-            ports: Some(vec![ServicePort {
-                port: 80,
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// Takes the watches of `resource` down (every list and watch answers 503), runs `meanwhile`,
-/// then lets them back with a `410 Gone` on the first watch, so the client must relist.
-async fn while_watch_down<F, Fut>(proxy: &ApiProxy, resource: &str, meanwhile: F) -> Result<()>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    let down = Action::Status {
-        code: 503,
-        retry_after: None,
-    };
-    proxy.fail(
-        Match {
-            watch: None,
-            ..Match::resource(resource)
-        },
-        down,
-        u32::MAX,
-    );
-    proxy.end_watches(resource);
-    let before = proxy.injected();
-    // The client has noticed: at least one of its attempts was refused.
-    wait_for("a refused re-watch", WAIT, || async {
-        (proxy.injected() > before).then_some(())
-    })
-    .await?;
-    meanwhile().await?;
-    proxy.clear_faults();
-    proxy.fail(Match::watches(resource), Action::Gone, 1);
-    Ok(())
-}
+use scene::{Scene, WAIT, scoped, service, while_watch_down};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relist_after_410_delivers_deletions_missed_while_the_watch_was_down() -> Result<()> {
@@ -164,8 +126,9 @@ async fn a_slice_deleted_while_the_watch_was_down_is_recreated_after_the_relist(
     set_pod_status(&admin, &ns, "web-1", true, &["10.9.0.1"]).await?;
 
     let c = InProcess::new(kube::Client::try_from(proxy.config()?)?);
+    let cfg = scoped(&ns);
     c.start("endpointslice", "endpoint-slice-controller", |ctx| {
-        endpointslice::run(ctx, endpointslice::EndpointSliceConfig::default())
+        endpointslice::run(ctx, cfg)
     });
     let slices: Api<EndpointSlice> = Api::namespaced(admin.clone(), &ns);
     let lp = ListParams::default().labels("kubernetes.io/service-name=web");
@@ -196,169 +159,6 @@ async fn a_slice_deleted_while_the_watch_was_down_is_recreated_after_the_relist(
     })
     .await?;
     Ok(())
-}
-
-/// One row of the chaos report, written when `SCM_CHAOS_REPORT` names a file.
-struct Row<'a> {
-    scenario: &'a str,
-    faults: u64,
-    converged_in: Duration,
-    slices_differ: bool,
-    doubles: usize,
-    panics: u64,
-}
-
-fn report(r: &Row) {
-    let Ok(path) = std::env::var("SCM_CHAOS_REPORT") else {
-        return;
-    };
-    let outcome = if r.slices_differ || r.doubles > 0 || r.panics > 0 {
-        "FAIL"
-    } else {
-        "ok"
-    };
-    let line = format!(
-        "{}\t{}\t{}\t{}\t{}\t{}\t{:.1}s\n",
-        r.scenario,
-        r.faults,
-        outcome,
-        u8::from(r.slices_differ),
-        r.doubles,
-        r.panics,
-        r.converged_in.as_secs_f64()
-    );
-    use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = f.write_all(line.as_bytes());
-    }
-}
-
-/// A namespace of `services` Services (`svc-<i>`, selecting `app=svc-<i>`) with `pods` ready
-/// pods each on one node, served by our EndpointSlice controller through `proxy` and by
-/// kube-controller-manager's directly.
-struct Scene {
-    admin: kube::Client,
-    ns: String,
-    services: Vec<String>,
-    _kcm: tokio::process::Child,
-    _ours: InProcess,
-}
-
-impl Scene {
-    async fn start(
-        cp: &ControlPlane,
-        proxy: &ApiProxy,
-        prefix: &str,
-        services: usize,
-        pods: usize,
-    ) -> Result<Scene> {
-        test_support::invariants::count_panics();
-        let admin = cp.client().await?;
-        let ns = namespace(&admin, prefix).await?;
-        let node = format!("{ns}-node");
-        create_node(
-            &admin,
-            NodeSpecBuilder {
-                name: node.clone(),
-                ..Default::default()
-            },
-        )
-        .await?;
-        let api: Api<Service> = Api::namespaced(admin.clone(), &ns);
-        let mut names = Vec::new();
-        for i in 0..services {
-            let name = format!("svc-{i}");
-            api.create(
-                &PostParams::default(),
-                &service(&ns, &name, Some(("app", &name))),
-            )
-            .await?;
-            for p in 0..pods {
-                let pod = format!("{name}-{p}");
-                let mut pb = PodBuilder::new(&ns, &pod, &[("app", &name)]);
-                pb.node_name = Some(node.clone());
-                create_pod(&admin, &pb).await?;
-                set_pod_status(
-                    &admin,
-                    &ns,
-                    &pod,
-                    true,
-                    &[&format!("10.{}.{i}.{}", 40 + services % 100, p + 1)],
-                )
-                .await?;
-            }
-            names.push(name);
-        }
-        let kcm = test_support::upstream_endpointslice_controller(cp)?;
-        let ours = InProcess::new(kube::Client::try_from(proxy.config()?)?);
-        ours.start("endpointslice", "endpoint-slice-controller", |ctx| {
-            endpointslice::run(ctx, endpointslice::EndpointSliceConfig::default())
-        });
-        Ok(Scene {
-            admin,
-            ns,
-            services: names,
-            _kcm: kcm,
-            _ours: ours,
-        })
-    }
-
-    /// Flips the readiness of every pod of every Service `rounds` times.
-    async fn flap(&self, pods: usize, rounds: usize) -> Result<()> {
-        for r in 0..rounds {
-            for (i, s) in self.services.iter().enumerate() {
-                for p in 0..pods {
-                    let ready = r % 2 == 1;
-                    set_pod_status(
-                        &self.admin,
-                        &self.ns,
-                        &format!("{s}-{p}"),
-                        ready,
-                        &[&format!(
-                            "10.{}.{i}.{}",
-                            40 + self.services.len() % 100,
-                            p + 1
-                        )],
-                    )
-                    .await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Checks the invariants, reports the row and fails on any broken one.
-    async fn finish(
-        &self,
-        scenario: &str,
-        proxy: &ApiProxy,
-        since: std::time::Instant,
-    ) -> Result<()> {
-        let slices = converge(&self.admin, &self.ns, &self.services, false, scenario).await;
-        let converged_in = since.elapsed();
-        let doubles = double_allocations(&self.admin).await?;
-        let row = Row {
-            scenario,
-            faults: proxy.injected(),
-            converged_in,
-            slices_differ: slices.is_err(),
-            doubles: doubles.len(),
-            panics: panics(),
-        };
-        report(&row);
-        let compared = slices?;
-        assert!(compared.endpoints > 0, "{scenario}: nothing was compared");
-        assert!(
-            doubles.is_empty(),
-            "{scenario}: allocated twice: {doubles:?}"
-        );
-        assert_eq!(panics(), 0, "{scenario}: a panic in this process");
-        Ok(())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,312 @@
+//! What the scenarios share: Services scoped to one namespace, the watch-down helper, the
+//! chaos report row, and the [`Scene`] (our controllers through the proxy beside
+//! kube-controller-manager's) with its end-of-scenario invariants.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams, PostParams};
+use kube::core::ObjectMeta;
+use test_support::apiproxy::{Action, ApiProxy, Match};
+use test_support::inprocess::InProcess;
+use test_support::invariants::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, converge};
+use test_support::invariants::{double_allocations, panics};
+use test_support::{
+    ControlPlane, NodeSpecBuilder, PodBuilder, create_node, create_pod, namespace, set_pod_status,
+    wait_for,
+};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The label that scopes a scenario's Services: our controllers serve only those of their own
+/// namespace (`--service-label-selector`), so scenarios running side by side in one control
+/// plane never write each other's slices (one of them may be running without a leader).
+pub const SCOPE: &str = "faults.scm.test/scene";
+
+/// Our EndpointSlice controller's configuration for the scenario in namespace `ns`.
+pub fn scoped(ns: &str) -> endpointslice::EndpointSliceConfig {
+    let mut cfg = endpointslice::EndpointSliceConfig::default();
+    cfg.shell.service_label_selector = Some(format!("{SCOPE}={ns}"));
+    cfg
+}
+
+/// A Service with port 80 (and `selector`), labelled with the scope of its namespace.
+pub fn service(ns: &str, name: &str, selector: Option<(&str, &str)>) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            labels: Some([(SCOPE.to_string(), ns.to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: selector.map(|(k, v)| [(k.to_string(), v.to_string())].into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Takes the watches of `resource` down (every list and watch answers 503), runs `meanwhile`,
+/// then lets them back with a `410 Gone` on the first watch, so the client must relist.
+pub async fn while_watch_down<F, Fut>(proxy: &ApiProxy, resource: &str, meanwhile: F) -> Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let down = Action::Status {
+        code: 503,
+        retry_after: None,
+    };
+    proxy.fail(
+        Match {
+            watch: None,
+            ..Match::resource(resource)
+        },
+        down,
+        u32::MAX,
+    );
+    proxy.end_watches(resource);
+    let before = proxy.injected();
+    // The client has noticed: at least one of its attempts was refused.
+    wait_for("a refused re-watch", WAIT, || async {
+        (proxy.injected() > before).then_some(())
+    })
+    .await?;
+    meanwhile().await?;
+    proxy.clear_faults();
+    proxy.fail(Match::watches(resource), Action::Gone, 1);
+    Ok(())
+}
+
+/// One row of the chaos report, written when `SCM_CHAOS_REPORT` names a file.
+pub struct Row<'a> {
+    pub scenario: &'a str,
+    pub faults: u64,
+    pub converged_in: Duration,
+    pub slices_differ: bool,
+    pub doubles: usize,
+    pub panics: u64,
+}
+
+pub fn report(r: &Row) {
+    let Ok(path) = std::env::var("SCM_CHAOS_REPORT") else {
+        return;
+    };
+    let outcome = if r.slices_differ || r.doubles > 0 || r.panics > 0 {
+        "FAIL"
+    } else {
+        "ok"
+    };
+    let line = format!(
+        "{}\t{}\t{}\t{}\t{}\t{}\t{:.1}s\n",
+        r.scenario,
+        r.faults,
+        outcome,
+        u8::from(r.slices_differ),
+        r.doubles,
+        r.panics,
+        r.converged_in.as_secs_f64()
+    );
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// The end of a scenario: waits until our slices of `services` equal upstream's, counts double
+/// allocations and panics (this process's plus `other_panics`, e.g. found in a manager's log),
+/// reports the row and fails on any broken invariant. `converged_in` is measured from `since`
+/// unless the scenario measured something more telling itself.
+pub async fn check(
+    admin: &kube::Client,
+    ns: &str,
+    services: &[String],
+    scenario: &str,
+    faults: u64,
+    since: Instant,
+    other_panics: u64,
+) -> Result<Duration> {
+    let slices = converge(admin, ns, services, false, scenario).await;
+    let converged_in = since.elapsed();
+    let doubles = double_allocations(admin).await?;
+    let row = Row {
+        scenario,
+        faults,
+        converged_in,
+        slices_differ: slices.is_err(),
+        doubles: doubles.len(),
+        panics: panics() + other_panics,
+    };
+    report(&row);
+    let compared = slices?;
+    assert!(compared.endpoints > 0, "{scenario}: nothing was compared");
+    assert!(
+        doubles.is_empty(),
+        "{scenario}: allocated twice: {doubles:?}"
+    );
+    assert_eq!(panics(), 0, "{scenario}: a panic in this process");
+    assert_eq!(other_panics, 0, "{scenario}: a panic in a manager");
+    Ok(converged_in)
+}
+
+/// The slices of Service `svc` managed by `managed_by` (terminating ones included).
+pub async fn slices_of(
+    admin: &kube::Client,
+    ns: &str,
+    svc: &str,
+    managed_by: &str,
+) -> Result<Vec<EndpointSlice>> {
+    let api: Api<EndpointSlice> = Api::namespaced(admin.clone(), ns);
+    let lp = ListParams::default().labels(&format!(
+        "{LABEL_SERVICE_NAME}={svc},{LABEL_MANAGED_BY}={managed_by}"
+    ));
+    Ok(api.list(&lp).await?.items)
+}
+
+/// What the slices that are not being deleted serve: (address, port, ready) triples.
+pub fn served(slices: &[EndpointSlice]) -> BTreeSet<(String, i32, bool)> {
+    let mut out = BTreeSet::new();
+    for s in slices
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+    {
+        for p in s.ports.iter().flatten() {
+            for e in s.endpoints.iter().flatten() {
+                let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false);
+                for a in &e.addresses {
+                    out.insert((a.clone(), p.port.unwrap_or(0), ready));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The address of pod `p` of Service number `i` in a scene of `services` Services.
+pub fn pod_ip(services: usize, i: usize, p: usize) -> String {
+    format!("10.{}.{i}.{}", 40 + services % 100, p + 1)
+}
+
+/// A namespace of `services` Services (`svc-<i>`, selecting `app=svc-<i>`) with `pods` ready
+/// pods each on one node, served by our EndpointSlice controller through `proxy` (scoped to
+/// this namespace) and by kube-controller-manager's directly.
+pub struct Scene {
+    pub admin: kube::Client,
+    pub ns: String,
+    pub node: String,
+    pub services: Vec<String>,
+    _kcm: tokio::process::Child,
+    /// Our controllers; a scenario may start more (allocators) or take leadership away.
+    pub ours: InProcess,
+}
+
+impl Scene {
+    pub async fn start(
+        cp: &ControlPlane,
+        proxy: &ApiProxy,
+        prefix: &str,
+        services: usize,
+        pods: usize,
+    ) -> Result<Scene> {
+        test_support::invariants::count_panics();
+        let admin = cp.client().await?;
+        let ns = namespace(&admin, prefix).await?;
+        let node = format!("{ns}-node");
+        create_node(
+            &admin,
+            NodeSpecBuilder {
+                name: node.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let api: Api<Service> = Api::namespaced(admin.clone(), &ns);
+        let mut names = Vec::new();
+        for i in 0..services {
+            let name = format!("svc-{i}");
+            api.create(
+                &PostParams::default(),
+                &service(&ns, &name, Some(("app", &name))),
+            )
+            .await?;
+            for p in 0..pods {
+                let pod = format!("{name}-{p}");
+                let mut pb = PodBuilder::new(&ns, &pod, &[("app", &name)]);
+                pb.node_name = Some(node.clone());
+                create_pod(&admin, &pb).await?;
+                set_pod_status(&admin, &ns, &pod, true, &[&pod_ip(services, i, p)]).await?;
+            }
+            names.push(name);
+        }
+        let kcm = test_support::upstream_endpointslice_controller(cp)?;
+        let ours = InProcess::new(kube::Client::try_from(proxy.config()?)?);
+        let cfg = scoped(&ns);
+        ours.start("endpointslice", "endpoint-slice-controller", |ctx| {
+            endpointslice::run(ctx, cfg)
+        });
+        Ok(Scene {
+            admin,
+            ns,
+            node,
+            services: names,
+            _kcm: kcm,
+            ours,
+        })
+    }
+
+    /// Flips the readiness of every pod of every Service `rounds` times.
+    pub async fn flap(&self, pods: usize, rounds: usize) -> Result<()> {
+        for r in 0..rounds {
+            self.set_ready(pods, r % 2 == 1).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets the readiness of every pod of every Service.
+    pub async fn set_ready(&self, pods: usize, ready: bool) -> Result<()> {
+        let n = self.services.len();
+        for (i, s) in self.services.iter().enumerate() {
+            for p in 0..pods {
+                let ip = pod_ip(n, i, p);
+                set_pod_status(&self.admin, &self.ns, &format!("{s}-{p}"), ready, &[&ip]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until our slices of every Service equal upstream's (a scenario's starting point).
+    pub async fn settled(&self, what: &str) -> Result<()> {
+        converge(&self.admin, &self.ns, &self.services, false, what).await?;
+        Ok(())
+    }
+
+    /// Checks the invariants over every Service, reports the row and fails on any broken one.
+    pub async fn finish(&self, scenario: &str, proxy: &ApiProxy, since: Instant) -> Result<()> {
+        self.finish_for(scenario, proxy.injected(), since, &self.services)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Self::finish`] over some of the Services, with the faults counted by the scenario.
+    pub async fn finish_for(
+        &self,
+        scenario: &str,
+        faults: u64,
+        since: Instant,
+        services: &[String],
+    ) -> Result<Duration> {
+        check(&self.admin, &self.ns, services, scenario, faults, since, 0).await
+    }
+}
