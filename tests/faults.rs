@@ -192,6 +192,8 @@ async fn throttled_writes_with_retry_after_converge() -> Result<()> {
     let cp = ControlPlane::shared().await?;
     let proxy = ApiProxy::start(cp.client().await?).await?;
     let scene = Scene::start(cp, &proxy, "faults-429", 2, 2).await?;
+    // Throttle writes of a running controller, not its first list.
+    scene.settled("before the throttling").await?;
     let started = std::time::Instant::now();
     let throttled = Action::Status {
         code: 429,

@@ -106,12 +106,25 @@ async fn the_leader_killed_while_50_services_are_created_the_other_replica_conve
             anyhow::Ok(())
         })
     };
-    wait_for("a third of the Services created", WAIT, || async {
-        (created.load(Ordering::SeqCst) >= SERVICES / 3).then_some(())
+    // Killed in the middle of work: a third of the Services are in, and the leader has been
+    // reconciling them.
+    let leader_addr = if a_leads { &a_addr } else { &b_addr };
+    wait_for("a third created, the leader at work", WAIT, || async {
+        let reconciled = test_support::metrics::scrape_manager(leader_addr)
+            .await?
+            .sum(
+                "service_controller_manager_reconcile_total",
+                &[("controller", "endpointslice")],
+            );
+        (created.load(Ordering::SeqCst) >= SERVICES / 3 && reconciled > 0.0).then_some(())
     })
     .await?;
     let killed = Instant::now();
     leader.signal(9)?;
+    eprintln!(
+        "failover: leader killed with {} of {SERVICES} Services created",
+        created.load(Ordering::SeqCst)
+    );
     let _ = leader.child.wait().await;
     creator.await??;
     let took_over = wait_for("the follower to take over", WAIT, || async {
