@@ -78,6 +78,7 @@ async fn deletes_and_type_changes_while_no_leader_runs_converge_once_one_leads()
     let before_svc3 = served(&slices_of(&admin, &ns, "svc-3", OURS).await?);
 
     scene.ours.set_leading(false);
+    let gone_uid = svcs.get("svc-0").await?.metadata.uid;
     svcs.delete("svc-0", &DeleteParams::default()).await?;
     let taken = node_port(&set_type(&svcs, "svc-1", "NodePort").await?)
         .ok_or_else(|| anyhow!("svc-1 got no node port"))?;
@@ -118,6 +119,17 @@ async fn deletes_and_type_changes_while_no_leader_runs_converge_once_one_leads()
             .then_some(())
     })
     .await?;
+    let upstream_left = slices_of(&admin, &ns, "svc-0", UPSTREAM).await?;
+    assert!(
+        !upstream_left.is_empty()
+            && upstream_left.iter().all(|s| s
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.kind == "Service" && Some(&o.uid) == gone_uid.as_ref())),
+        "upstream leaves the slices of a deleted Service to the garbage collector"
+    );
 
     // The NodePort ledger, built from the same Service informer as the running controller's.
     let ledger = Shell::new(
