@@ -102,6 +102,7 @@ async fn a_relist_after_410_delivers_deletions_missed_while_the_watch_was_down()
 async fn a_slice_deleted_while_the_watch_was_down_is_recreated_after_the_relist() -> Result<()> {
     // Issue 12 defect 1: the generation tracker kept the deleted slice, `stale()` stayed true
     // and that Service never synced again until a restart.
+    let _turn = scene::shared_turn().await;
     let cp = ControlPlane::shared().await?;
     let admin = cp.client().await?;
     let proxy = ApiProxy::start(admin.clone()).await?;

@@ -14,7 +14,7 @@ use test_support::{
     leader_status, namespace, readyz_ok, set_pod_status, wait_for,
 };
 
-use crate::scene::{SCOPE, WAIT, check, pod_ip, service};
+use crate::scene::{SCOPE, WAIT, check, pod_ip, service, shared_turn};
 
 const SERVICES: usize = 50;
 
@@ -29,6 +29,7 @@ fn panics_in(m: &Manager) -> u64 {
 async fn the_leader_killed_while_50_services_are_created_the_other_replica_converges() -> Result<()>
 {
     test_support::invariants::count_panics();
+    let _turn = shared_turn().await;
     let cp = ControlPlane::shared().await?;
     let admin = cp.client().await?;
     let ns = namespace(&admin, "faults-failover").await?;

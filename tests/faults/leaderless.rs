@@ -16,7 +16,7 @@ use test_support::apiproxy::ApiProxy;
 use test_support::invariants::{OURS, UPSTREAM};
 use test_support::{ControlPlane, PodBuilder, create_pod, set_pod_status, wait_for};
 
-use crate::scene::{Scene, WAIT, pod_ip, served, service, slices_of};
+use crate::scene::{Scene, WAIT, pod_ip, served, service, slices_of, turn_alone};
 
 fn node_port(s: &Service) -> Option<i32> {
     s.spec
@@ -52,7 +52,8 @@ async fn cluster_node_ports(admin: &kube::Client) -> Option<BTreeSet<i32>> {
 async fn deletes_and_type_changes_while_no_leader_runs_converge_once_one_leads() -> Result<()> {
     let cp = ControlPlane::shared().await?;
     let proxy = ApiProxy::start(cp.client().await?).await?;
-    let scene = Scene::start(cp, &proxy, "faults-leaderless", 4, 2).await?;
+    let turn = turn_alone().await;
+    let scene = Scene::start_in(turn, cp, &proxy, "faults-leaderless", 4, 2).await?;
     let (ns, admin) = (scene.ns.clone(), scene.admin.clone());
     scene
         .ours

@@ -3,6 +3,7 @@
 //! kube-controller-manager's) with its end-of-scenario invariants.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -18,8 +19,31 @@ use test_support::{
     ControlPlane, NodeSpecBuilder, PodBuilder, create_node, create_pod, namespace, set_pod_status,
     wait_for,
 };
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Turns at running our controllers in this process. Our EndpointSlice controller deletes the
+/// slices of any deleted Service it comes across (on a relist it looks at every Service holding
+/// slices of ours, in scope or not), so a scenario that needs nothing of ours to move while it
+/// has no leader runs alone; the others share.
+static TURNS: LazyLock<Arc<RwLock<()>>> = LazyLock::new(Arc::default);
+
+/// A turn shared with other scenarios.
+pub async fn shared_turn() -> Turn {
+    Turn::Shared(TURNS.clone().read_owned().await)
+}
+
+/// A turn alone: no other scenario's controllers run meanwhile.
+pub async fn turn_alone() -> Turn {
+    Turn::Alone(TURNS.clone().write_owned().await)
+}
+
+/// A scenario's turn, held until it ends.
+pub enum Turn {
+    Shared(OwnedRwLockReadGuard<()>),
+    Alone(OwnedRwLockWriteGuard<()>),
+}
 
 /// The label that scopes a scenario's Services: our controllers serve only those of their own
 /// namespace (`--service-label-selector`), so scenarios running side by side in one control
@@ -210,10 +234,24 @@ pub struct Scene {
     _kcm: tokio::process::Child,
     /// Our controllers; a scenario may start more (allocators) or take leadership away.
     pub ours: InProcess,
+    // Last: released once our controllers and kube-controller-manager have stopped.
+    _turn: Turn,
 }
 
 impl Scene {
     pub async fn start(
+        cp: &ControlPlane,
+        proxy: &ApiProxy,
+        prefix: &str,
+        services: usize,
+        pods: usize,
+    ) -> Result<Scene> {
+        Self::start_in(shared_turn().await, cp, proxy, prefix, services, pods).await
+    }
+
+    /// [`Self::start`] in a given turn (e.g. alone).
+    pub async fn start_in(
+        turn: Turn,
         cp: &ControlPlane,
         proxy: &ApiProxy,
         prefix: &str,
@@ -263,6 +301,7 @@ impl Scene {
             services: names,
             _kcm: kcm,
             ours,
+            _turn: turn,
         })
     }
 
