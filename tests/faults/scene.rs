@@ -31,23 +31,29 @@ static TURNS: LazyLock<Arc<RwLock<()>>> = LazyLock::new(Arc::default);
 
 /// A turn shared with other scenarios.
 pub async fn shared_turn() -> Turn {
-    Turn::Shared(TURNS.clone().read_owned().await)
+    Turn {
+        _shared: Some(TURNS.clone().read_owned().await),
+        _alone: None,
+    }
 }
 
 /// A turn alone: no other scenario's controllers run meanwhile.
 pub async fn turn_alone() -> Turn {
-    Turn::Alone(TURNS.clone().write_owned().await)
+    Turn {
+        _shared: None,
+        _alone: Some(TURNS.clone().write_owned().await),
+    }
 }
 
-/// A scenario's turn, held until it ends.
-pub enum Turn {
-    Shared(OwnedRwLockReadGuard<()>),
-    Alone(OwnedRwLockWriteGuard<()>),
+/// A scenario's turn, held (never read) until it ends.
+pub struct Turn {
+    _shared: Option<OwnedRwLockReadGuard<()>>,
+    _alone: Option<OwnedRwLockWriteGuard<()>>,
 }
 
 /// The label that scopes a scenario's Services: our controllers serve only those of their own
 /// namespace (`--service-label-selector`), so scenarios running side by side in one control
-/// plane never write each other's slices (one of them may be running without a leader).
+/// plane do not write each other's slices (but for those of deleted Services: see [`TURNS`]).
 pub const SCOPE: &str = "faults.scm.test/scene";
 
 /// Our EndpointSlice controller's configuration for the scenario in namespace `ns`.
