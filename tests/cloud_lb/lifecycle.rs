@@ -160,6 +160,13 @@ async fn bad_annotation_event_without_api_call_then_fixed() -> Result<()> {
     let class = "test.example.com/bad";
     node(&client, "bad-a").await?;
     let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    // The inventory sweep lists the cloud once at the start of the term; from here on, count
+    // only what the invalid Service causes.
+    wait_for("the first inventory sweep", T, || async {
+        (ctrl.count("service_controller_cloud_inventory_sweeps_total") >= 1).then_some(())
+    })
+    .await?;
+    aws.proxy.reset_counts();
     let mut s = lb_service(&ns, "bad", Some(class), &[("http", 80, "TCP", None)]);
     s.metadata.annotations = Some(
         [(

@@ -16,6 +16,10 @@
 //! younger than one sweep interval is never an orphan, and neither is a target group while a
 //! young load balancer of the same Service exists (target groups have no creation time; ours
 //! are made after their load balancer).
+//!
+//! The other way round, a Service's own cleanup may delete its resources between the listing
+//! and the snapshot (the Service is gone by then): they are reported once as orphans, and in
+//! `delete` mode deleted again, which the provider answers as already done.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
