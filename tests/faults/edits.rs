@@ -38,7 +38,14 @@ async fn edit(
                 .next()?;
             f(&mut s);
             let name = s.metadata.name.clone()?;
-            api.replace(&name, &PostParams::default(), &s).await.ok()
+            let written = api.replace(&name, &PostParams::default(), &s).await.ok()?;
+            // The API server took the edit as made (so undoing it is the controllers' work).
+            let labelled = written
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(HAND_LABEL));
+            (labelled && written.endpoints == s.endpoints && written.ports == s.ports).then_some(())
         },
     )
     .await?;
