@@ -83,6 +83,11 @@ pub(crate) async fn run(
                     return;
                 }
                 info!("lost leadership: inventory sweeps stop");
+                // The next leader reports from its own sweeps; a follower's stale count would
+                // add up with it.
+                for k in Kind::ALL {
+                    metrics.orphaned.get_or_create(&label(k)).set(0);
+                }
             }
             _ = term => {}
         }
@@ -189,7 +194,7 @@ mod tests {
 
     use async_trait::async_trait;
     use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node};
-    use scm_runtime::{Change, ContextBase, LeaderGate, ObjectKey};
+    use scm_runtime::{Change, ContextBase, LeaderGate};
 
     use super::*;
     use crate::inventory::{Inventory, TaggedLb, TaggedTg};
@@ -294,7 +299,7 @@ mod tests {
         .expect("client");
         let base = ContextBase::new(client, gate);
         let ctx = base.context("cloud-lb", "service-controller");
-        let services = Informer::<Service>::detached("Service", ObjectKey::of);
+        let services = Informer::<Service>::detached("Service", scm_runtime::informer::key_of);
         services.deliver(Change::Relisted(vec![]));
         let cloud = Arc::new(Cloud::default());
         let config = CloudLbConfig {
@@ -356,6 +361,12 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+        // A follower reports nothing: the leader counts.
+        leader.send(false).expect("gate");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let text = base.metrics.encode();
+        let line = "service_controller_orphaned_cloud_resources{kind=\"load_balancer\"} 0";
+        assert!(text.contains(line), "{line} in\n{text}");
         base.shutdown.cancel();
     }
 
