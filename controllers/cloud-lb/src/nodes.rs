@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn only_changes_that_matter_notify_including_across_a_relist() {
-        let inf = Informer::<Node>::detached("Node", ObjectKey::of);
+        let inf = Informer::<Node>::detached("Node", scm_runtime::informer::key_of);
         let dirty = Arc::new(Notify::new());
         watch_nodes(&inf, dirty.clone());
         // A notification with no waiter is kept as a permit: one poll takes it.

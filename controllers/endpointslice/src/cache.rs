@@ -2,7 +2,9 @@
 //! pod records by (namespace, label), so that a pod event finds its Services (and a Service
 //! its pods) without scanning every object.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
@@ -17,15 +19,41 @@ fn selector_of(svc: &Service) -> Option<BTreeMap<String, String>> {
     svc.spec.as_ref().and_then(|s| s.selector.clone())
 }
 
-/// Services and pod records with a label index both ways.
+/// A pod record in a per-namespace set, hashed and compared by name (unique in a namespace),
+/// so a set of records is also a map from name to record without a second copy of the name.
+#[derive(Clone, Debug)]
+struct ByName(Arc<PodRecord>);
+
+impl PartialEq for ByName {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.name == o.0.name
+    }
+}
+
+impl Eq for ByName {}
+
+impl Hash for ByName {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // As `str` hashes, which `Borrow<str>` requires.
+        (*self.0.name).hash(h)
+    }
+}
+
+impl Borrow<str> for ByName {
+    fn borrow(&self) -> &str {
+        &self.0.name
+    }
+}
+
+/// Services and pod records with a label index both ways. The pod side holds pointers to the
+/// informer's records only: no name or key is copied per pod.
 #[derive(Default)]
 pub struct PodServiceIndex {
     /// Services by key.
     pub services: HashMap<ObjectKey, Arc<Service>>,
-    /// Pods by key.
-    pub pods: HashMap<ObjectKey, Arc<PodRecord>>,
-    pods_by_label: HashMap<LabelKey, HashSet<String>>,
-    pods_by_ns: HashMap<String, HashSet<String>>,
+    /// Pods by namespace, then name.
+    pods_by_ns: HashMap<Arc<str>, HashSet<ByName>>,
+    pods_by_label: HashMap<LabelKey, HashSet<ByName>>,
     // A Service is indexed under the first pair of its selector; empty selectors separately.
     svcs_by_label: HashMap<LabelKey, HashSet<String>>,
     svcs_select_all: HashMap<String, HashSet<String>>,
@@ -36,40 +64,46 @@ fn matches(sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) ->
 }
 
 impl PodServiceIndex {
+    /// The pod with this key.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<PodRecord>> {
+        self.pods_by_ns.get(namespace)?.get(name).map(|b| &b.0)
+    }
+
+    /// How many pods the index holds.
+    pub fn pod_count(&self) -> usize {
+        self.pods_by_ns.values().map(HashSet::len).sum()
+    }
+
     /// Inserts or replaces a pod (the informer's record, shared); returns the previous one.
     pub fn put_pod(&mut self, pod: Arc<PodRecord>) -> Option<Arc<PodRecord>> {
-        let key = pod.key();
-        let old = self.remove_pod(&key);
+        let old = self.remove_pod(&pod.namespace, &pod.name);
         for (k, v) in pod.labels.iter() {
             self.pods_by_label
-                .entry((key.namespace.clone(), k.clone(), v.clone()))
+                .entry((pod.namespace.to_string(), k.clone(), v.clone()))
                 .or_default()
-                .insert(key.name.clone());
+                .insert(ByName(pod.clone()));
         }
         self.pods_by_ns
-            .entry(key.namespace.clone())
+            .entry(pod.namespace.clone())
             .or_default()
-            .insert(key.name.clone());
-        self.pods.insert(key, pod);
+            .insert(ByName(pod));
         old
     }
 
     /// Removes a pod; returns it.
-    pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<Arc<PodRecord>> {
-        let old = self.pods.remove(key)?;
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Option<Arc<PodRecord>> {
+        let in_ns = self.pods_by_ns.get_mut(namespace)?;
+        let ByName(old) = in_ns.take(name)?;
+        if in_ns.is_empty() {
+            self.pods_by_ns.remove(namespace);
+        }
         for (k, v) in old.labels.iter() {
-            let lk = (key.namespace.clone(), k.clone(), v.clone());
+            let lk = (namespace.to_string(), k.clone(), v.clone());
             if let Some(s) = self.pods_by_label.get_mut(&lk) {
-                s.remove(&key.name);
+                s.remove(name);
                 if s.is_empty() {
                     self.pods_by_label.remove(&lk);
                 }
-            }
-        }
-        if let Some(s) = self.pods_by_ns.get_mut(&key.namespace) {
-            s.remove(&key.name);
-            if s.is_empty() {
-                self.pods_by_ns.remove(&key.namespace);
             }
         }
         Some(old)
@@ -87,21 +121,25 @@ impl PodServiceIndex {
                 self.services_for_pod_change(old.as_deref(), Some(p))
             }
             Change::Delete(p) => {
-                let old = self.remove_pod(&p.key());
+                let old = self.remove_pod(&p.namespace, &p.name);
                 self.services_for_pod_change(old.as_deref(), Some(p))
             }
             Change::Relisted(list) => {
-                let fresh: HashSet<ObjectKey> = list.iter().map(|p| p.key()).collect();
-                let old: Vec<ObjectKey> = self.pods.keys().cloned().collect();
-                let mut affected = HashSet::new();
-                for k in old {
-                    if !fresh.contains(&k)
-                        && let Some(o) = self.remove_pod(&k)
-                    {
-                        affected.extend(self.services_for_pod_change(Some(&o), None));
-                    }
-                }
+                let fresh: HashSet<(&str, &str)> =
+                    list.iter().map(|p| (&*p.namespace, &*p.name)).collect();
+                let gone: Vec<Arc<PodRecord>> = self
+                    .pods_by_ns
+                    .values()
+                    .flatten()
+                    .filter(|b| !fresh.contains(&(&*b.0.namespace, &*b.0.name)))
+                    .map(|b| b.0.clone())
+                    .collect();
                 drop(fresh);
+                let mut affected = HashSet::new();
+                for o in gone {
+                    self.remove_pod(&o.namespace, &o.name);
+                    affected.extend(self.services_for_pod_change(Some(&o), None));
+                }
                 for p in list {
                     let old = self.put_pod(p.clone());
                     if old.as_deref().is_none_or(|o| *o != **p) {
@@ -200,10 +238,10 @@ impl PodServiceIndex {
         selector: &BTreeMap<String, String>,
     ) -> Vec<Arc<PodRecord>> {
         // Start from the smallest posting list among the selector's pairs.
-        let candidates: Option<&HashSet<String>> = if selector.is_empty() {
+        let candidates: Option<&HashSet<ByName>> = if selector.is_empty() {
             self.pods_by_ns.get(namespace)
         } else {
-            let mut best: Option<&HashSet<String>> = None;
+            let mut best: Option<&HashSet<ByName>> = None;
             for (k, v) in selector {
                 match self
                     .pods_by_label
@@ -222,9 +260,8 @@ impl PodServiceIndex {
         let mut out: Vec<Arc<PodRecord>> = candidates
             .into_iter()
             .flatten()
-            .filter_map(|n| self.pods.get(&ObjectKey::new(namespace, n.clone())))
-            .filter(|p| selector.is_empty() || matches(selector, &p.labels))
-            .cloned()
+            .filter(|p| selector.is_empty() || matches(selector, &p.0.labels))
+            .map(|p| p.0.clone())
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out

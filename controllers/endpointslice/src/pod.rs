@@ -3,6 +3,7 @@
 //! the EndpointSlice and Endpoints controllers), with label maps interned across pods.
 
 use std::collections::{BTreeMap, HashSet};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -159,60 +160,95 @@ fn named_ports(pod: &Pod) -> impl Iterator<Item = NamedPort> + '_ {
         })
 }
 
-/// Shares one label map between pods labelled alike (the pods of one ReplicaSet), so a
-/// cluster's pod records hold each distinct label set once. Maps no record uses any more are
+/// Shares one value between records that hold equal ones: one label map between pods
+/// labelled alike (the pods of one ReplicaSet), one string per namespace and per Node name, so
+/// a cluster's pod records hold each distinct value once. Values no record uses any more are
 /// dropped when the set has doubled since the last sweep, which keeps the cost amortised O(1).
-#[derive(Default)]
-pub struct LabelInterner {
-    inner: Mutex<Interned>,
+pub struct Interner<T: ?Sized> {
+    inner: Mutex<Interned<T>>,
 }
 
-#[derive(Default)]
-struct Interned {
-    sets: HashSet<Arc<BTreeMap<String, String>>>,
+struct Interned<T: ?Sized> {
+    set: HashSet<Arc<T>>,
     sweep_at: usize,
 }
 
+impl<T: ?Sized> Default for Interner<T> {
+    fn default() -> Self {
+        Interner {
+            inner: Mutex::new(Interned {
+                set: HashSet::new(),
+                sweep_at: 0,
+            }),
+        }
+    }
+}
+
+/// The interner of pod label maps.
+pub type LabelInterner = Interner<BTreeMap<String, String>>;
+
 static LABELS: std::sync::LazyLock<LabelInterner> = std::sync::LazyLock::new(Default::default);
+static NAMES: std::sync::LazyLock<Interner<str>> = std::sync::LazyLock::new(Default::default);
+
+impl<T: ?Sized + Hash + Eq> Interner<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Interned<T>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `shared` (not in the set yet), sweeping first when the set has doubled.
+    fn insert_new(g: &mut Interned<T>, shared: Arc<T>) -> Arc<T> {
+        if g.set.len() >= g.sweep_at {
+            // Held only by the set: no record uses the value any more.
+            g.set.retain(|v| Arc::strong_count(v) > 1);
+            g.sweep_at = (g.set.len() * 2).max(1024);
+        }
+        g.set.insert(shared.clone());
+        shared
+    }
+
+    /// Drops values no record uses any more, and returns how many distinct ones remain.
+    pub fn sweep(&self) -> usize {
+        let mut g = self.lock();
+        g.set.retain(|v| Arc::strong_count(v) > 1);
+        g.set.len()
+    }
+}
+
+impl Interner<str> {
+    /// The shared string equal to `s`.
+    pub fn intern(&self, s: &str) -> Arc<str> {
+        let mut g = self.lock();
+        match g.set.get(s) {
+            Some(shared) => shared.clone(),
+            None => Self::insert_new(&mut g, Arc::from(s)),
+        }
+    }
+}
 
 impl LabelInterner {
     /// The shared map equal to `labels`.
     pub fn intern(&self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(shared) = g.sets.get(&labels) {
-            return shared.clone();
+        let mut g = self.lock();
+        match g.set.get(&labels) {
+            Some(shared) => shared.clone(),
+            None => Self::insert_new(&mut g, Arc::new(labels)),
         }
-        if g.sets.len() >= g.sweep_at {
-            // Held only by the set: no record uses the map any more.
-            g.sets.retain(|m| Arc::strong_count(m) > 1);
-            g.sweep_at = (g.sets.len() * 2).max(1024);
-        }
-        let shared = Arc::new(labels);
-        g.sets.insert(shared.clone());
-        shared
-    }
-
-    /// Drops maps no record uses any more, and returns how many distinct sets remain.
-    pub fn sweep(&self) -> usize {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.sets.retain(|m| Arc::strong_count(m) > 1);
-        g.sets.len()
     }
 }
 
 /// The part of a pod the controllers read, kept in their caches instead of the API's `Pod`
-/// (which costs about 2.5 KB inline even when nearly empty). Labels are shared between pods
-/// with the same label set (see [`LabelInterner`]). No resourceVersion: two records
-/// that compare equal give the same endpoints, so an update that changes nothing we read is
-/// not news.
+/// (which costs about 2.5 KB inline even when nearly empty). Label maps, namespaces and Node
+/// names are shared between records (see [`Interner`]); the rest is boxed to its length. No
+/// resourceVersion: two records that compare equal give the same endpoints, so an update that
+/// changes nothing we read is not news.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodRecord {
     /// `metadata.namespace`.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// `metadata.name`.
-    pub name: String,
+    pub name: Box<str>,
     /// `metadata.uid`.
-    pub uid: Option<String>,
+    pub uid: Option<Box<str>>,
     /// `metadata.labels`.
     pub labels: Arc<BTreeMap<String, String>>,
     /// `metadata.deletionTimestamp` is set.
@@ -221,22 +257,31 @@ pub struct PodRecord {
     pub terminal: bool,
     /// The Ready condition is True.
     pub ready: bool,
-    /// `status.podIP`.
-    pub pod_ip: Option<String>,
     /// `status.podIPs[*].ip`.
-    pub pod_ips: Box<[String]>,
+    pub pod_ips: Box<[Box<str>]>,
+    /// `status.podIP`: by API validation the first of `pod_ips` when both are set, so only
+    /// stored when it is not.
+    pod_ip: PodIp,
     /// `spec.nodeName`.
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     /// `spec.hostname`.
-    pub hostname: Option<String>,
+    pub hostname: Option<Box<str>>,
     /// `spec.subdomain`.
-    pub subdomain: Option<String>,
+    pub subdomain: Option<Box<str>>,
     /// Named ports of containers, then of sidecar init containers.
     pub ports: Box<[NamedPort]>,
 }
 
+/// Where a record's `status.podIP` is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PodIp {
+    Unset,
+    FirstOfList,
+    Own(Box<str>),
+}
+
 impl PodRecord {
-    /// The record of a pod (the pod is consumed so its strings move rather than copy).
+    /// The record of a pod (the pod is consumed; strings are boxed to their length).
     pub fn from_pod(pod: Pod) -> Self {
         let deleting = pod.deleting();
         let terminal = pod.terminal();
@@ -245,31 +290,42 @@ impl PodRecord {
         let meta = pod.metadata;
         let spec = pod.spec.unwrap_or_default();
         let status = pod.status.unwrap_or_default();
+        let pod_ips: Box<[Box<str>]> = status
+            .pod_ips
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.ip.into_boxed_str())
+            .collect();
+        let pod_ip = match status.pod_ip {
+            None => PodIp::Unset,
+            Some(ip) if pod_ips.first().is_some_and(|f| **f == *ip) => PodIp::FirstOfList,
+            Some(ip) => PodIp::Own(ip.into_boxed_str()),
+        };
         PodRecord {
-            namespace: meta.namespace.unwrap_or_default(),
-            name: meta.name.unwrap_or_default(),
-            uid: meta.uid,
+            namespace: NAMES.intern(meta.namespace.as_deref().unwrap_or_default()),
+            name: meta.name.unwrap_or_default().into_boxed_str(),
+            uid: meta.uid.map(String::into_boxed_str),
             labels: LABELS.intern(meta.labels.unwrap_or_default()),
             deleting,
             terminal,
             ready,
-            pod_ip: status.pod_ip,
-            pod_ips: status
-                .pod_ips
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| p.ip)
-                .collect(),
-            node_name: spec.node_name,
-            hostname: spec.hostname,
-            subdomain: spec.subdomain,
+            pod_ips,
+            pod_ip,
+            node_name: spec.node_name.as_deref().map(|n| NAMES.intern(n)),
+            hostname: spec.hostname.map(String::into_boxed_str),
+            subdomain: spec.subdomain.map(String::into_boxed_str),
             ports,
         }
     }
 
     /// The key of the pod.
     pub fn key(&self) -> scm_runtime::ObjectKey {
-        scm_runtime::ObjectKey::new(self.namespace.clone(), self.name.clone())
+        scm_runtime::ObjectKey::new(&*self.namespace, &*self.name)
+    }
+
+    /// The pod's (namespace, name), as the informer's store reads it.
+    pub fn key_ref(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
     }
 }
 
@@ -293,10 +349,14 @@ impl PodView for PodRecord {
         self.ready
     }
     fn pod_ip(&self) -> Option<&str> {
-        self.pod_ip.as_deref()
+        match &self.pod_ip {
+            PodIp::Unset => None,
+            PodIp::FirstOfList => self.pod_ips.first().map(|s| &**s),
+            PodIp::Own(ip) => Some(ip),
+        }
     }
     fn pod_ips(&self) -> impl Iterator<Item = &str> {
-        self.pod_ips.iter().map(String::as_str)
+        self.pod_ips.iter().map(|s| &**s)
     }
     fn node_name(&self) -> Option<&str> {
         self.node_name.as_deref()
@@ -351,5 +411,57 @@ mod tests {
         let a = PodRecord::from_pod(pod("p1"));
         let b = PodRecord::from_pod(pod("p2"));
         assert!(Arc::ptr_eq(&a.labels, &b.labels));
+    }
+
+    #[test]
+    fn records_share_namespace_and_node_names() {
+        let pod = |name: &str| Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shared-ns-test".into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: Some("shared-node-test".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (a, b) = (
+            PodRecord::from_pod(pod("p1")),
+            PodRecord::from_pod(pod("p2")),
+        );
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
+        let (na, nb) = (a.node_name.clone(), b.node_name.clone());
+        assert!(na.zip(nb).is_some_and(|(x, y)| Arc::ptr_eq(&x, &y)));
+        assert_eq!(a.node_name(), Some("shared-node-test"));
+    }
+
+    #[test]
+    fn pod_ip_reads_as_the_api_gave_it_whether_or_not_it_leads_pod_ips() {
+        use k8s_openapi::api::core::v1::{PodIP, PodStatus};
+        let with = |ip: Option<&str>, ips: &[&str]| Pod {
+            status: Some(PodStatus {
+                pod_ip: ip.map(Into::into),
+                pod_ips: Some(ips.iter().map(|i| PodIP { ip: i.to_string() }).collect()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for (ip, ips) in [
+            (Some("10.0.0.1"), &["10.0.0.1", "fd00::1"][..]),
+            (Some("10.0.0.2"), &["10.0.0.1"][..]),
+            (Some("10.0.0.3"), &[][..]),
+            (None, &["10.0.0.1"][..]),
+            (None, &[][..]),
+        ] {
+            let p = with(ip, ips);
+            let r = PodRecord::from_pod(p.clone());
+            assert_eq!(r.pod_ip(), p.pod_ip(), "{ip:?} {ips:?}");
+            assert_eq!(
+                r.pod_ips().collect::<Vec<_>>(),
+                p.pod_ips().collect::<Vec<_>>()
+            );
+        }
     }
 }

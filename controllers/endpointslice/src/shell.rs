@@ -43,7 +43,7 @@ pub fn check_workers(flag: &str, value: usize) -> Result<(), Error> {
 /// The process's Pod informer, as compact records. The EndpointSlice and Endpoints
 /// controllers both ask through here, so they ask with the same functions and share one watch.
 pub fn pods(informers: &Informers) -> Informer<PodRecord> {
-    informers.kind::<Pod, PodRecord>(PodRecord::from_pod, PodRecord::key)
+    informers.kind::<Pod, PodRecord>(PodRecord::from_pod, PodRecord::key_ref)
 }
 
 /// `--service-label-selector`, parsed once at start: the Services a controller serves.

@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_relist_drops_services_deleted_while_the_watch_was_down() {
-        let services = Informer::<Service>::detached("Service", ObjectKey::of);
+        let services = Informer::<Service>::detached("Service", scm_runtime::informer::key_of);
         let shell = Shell::new(
             NodePorts {
                 span: NodePortAllocConfig::default().service_node_port_range,

@@ -35,7 +35,11 @@ use tracing::{debug, info, warn};
 
 use crate::ObjectKey;
 
+pub mod store;
 pub mod trim;
+
+use store::Store;
+pub use store::{KeyFn, key_of};
 
 /// One change seen by a kind's watch, as every subscriber receives it.
 #[derive(Debug)]
@@ -52,8 +56,7 @@ type Subscriber<T> = Box<dyn FnMut(&Change<T>) + Send>;
 
 struct Shared<T> {
     kind: &'static str,
-    key: fn(&T) -> ObjectKey,
-    store: RwLock<HashMap<ObjectKey, Arc<T>>>,
+    store: RwLock<Store<T>>,
     synced: AtomicBool,
     relists: AtomicU64,
     /// When the watch last failed with no success since, if it is failing now.
@@ -76,12 +79,11 @@ impl<T> Clone for Informer<T> {
 
 impl<T: Send + Sync + 'static> Informer<T> {
     /// An informer with no watch behind it: tests and benchmarks feed it with [`Self::deliver`].
-    pub fn detached(kind: &'static str, key: fn(&T) -> ObjectKey) -> Self {
+    pub fn detached(kind: &'static str, key: KeyFn<T>) -> Self {
         Informer {
             shared: Arc::new(Shared {
                 kind,
-                key,
-                store: RwLock::new(HashMap::new()),
+                store: RwLock::new(Store::new(key)),
                 synced: AtomicBool::new(false),
                 relists: AtomicU64::new(0),
                 failing_since: Mutex::new(None),
@@ -104,7 +106,9 @@ impl<T: Send + Sync + 'static> Informer<T> {
 
     /// The object with this key, as last seen.
     pub fn get(&self, key: &ObjectKey) -> Option<Arc<T>> {
-        read(&self.shared.store).get(key).cloned()
+        read(&self.shared.store)
+            .get(&key.namespace, &key.name)
+            .cloned()
     }
 
     /// Every object, as last seen (in no particular order).
@@ -146,15 +150,9 @@ impl<T: Send + Sync + 'static> Informer<T> {
         {
             let mut store = write(&self.shared.store);
             match &change {
-                Change::Apply(o) => {
-                    store.insert(self.key_of(o), o.clone());
-                }
-                Change::Delete(o) => {
-                    store.remove(&self.key_of(o));
-                }
-                Change::Relisted(list) => {
-                    *store = list.iter().map(|o| (self.key_of(o), o.clone())).collect();
-                }
+                Change::Apply(o) => store.insert(o.clone()),
+                Change::Delete(o) => store.remove(o),
+                Change::Relisted(list) => store.replace_all(list),
             }
         }
         if matches!(change, Change::Relisted(_)) {
@@ -165,10 +163,6 @@ impl<T: Send + Sync + 'static> Informer<T> {
         for f in subs.iter_mut() {
             f(&change);
         }
-    }
-
-    fn key_of(&self, o: &T) -> ObjectKey {
-        (self.shared.key)(o)
     }
 }
 
@@ -222,7 +216,7 @@ impl Informers {
     /// # Panics
     /// If two callers ask for the same kind as different types `T` (a wiring bug, caught by
     /// any test that starts both controllers).
-    pub fn kind<K, T>(&self, prep: fn(K) -> T, key: fn(&T) -> ObjectKey) -> Informer<T>
+    pub fn kind<K, T>(&self, prep: fn(K) -> T, key: KeyFn<T>) -> Informer<T>
     where
         K: kube::Resource<DynamicType = ()>
             + Clone
@@ -276,33 +270,33 @@ impl Informers {
 
     /// Services, trimmed by [`trim::service`].
     pub fn services(&self) -> Informer<Service> {
-        self.kind(trim::service, ObjectKey::of)
+        self.kind(trim::service, key_of)
     }
 
     /// Nodes, trimmed by [`trim::node`].
     pub fn nodes(&self) -> Informer<Node> {
-        self.kind(trim::node, ObjectKey::of)
+        self.kind(trim::node, key_of)
     }
 
     /// EndpointSlices of every manager (subscribers filter by `managed-by`), trimmed by
     /// [`trim::endpoint_slice`].
     pub fn endpoint_slices(&self) -> Informer<EndpointSlice> {
-        self.kind(trim::endpoint_slice, ObjectKey::of)
+        self.kind(trim::endpoint_slice, key_of)
     }
 
     /// Legacy Endpoints, trimmed by [`trim::meta`].
     pub fn endpoints(&self) -> Informer<Endpoints> {
-        self.kind(trim::meta, ObjectKey::of)
+        self.kind(trim::meta, key_of)
     }
 
     /// ServiceCIDRs, trimmed by [`trim::meta`].
     pub fn service_cidrs(&self) -> Informer<ServiceCIDR> {
-        self.kind(trim::meta, ObjectKey::of)
+        self.kind(trim::meta, key_of)
     }
 
     /// IPAddresses, trimmed by [`trim::meta`].
     pub fn ip_addresses(&self) -> Informer<IPAddress> {
-        self.kind(trim::meta, ObjectKey::of)
+        self.kind(trim::meta, key_of)
     }
 }
 
@@ -381,7 +375,7 @@ mod tests {
 
     #[test]
     fn late_subscriber_gets_the_store_as_a_relist_then_changes() {
-        let inf = Informer::<Service>::detached("Service", ObjectKey::of);
+        let inf = Informer::<Service>::detached("Service", key_of);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let early = seen.clone();
         inf.subscribe(move |c| {
@@ -409,7 +403,7 @@ mod tests {
 
     #[test]
     fn relist_replaces_the_store_including_deletions_missed_while_down() {
-        let inf = Informer::<Service>::detached("Service", ObjectKey::of);
+        let inf = Informer::<Service>::detached("Service", key_of);
         inf.deliver(Change::Relisted(vec![svc("x"), svc("y")]));
         inf.deliver(Change::Apply(svc("z")));
         // The watch was down while x and z were deleted; the new list has only y.
@@ -421,7 +415,7 @@ mod tests {
 
     #[test]
     fn a_failing_watch_reports_how_long_until_it_succeeds() {
-        let inf = Informer::<Service>::detached("Service", ObjectKey::of);
+        let inf = Informer::<Service>::detached("Service", key_of);
         assert!(inf.failing_for().is_none());
         inf.note_error();
         let first = inf.failing_for().expect("failing");

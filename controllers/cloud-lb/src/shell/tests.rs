@@ -197,8 +197,8 @@ impl Running {
         let (gate, leader) = LeaderGate::fixed(true);
         let base = ContextBase::new(api.client(), gate);
         let ctx = base.context("cloud-lb", "service-controller");
-        let services = Informer::<Service>::detached("Service", ObjectKey::of);
-        let nodes = Informer::<Node>::detached("Node", ObjectKey::of);
+        let services = Informer::<Service>::detached("Service", scm_runtime::informer::key_of);
+        let nodes = Informer::<Node>::detached("Node", scm_runtime::informer::key_of);
         api.feed(services.clone());
         nodes.deliver(Change::Relisted(vec![node("a")]));
         services.deliver(Change::Relisted(vec![Arc::new(cached)]));

@@ -16,6 +16,8 @@
 //!   stable, the latency of one readiness change after that, and the restarted process's peak
 //!   RSS and CPU. `SCM_BENCH_SCALE=0.02` scales the Node and Service counts for a smoke run.
 //!
+//! `SCM_BENCH_SIDES=ours` runs only our side and prints its figures (for iterating on ours).
+//!
 //! Writes are counted as EndpointSlice watch events per managed-by value, so a no-op update
 //! (which the API server does not persist) is not counted for either side.
 //!
@@ -101,7 +103,15 @@ async fn bench() -> Result<()> {
 
     let exe = std::env::current_exe()?;
     let spawn_ours = || -> Result<tokio::process::Child> {
-        Ok(tokio::process::Command::new(&exe)
+        let mut cmd = match std::env::var("SCM_BENCH_WRAP") {
+            Ok(w) => {
+                let mut c = tokio::process::Command::new(w);
+                c.arg(&exe);
+                c
+            }
+            Err(_) => tokio::process::Command::new(&exe),
+        };
+        Ok(cmd
             .env("SCM_BENCH_CHILD_KUBECONFIG", &cp.kubeconfig)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
@@ -119,6 +129,11 @@ async fn bench() -> Result<()> {
     }
     .run(&mut ready, 0x9E3779B97F4A7C15)
     .await?;
+    if std::env::var("SCM_BENCH_SIDES").as_deref() == Ok("ours") {
+        cp.stop().await;
+        println!("ours only ({}): {ours:#?}", shape.describe());
+        return Ok(());
+    }
     // Remove our slices so upstream's informers do not cache them too.
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
     slices

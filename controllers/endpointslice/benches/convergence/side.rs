@@ -43,7 +43,7 @@ pub fn proc_usage(pid: u32) -> (f64, f64) {
 }
 
 /// Figures of a cold start.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Cold {
     /// Time from the process start to every pod showing with the right readiness.
     pub converge: Duration,
@@ -52,7 +52,7 @@ pub struct Cold {
 }
 
 /// Figures of the steady state and the readiness flips (default mode).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Flips {
     /// Writes in [`STEADY_SECONDS`] once converged.
     pub steady_writes: usize,
@@ -67,7 +67,7 @@ pub struct Flips {
 }
 
 /// Figures of a restart once converged (envelope mode).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Restart {
     /// Writes from the restart until stable, not counting the canary change's one.
     pub writes: usize,
@@ -83,7 +83,7 @@ pub struct Restart {
 }
 
 /// Everything measured of one side.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Figures {
     /// Cold start.
     pub cold: Cold,
