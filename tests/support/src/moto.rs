@@ -378,6 +378,44 @@ impl FaultProxy {
     }
 }
 
+/// Whether a Query API request is EC2's (its API version), not ELBv2's.
+fn is_ec2(body: &[u8]) -> bool {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .any(|kv| kv == "Version=2016-11-15")
+}
+
+/// The error body each API really sends: EC2's `<Response><Errors>` (a throttle there is
+/// `RequestLimitExceeded`, HTTP 503) or ELBv2's `<ErrorResponse>` (`Throttling`, HTTP 400).
+/// An SDK given the other API's shape finds no error code in it, so the fault would reach the
+/// controller as an unknown error instead of the one a real cloud sends.
+fn error_response(ec2: bool, status: u16, code: &str) -> (u16, String) {
+    let throttle = code == "Throttling";
+    if ec2 {
+        let (status, code, msg) = if throttle {
+            (503, "RequestLimitExceeded", "Request limit exceeded.")
+        } else {
+            (status, code, "Service unavailable (injected)")
+        };
+        let xml = format!(
+            "<Response><Errors><Error><Code>{code}</Code><Message>{msg}</Message></Error></Errors><RequestID>injected</RequestID></Response>"
+        );
+        return (status, xml);
+    }
+    let kind = if status >= 500 { "Receiver" } else { "Sender" };
+    let msg = if throttle {
+        "Rate exceeded"
+    } else {
+        "Service unavailable (injected)"
+    };
+    (
+        status,
+        format!(
+            "<ErrorResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/\"><Error><Type>{kind}</Type><Code>{code}</Code><Message>{msg}</Message></Error><RequestId>injected</RequestId></ErrorResponse>"
+        ),
+    )
+}
+
 fn action_of(body: &[u8]) -> String {
     String::from_utf8_lossy(body)
         .split('&')
@@ -441,15 +479,7 @@ async fn serve(conn: TcpStream, upstream: &str, st: Arc<Mutex<ProxyState>>) -> R
     };
     let mut conn = r.into_inner();
     if let Some(FaultKind::Error { status, code }) = &fault {
-        let kind = if *status >= 500 { "Receiver" } else { "Sender" };
-        let msg = if code == "Throttling" {
-            "Rate exceeded"
-        } else {
-            "Service unavailable (injected)"
-        };
-        let xml = format!(
-            "<ErrorResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/\"><Error><Type>{kind}</Type><Code>{code}</Code><Message>{msg}</Message></Error><RequestId>injected</RequestId></ErrorResponse>"
-        );
+        let (status, xml) = error_response(is_ec2(&body), *status, code);
         let resp = format!(
             "HTTP/1.1 {status} Injected\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
             xml.len()
