@@ -199,19 +199,25 @@ impl SliceCache {
         self.remove_from(key, name);
     }
 
-    /// Puts a slice we wrote into the cache at once (unless a newer version of it is already
-    /// cached), so the next reconcile need not wait for the watch to echo our own write.
+    /// Puts a slice we wrote into the cache at once (unless that version or a newer one is
+    /// already cached), so the next reconcile need not wait for the watch to echo our own write.
     pub fn write_through(&mut self, key: &ObjectKey, sl: EndpointSlice) {
-        // Trimmed as the informer trims: when its echo arrived first, this copy (with the
-        // managedFields of every endpoint) would otherwise stay cached.
-        let sl = scm_runtime::informer::trim::endpoint_slice(sl);
         let name = sl.metadata.name.as_deref().unwrap_or_default();
-        let newer_cached = self
+        // When the watch's echo came first, the cache holds the informer's own copy of this very
+        // version: keep it, or the slice would be held twice (the informer's and ours) for as
+        // long as nothing changes it, which at cold start is every slice.
+        let same_or_newer_cached = self
             .by_service
             .get(key)
             .and_then(|m| m.get(name))
-            .is_some_and(|c| c.metadata.uid == sl.metadata.uid && generation(c) > generation(&sl));
-        if !newer_cached {
+            .is_some_and(|c| {
+                c.metadata.uid == sl.metadata.uid
+                    && (generation(c) > generation(&sl)
+                        || c.metadata.resource_version == sl.metadata.resource_version)
+            });
+        if !same_or_newer_cached {
+            // Trimmed as the informer trims, so the copy holds no more than the echo will.
+            let sl = scm_runtime::informer::trim::endpoint_slice(sl);
             self.insert(key.clone(), Arc::new(sl));
         }
     }
@@ -433,5 +439,30 @@ mod tests {
         // Relabelled to another manager: gone from our view, and news (not our deletion).
         assert_eq!(s.apply_change(&Change::Apply(theirs)), vec![k.clone()]);
         assert!(s.current(&k).is_empty());
+    }
+
+    /// A create's response handled after the watch already echoed it: before, the response's
+    /// copy replaced the informer's in the cache, so every slice written at cold start was held
+    /// twice (at the envelope about 80 MiB).
+    #[test]
+    fn a_write_whose_echo_came_first_keeps_the_informers_copy() {
+        let s = Slices::new(vec!["us"]);
+        let k = ObjectKey::new("ns", "svc");
+        let mut echoed = (*ours("a", "ua", 1)).clone();
+        echoed.metadata.resource_version = Some("7".into());
+        let echoed = Arc::new(echoed);
+        s.apply_change(&Change::Apply(echoed.clone()));
+        s.cache().write_through(&k, (*echoed).clone());
+        let held = s.current(&k);
+        assert!(
+            held.len() == 1 && Arc::ptr_eq(&held[0], &echoed),
+            "the informer's copy is the one held"
+        );
+        // A later version of ours (a label-only update keeps the generation) does replace it.
+        let mut next = (*echoed).clone();
+        next.metadata.resource_version = Some("8".into());
+        s.cache().write_through(&k, next);
+        let held = s.current(&k);
+        assert_eq!(held[0].metadata.resource_version.as_deref(), Some("8"));
     }
 }
