@@ -200,13 +200,25 @@ pub async fn converge(
 static PANICS: AtomicU64 = AtomicU64::new(0);
 static HOOK: Once = Once::new();
 
-/// Counts panics in this process from now on (any thread, including controller tasks),
-/// keeping the default report. Call at the start of a scenario.
+thread_local! {
+    /// Set on the threads of tests that called [`count_panics`]: a failing assertion there is
+    /// the test's own report, not a panic of the code under test. Counting it made every
+    /// scenario running at the same time fail with "a panic in this process", hiding which
+    /// one had failed.
+    static TEST_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts panics in this process from now on (controller tasks on any thread, but not a test
+/// thread's own failed assertions), keeping the default report. Call at the start of a
+/// scenario, on the test's thread.
 pub fn count_panics() {
+    TEST_THREAD.with(|t| t.set(true));
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
+            if !TEST_THREAD.with(|t| t.get()) {
+                PANICS.fetch_add(1, Ordering::SeqCst);
+            }
             previous(info);
         }));
     });
@@ -359,4 +371,25 @@ pub async fn leaked_cloud_resources(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_panics_elsewhere_but_not_the_calling_tests_own() {
+        count_panics();
+        let before = panics();
+        let own = std::panic::catch_unwind(|| panic!("the test's own assertion"));
+        assert!(own.is_err());
+        assert_eq!(
+            panics(),
+            before,
+            "the test thread's panic is its own report"
+        );
+        let other = std::thread::spawn(|| panic!("a controller task")).join();
+        assert!(other.is_err());
+        assert_eq!(panics(), before + 1, "a panic on another thread counts");
+    }
 }
