@@ -1,6 +1,8 @@
 //! A keyed work queue with client-go's semantics: a key is queued at most once, a key being
 //! processed is never handed to a second worker, a key added while it is processed is handed
-//! out again once `done` is called, and failures back off exponentially per key.
+//! out again once `done` is called, and failures back off per key. Unlike client-go's FIFO, a
+//! key carries a [`Priority`]: urgent keys are handed out before ordinary ones (FIFO within a
+//! class), so under a tight API budget the writes traffic needs go first.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
@@ -8,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Per-key exponential backoff bounds, as client-go's item exponential rate limiter.
 #[derive(Clone, Copy, Debug)]
@@ -37,12 +40,40 @@ impl Backoff {
     }
 }
 
+/// How soon a queued key is handed out: every urgent key before any ordinary one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Resyncs, retries, capacity that can wait its turn.
+    #[default]
+    Ordinary,
+    /// Work that traffic is waiting for (e.g. an endpoint that stopped serving).
+    Urgent,
+}
+
+/// A key waiting to be handed out (or, while it is processed, to be queued again).
+struct Waiting {
+    priority: Priority,
+    // When the key was added (or its delayed add came due): the start of its queue duration.
+    since: Instant,
+}
+
 struct Inner<K> {
-    queue: VecDeque<K>,
-    dirty: HashSet<K>,
+    urgent: VecDeque<K>,
+    ordinary: VecDeque<K>,
+    // Keys added and not handed out yet, as client-go's `dirty` set, with their class.
+    dirty: HashMap<K, Waiting>,
     processing: HashSet<K>,
     failures: HashMap<K, u32>,
     shut_down: bool,
+}
+
+impl<K: Clone + Eq + Hash> Inner<K> {
+    fn push(&mut self, key: K, p: Priority) {
+        match p {
+            Priority::Urgent => self.urgent.push_back(key),
+            Priority::Ordinary => self.ordinary.push_back(key),
+        }
+    }
 }
 
 /// A deduplicating work queue of object keys shared by a controller's event handlers and workers.
@@ -67,8 +98,9 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     pub fn new(backoff: Backoff) -> Self {
         WorkQueue {
             inner: Arc::new(Mutex::new(Inner {
-                queue: VecDeque::new(),
-                dirty: HashSet::new(),
+                urgent: VecDeque::new(),
+                ordinary: VecDeque::new(),
+                dirty: HashMap::new(),
                 processing: HashSet::new(),
                 failures: HashMap::new(),
                 shut_down: false,
@@ -84,15 +116,42 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `key` unless it is already waiting.
+    /// Queues `key` as ordinary work unless it is already waiting.
     pub fn add(&self, key: K) {
+        self.add_with(key, Priority::Ordinary);
+    }
+
+    /// Queues `key` ahead of every ordinary key; a key already waiting as ordinary moves up.
+    pub fn add_urgent(&self, key: K) {
+        self.add_with(key, Priority::Urgent);
+    }
+
+    /// Queues `key` in class `priority` unless it is already waiting; a waiting key is only
+    /// ever promoted (never demoted), keeping its place in time for the queue duration.
+    pub fn add_with(&self, key: K, priority: Priority) {
         let mut g = self.lock();
-        if g.shut_down || g.dirty.contains(&key) {
+        if g.shut_down {
             return;
         }
-        g.dirty.insert(key.clone());
-        if !g.processing.contains(&key) {
-            g.queue.push_back(key);
+        let processing = g.processing.contains(&key);
+        if let Some(w) = g.dirty.get_mut(&key) {
+            if priority > w.priority {
+                w.priority = priority;
+                // A key being processed sits in no deque; `done` queues it in its new class.
+                if !processing {
+                    // Linear, but only on a promotion, and the queue holds each key once.
+                    if let Some(i) = g.ordinary.iter().position(|k| *k == key) {
+                        g.ordinary.remove(i);
+                    }
+                    g.urgent.push_back(key);
+                }
+            }
+            return;
+        }
+        let since = Instant::now();
+        g.dirty.insert(key.clone(), Waiting { priority, since });
+        if !processing {
+            g.push(key, priority);
             drop(g);
             self.notify.notify_one();
         }
@@ -100,14 +159,19 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
 
     /// Queues `key` after `delay`.
     pub fn add_after(&self, key: K, delay: Duration) {
+        self.add_after_with(key, delay, Priority::Ordinary);
+    }
+
+    /// Queues `key` in class `priority` after `delay` (its queue duration starts then).
+    pub fn add_after_with(&self, key: K, delay: Duration, priority: Priority) {
         if delay.is_zero() {
-            self.add(key);
+            self.add_with(key, priority);
             return;
         }
         let q = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            q.add(key);
+            q.add_with(key, priority);
         });
     }
 
@@ -135,6 +199,12 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
 
     /// Waits for the next key; `None` once the queue is shut down.
     pub async fn get(&self) -> Option<K> {
+        self.get_timed().await.map(|(k, _)| k)
+    }
+
+    /// Waits for the next key and says how long it waited since it was added (the
+    /// `workqueue_queue_duration_seconds` observation); `None` once the queue is shut down.
+    pub async fn get_timed(&self) -> Option<(K, Duration)> {
         loop {
             let notified = self.notify.notified();
             {
@@ -142,25 +212,34 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 if g.shut_down {
                     return None;
                 }
-                if let Some(k) = g.queue.pop_front() {
-                    g.dirty.remove(&k);
+                let next = match g.urgent.pop_front() {
+                    Some(k) => Some(k),
+                    None => g.ordinary.pop_front(),
+                };
+                if let Some(k) = next {
+                    let waited = g
+                        .dirty
+                        .remove(&k)
+                        .map(|w| w.since.elapsed())
+                        .unwrap_or_default();
                     g.processing.insert(k.clone());
-                    if !g.queue.is_empty() {
+                    if !g.urgent.is_empty() || !g.ordinary.is_empty() {
                         self.notify.notify_one();
                     }
-                    return Some(k);
+                    return Some((k, waited));
                 }
             }
             notified.await;
         }
     }
 
-    /// Marks `key` as processed; if it was added meanwhile it is queued again.
+    /// Marks `key` as processed; if it was added meanwhile it is queued again, in the class
+    /// it was last added with.
     pub fn done(&self, key: &K) {
         let mut g = self.lock();
         g.processing.remove(key);
-        if g.dirty.contains(key) {
-            g.queue.push_back(key.clone());
+        if let Some(p) = g.dirty.get(key).map(|w| w.priority) {
+            g.push(key.clone(), p);
             drop(g);
             self.notify.notify_one();
         }
@@ -168,7 +247,8 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
 
     /// Keys waiting to be processed (the `workqueue_depth` metric).
     pub fn len(&self) -> usize {
-        self.lock().queue.len()
+        let g = self.lock();
+        g.urgent.len() + g.ordinary.len()
     }
 
     /// True when no key is waiting.
@@ -211,6 +291,85 @@ mod tests {
         q.done(&1);
         assert_eq!(q.len(), 1);
         assert_eq!(q.get().await, Some(1));
+    }
+
+    async fn drain(q: &WorkQueue<&'static str>) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        while !q.is_empty() {
+            if let Some(k) = q.get().await {
+                q.done(&k);
+                out.push(k);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn urgent_keys_go_first_fifo_within_each_class() {
+        let q = WorkQueue::new(Backoff::default());
+        q.add("o1");
+        q.add_urgent("u1");
+        q.add("o2");
+        q.add_with("u2", Priority::Urgent);
+        q.add_with("o3", Priority::Ordinary);
+        assert_eq!(q.len(), 5);
+        assert_eq!(drain(&q).await, vec!["u1", "u2", "o1", "o2", "o3"]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_key_that_becomes_urgent_moves_up_once_and_is_never_demoted() {
+        let q = WorkQueue::new(Backoff::default());
+        q.add_urgent("u1");
+        q.add("o1");
+        q.add("o2");
+        q.add("o3");
+        q.add_urgent("o2");
+        // Promoted behind the urgent keys already waiting, not duplicated.
+        assert_eq!(q.len(), 4);
+        // An ordinary add of an urgent key neither duplicates nor demotes it.
+        q.add("u1");
+        q.add_urgent("u1");
+        assert_eq!(q.len(), 4);
+        assert_eq!(drain(&q).await, vec!["u1", "o2", "o1", "o3"]);
+    }
+
+    #[tokio::test]
+    async fn a_key_being_processed_that_turns_urgent_comes_back_once_after_done_ahead_of_ordinary()
+    {
+        let q = WorkQueue::new(Backoff::default());
+        q.add("k");
+        assert_eq!(q.get().await, Some("k"));
+        q.add("o1");
+        q.add("k");
+        q.add_urgent("k");
+        q.add_urgent("k");
+        // Still not handed to a second worker while the first holds it.
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.get().await, Some("o1"));
+        q.add("o2");
+        q.done(&"k");
+        assert_eq!(q.len(), 2);
+        q.done(&"o1");
+        assert_eq!(drain(&q).await, vec!["k", "o2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn get_timed_reports_the_wait_since_the_add_or_the_delayed_add_came_due() {
+        let q = WorkQueue::new(Backoff::default());
+        q.add("a");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A later add of a waiting key does not restart its clock.
+        q.add_urgent("a");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            q.get_timed().await,
+            Some(("a", Duration::from_millis(500)))
+        );
+        q.done(&"a");
+        q.add_after_with("b", Duration::from_secs(10), Priority::Urgent);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        // The delay is not queue time: the clock starts when the add comes due.
+        assert_eq!(q.get_timed().await, Some(("b", Duration::from_secs(1))));
     }
 
     #[tokio::test]
