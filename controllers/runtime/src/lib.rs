@@ -33,7 +33,7 @@ pub use events::EventRecorder;
 pub use informer::{Change, Informer, Informers};
 pub use leader::LeaderGate;
 pub use metrics::Metrics;
-pub use queue::{Backoff, WorkQueue};
+pub use queue::{Backoff, Priority, WorkQueue};
 
 /// A namespaced object's key, `namespace/name` (or `name` for cluster-scoped objects).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -272,9 +272,10 @@ pub async fn run_workers<K, F, Fut, E>(
                     inflight_keys.remove(&key);
                     finish(ctx, &queue, &name, key, result);
                 }
-                key = queue.get(), if can_take => {
-                    let Some(key) = key else { break };
+                next = queue.get_timed(), if can_take => {
+                    let Some((key, waited)) = next else { break };
                     ctx.metrics.workqueue_adds.get_or_create(&qlabel).inc();
+                    ctx.metrics.observe_queue_duration(&name, waited);
                     inflight_keys.insert(key.clone());
                     let f = reconcile.clone();
                     let timer = ctx.metrics.measure(&name);

@@ -1,8 +1,11 @@
 //! The process-wide Prometheus registry and the metrics every controller has: reconcile
-//! counts, errors and durations, and workqueue depth (named as client-go's workqueue metrics).
+//! counts, errors and durations, and workqueue depth, adds, retries, queue and work durations
+//! (named, labelled and bucketed as client-go's workqueue metrics).
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -57,6 +60,10 @@ pub struct Metrics {
     pub workqueue_adds: Family<QueueLabel, Counter>,
     /// Keys requeued after a failure.
     pub workqueue_retries: Family<QueueLabel, Counter>,
+    /// How long a key waited from its add (or its delayed add coming due) to a worker.
+    pub workqueue_queue_duration: Family<QueueLabel, Histogram>,
+    /// How long a worker spent on a key (the reconcile).
+    pub workqueue_work_duration: Family<QueueLabel, Histogram>,
     /// 1 while this process holds the Lease.
     pub leader: Family<LeaseLabel, Gauge>,
 }
@@ -79,6 +86,14 @@ impl Metrics {
         let workqueue_depth = Family::<QueueLabel, Gauge>::default();
         let workqueue_adds = Family::<QueueLabel, Counter>::default();
         let workqueue_retries = Family::<QueueLabel, Counter>::default();
+        // client-go's buckets for both: 10 ns to 10 s by factors of 10.
+        let workqueue_queue_duration =
+            Family::<QueueLabel, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1e-8, 10.0, 10))
+            });
+        let workqueue_work_duration = Family::<QueueLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1e-8, 10.0, 10))
+        });
         let leader = Family::<LeaseLabel, Gauge>::default();
         registry.register(
             "service_controller_manager_reconcile",
@@ -111,6 +126,16 @@ impl Metrics {
             workqueue_retries.clone(),
         );
         registry.register(
+            "workqueue_queue_duration_seconds",
+            "How long in seconds an item stays in workqueue before being requested",
+            workqueue_queue_duration.clone(),
+        );
+        registry.register(
+            "workqueue_work_duration_seconds",
+            "How long in seconds processing an item from workqueue takes",
+            workqueue_work_duration.clone(),
+        );
+        registry.register(
             "leader_election_master_status",
             "Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, 1 indicates master",
             leader.clone(),
@@ -123,6 +148,8 @@ impl Metrics {
             workqueue_depth,
             workqueue_adds,
             workqueue_retries,
+            workqueue_queue_duration,
+            workqueue_work_duration,
             leader,
         }
     }
@@ -155,18 +182,34 @@ impl Metrics {
         let _ = self.workqueue_depth.get_or_create(&q);
         let _ = self.workqueue_adds.get_or_create(&q);
         let _ = self.workqueue_retries.get_or_create(&q);
+        let _ = self.workqueue_queue_duration.get_or_create(&q);
+        let _ = self.workqueue_work_duration.get_or_create(&q);
     }
 
-    /// Starts timing one reconcile of `controller`; the duration is recorded when dropped.
+    /// Starts timing one reconcile of `controller`; the duration is recorded when dropped, as
+    /// the reconcile duration and as the work duration of the controller's queue.
     pub fn measure(&self, controller: &str) -> ReconcileTimer {
         let label = ControllerLabel {
             controller: controller.to_string(),
         };
         self.reconciles.get_or_create(&label).inc();
+        let q = QueueLabel {
+            name: controller.to_string(),
+        };
         ReconcileTimer {
             hist: self.reconcile_duration.get_or_create(&label).clone(),
+            work: self.workqueue_work_duration.get_or_create(&q).clone(),
             start: Instant::now(),
         }
+    }
+
+    /// Records how long a key of `queue` waited before a worker took it.
+    pub fn observe_queue_duration(&self, queue: &str, waited: Duration) {
+        self.workqueue_queue_duration
+            .get_or_create(&QueueLabel {
+                name: queue.to_string(),
+            })
+            .observe(waited.as_secs_f64());
     }
 
     /// Counts a failed reconcile under the error's label.
@@ -183,12 +226,15 @@ impl Metrics {
 /// Records a reconcile's duration when dropped.
 pub struct ReconcileTimer {
     hist: Histogram,
+    work: Histogram,
     start: Instant,
 }
 
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
-        self.hist.observe(self.start.elapsed().as_secs_f64());
+        let secs = self.start.elapsed().as_secs_f64();
+        self.hist.observe(secs);
+        self.work.observe(secs);
     }
 }
 
@@ -209,5 +255,36 @@ mod tests {
             "service_controller_manager_reconcile_errors_total{controller=\"endpointslice\",error=\"kube\"} 1"
         ));
         assert!(text.contains("service_controller_manager_reconcile_duration_seconds_count{controller=\"endpointslice\"} 1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_and_work_durations_land_in_client_go_buckets() {
+        let m = Metrics::new();
+        m.register_controller("es");
+        let q = crate::WorkQueue::new(crate::Backoff::default());
+        q.add("k");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, waited) = q.get_timed().await.expect("key");
+        m.observe_queue_duration("es", waited);
+        let t = m.measure("es");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(t);
+        let text = m.encode();
+        let line = |metric: &str, le: &str| {
+            format!("workqueue_{metric}_duration_seconds_bucket{{le=\"{le}\",name=\"es\"}}")
+        };
+        let count = |metric: &str, le: &str| -> Option<u64> {
+            let l = line(metric, le);
+            text.lines()
+                .find_map(|x| x.strip_prefix(&l))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        // 50 ms: above the 10 ms bucket, within 100 ms.
+        assert_eq!(count("queue", "0.01"), Some(0), "{text}");
+        assert_eq!(count("queue", "0.1"), Some(1), "{text}");
+        // 2 s: above 1 s, within 10 s.
+        assert_eq!(count("work", "1.0"), Some(0), "{text}");
+        assert_eq!(count("work", "10.0"), Some(1), "{text}");
+        assert!(text.contains("workqueue_work_duration_seconds_count{name=\"es\"} 1"));
     }
 }

@@ -361,10 +361,7 @@ mod tests {
         // A later add of a waiting key does not restart its clock.
         q.add_urgent("a");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(
-            q.get_timed().await,
-            Some(("a", Duration::from_millis(500)))
-        );
+        assert_eq!(q.get_timed().await, Some(("a", Duration::from_millis(500))));
         q.done(&"a");
         q.add_after_with("b", Duration::from_secs(10), Priority::Urgent);
         tokio::time::sleep(Duration::from_secs(11)).await;
