@@ -8,10 +8,13 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
-use scm_runtime::ObjectKey;
 use scm_runtime::informer::Change;
+use scm_runtime::{ObjectKey, Priority};
 
 use crate::common::PodRecord;
+
+mod urgency;
+pub use urgency::pod_change_priority;
 
 type LabelKey = (String, String, String);
 
@@ -112,17 +115,32 @@ impl PodServiceIndex {
     /// Folds one pod change in; returns the Services whose endpoints it may change. A pod
     /// update that changes nothing the records hold is not news.
     pub fn apply_pod_change(&mut self, c: &Change<PodRecord>) -> Vec<ObjectKey> {
+        self.apply_pod_change_by_priority(c)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// [`Self::apply_pod_change`], each Service with the priority the change gives it (see
+    /// [`pod_change_priority`]; in a relist, the highest of its pods' changes).
+    pub fn apply_pod_change_by_priority(
+        &mut self,
+        c: &Change<PodRecord>,
+    ) -> Vec<(ObjectKey, Priority)> {
+        let with = |keys: Vec<ObjectKey>, p: Priority| keys.into_iter().map(move |k| (k, p));
         match c {
             Change::Apply(p) => {
                 let old = self.put_pod(p.clone());
                 if old.as_deref().is_some_and(|o| *o == **p) {
                     return vec![];
                 }
-                self.services_for_pod_change(old.as_deref(), Some(p))
+                let prio = pod_change_priority(old.as_deref(), Some(p));
+                with(self.services_for_pod_change(old.as_deref(), Some(p)), prio).collect()
             }
             Change::Delete(p) => {
                 let old = self.remove_pod(&p.namespace, &p.name);
-                self.services_for_pod_change(old.as_deref(), Some(p))
+                let prio = pod_change_priority(Some(old.as_deref().unwrap_or(p)), None);
+                with(self.services_for_pod_change(old.as_deref(), Some(p)), prio).collect()
             }
             Change::Relisted(list) => {
                 let fresh: HashSet<(&str, &str)> =
@@ -135,15 +153,23 @@ impl PodServiceIndex {
                     .map(|b| b.0.clone())
                     .collect();
                 drop(fresh);
-                let mut affected = HashSet::new();
+                let mut affected: HashMap<ObjectKey, Priority> = HashMap::new();
+                let mut note = |keys: Vec<ObjectKey>, p: Priority| {
+                    for k in keys {
+                        let e = affected.entry(k).or_default();
+                        *e = (*e).max(p);
+                    }
+                };
                 for o in gone {
                     self.remove_pod(&o.namespace, &o.name);
-                    affected.extend(self.services_for_pod_change(Some(&o), None));
+                    let prio = pod_change_priority(Some(&o), None);
+                    note(self.services_for_pod_change(Some(&o), None), prio);
                 }
                 for p in list {
                     let old = self.put_pod(p.clone());
                     if old.as_deref().is_none_or(|o| *o != **p) {
-                        affected.extend(self.services_for_pod_change(old.as_deref(), Some(p)));
+                        let prio = pod_change_priority(old.as_deref(), Some(p));
+                        note(self.services_for_pod_change(old.as_deref(), Some(p)), prio);
                     }
                 }
                 affected.into_iter().collect()
