@@ -194,9 +194,45 @@ impl AwsProvider {
                 cache.insert(id.clone(), (now, found.remove(id)));
             }
         }
+        if !missing.is_empty() {
+            // Nodes come and go: without this, every instance ever seen stays cached.
+            prune_instances(&mut cache, now);
+        }
         Ok(ids
             .iter()
             .map(|id| (id.clone(), cache.get(id).and_then(|(_, i)| i.clone())))
             .collect())
+    }
+}
+
+/// Drops cached instances too old to be trusted (they would be described again anyway), so the
+/// cache holds only instances asked about within [`INSTANCE_TTL`].
+fn prune_instances(cache: &mut HashMap<String, (Instant, Option<InstanceInfo>)>, now: Instant) {
+    cache.retain(|_, (at, _)| now.duration_since(*at) <= INSTANCE_TTL);
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    /// Issue 12, defect 8: the instance cache kept every instance ever described.
+    #[test]
+    fn instances_not_asked_about_within_the_ttl_are_dropped() {
+        let t0 = Instant::now();
+        let mut cache = HashMap::from([
+            ("i-gone".to_string(), (t0, None)),
+            (
+                "i-live".to_string(),
+                (
+                    t0 + INSTANCE_TTL,
+                    Some(InstanceInfo {
+                        vpc: None,
+                        groups: vec![],
+                    }),
+                ),
+            ),
+        ]);
+        prune_instances(&mut cache, t0 + INSTANCE_TTL + Duration::from_secs(1));
+        assert_eq!(cache.keys().collect::<Vec<_>>(), vec!["i-live"]);
     }
 }
