@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 
-use scm_runtime::ObjectKey;
 use scm_runtime::informer::Change;
+use scm_runtime::{ObjectKey, Priority};
 
 use crate::Error;
 use crate::cache::PodServiceIndex;
@@ -125,7 +125,7 @@ pub async fn run(
     let s = shared.clone();
     shell::pods(inf).subscribe(move |c| {
         let keys = s.base.fold_pods(&mut s.state().idx, c);
-        s.base.add_all_batched(keys);
+        s.base.add_all_batched_with(first_slices_first(&s, keys));
     });
     let s = shared.clone();
     inf.nodes().subscribe(move |c| on_node(&s, c));
@@ -144,7 +144,24 @@ fn on_service(s: &Shared, c: &Change<Service>) {
         keys.extend(s.slices.cache().services().cloned());
     }
     drop(st);
-    s.base.add_all(keys);
+    let keys = keys.into_iter().map(|k| (k, Priority::Ordinary)).collect();
+    s.base.add_all_with(first_slices_first(s, keys));
+}
+
+/// Makes a Service with no slices of ours yet urgent: until its first slice it has no endpoints
+/// at all, which matters more than a resync of a Service that has them.
+fn first_slices_first(s: &Shared, keys: Vec<(ObjectKey, Priority)>) -> Vec<(ObjectKey, Priority)> {
+    let cache = s.slices.cache();
+    keys.into_iter()
+        .map(|(k, p)| {
+            let p = if cache.of(&k).next().is_none() {
+                Priority::Urgent
+            } else {
+                p
+            };
+            (k, p)
+        })
+        .collect()
 }
 
 fn on_node(s: &Shared, c: &Change<Node>) {

@@ -58,7 +58,7 @@ pub async fn run(ctx: ControllerContext, config: EndpointsConfig) -> Result<(), 
     let s = shared.clone();
     shell::pods(inf).subscribe(move |ch| {
         let keys = s.base.fold_pods(&mut s.state().idx, ch);
-        s.base.add_all_batched(keys);
+        s.base.add_all_batched_with(keys);
     });
     let s = shared.clone();
     inf.endpoints().subscribe(move |ch| on_endpoints(&s, ch));

@@ -13,7 +13,8 @@ use kube::core::{Expression, Selector, SelectorExt};
 
 use scm_runtime::informer::{Change, Informer};
 use scm_runtime::{
-    Backoff, ControllerContext, Informers, ObjectKey, Requeue, WorkQueue, WorkerConfig, run_workers,
+    Backoff, ControllerContext, Informers, ObjectKey, Priority, Requeue, WorkQueue, WorkerConfig,
+    run_workers,
 };
 
 use crate::Error;
@@ -331,11 +332,25 @@ impl ShellBase {
 
     /// Queues a key after the batch period (pod-driven changes).
     pub fn add_batched(&self, key: ObjectKey) {
-        if self.batch_period.is_zero() {
-            self.queue.add(key);
-        } else {
-            self.queue.add_after(key, self.batch_period);
-        }
+        self.add_batched_with(key, Priority::Ordinary);
+    }
+
+    /// Queues a key in class `priority` after the batch period: urgent keys are batched as
+    /// long as ordinary ones, then go ahead of them.
+    pub fn add_batched_with(&self, key: ObjectKey, priority: Priority) {
+        self.queue.add_after_with(key, self.batch_period, priority);
+    }
+
+    /// Queues keys now, each in its class.
+    pub fn add_all_with(&self, keys: Vec<(ObjectKey, Priority)>) {
+        keys.into_iter()
+            .for_each(|(k, p)| self.queue.add_with(k, p));
+    }
+
+    /// Queues keys after the batch period, each in its class.
+    pub fn add_all_batched_with(&self, keys: Vec<(ObjectKey, Priority)>) {
+        keys.into_iter()
+            .for_each(|(k, p)| self.add_batched_with(k, p));
     }
 
     /// Queues keys now.
@@ -361,9 +376,13 @@ impl ShellBase {
     }
 
     /// Folds a pod change into the index; a relist marks the pod index synced. Returns the
-    /// Services to queue.
-    pub fn fold_pods(&self, idx: &mut PodServiceIndex, c: &Change<PodRecord>) -> Vec<ObjectKey> {
-        let keys = idx.apply_pod_change(c);
+    /// Services to queue, urgent where the change stops traffic to a pod that cannot serve.
+    pub fn fold_pods(
+        &self,
+        idx: &mut PodServiceIndex,
+        c: &Change<PodRecord>,
+    ) -> Vec<(ObjectKey, Priority)> {
+        let keys = idx.apply_pod_change_by_priority(c);
         self.synced_on_relist("pods", c);
         keys
     }
@@ -510,5 +529,42 @@ mod tests {
         );
         assert!(store.is_empty());
         assert!(apply_service_change(&f, &mut store, &Change::Apply(out)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn batched_urgent_keys_wait_the_batch_period_then_go_first() {
+        let cfg = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
+        let client = kube::Client::try_from(cfg).expect("client");
+        let (gate, _tx) = scm_runtime::LeaderGate::fixed(true);
+        let ctx = scm_runtime::ContextBase::new(client, gate).context("es", "es");
+        let shell = ShellConfig {
+            batch_period: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let base = ShellBase::new(ctx, &shell, 1).expect("base");
+        let (a, b, c) = (
+            ObjectKey::new("n", "a"),
+            ObjectKey::new("n", "b"),
+            ObjectKey::new("n", "c"),
+        );
+        base.add(a.clone());
+        base.add_all_batched_with(vec![
+            (b.clone(), Priority::Ordinary),
+            (c.clone(), Priority::Urgent),
+        ]);
+        assert_eq!(base.queue.len(), 1, "batched keys wait the batch period");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while base.queue.len() < 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "batched keys never came"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut got = Vec::new();
+        while !base.queue.is_empty() {
+            got.extend(base.queue.get().await);
+        }
+        assert_eq!(got, vec![c, a, b]);
     }
 }
