@@ -8,6 +8,7 @@ use anyhow::{Result, anyhow};
 use cloud_lb::{CloudLbConfig, SERVED_ELSEWHERE};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
+use test_support::invariants::dangling_load_balancer_status;
 use test_support::wait_for;
 
 use crate::aws::Aws;
@@ -118,6 +119,11 @@ async fn a_load_balancer_deleted_out_of_band_is_recreated() -> Result<()> {
     let arn = new.load_balancer_arn().unwrap_or_default().to_string();
     assert_eq!(aws.listeners(&arn).await.len(), 1, "listener recreated");
     assert_eq!(aws.tgs_of(&arn).await.len(), 1, "target group attached");
+    let dangling = dangling_load_balancer_status(&aws.elb, &client, &ns).await?;
+    assert!(
+        dangling.is_empty(),
+        "status of a missing load balancer: {dangling:?}"
+    );
     ctrl.stop().await;
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams};
+use test_support::invariants::{dangling_load_balancer_status, leaked_cloud_resources};
 use test_support::wait_for;
 
 use crate::aws::*;
@@ -37,6 +38,11 @@ async fn mass_create_and_delete_under_throttling(services: usize, percent: u64) 
         Some(())
     })
     .await?;
+    let dangling = dangling_load_balancer_status(&aws.elb, &client, &ns).await?;
+    assert!(
+        dangling.is_empty(),
+        "status of a missing load balancer: {dangling:?}"
+    );
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
     for n in &names {
         api.delete(n, &DeleteParams::default()).await?;
@@ -60,6 +66,8 @@ async fn mass_create_and_delete_under_throttling(services: usize, percent: u64) 
         lbs.load_balancers().len(),
         tgs.target_groups().len()
     );
+    let leaked = leaked_cloud_resources(&aws.elb, cluster, &client).await?;
+    assert!(leaked.is_empty(), "leaked: {leaked:?}");
     ctrl.stop().await;
     Ok(())
 }

@@ -282,24 +282,12 @@ pub async fn leaked_cloud_resources(
     cluster: &str,
     client: &Client,
 ) -> Result<Vec<String>> {
-    let mut arns = vec![];
+    let mut arns: Vec<String> = all_load_balancers(elb)
+        .await?
+        .iter()
+        .filter_map(|l| l.load_balancer_arn().map(str::to_string))
+        .collect();
     let mut marker = None;
-    loop {
-        let page = elb
-            .describe_load_balancers()
-            .set_marker(marker.take())
-            .send()
-            .await?;
-        arns.extend(
-            page.load_balancers()
-                .iter()
-                .filter_map(|l| l.load_balancer_arn().map(str::to_string)),
-        );
-        match page.next_marker() {
-            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
-            _ => break,
-        }
-    }
     loop {
         let page = match elb
             .describe_target_groups()
@@ -366,6 +354,68 @@ pub async fn leaked_cloud_resources(
                 out.push(format!(
                     "{} (tagged for Service {svc:?})",
                     d.resource_arn().unwrap_or("")
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every ELBv2 load balancer, all pages.
+async fn all_load_balancers(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+) -> Result<Vec<aws_sdk_elasticloadbalancingv2::types::LoadBalancer>> {
+    let mut out = vec![];
+    let mut marker = None;
+    loop {
+        let page = elb
+            .describe_load_balancers()
+            .set_marker(marker.take())
+            .send()
+            .await?;
+        out.extend(page.load_balancers().iter().cloned());
+        match page.next_marker() {
+            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// LoadBalancer Services of `namespace` (not being deleted) whose `status.loadBalancer` names
+/// a hostname no existing ELBv2 load balancer has: a status pointing at a deleted load
+/// balancer. Services whose ingress has only IPs (another provider) are not judged.
+pub async fn dangling_load_balancer_status(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    client: &Client,
+    namespace: &str,
+) -> Result<Vec<String>> {
+    let dns: BTreeSet<String> = all_load_balancers(elb)
+        .await?
+        .iter()
+        .filter_map(|l| l.dns_name().map(str::to_string))
+        .collect();
+    let mut out = vec![];
+    for s in Api::<Service>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        if s.metadata.deletion_timestamp.is_some()
+            || s.spec.as_ref().and_then(|sp| sp.type_.as_deref()) != Some("LoadBalancer")
+        {
+            continue;
+        }
+        let ingress = s
+            .status
+            .and_then(|st| st.load_balancer?.ingress)
+            .unwrap_or_default();
+        for h in ingress.iter().filter_map(|i| i.hostname.as_deref()) {
+            if !dns.contains(h) {
+                out.push(format!(
+                    "{}/{} -> {h}",
+                    s.metadata.namespace.as_deref().unwrap_or(""),
+                    s.metadata.name.as_deref().unwrap_or("")
                 ));
             }
         }
