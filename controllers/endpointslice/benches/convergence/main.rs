@@ -15,6 +15,12 @@
 //!   RSS, CPU), then a restart once converged: writes until stable (minimum 0), how long until
 //!   stable, the latency of one readiness change after that, and the restarted process's peak
 //!   RSS and CPU. `SCM_BENCH_SCALE=0.02` scales the Node and Service counts for a smoke run.
+//! - `latency`: the default mode's objects (`SCM_BENCH_SCALE` scales them for a smoke run).
+//!   Each side cold-starts at `--kube-api-qps=1000 --kube-api-burst=1000`, takes 1,000
+//!   readiness flips at 100/s (flip -> slice p50/p90/p99/max, all flips and flips to not ready),
+//!   is restarted at the default 20/30 and takes the same churn again, which saturates that
+//!   budget: the p99 of "became not ready -> not ready in the slice" there is what the
+//!   urgent-first queue is for. Where our time goes is in our `workqueue_*_duration_seconds`.
 //!
 //! `SCM_BENCH_SIDES=ours` runs only our side and prints its figures (for iterating on ours).
 //!
@@ -60,11 +66,19 @@ fn main() -> Result<()> {
 async fn child(kubeconfig: String) -> Result<()> {
     let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    // The parent sets SCM_BENCH_QPS/SCM_BENCH_BURST in latency mode; the manager's defaults
+    // otherwise.
+    let env = |k: &str, d: u32| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let client = rate_limited_client(
         cfg,
         RateLimit {
-            qps: 20.0,
-            burst: 30,
+            qps: f64::from(env("SCM_BENCH_QPS", 20)),
+            burst: env("SCM_BENCH_BURST", 30),
         },
     )?;
     let (gate, _tx) = LeaderGate::fixed(true);
@@ -111,6 +125,11 @@ async fn bench() -> Result<()> {
             }
             Err(_) => tokio::process::Command::new(&exe),
         };
+        if shape.mode == shape::Mode::Latency {
+            let (qps, burst) = side::latency::budget();
+            cmd.env("SCM_BENCH_QPS", qps.to_string())
+                .env("SCM_BENCH_BURST", burst.to_string());
+        }
         Ok(cmd
             .env("SCM_BENCH_CHILD_KUBECONFIG", &cp.kubeconfig)
             .env("RUST_LOG", "warn")
@@ -143,7 +162,13 @@ async fn bench() -> Result<()> {
         )
         .await?;
 
-    let spawn_upstream = || test_support::upstream_endpointslice_controller(&cp);
+    let spawn_upstream = || {
+        if shape.mode == shape::Mode::Latency {
+            side::latency::upstream(&cp)
+        } else {
+            test_support::upstream_endpointslice_controller(&cp)
+        }
+    };
     let up = Side {
         client: &client,
         tally: &tally,

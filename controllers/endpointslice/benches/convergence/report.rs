@@ -85,6 +85,9 @@ pub fn print(shape: &Shape, ours: &Figures, up: &Figures) {
             up.flips.p99.as_secs_f64(),
         );
     }
+    if shape.mode == Mode::Latency {
+        latency(ours, up);
+    }
     mib("peak RSS (MiB)", ours.peak_rss_mb, up.peak_rss_mb);
     secs("CPU (s)", ours.cpu_s, up.cpu_s);
     if shape.mode == Mode::Envelope {
@@ -108,4 +111,56 @@ pub fn print(shape: &Shape, ours: &Figures, up: &Figures) {
         mib("restart: peak RSS (MiB)", a.peak_rss_mb, b.peak_rss_mb);
         secs("restart: CPU (s)", a.cpu_s, b.cpu_s);
     }
+}
+
+/// The latency mode's rows: flip -> slice percentiles at 1000 QPS, then at the default budget.
+fn latency(ours: &Figures, up: &Figures) {
+    use crate::side::latency::{DEFAULT_QPS, HIGH_QPS, Percentiles};
+    let (a, b) = (&ours.latency, &up.latency);
+    let rows = |what: &str, x: &Percentiles, y: &Percentiles| {
+        for (p, u, v) in [
+            ("p50", x.p50, y.p50),
+            ("p90", x.p90, y.p90),
+            ("p99", x.p99, y.p99),
+            ("max", x.max, y.max),
+        ] {
+            ms(
+                &format!("{what} {p} (ms)"),
+                u.as_secs_f64(),
+                v.as_secs_f64(),
+            );
+        }
+    };
+    let high = format!("qps {HIGH_QPS}: flip -> slice");
+    count(&format!("{high}: flips"), a.high.n, b.high.n);
+    rows(&high, &a.high, &b.high);
+    rows(
+        &format!("qps {HIGH_QPS}: not ready ->"),
+        &a.high_removals,
+        &b.high_removals,
+    );
+    count(
+        &format!("qps {HIGH_QPS}: churn writes"),
+        a.high_writes,
+        b.high_writes,
+    );
+    let (q, burst) = DEFAULT_QPS;
+    let low = format!("qps {q}/{burst}: flip -> slice");
+    count(&format!("{low}: flips"), a.budget.n, b.budget.n);
+    rows(&low, &a.budget, &b.budget);
+    rows(
+        &format!("qps {q}/{burst}: not ready ->"),
+        &a.budget_removals,
+        &b.budget_removals,
+    );
+    count(
+        &format!("qps {q}/{burst}: flips over 30 s"),
+        a.budget.over_30s,
+        b.budget.over_30s,
+    );
+    count(
+        &format!("qps {q}/{burst}: churn + restart writes"),
+        a.budget_writes,
+        b.budget_writes,
+    );
 }

@@ -10,6 +10,8 @@ pub enum Mode {
     /// The Kubernetes scalability envelope (5,000 Nodes, 150,000 Pods, 10,000 Services);
     /// cold start and a restart of each side.
     Envelope,
+    /// The default mode's objects; readiness churn at 1000 QPS, then at the default 20/30.
+    Latency,
 }
 
 /// The objects of one run.
@@ -67,7 +69,28 @@ impl Shape {
                     big_pods: 3012,
                 })
             }
-            other => anyhow::bail!("SCM_BENCH_MODE={other}: expected `default` or `envelope`"),
+            "latency" => {
+                let scale: f64 = match std::env::var("SCM_BENCH_SCALE") {
+                    Ok(s) => s.parse()?,
+                    Err(_) => 1.0,
+                };
+                if !(scale > 0.0 && scale <= 1.0) {
+                    anyhow::bail!("SCM_BENCH_SCALE must be in (0, 1], got {scale}");
+                }
+                let n = |full: usize| ((full as f64 * scale).round() as usize).max(1);
+                // The default mode's objects (the table), scaled for a smoke run.
+                Ok(Shape {
+                    mode: Mode::Latency,
+                    nodes: n(50).max(3),
+                    small_services: n(2000),
+                    small_pods: 5,
+                    big_services: 1,
+                    big_pods: n(10_000),
+                })
+            }
+            other => {
+                anyhow::bail!("SCM_BENCH_MODE={other}: expected `default`, `envelope` or `latency`")
+            }
         }
     }
 

@@ -12,6 +12,8 @@ use tokio::process::Child;
 use crate::shape::{Mode, Shape};
 use crate::tally::{Shared, lock};
 
+pub mod latency;
+
 /// Pod readiness changes per second in the flip phase.
 pub const CHANGES_PER_SEC: usize = 100;
 /// Seconds of readiness changes.
@@ -91,6 +93,8 @@ pub struct Figures {
     pub flips: Flips,
     /// Restart (envelope mode).
     pub restart: Restart,
+    /// High-QPS and default-budget churn (latency mode).
+    pub latency: latency::Latency,
     /// Peak RSS (MiB) of the cold-started process.
     pub peak_rss_mb: f64,
     /// CPU seconds of the cold-started process.
@@ -154,6 +158,11 @@ impl Side<'_> {
             f.restart = r;
             child = c;
         }
+        if self.shape.mode == Mode::Latency {
+            let (l, c) = self.latency(child, ready, seed).await?;
+            f.latency = l;
+            child = c;
+        }
         let _ = child.kill().await;
         let _ = child.wait().await;
         Ok(f)
@@ -170,7 +179,7 @@ impl Side<'_> {
         }
         // Checking 150,000 endpoints takes a while: poll the envelope less often.
         let (poll, limit) = match self.shape.mode {
-            Mode::Default => (Duration::from_millis(50), Duration::from_secs(900)),
+            Mode::Default | Mode::Latency => (Duration::from_millis(50), Duration::from_secs(900)),
             Mode::Envelope => (Duration::from_millis(500), Duration::from_secs(3600)),
         };
         let mut last_report = Instant::now();

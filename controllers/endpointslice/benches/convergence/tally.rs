@@ -30,6 +30,8 @@ pub struct Tally {
     pub pending: HashMap<String, (bool, Instant)>,
     /// Change -> slice latencies of the changes that became visible.
     pub latencies: Vec<Duration>,
+    /// The same, of the changes to not ready only (latency mode).
+    pub removals: Vec<Duration>,
     /// The manager whose slices close pending changes.
     pub watching_for: String,
 }
@@ -133,12 +135,15 @@ pub async fn watch_slices(client: Client, namespace: String, tally: Shared) {
                             if let Some((want, t0)) = t.pending.get(pod)
                                 && want == r
                             {
-                                done.push((pod.clone(), now - *t0));
+                                done.push((pod.clone(), now - *t0, *want));
                             }
                         }
-                        for (p, d) in done {
+                        for (p, d, want) in done {
                             t.pending.remove(&p);
                             t.latencies.push(d);
+                            if !want {
+                                t.removals.push(d);
+                            }
                         }
                     }
                     t.slices.insert(uid, v);
