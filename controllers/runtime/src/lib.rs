@@ -293,8 +293,9 @@ pub async fn run_workers<K, F, Fut, E>(
             drop(inflight);
             // The next leader term (ours or another replica's) must look at these again.
             for key in inflight_keys.drain() {
+                let class = queue.class_in_process(&key);
                 queue.done(&key);
-                queue.add(key);
+                queue.add_with(key, class);
             }
             continue;
         }
@@ -365,6 +366,8 @@ fn finish<K, E>(
     K: Clone + Eq + std::hash::Hash + Send + std::fmt::Display + 'static,
     E: ReconcileError,
 {
+    // A retry keeps the class the key was handed out in; a scheduled look is ordinary.
+    let class = queue.class_in_process(&key);
     queue.done(&key);
     match result {
         Ok(Requeue::Done) => queue.forget(&key),
@@ -382,10 +385,10 @@ fn finish<K, E>(
                 .inc();
             let delay = match e.retry_without_backoff() {
                 Some(d) => {
-                    queue.add_after(key.clone(), d);
+                    queue.add_after_with(key.clone(), d, class);
                     d
                 }
-                None => queue.add_rate_limited(key.clone()),
+                None => queue.add_rate_limited_with(key.clone(), class),
             };
             warn!(controller = %name, key = %key, error = %e, retry_in = ?delay, "reconcile failed");
         }

@@ -4,7 +4,7 @@
 //! key carries a [`Priority`]: urgent keys are handed out before ordinary ones (FIFO within a
 //! class), so under a tight API budget the writes traffic needs go first.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -62,7 +62,8 @@ struct Inner<K> {
     ordinary: VecDeque<K>,
     // Keys added and not handed out yet, as client-go's `dirty` set, with their class.
     dirty: HashMap<K, Waiting>,
-    processing: HashSet<K>,
+    // Keys handed to a worker, with the class they were handed out in (a retry keeps it).
+    processing: HashMap<K, Priority>,
     failures: HashMap<K, u32>,
     shut_down: bool,
 }
@@ -101,7 +102,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 urgent: VecDeque::new(),
                 ordinary: VecDeque::new(),
                 dirty: HashMap::new(),
-                processing: HashSet::new(),
+                processing: HashMap::new(),
                 failures: HashMap::new(),
                 shut_down: false,
             })),
@@ -133,7 +134,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
         if g.shut_down {
             return;
         }
-        let processing = g.processing.contains(&key);
+        let processing = g.processing.contains_key(&key);
         if let Some(w) = g.dirty.get_mut(&key) {
             if priority > w.priority {
                 w.priority = priority;
@@ -177,14 +178,25 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
 
     /// Queues `key` after its next backoff delay and returns that delay.
     pub fn add_rate_limited(&self, key: K) -> Duration {
+        self.add_rate_limited_with(key, Priority::Ordinary)
+    }
+
+    /// Queues `key` in class `priority` after its next backoff delay and returns that delay.
+    pub fn add_rate_limited_with(&self, key: K, priority: Priority) -> Duration {
         let delay = {
             let mut g = self.lock();
             let n = g.failures.entry(key.clone()).or_insert(0);
             *n = n.saturating_add(1);
             self.backoff.delay(*n)
         };
-        self.add_after(key, delay);
+        self.add_after_with(key, delay, priority);
         delay
+    }
+
+    /// The class `key` was handed out in, while a worker holds it (else ordinary): a failed
+    /// urgent key is retried as urgent.
+    pub fn class_in_process(&self, key: &K) -> Priority {
+        self.lock().processing.get(key).copied().unwrap_or_default()
     }
 
     /// Forgets `key`'s failure history, so its next failure starts at the base delay.
@@ -213,16 +225,16 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                     return None;
                 }
                 let next = match g.urgent.pop_front() {
-                    Some(k) => Some(k),
-                    None => g.ordinary.pop_front(),
+                    Some(k) => Some((k, Priority::Urgent)),
+                    None => g.ordinary.pop_front().map(|k| (k, Priority::Ordinary)),
                 };
-                if let Some(k) = next {
+                if let Some((k, class)) = next {
                     let waited = g
                         .dirty
                         .remove(&k)
                         .map(|w| w.since.elapsed())
                         .unwrap_or_default();
-                    g.processing.insert(k.clone());
+                    g.processing.insert(k.clone(), class);
                     if !g.urgent.is_empty() || !g.ordinary.is_empty() {
                         self.notify.notify_one();
                     }
@@ -367,6 +379,24 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(11)).await;
         // The delay is not queue time: the clock starts when the add comes due.
         assert_eq!(q.get_timed().await, Some(("b", Duration::from_secs(1))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_urgent_key_is_retried_as_urgent() {
+        let q = WorkQueue::new(Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(1),
+        });
+        q.add_urgent("u");
+        assert_eq!(q.get().await, Some("u"));
+        assert_eq!(q.class_in_process(&"u"), Priority::Urgent);
+        let class = q.class_in_process(&"u");
+        q.done(&"u");
+        assert_eq!(q.class_in_process(&"u"), Priority::Ordinary);
+        q.add_rate_limited_with("u", class);
+        q.add("o");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(drain(&q).await, vec!["u", "o"]);
     }
 
     #[tokio::test]
