@@ -40,7 +40,11 @@ impl Backoff {
     }
 }
 
-/// How soon a queued key is handed out: every urgent key before any ordinary one.
+/// How long an ordinary key may wait behind urgent ones before it is handed out first.
+pub const ORDINARY_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// How soon a queued key is handed out: urgent keys before ordinary ones, except an ordinary
+/// key that has waited [`ORDINARY_MAX_WAIT`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
     /// Resyncs, retries, capacity that can wait its turn.
@@ -224,9 +228,16 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 if g.shut_down {
                     return None;
                 }
-                let next = match g.urgent.pop_front() {
-                    Some(k) => Some((k, Priority::Urgent)),
-                    None => g.ordinary.pop_front().map(|k| (k, Priority::Ordinary)),
+                // An ordinary key that has waited ORDINARY_MAX_WAIT goes first: a steady stream
+                // of urgent work must not starve the rest (a pod becoming ready) for good.
+                let overdue = g
+                    .ordinary
+                    .front()
+                    .and_then(|k| g.dirty.get(k))
+                    .is_some_and(|w| w.since.elapsed() >= ORDINARY_MAX_WAIT);
+                let next = match (overdue, g.urgent.is_empty()) {
+                    (false, false) => g.urgent.pop_front().map(|k| (k, Priority::Urgent)),
+                    _ => g.ordinary.pop_front().map(|k| (k, Priority::Ordinary)),
                 };
                 if let Some((k, class)) = next {
                     let waited = g
@@ -326,6 +337,19 @@ mod tests {
         q.add_with("o3", Priority::Ordinary);
         assert_eq!(q.len(), 5);
         assert_eq!(drain(&q).await, vec!["u1", "u2", "o1", "o2", "o3"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ordinary_key_overdue_behind_urgent_work_goes_first() {
+        let q = WorkQueue::new(Backoff::default());
+        q.add("o1");
+        q.add_urgent("u1");
+        tokio::time::advance(ORDINARY_MAX_WAIT - Duration::from_millis(1)).await;
+        assert_eq!(q.get().await, Some("u1"), "not overdue yet: urgent first");
+        q.add_urgent("u2");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(q.get().await, Some("o1"), "overdue: ahead of urgent work");
+        assert_eq!(q.get().await, Some("u2"));
     }
 
     #[tokio::test]
