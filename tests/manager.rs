@@ -277,7 +277,7 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
     create_service(&client, &ns, "after-failover").await;
     let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
         Api::namespaced(client.clone(), &ns);
-    wait_for(
+    let made = wait_for(
         "a slice from the new leader",
         Duration::from_secs(30),
         || async {
@@ -288,6 +288,15 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
     )
     .await
     .expect("new leader reconciles");
+    // The API server names the field manager after our User-Agent (it was `unknown`).
+    let managers: Vec<String> = made.items[0]
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(managers, vec!["service-controller-manager".to_string()]);
     follower.signal(15).expect("SIGTERM");
     let _ = follower.child.wait().await;
 }

@@ -23,11 +23,24 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-/// Builds a client for `config` limited by `limit` (no limit when qps <= 0).
+/// The User-Agent of every request: the API server names the field manager of our writes
+/// after it (its part before the first `/`), as it names kube-controller-manager's, so
+/// managedFields and audit logs say `service-controller-manager` instead of `unknown`.
+pub const USER_AGENT: &str = concat!("service-controller-manager/v", env!("CARGO_PKG_VERSION"));
+
+/// Builds a client for `config` limited by `limit` (no limit when qps <= 0), sending
+/// [`USER_AGENT`].
 pub fn rate_limited_client(
-    config: kube::Config,
+    mut config: kube::Config,
     limit: RateLimit,
 ) -> Result<kube::Client, kube::Error> {
+    config
+        .headers
+        .retain(|(k, _)| k != http::header::USER_AGENT);
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
     let builder = ClientBuilder::try_from(config)?;
     if limit.qps <= 0.0 {
         return Ok(builder.build());
