@@ -124,39 +124,96 @@ async fn rules_of(aws: &Aws, sg: &str, lb_name: &str) -> usize {
         .count()
 }
 
+/// Two served Services, `web` and `keep`, with `web` then deleted while no controller ran
+/// (its finalizer removed behind our back): what both orphan-mode tests start from.
+struct Orphaned {
+    client: kube::Client,
+    ns: String,
+    aws: Aws,
+    class: &'static str,
+    sg: String,
+    web_name: String,
+    keep: Service,
+    keep_name: String,
+    keep_rules: usize,
+    lb: String,
+    tgs: Vec<String>,
+    keep_lb: String,
+    keep_tgs: Vec<String>,
+}
+
+impl Orphaned {
+    async fn make(cluster: &str, node_name: &str) -> Result<Orphaned> {
+        let (client, ns) = setup().await?;
+        let aws = Aws::start(cluster).await?;
+        let class = "test.example.com/inventory";
+        let sg = real_node(&aws, &client, node_name).await?;
+        let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+        for name in ["web", "keep"] {
+            create(
+                &client,
+                &lb_service(&ns, name, Some(class), &[("http", 80, "TCP", None)]),
+            )
+            .await?;
+        }
+        let web = wait_status(&client, &ns, "web").await?;
+        let keep = wait_status(&client, &ns, "keep").await?;
+        let web_name = cloud_lb::aws::spec::load_balancer_name(&aws.cluster, &web);
+        let keep_name = cloud_lb::aws::spec::load_balancer_name(&aws.cluster, &keep);
+        wait_for("both Services' security-group rules", T, || async {
+            (rules_of(&aws, &sg, &web_name).await > 0 && rules_of(&aws, &sg, &keep_name).await > 0)
+                .then_some(())
+        })
+        .await?;
+        let keep_rules = rules_of(&aws, &sg, &keep_name).await;
+        let (lb, tgs) = resources(&aws, &web).await?;
+        let (keep_lb, keep_tgs) = resources(&aws, &keep).await?;
+        ctrl.stop().await;
+        delete_behind_our_back(&client, &ns, "web").await?;
+        Ok(Orphaned {
+            client,
+            ns,
+            aws,
+            class,
+            sg,
+            web_name,
+            keep,
+            keep_name,
+            keep_rules,
+            lb,
+            tgs,
+            keep_lb,
+            keep_tgs,
+        })
+    }
+
+    /// A controller with the sweep in `mode`.
+    fn controller(&self, mode: OrphanMode) -> Ctrl {
+        Ctrl::start_every(
+            &self.client,
+            config(&self.aws, self.class, mode),
+            self.aws.provider(),
+            NODE_SYNC_PERIOD,
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn report_mode_counts_the_orphans_of_a_service_deleted_while_no_leader_ran() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let (client, ns) = setup().await?;
-    let aws = Aws::start("it-inv-report").await?;
-    let class = "test.example.com/inventory";
-    let sg = real_node(&aws, &client, "inv-report-a").await?;
-    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
-    for name in ["web", "keep"] {
-        create(
-            &client,
-            &lb_service(&ns, name, Some(class), &[("http", 80, "TCP", None)]),
-        )
-        .await?;
-    }
-    let web = wait_status(&client, &ns, "web").await?;
-    let keep = wait_status(&client, &ns, "keep").await?;
-    let web_name = cloud_lb::aws::spec::load_balancer_name(&aws.cluster, &web);
-    wait_for("web's security-group rules", T, || async {
-        (rules_of(&aws, &sg, &web_name).await > 0).then_some(())
-    })
-    .await?;
-    let (lb, tgs) = resources(&aws, &web).await?;
-    let (keep_lb, _) = resources(&aws, &keep).await?;
-    ctrl.stop().await;
-
-    delete_behind_our_back(&client, &ns, "web").await?;
-    let ctrl = Ctrl::start_every(
-        &client,
-        config(&aws, class, OrphanMode::Report),
-        aws.provider(),
-        NODE_SYNC_PERIOD,
-    );
+    let o = Orphaned::make("it-inv-report", "inv-report-a").await?;
+    let ctrl = o.controller(OrphanMode::Report);
+    let Orphaned {
+        client,
+        ns,
+        aws,
+        sg,
+        web_name,
+        lb,
+        tgs,
+        keep_lb,
+        ..
+    } = o;
     wait_for("the orphans counted", T, || async {
         (gauge(&ctrl, ORPHANED, "load_balancer") == 1
             && gauge(&ctrl, ORPHANED, "target_group") == tgs.len() as u64)
@@ -200,39 +257,23 @@ async fn report_mode_counts_the_orphans_of_a_service_deleted_while_no_leader_ran
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delete_mode_removes_the_orphans_and_leaves_live_services_alone() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let (client, ns) = setup().await?;
-    let aws = Aws::start("it-inv-delete").await?;
-    let class = "test.example.com/inventory";
-    let sg = real_node(&aws, &client, "inv-delete-a").await?;
-    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
-    for name in ["web", "keep"] {
-        create(
-            &client,
-            &lb_service(&ns, name, Some(class), &[("http", 80, "TCP", None)]),
-        )
-        .await?;
-    }
-    let web = wait_status(&client, &ns, "web").await?;
-    let keep = wait_status(&client, &ns, "keep").await?;
-    let web_name = cloud_lb::aws::spec::load_balancer_name(&aws.cluster, &web);
-    let keep_name = cloud_lb::aws::spec::load_balancer_name(&aws.cluster, &keep);
-    wait_for("both Services' security-group rules", T, || async {
-        (rules_of(&aws, &sg, &web_name).await > 0 && rules_of(&aws, &sg, &keep_name).await > 0)
-            .then_some(())
-    })
-    .await?;
-    let keep_rules = rules_of(&aws, &sg, &keep_name).await;
-    let (lb, tgs) = resources(&aws, &web).await?;
-    let (keep_lb, keep_tgs) = resources(&aws, &keep).await?;
-    ctrl.stop().await;
-
-    delete_behind_our_back(&client, &ns, "web").await?;
-    let ctrl = Ctrl::start_every(
-        &client,
-        config(&aws, class, OrphanMode::Delete),
-        aws.provider(),
-        NODE_SYNC_PERIOD,
-    );
+    let o = Orphaned::make("it-inv-delete", "inv-delete-a").await?;
+    let ctrl = o.controller(OrphanMode::Delete);
+    let Orphaned {
+        client,
+        ns,
+        aws,
+        sg,
+        web_name,
+        keep,
+        keep_name,
+        keep_rules,
+        lb,
+        tgs,
+        keep_lb,
+        keep_tgs,
+        ..
+    } = o;
     wait_for("the orphaned load balancer deleted", T, || async {
         (!lb_exists(&aws, &lb).await).then_some(())
     })
