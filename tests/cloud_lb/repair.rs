@@ -8,7 +8,8 @@ use anyhow::{Result, anyhow};
 use cloud_lb::{CloudLbConfig, SERVED_ELSEWHERE};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
-use test_support::invariants::dangling_load_balancer_status;
+use test_support::invariants::{dangling_load_balancer_status, leaked_cloud_resources};
+use test_support::moto::Fault;
 use test_support::wait_for;
 
 use crate::aws::Aws;
@@ -234,5 +235,73 @@ async fn a_class_less_service_served_by_another_controller_is_left_alone() -> Re
         serde_json::json!({"metadata": {"finalizers": null}}),
     )
     .await?;
+    Ok(())
+}
+
+/// Deletion protection on the load balancer (AWS answers `OperationNotPermitted`; moto does
+/// not enforce the attribute, so the fault proxy answers as AWS would) while its Service is
+/// deleted: the finalizer holds and nothing is leaked; once protection is off the next retry
+/// finishes the cleanup and the Service goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deletion_protection_holds_the_service_until_it_is_turned_off() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-protect").await?;
+    let class = "test.example.com/protect";
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    node(&client, "protect-a").await?;
+    create(
+        &client,
+        &lb_service(&ns, "web", Some(class), &[("http", 80, "TCP", None)]),
+    )
+    .await?;
+    let svc = wait_status(&client, &ns, "web").await?;
+    let arn = aws
+        .lb_of(&svc)
+        .await
+        .and_then(|l| l.load_balancer_arn().map(str::to_string))
+        .ok_or_else(|| anyhow!("no load balancer"))?;
+
+    // Protection on: the next two deletions are refused.
+    aws.proxy.inject(Fault::code(
+        Some("DeleteLoadBalancer"),
+        400,
+        "OperationNotPermitted",
+        2,
+    ));
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    api.delete("web", &Default::default()).await?;
+    wait_for("both refused deletions", T, || async {
+        (aws.proxy
+            .counts()
+            .get("DeleteLoadBalancer")
+            .copied()
+            .unwrap_or(0)
+            >= 2)
+            .then_some(())
+    })
+    .await?;
+    let held = get(&client, &ns, "web")
+        .await
+        .ok_or_else(|| anyhow!("the Service went while its load balancer stayed"))?;
+    assert!(has_finalizer(&held), "the finalizer holds the Service");
+    assert!(
+        aws.elb
+            .describe_load_balancers()
+            .load_balancer_arns(&arn)
+            .send()
+            .await
+            .is_ok(),
+        "the protected load balancer is still there"
+    );
+
+    // Protection off (the faults are spent): the retry deletes it and releases the Service.
+    wait_for("the Service gone", Duration::from_secs(90), || async {
+        get(&client, &ns, "web").await.is_none().then_some(())
+    })
+    .await?;
+    let leaked = leaked_cloud_resources(&aws.elb, &aws.cluster, &client).await?;
+    assert!(leaked.is_empty(), "leaked: {leaked:?}");
+    ctrl.stop().await;
     Ok(())
 }
