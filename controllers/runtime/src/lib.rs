@@ -430,6 +430,26 @@ mod tests {
         }
     }
 
+    /// Workers whose reconcile answers `outcome(n)` for its n-th call (from 0); returns the
+    /// call counter and the workers' task.
+    fn spawn_counting<E: ReconcileError + Send + 'static>(
+        ctx: &ControllerContext,
+        queue: &WorkQueue<String>,
+        outcome: fn(usize) -> Result<Requeue, E>,
+    ) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let (ctx, queue) = (ctx.clone(), queue.clone());
+        let w = tokio::spawn(async move {
+            run_workers(&ctx, queue, WorkerConfig::default(), move |_k: String| {
+                let c = c.clone();
+                async move { outcome(c.fetch_add(1, Ordering::SeqCst)) }
+            })
+            .await
+        });
+        (calls, w)
+    }
+
     #[tokio::test]
     async fn followers_do_not_reconcile_and_lost_leadership_abandons_in_flight_work() {
         let (ctx, tx) = context(false);
@@ -505,30 +525,12 @@ mod tests {
             base: Duration::from_secs(3600),
             max: Duration::from_secs(3600),
         });
-        let calls = Arc::new(AtomicUsize::new(0));
-        let c = calls.clone();
-        let w = tokio::spawn({
-            let ctx = ctx.clone();
-            let queue = queue.clone();
-            async move {
-                run_workers(&ctx, queue, WorkerConfig::default(), move |_k: String| {
-                    let c = c.clone();
-                    async move {
-                        c.fetch_add(1, Ordering::SeqCst);
-                        Err::<Requeue, _>(SlowDown)
-                    }
-                })
-                .await
-            }
-        });
+        let (calls, w) = spawn_counting(&ctx, &queue, |_| Err(SlowDown));
         queue.add("k".into());
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while calls.load(Ordering::SeqCst) < 4 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        eventually("the key came back after each slow-down", || {
+            calls.load(Ordering::SeqCst) >= 4
         })
-        .await
-        .expect("the key came back after each slow-down");
+        .await;
         assert_eq!(queue.failures(&"k".to_string()), 0, "backoff did not grow");
         assert!(
             ctx.metrics
@@ -547,24 +549,8 @@ mod tests {
             base: Duration::from_millis(10),
             max: Duration::from_secs(1),
         });
-        let calls = Arc::new(AtomicUsize::new(0));
-        let c = calls.clone();
-        let w = tokio::spawn({
-            let ctx = ctx.clone();
-            let queue = queue.clone();
-            async move {
-                run_workers(&ctx, queue, WorkerConfig::default(), move |_k: String| {
-                    let c = c.clone();
-                    async move {
-                        if c.fetch_add(1, Ordering::SeqCst) < 2 {
-                            Err(Boom)
-                        } else {
-                            Ok(Requeue::Done)
-                        }
-                    }
-                })
-                .await
-            }
+        let (calls, w) = spawn_counting(&ctx, &queue, |n| {
+            if n < 2 { Err(Boom) } else { Ok(Requeue::Done) }
         });
         queue.add("k".into());
         eventually("three attempts", || calls.load(Ordering::SeqCst) == 3).await;
