@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 
 use endpointslice::cache::PodServiceIndex;
 use endpointslice::common::{CONTROLLER_NAME, PodRecord};
+use endpointslice::slice_record::SliceRecord;
 use endpointslice::slice_store::Slices;
 use endpointslice::slices::{SliceInput, plan};
 use endpointslice::topology::ZoneRatios;
 use k8s_openapi::api::core::v1::{
     Node, Pod, PodCondition, PodIP, PodStatus, Service, ServicePort, ServiceSpec,
 };
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use scm_runtime::informer::{Change, Informer, key_of, trim};
@@ -189,7 +189,7 @@ fn main() {
     let t = live();
     let ratios = ZoneRatios::default();
     let zone = |_: &str| Some(Some("zone-a".to_string()));
-    let mut slices: Vec<Arc<EndpointSlice>> = Vec::new();
+    let mut slices: Vec<Arc<SliceRecord>> = Vec::new();
     for s in svc_inf.list() {
         let sel = s
             .spec
@@ -216,14 +216,16 @@ fn main() {
             sl.metadata.uid = Some(format!("{n:08x}-0000-4000-8000-000000000000"));
             sl.metadata.resource_version = Some((500_000 + n).to_string());
             sl.metadata.generation = Some(1);
-            slices.push(Arc::new(trim::endpoint_slice(sl)));
+            slices.push(Arc::new(SliceRecord::from_slice(sl)));
         }
     }
-    let slice_inf: Informer<EndpointSlice> = Informer::detached("EndpointSlice", key_of);
+    let slice_inf: Informer<SliceRecord> =
+        Informer::detached("EndpointSlice", SliceRecord::key_ref);
     let n_slices = slices.len();
     let objects = live() - t;
+    let full: usize = slices.iter().map(|s| s.full_count()).sum();
     row(
-        &format!("{n_slices} EndpointSlices (objects)"),
+        &format!("{n_slices} EndpointSlices (records; {full} endpoints not compacted)"),
         objects,
         total,
     );

@@ -130,7 +130,7 @@ pub async fn run(
     let s = shared.clone();
     inf.nodes().subscribe(move |c| on_node(&s, c));
     let s = shared.clone();
-    inf.endpoint_slices()
+    crate::slice_record::endpoint_slices(inf)
         .subscribe(move |c| s.base.add_all(s.base.fold_slices(&s.slices, c)));
     shared.base.serve(shared.clone(), sync::reconcile).await;
     Ok(())

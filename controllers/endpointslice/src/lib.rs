@@ -17,6 +17,7 @@ pub mod mirror_core;
 pub mod mirroring;
 pub mod pod;
 pub mod shell;
+pub mod slice_record;
 pub mod slice_store;
 pub mod slices;
 pub mod topology;

@@ -116,7 +116,7 @@ pub async fn run(ctx: ControllerContext, config: MirroringConfig) -> Result<(), 
         s.base.add_all(keys);
     });
     let s = shared.clone();
-    inf.endpoint_slices()
+    crate::slice_record::endpoint_slices(inf)
         .subscribe(move |ch| s.base.add_all(s.base.fold_slices(&s.slices, ch)));
     shared.base.serve(shared.clone(), reconcile).await;
     Ok(())

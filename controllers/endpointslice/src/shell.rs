@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::{Expression, Selector, SelectorExt};
 
 use scm_runtime::informer::{Change, Informer};
@@ -21,6 +20,7 @@ use crate::Error;
 use crate::cache::PodServiceIndex;
 use crate::common::PodRecord;
 use crate::metrics::SliceMetrics;
+use crate::slice_record::SliceRecord;
 use crate::slice_store::Slices;
 
 /// Checks a flag's value is within `lo..=hi`, as kube-controller-manager validates them.
@@ -389,7 +389,7 @@ impl ShellBase {
 
     /// Folds a slice change into our slices; a relist marks them synced. Returns the keys to
     /// queue.
-    pub fn fold_slices(&self, slices: &Slices, c: &Change<EndpointSlice>) -> Vec<ObjectKey> {
+    pub fn fold_slices(&self, slices: &Slices, c: &Change<SliceRecord>) -> Vec<ObjectKey> {
         let keys = slices.apply_change(c);
         self.synced_on_relist("slices", c);
         keys

@@ -12,6 +12,7 @@ use scm_runtime::ObjectKey;
 use scm_runtime::informer::Change;
 
 use crate::common::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME};
+use crate::slice_record::{SliceMeta, SliceRecord};
 
 /// Upstream's EndpointSliceTracker: the generation of every slice we wrote, or "deletion
 /// expected", per Service. A cache showing an older generation (or a slice we deleted) is
@@ -23,12 +24,12 @@ pub struct SliceTracker {
 
 const DELETION_EXPECTED: i64 = -1;
 
-fn uid(s: &EndpointSlice) -> String {
-    s.metadata.uid.clone().unwrap_or_default()
+fn uid(s: &impl SliceMeta) -> String {
+    s.meta().uid.clone().unwrap_or_default()
 }
 
-fn generation(s: &EndpointSlice) -> i64 {
-    s.metadata.generation.unwrap_or(0)
+fn generation(s: &impl SliceMeta) -> i64 {
+    s.meta().generation.unwrap_or(0)
 }
 
 impl SliceTracker {
@@ -37,7 +38,7 @@ impl SliceTracker {
     }
 
     /// Records a slice as written by us at its generation.
-    pub fn update(&self, key: &ObjectKey, s: &EndpointSlice) {
+    pub fn update(&self, key: &ObjectKey, s: &impl SliceMeta) {
         self.lock()
             .entry(key.clone())
             .or_default()
@@ -45,7 +46,7 @@ impl SliceTracker {
     }
 
     /// Records that we deleted a slice.
-    pub fn expect_deletion(&self, key: &ObjectKey, s: &EndpointSlice) {
+    pub fn expect_deletion(&self, key: &ObjectKey, s: &impl SliceMeta) {
         self.lock()
             .entry(key.clone())
             .or_default()
@@ -53,7 +54,7 @@ impl SliceTracker {
     }
 
     /// Whether a slice event is news to us (not merely the echo of our own write).
-    pub fn should_sync(&self, key: &ObjectKey, s: &EndpointSlice) -> bool {
+    pub fn should_sync(&self, key: &ObjectKey, s: &impl SliceMeta) -> bool {
         match self.lock().get(key).and_then(|m| m.get(&uid(s))) {
             None => true,
             Some(g) => generation(s) > *g,
@@ -61,7 +62,7 @@ impl SliceTracker {
     }
 
     /// Handles a deletion event; true if it was one we expected.
-    pub fn handle_deletion(&self, key: &ObjectKey, s: &EndpointSlice) -> bool {
+    pub fn handle_deletion(&self, key: &ObjectKey, s: &impl SliceMeta) -> bool {
         let mut g = self.lock();
         match g.get_mut(key).and_then(|m| m.remove(&uid(s))) {
             Some(DELETION_EXPECTED) => true,
@@ -117,20 +118,20 @@ impl SliceTracker {
 }
 
 /// The Service a slice belongs to (its `kubernetes.io/service-name` label).
-pub fn service_key_of(s: &EndpointSlice) -> Option<ObjectKey> {
-    let name = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+pub fn service_key_of(s: &impl SliceMeta) -> Option<ObjectKey> {
+    let name = s.meta().labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
     if name.is_empty() {
         return None;
     }
     Some(ObjectKey::new(
-        s.metadata.namespace.clone().unwrap_or_default(),
+        s.meta().namespace.clone().unwrap_or_default(),
         name.clone(),
     ))
 }
 
 /// A slice's `managed-by` label.
-pub fn managed_by(s: &EndpointSlice) -> Option<&str> {
-    s.metadata
+pub fn managed_by(s: &impl SliceMeta) -> Option<&str> {
+    s.meta()
         .labels
         .as_ref()
         .and_then(|l| l.get(LABEL_MANAGED_BY))
@@ -141,7 +142,7 @@ pub fn managed_by(s: &EndpointSlice) -> Option<&str> {
 #[derive(Default)]
 pub struct SliceCache {
     managers: Vec<&'static str>,
-    by_service: HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSlice>>>,
+    by_service: HashMap<ObjectKey, BTreeMap<String, Arc<SliceRecord>>>,
     owner: HashMap<(String, String), ObjectKey>,
 }
 
@@ -155,12 +156,12 @@ impl SliceCache {
     }
 
     /// Whether a slice is one this cache keeps.
-    pub fn keeps(&self, s: &EndpointSlice) -> bool {
+    pub fn keeps(&self, s: &impl SliceMeta) -> bool {
         managed_by(s).is_some_and(|m| self.managers.contains(&m))
     }
 
     /// The slices of one Service (including those being deleted).
-    pub fn of(&self, key: &ObjectKey) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+    pub fn of(&self, key: &ObjectKey) -> impl Iterator<Item = &Arc<SliceRecord>> {
         self.by_service
             .get(key)
             .into_iter()
@@ -172,7 +173,7 @@ impl SliceCache {
         self.by_service.keys()
     }
 
-    fn insert(&mut self, key: ObjectKey, sl: Arc<EndpointSlice>) -> Option<ObjectKey> {
+    fn insert(&mut self, key: ObjectKey, sl: Arc<SliceRecord>) -> Option<ObjectKey> {
         let name = sl.metadata.name.clone().unwrap_or_default();
         let at = (key.namespace.clone(), name.clone());
         let prev = self.owner.insert(at, key.clone()).filter(|p| *p != key);
@@ -216,9 +217,8 @@ impl SliceCache {
                         || c.metadata.resource_version == sl.metadata.resource_version)
             });
         if !same_or_newer_cached {
-            // Trimmed as the informer trims, so the copy holds no more than the echo will.
-            let sl = scm_runtime::informer::trim::endpoint_slice(sl);
-            self.insert(key.clone(), Arc::new(sl));
+            // Kept as the informer keeps it, so the copy holds no more than the echo will.
+            self.insert(key.clone(), Arc::new(SliceRecord::from_slice(sl)));
         }
     }
 
@@ -235,7 +235,7 @@ impl SliceCache {
     /// selector would show it); returns the Services to reconcile.
     pub fn apply_change(
         &mut self,
-        c: &Change<EndpointSlice>,
+        c: &Change<SliceRecord>,
         tracker: &SliceTracker,
     ) -> Vec<ObjectKey> {
         match c {
@@ -314,17 +314,21 @@ impl Slices {
     }
 
     /// Folds an informer change in; returns the Services to reconcile.
-    pub fn apply_change(&self, c: &Change<EndpointSlice>) -> Vec<ObjectKey> {
+    pub fn apply_change(&self, c: &Change<SliceRecord>) -> Vec<ObjectKey> {
         self.cache().apply_change(c, &self.tracker)
     }
 
-    /// The Service's slices as a reconcile reads them: not being deleted.
+    /// The Service's slices as a reconcile reads them: not being deleted, expanded from their
+    /// records (a sync's working copy; the cache keeps only the records).
     pub fn current(&self, key: &ObjectKey) -> Vec<Arc<EndpointSlice>> {
-        self.cache()
+        let records: Vec<Arc<SliceRecord>> = self
+            .cache()
             .of(key)
             .filter(|s| s.metadata.deletion_timestamp.is_none())
             .cloned()
-            .collect()
+            .collect();
+        // Expanded outside the lock: the watch's fold waits on it.
+        records.iter().map(|r| Arc::new(r.to_slice())).collect()
     }
 }
 
@@ -369,7 +373,7 @@ mod tests {
         );
     }
 
-    fn ours(name: &str, uid: &str, generation: i64) -> Arc<EndpointSlice> {
+    fn ours(name: &str, uid: &str, generation: i64) -> Arc<SliceRecord> {
         let mut s = slice(uid, generation);
         s.metadata.namespace = Some("ns".into());
         s.metadata.name = Some(name.into());
@@ -380,7 +384,7 @@ mod tests {
             ]
             .into(),
         );
-        Arc::new(s)
+        Arc::new(SliceRecord::from_slice(s))
     }
 
     /// Issue 12, defect 1: one of our slices deleted while the watch was down, then a relist.
@@ -452,14 +456,14 @@ mod tests {
         echoed.metadata.resource_version = Some("7".into());
         let echoed = Arc::new(echoed);
         s.apply_change(&Change::Apply(echoed.clone()));
-        s.cache().write_through(&k, (*echoed).clone());
-        let held = s.current(&k);
+        s.cache().write_through(&k, echoed.to_slice());
+        let held: Vec<_> = s.cache().of(&k).cloned().collect();
         assert!(
             held.len() == 1 && Arc::ptr_eq(&held[0], &echoed),
             "the informer's copy is the one held"
         );
         // A later version of ours (a label-only update keeps the generation) does replace it.
-        let mut next = (*echoed).clone();
+        let mut next = echoed.to_slice();
         next.metadata.resource_version = Some("8".into());
         s.cache().write_through(&k, next);
         let held = s.current(&k);

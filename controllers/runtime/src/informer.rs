@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{IPAddress, ServiceCIDR};
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -276,12 +275,6 @@ impl Informers {
     /// Nodes, trimmed by [`trim::node`].
     pub fn nodes(&self) -> Informer<Node> {
         self.kind(trim::node, key_of)
-    }
-
-    /// EndpointSlices of every manager (subscribers filter by `managed-by`), trimmed by
-    /// [`trim::endpoint_slice`].
-    pub fn endpoint_slices(&self) -> Informer<EndpointSlice> {
-        self.kind(trim::endpoint_slice, key_of)
     }
 
     /// Legacy Endpoints, trimmed by [`trim::meta`].
