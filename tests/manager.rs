@@ -144,8 +144,17 @@ async fn serves_health_readiness_metrics_and_exits_cleanly_on_sigterm() {
         "# TYPE service_controller_manager_reconcile counter",
         "# TYPE service_controller_manager_reconcile_duration_seconds histogram",
         "# TYPE workqueue_depth gauge",
+        "# TYPE rest_client_request_duration_seconds histogram",
+        "# TYPE rest_client_rate_limiter_duration_seconds histogram",
     ] {
         assert!(metrics.contains(family), "missing {family} in\n{metrics}");
+    }
+    // Its Lease was written and its watches answered: both show in client-go's counter.
+    for sample in [
+        "rest_client_requests_total{code=\"200\",method=\"GET\"}",
+        "rest_client_request_duration_seconds_count{verb=\"POST\"}",
+    ] {
+        assert!(metrics.contains(sample), "missing {sample} in\n{metrics}");
     }
 
     let client = cp.client().await.expect("client");

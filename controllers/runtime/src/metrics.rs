@@ -140,6 +140,7 @@ impl Metrics {
             "Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, 1 indicates master",
             leader.clone(),
         );
+        crate::client::metrics::register(&mut registry);
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
             reconciles,
