@@ -1,0 +1,1 @@
+//! `service-controller-manager explain` against the real local control plane.
