@@ -83,6 +83,8 @@ async fn child(kubeconfig: String) -> Result<()> {
     )?;
     let (gate, _tx) = LeaderGate::fixed(true);
     let ctx = ContextBase::new(client, gate).context("endpointslice", "endpointslice-controller");
+    let metrics = ctx.metrics.clone();
+    side::breakdown::spawn_dump(move || metrics.encode());
     endpointslice::run(ctx, endpointslice::EndpointSliceConfig::default()).await?;
     Ok(())
 }
@@ -116,6 +118,8 @@ async fn bench() -> Result<()> {
     ));
 
     let exe = std::env::current_exe()?;
+    // Our child's metrics, for the latency mode's breakdown.
+    let metrics_file = side::breakdown::parent_file();
     let spawn_ours = || -> Result<tokio::process::Child> {
         let mut cmd = match std::env::var("SCM_BENCH_WRAP") {
             Ok(w) => {
@@ -132,6 +136,7 @@ async fn bench() -> Result<()> {
         }
         Ok(cmd
             .env("SCM_BENCH_CHILD_KUBECONFIG", &cp.kubeconfig)
+            .env(side::breakdown::METRICS_FILE_ENV, &metrics_file)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())

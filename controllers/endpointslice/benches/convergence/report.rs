@@ -163,4 +163,7 @@ fn latency(ours: &Figures, up: &Figures) {
         a.budget_writes,
         b.budget_writes,
     );
+    println!("\nWhere our time went (our metrics; totals over each churn phase):");
+    println!("- qps {HIGH_QPS}: {}", a.high_breakdown.describe());
+    println!("- qps {q}/{burst}: {}", a.budget_breakdown.describe());
 }

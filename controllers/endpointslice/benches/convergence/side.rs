@@ -12,6 +12,7 @@ use tokio::process::Child;
 use crate::shape::{Mode, Shape};
 use crate::tally::{Shared, lock};
 
+pub mod breakdown;
 pub mod latency;
 
 /// Pod readiness changes per second in the flip phase.

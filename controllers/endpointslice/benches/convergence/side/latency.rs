@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use test_support::ControlPlane;
 use tokio::process::Child;
 
+use super::breakdown::{Breakdown, Snapshot};
 use super::{CHANGE_SECONDS, CHANGES_PER_SEC, Side, Xorshift};
 use crate::tally::lock;
 
@@ -101,6 +102,10 @@ pub struct Latency {
     pub high_writes: usize,
     /// Writes during the default-budget churn (the restart's own included).
     pub budget_writes: usize,
+    /// Where our time went during the high-QPS churn (empty for upstream).
+    pub high_breakdown: Breakdown,
+    /// Where our time went during the default-budget churn (empty for upstream).
+    pub budget_breakdown: Breakdown,
 }
 
 impl Side<'_> {
@@ -115,8 +120,13 @@ impl Side<'_> {
         let m = self.managed_by;
         let mut rng = Xorshift(seed);
         let before = self.writes();
+        let snap = Snapshot::read();
         let (high, high_removals) = self.churn(ready, &mut rng).await?;
         let high_writes = self.writes() - before;
+        let high_breakdown = Breakdown::between(&snap, &Snapshot::read(), "endpointslice");
+        if high_breakdown.syncs > 0.0 {
+            eprintln!("  {m} at qps {HIGH_QPS}: {}", high_breakdown.describe());
+        }
         eprintln!(
             "  {m} at qps {HIGH_QPS}: p50 {:.0?} p90 {:.0?} p99 {:.0?} max {:.0?}; removals p99 {:.0?}",
             high.p50, high.p90, high.p99, high.max, high_removals.p99
@@ -132,8 +142,16 @@ impl Side<'_> {
         if let Ok(Some(st)) = child.try_wait() {
             bail!("{m} exited after the restart: {st}");
         }
+        let snap = Snapshot::read();
         let (budget, budget_removals) = self.churn(ready, &mut rng).await?;
         let budget_writes = self.writes() - before;
+        let budget_breakdown = Breakdown::between(&snap, &Snapshot::read(), "endpointslice");
+        if budget_breakdown.syncs > 0.0 {
+            eprintln!(
+                "  {m} at the default budget: {}",
+                budget_breakdown.describe()
+            );
+        }
         eprintln!(
             "  {m} at qps {}/{}: p50 {:.0?} p99 {:.0?} max {:.0?}; removals p99 {:.0?}, {} of {} flips over 30 s",
             DEFAULT_QPS.0,
@@ -154,6 +172,8 @@ impl Side<'_> {
                 budget_removals,
                 high_writes,
                 budget_writes,
+                high_breakdown,
+                budget_breakdown,
             },
             child,
         ))
