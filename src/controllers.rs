@@ -68,6 +68,7 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
                 let cfg = clusterip_alloc::ClusterIpAllocConfig {
                     service_cluster_ip_range: ranges.clone(),
                     concurrent_syncs: usize::from(flags.concurrent_clusterip_syncs),
+                    ..Default::default()
                 };
                 tasks.spawn(async move {
                     (

@@ -174,6 +174,28 @@ pub struct Flags {
     pub log_format: String,
 }
 
+/// `service-controller-manager explain <namespace>/<service>`: how a Service is wired, read
+/// from the API server without writing anything.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "service-controller-manager explain", version, about, long_about = None)]
+pub struct ExplainArgs {
+    /// The Service, as <namespace>/<name>.
+    #[arg(value_parser = scm_explain::parse_service_ref)]
+    pub service: (String, String),
+
+    /// Path to a kubeconfig. Else $KUBECONFIG, else in-cluster configuration.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Output format: 'text' or 'json'.
+    #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+
+    /// The cluster's DNS domain, for the DNS records shown.
+    #[arg(long, default_value = scm_explain::DEFAULT_CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
+}
+
 /// An inclusive port range such as 30000-32767.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRange {
@@ -367,21 +389,9 @@ impl Flags {
                 "--service-cluster-ip-range: two CIDRs must be of different IP families".into(),
             );
         }
-        for r in ranges {
-            // kube-apiserver's bitmap limits: IPv4 /12 or longer, IPv6 /108 or longer.
-            match r {
-                IpNet::V4(n) if n.prefix_len() < 12 => {
-                    return Err(format!(
-                        "--service-cluster-ip-range: {r} is larger than a /12"
-                    ));
-                }
-                IpNet::V6(n) if n.prefix_len() < 108 => {
-                    return Err(format!(
-                        "--service-cluster-ip-range: {r} is larger than a /108"
-                    ));
-                }
-                _ => {}
-            }
+        if !ranges.is_empty() {
+            // v1.37's rule, kept in one place: any IPv4 range, IPv6 /64 or longer.
+            clusterip_alloc::core::RangeConfig::from_flag(ranges).map_err(|e| e.to_string())?;
         }
         if self.leader_elect {
             if self.leader_elect_renew_deadline >= self.leader_elect_lease_duration {
@@ -473,7 +483,7 @@ mod tests {
                 "--service-cluster-ip-range",
             ),
             (
-                vec!["--service-cluster-ip-range=10.0.0.0/8"],
+                vec!["--service-cluster-ip-range=fd00::/48"],
                 "--service-cluster-ip-range",
             ),
             (

@@ -65,6 +65,7 @@ fn start_clusterip(client: &Client, ranges: &[&str]) -> Running {
     let cfg = clusterip_alloc::ClusterIpAllocConfig {
         service_cluster_ip_range: ranges.iter().map(|r| r.parse().expect("cidr")).collect(),
         concurrent_syncs: 2,
+        ..Default::default()
     };
     Running::start(client, "clusterip-alloc", "clusterip-allocator", |ctx| {
         clusterip_alloc::run(ctx, cfg)

@@ -325,6 +325,7 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
     let cfg = clusterip_alloc::ClusterIpAllocConfig {
         service_cluster_ip_range: vec!["10.96.0.0/16".parse().expect("cidr")],
         concurrent_syncs: 2,
+        ..Default::default()
     };
     procs.start("clusterip-alloc", "clusterip-allocator", |ctx| {
         clusterip_alloc::run(ctx, cfg)

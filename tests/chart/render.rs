@@ -277,9 +277,12 @@ async fn disabling_a_controller_removes_its_rules() {
     let (r, _) = role_for(vec![]).await;
     assert!(verbs_of(&r, "", "services/status").is_empty());
 
-    // service-cidr off: IPAddresses and ServiceCIDR writes go.
+    // service-cidr off: ServiceCIDR writes go; clusterip-alloc still reads IPAddresses.
     let (r, _) = role_for(vec!["controllers.service-cidr=false"]).await;
-    assert!(verbs_of(&r, "networking.k8s.io", "ipaddresses").is_empty());
+    assert_eq!(
+        verbs_of(&r, "networking.k8s.io", "ipaddresses"),
+        vec!["list", "watch"]
+    );
     assert!(verbs_of(&r, "networking.k8s.io", "servicecidrs/status").is_empty());
     assert_eq!(
         verbs_of(&r, "networking.k8s.io", "servicecidrs"),

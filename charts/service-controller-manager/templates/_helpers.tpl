@@ -87,6 +87,7 @@ Events are one shared rule (see clusterrole.yaml); the Lease is a namespaced Rol
 clusterip-alloc:
   - {group: "", resource: services, verbs: [get, list, watch, update]}
   - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch]}
+  - {group: networking.k8s.io, resource: ipaddresses, verbs: [list, watch]}
 service-cidr:
   - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch, patch, update]}
   - {group: networking.k8s.io, resource: servicecidrs/finalizers, verbs: [patch, update]}

@@ -6,10 +6,13 @@
 //!   for NodePorts). Dynamic picks start at a random index inside the upper band and scan
 //!   linearly with wrap-around; only when the upper band is full do they scan the static band
 //!   the same way. Requested indices may be anywhere.
-//! - [`IpRange`]: a CIDR view (network address and IPv4 broadcast never allocated,
-//!   `--service-cluster-ip-range` size limits: IPv4 /12, IPv6 /108; larger CIDRs are tracked
-//!   up to 2^20 addresses).
+//! - [`IpRange`]: a CIDR view over a bitmap (network address and IPv4 broadcast never
+//!   allocated; the bitmap era's size limits, IPv4 /12 and IPv6 /108, in [`IpRange::new`];
+//!   larger CIDRs are tracked up to 2^20 addresses). cloud-lb's address pools use it.
 //! - [`PortRange`]: a port span view, with [`PortSpan`] parsing `--service-node-port-range`.
+//! - [`SparseRange`]: a ClusterIP range of any size (`10.0.0.0/8`, an IPv6 `/64`) with the same
+//!   picking rules, whose state is the set of used addresses: memory follows the Services,
+//!   not the range.
 //!
 //! - [`Mirror`]: the ownership ledger over a [`Pool`] (who holds each value, oldest wins,
 //!   pending writes claimed first, findings, who needs an assignment).
@@ -26,8 +29,10 @@ pub mod ip;
 pub mod mirror;
 pub mod port;
 pub mod shell;
+pub mod sparse;
 
 pub use bitmap::{Band, Bitmap, BitmapError, Snapshot};
 pub use ip::{IpError, IpFamily, IpRange, MAX_TRACKED, Placement, clusterip_static_band};
 pub use mirror::{Mirror, Pending, Pool, Report};
 pub use port::{PortError, PortRange, PortSpan, PortSpanError, nodeport_static_band};
+pub use sparse::SparseRange;

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::time::{Duration, SystemTime};
 
 /// The allocator side of a ledger: what marks a value used or free in the bitmap(s).
 pub trait Pool {
@@ -27,6 +28,16 @@ pub trait Report {
     fn message(&self) -> String;
     /// The `type` label of the repair-errors counter.
     fn metric_type(&self) -> &'static str;
+    /// Not reported before this time (a grace period upstream's repair loop waits out too).
+    fn not_before(&self) -> Option<SystemTime> {
+        None
+    }
+    /// How long the finding must stand before it is reported: findings that compare two
+    /// watches (IPAddresses against Services) can be momentarily false while one watch is
+    /// a few events behind the other.
+    fn settle(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Values written to their owners but not yet observed, per owner.

@@ -7,11 +7,11 @@
 //! workers (leader only) that report findings once and write assignments with a resourceVersion
 //! precondition, re-reading and re-planning on 409.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::Resource;
@@ -230,6 +230,12 @@ pub trait Allocator: Send + Sync + Sized + 'static {
 
     /// Plans one Service's assignment, taking values from `mirror`.
     fn step(&self, mirror: &mut MirrorOf<Self>, svc: &Service) -> Step<ValueOf<Self>, Self::Label>;
+
+    /// The object a finding filed under a key that is not a Service's is about (an
+    /// IPAddress), to put the Event on; `None` once it is gone.
+    fn subject(&self, _key: &ObjectKey) -> Option<ObjectReference> {
+        None
+    }
 }
 
 /// A Service's age and key: contested values belong to the oldest Service.
@@ -261,6 +267,9 @@ pub struct Shell<A: Allocator> {
     pending: Mutex<Pending<ObjectKey, ValueOf<A>>>,
     metrics: MetricsOf<A>,
     queue: WorkQueue<ObjectKey>,
+    /// When each standing finding (key, reason, message) was first seen, for those that must
+    /// settle or wait out a grace period before they are reported.
+    first_seen: Mutex<HashMap<(ObjectKey, &'static str, String), SystemTime>>,
 }
 
 impl<A: Allocator> Shell<A> {
@@ -273,7 +282,37 @@ impl<A: Allocator> Shell<A> {
             pending: Mutex::new(Pending::new()),
             metrics,
             queue: WorkQueue::new(Backoff::default()),
+            first_seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// When `f` about `key` is due to be reported: once it has stood for its settle time since
+    /// it was first seen, and not before its own grace period ends.
+    fn due(&self, key: &ObjectKey, f: &A::Finding) -> SystemTime {
+        let seen = lock(&self.first_seen)
+            .get(&(key.clone(), f.reason(), f.message()))
+            .copied()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let settled = seen + f.settle();
+        f.not_before().map_or(settled, |t| t.max(settled))
+    }
+
+    /// Keeps the first-seen times of the findings in `next` that wait, and forgets the rest.
+    fn note_findings(&self, next: &MirrorOf<A>) {
+        let now = SystemTime::now();
+        let mut seen = lock(&self.first_seen);
+        let mut kept = HashMap::new();
+        for (k, fs) in &next.findings {
+            for f in fs {
+                if f.settle().is_zero() && f.not_before().is_none() {
+                    continue;
+                }
+                let id = (k.clone(), f.reason(), f.message());
+                let t = seen.get(&id).copied().unwrap_or(now);
+                kept.insert(id, t);
+            }
+        }
+        *seen = kept;
     }
 
     /// The metric families.
@@ -324,6 +363,7 @@ impl<A: Allocator> Shell<A> {
             None => changed.extend(next.findings.keys().cloned()),
         }
         self.core.publish(&self.metrics, guard.as_ref(), &next);
+        self.note_findings(&next);
         debug!(
             kind = A::METRICS.kind,
             services = services.len(),
@@ -392,8 +432,18 @@ async fn reconcile<A: Allocator>(
     shell: &Shell<A>,
     key: ObjectKey,
 ) -> Result<Requeue, Error> {
+    let findings_of = |key: &ObjectKey| {
+        lock(&shell.mirror)
+            .as_ref()
+            .and_then(|m| m.findings.get(key).cloned())
+            .unwrap_or_default()
+    };
     let Some(svc) = shell.services.get(&key) else {
-        return Ok(Requeue::Done);
+        // A finding about another object (an IPAddress), while it exists.
+        return Ok(match shell.core.subject(&key) {
+            Some(oref) => report(ctx, shell, &key, &oref, &findings_of(&key)).await,
+            None => Requeue::Done,
+        });
     };
     let oref = svc.object_ref(&());
     let (findings, needs) = {
@@ -406,30 +456,39 @@ async fn reconcile<A: Allocator>(
             m.needs_assign.contains(&key),
         )
     };
-    report(ctx, shell, &key, &oref, &findings).await;
+    let again = report(ctx, shell, &key, &oref, &findings).await;
     // A written assignment not yet in the store: nothing to do until the store shows it.
     let in_flight = lock(&shell.pending).contains_key(&key);
     if needs && !in_flight {
         assign(ctx, shell, &key, svc).await?;
     }
-    Ok(Requeue::Done)
+    Ok(again)
 }
 
-/// Publishes each standing finding once, and forgets those that are gone.
+/// Publishes each standing finding once it is due, and forgets those that are gone; asks to
+/// come back when the next one waiting falls due.
 async fn report<A: Allocator>(
     ctx: &ControllerContext,
     shell: &Shell<A>,
     key: &ObjectKey,
     oref: &ObjectReference,
     findings: &[A::Finding],
-) {
+) -> Requeue {
     let reasons: BTreeSet<&str> = findings.iter().map(|f| f.reason()).collect();
     for r in A::FINDING_REASONS {
         if !reasons.contains(r) {
             ctx.events.clear(oref, Some(r));
         }
     }
+    let now = SystemTime::now();
+    let mut wait: Option<Duration> = None;
     for f in findings {
+        if let Ok(left) = shell.due(key, f).duration_since(now)
+            && !left.is_zero()
+        {
+            wait = Some(wait.map_or(left, |w| w.min(left)));
+            continue;
+        }
         if ctx
             .events
             .warn_once(oref, f.reason(), f.action(), f.message())
@@ -442,9 +501,11 @@ async fn report<A: Allocator>(
                     r#type: f.metric_type().into(),
                 })
                 .inc();
-            warn!(service = %key, kind = A::METRICS.kind, reason = f.reason(), message = %f.message(), "repair finding");
+            let object = oref.kind.as_deref().unwrap_or("Service");
+            warn!(%object, key = %key, kind = A::METRICS.kind, reason = f.reason(), message = %f.message(), "repair finding");
         }
     }
+    wait.map_or(Requeue::Done, Requeue::After)
 }
 
 /// Applies the core's step, re-planning from a fresh read on a 409.

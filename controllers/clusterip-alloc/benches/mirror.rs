@@ -195,6 +195,7 @@ async fn e2e() -> anyhow::Result<()> {
         clusterip_alloc::ClusterIpAllocConfig {
             service_cluster_ip_range: vec!["10.96.0.0/16".parse()?],
             concurrent_syncs: 5,
+            ..Default::default()
         },
     ));
     let h2 = tokio::spawn(nodeport_alloc::run(

@@ -1,8 +1,9 @@
 //! The pure ClusterIP core: configured ranges and all Services in, the mirrored allocation
 //! state, repair findings and per-Service assign plans out. No I/O here.
 //!
-//! - [`ranges`]: the configured ranges and the pool of bitmaps behind the ledger.
-//! - [`finding`]: what the repair loop reports.
+//! - [`ranges`]: the configured ranges and the pool behind the ledger.
+//! - [`finding`]: what the repair loops report.
+//! - [`ipaddr`]: IPAddress objects: their findings and the capacity counted from them.
 //! - this module: the ledger ([`Mirror`], shared with NodePorts as [`scm_allocator::Mirror`])
 //!   built from all Services.
 //! - [`assign`]: the assign path ([`plan`]).
@@ -17,10 +18,12 @@ use scm_runtime::ObjectKey;
 
 pub mod assign;
 pub mod finding;
+pub mod ipaddr;
 pub mod ranges;
 
 pub use assign::{Plan, Rejection, apply, new_ips, plan};
-pub use finding::Finding;
+pub use finding::{Finding, SETTLE};
+pub use ipaddr::{Grace, IpAddresses};
 pub use ranges::{
     ConfigError, DEFAULT_SERVICE_CIDR, RangeConfig, RangeSource, RangeSpec, Ranges, TrackedRange,
 };
@@ -62,14 +65,44 @@ pub fn build(
     services: &[&Service],
     pending: &Pending<ObjectKey, IpAddr>,
 ) -> Mirror {
+    build_with(config, services, pending, None)
+}
+
+/// [`build`], with the API server's IPAddress objects when it keeps them ([`ipaddr::active`]):
+/// then an address belongs to the Service its IPAddress names (claimed right after `pending`),
+/// upstream's IPAddress findings are added (IPAddress ones filed under [`ipaddr::key_of`]),
+/// and capacity is counted from the IPAddresses.
+pub fn build_with(
+    config: &RangeConfig,
+    services: &[&Service],
+    pending: &Pending<ObjectKey, IpAddr>,
+    ips: Option<&IpAddresses<'_>>,
+) -> Mirror {
+    let ips = ips.filter(|i| ipaddr::active(i));
+    let index = ips.map(|i| ipaddr::Index::new(i, services));
+    let mut claims = pending.clone();
+    if let Some(ix) = &index {
+        let mut taken: std::collections::HashSet<IpAddr> =
+            pending.values().flatten().copied().collect();
+        for (ip, key) in ix.owners() {
+            if taken.insert(ip) {
+                claims.entry(key).or_default().push(ip);
+            }
+        }
+    }
     let mut m = Mirror::build(
         Ranges::new(config),
         services,
-        pending,
+        &claims,
         seniority,
         |m, key, svc| {
             for raw in claimed_ips(svc) {
-                if let Some(f) = observe(m, &raw, key) {
+                let found = observe(m, &raw, key);
+                let found = match (found, &index, raw.parse::<IpAddr>()) {
+                    (None, Some(ix), Ok(ip)) => ix.check_service(svc, ip),
+                    (f, _, _) => f,
+                };
+                if let Some(f) = found {
                     m.report(key, f);
                 }
             }
@@ -81,6 +114,14 @@ pub fn build(
     // The first usable IP stays reserved for default/kubernetes even before it exists.
     if let Some(ip) = config.kubernetes_service_ip() {
         m.claim(ip, &ObjectKey::new("default", "kubernetes"));
+    }
+    if let (Some(ips), Some(ix)) = (ips, &index) {
+        for o in ips.objects {
+            if let Some(f) = ix.check_ip(o, ips.grace) {
+                m.report(&ipaddr::key_of(o), f);
+            }
+        }
+        m.pool.counted = Some(ipaddr::count(&m.pool, ips));
     }
     m
 }

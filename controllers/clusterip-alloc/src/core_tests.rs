@@ -69,7 +69,16 @@ fn flag_validation() {
             .to_string(),
         "--service-cluster-ip-range[0] and --service-cluster-ip-range[1] must be of different IP family"
     );
-    assert!(RangeConfig::from_flag(&[net("10.0.0.0/8")]).is_err());
+    // v1.37 (IPAddress allocator only) dropped the bitmap's /12 and /108 limits: any IPv4
+    // range, IPv6 /64 or longer.
+    assert!(RangeConfig::from_flag(&[net("10.0.0.0/8")]).is_ok());
+    assert!(RangeConfig::from_flag(&[net("10.0.0.0/8"), net("fd00::/64")]).is_ok());
+    assert_eq!(
+        RangeConfig::from_flag(&[net("fd00::/63")])
+            .unwrap_err()
+            .to_string(),
+        "--service-cluster-ip-range: shortest allowed prefix length for service CIDR is 64, got 63"
+    );
     let c = flag(&["fd00::/108", "10.0.0.0/16"]);
     assert_eq!(c.default_family, Some(IpFamily::V6));
     assert_eq!(c.kubernetes_service_ip(), Some("fd00::1".parse().unwrap()));

@@ -1,14 +1,16 @@
 //! `clusterip-alloc` as an [`Allocator`] of the shared allocator shell
 //! ([`scm_allocator::shell`]): addresses from the flag's ranges or the cluster's ServiceCIDRs
-//! (whose informer also wakes the rebuild), per-CIDR capacity gauges, and assignments written
-//! into the Service's ClusterIP fields.
+//! (whose informer also wakes the rebuild), the API server's IPAddress objects (the process's
+//! one IPAddress informer: their findings, and the capacity counted from them), per-CIDR
+//! capacity gauges, and assignments written into the Service's ClusterIP fields.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::networking::v1::{IPAddress, ServiceCIDR};
+use kube::Resource;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -17,7 +19,7 @@ use scm_allocator::shell::{self, Allocator, MetricNames, MetricsOf, MirrorOf, St
 use scm_runtime::{ControllerContext, Informer, ObjectKey};
 use tokio::sync::Notify;
 
-use crate::core::{self, Finding, Plan, RangeConfig, Ranges};
+use crate::core::{self, Finding, Grace, IpAddresses, Plan, RangeConfig, Ranges};
 
 /// Configuration of the `clusterip-alloc` controller.
 #[derive(Clone, Debug)]
@@ -27,6 +29,9 @@ pub struct ClusterIpAllocConfig {
     pub service_cluster_ip_range: Vec<IpNet>,
     /// `--concurrent-clusterip-syncs`: Services reconciled at once (default 5).
     pub concurrent_syncs: usize,
+    /// How long IPAddress findings wait, as upstream's repair loop waits (no flag: tests
+    /// shorten it so that our report comes before the API server's own repair).
+    pub ip_address_grace: Grace,
 }
 
 impl Default for ClusterIpAllocConfig {
@@ -34,6 +39,7 @@ impl Default for ClusterIpAllocConfig {
         ClusterIpAllocConfig {
             service_cluster_ip_range: Vec::new(),
             concurrent_syncs: 5,
+            ip_address_grace: Grace::default(),
         }
     }
 }
@@ -75,6 +81,10 @@ pub struct ClusterIps {
     pub flag: Option<RangeConfig>,
     /// Otherwise the ServiceCIDR informer.
     pub cidrs: Option<Informer<ServiceCIDR>>,
+    /// The IPAddress informer (`None`: the Services are the only state).
+    pub ips: Option<Informer<IPAddress>>,
+    /// Upstream's waiting times for IPAddress findings.
+    pub grace: Grace,
 }
 
 impl ClusterIps {
@@ -101,6 +111,9 @@ impl Allocator for ClusterIps {
         "ClusterIPNotValid",
         "ClusterIPOutOfRange",
         "ClusterIPAlreadyAllocated",
+        "ClusterIPNotAllocated",
+        "IPAddressNotAllocated",
+        "IPAddressWrongReference",
     ];
     const REFUSAL_REASONS: &'static [&'static str] =
         &["ServiceCIDRFull", "ClusterIPAllocationFailed"];
@@ -117,14 +130,38 @@ impl Allocator for ClusterIps {
             let n = notify.clone();
             c.subscribe(move |_| n.notify_one());
         }
+        if let Some(i) = &self.ips {
+            let n = notify.clone();
+            i.subscribe(move |_| n.notify_one());
+        }
     }
 
+    /// An API server that does not serve IPAddresses (its list fails) is not waited for: the
+    /// Services are then the only state, as on a server that does not allocate.
     fn synced(&self) -> bool {
         self.cidrs.as_ref().is_none_or(|c| c.is_synced())
+            && self
+                .ips
+                .as_ref()
+                .is_none_or(|i| i.is_synced() || i.failing_for().is_some())
     }
 
     fn build(&self, services: &[&Service], pending: &Pending<ObjectKey, IpAddr>) -> MirrorOf<Self> {
-        core::build(&self.range_config(), services, pending)
+        let config = self.range_config();
+        let Some(informer) = self.ips.as_ref().filter(|i| i.is_synced()) else {
+            return core::build(&config, services, pending);
+        };
+        let held = informer.list();
+        let objects: Vec<&IPAddress> = held.iter().map(|o| o.as_ref()).collect();
+        let ips = IpAddresses {
+            objects: &objects,
+            grace: self.grace,
+        };
+        core::build_with(&config, services, pending, Some(&ips))
+    }
+
+    fn subject(&self, key: &ObjectKey) -> Option<ObjectReference> {
+        Some(self.ips.as_ref()?.get(key)?.object_ref(&()))
     }
 
     fn holdings(&self, svc: &Service) -> Vec<IpAddr> {
@@ -172,6 +209,12 @@ impl Allocator for ClusterIps {
         match &plan {
             Plan::Nothing => return Step::Nothing,
             Plan::Reject(r) => {
+                // ServiceCIDRFull is the bitmap repair's; where the API server keeps
+                // IPAddresses, a full range is only the create's error, as upstream has it.
+                let reason = match (&r.full, &m.pool.counted) {
+                    (Some(_), Some(_)) => "ClusterIPAllocationFailed",
+                    _ => r.reason(),
+                };
                 let count = match &r.full {
                     Some(Finding::Full { cidrs, .. }) => CidrScopeLabel {
                         cidr: cidrs.clone(),
@@ -180,7 +223,7 @@ impl Allocator for ClusterIps {
                     _ => label(None, "static"),
                 };
                 return Step::Refuse {
-                    reason: r.reason(),
+                    reason,
                     action: "ClusterIPAllocation",
                     message: r.message.clone(),
                     count,
@@ -215,6 +258,13 @@ pub async fn run(ctx: ControllerContext, config: ClusterIpAllocConfig) -> Result
         Some(RangeConfig::from_flag(&config.service_cluster_ip_range)?)
     };
     let cidrs = flag.is_none().then(|| ctx.informers.service_cidrs());
-    shell::run(ctx, ClusterIps { flag, cidrs }, config.concurrent_syncs).await;
+    let ips = Some(ctx.informers.ip_addresses());
+    let core = ClusterIps {
+        flag,
+        cidrs,
+        ips,
+        grace: config.ip_address_grace,
+    };
+    shell::run(ctx, core, config.concurrent_syncs).await;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The configured ranges (the flag, or ServiceCIDR objects) and the pool of bitmaps the
-//! ClusterIP ledger marks: one per CIDR, most specific first.
+//! The configured ranges (the flag, or ServiceCIDR objects) and the pool the ClusterIP ledger
+//! marks: one sparse range per CIDR (the used addresses, whatever the CIDR's size), most
+//! specific first.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -7,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use rand::Rng;
-use scm_allocator::{IpError, IpFamily, IpRange, Placement, Pool};
+use scm_allocator::{IpFamily, Pool, SparseRange};
 
 use super::Finding;
 
@@ -45,10 +46,16 @@ pub enum ConfigError {
         "--service-cluster-ip-range[0] and --service-cluster-ip-range[1] must be of different IP family"
     )]
     SameFamily,
-    /// A range too large for the bitmap.
-    #[error(transparent)]
-    TooLarge(#[from] IpError),
+    /// An IPv6 range shorter than /64: kube-apiserver v1.37's IPAddress allocator refuses
+    /// it (IPv4 has no limit since the bitmap allocator is gone).
+    #[error(
+        "--service-cluster-ip-range: shortest allowed prefix length for service CIDR is 64, got {0}"
+    )]
+    Ipv6TooLarge(u8),
 }
+
+/// The shortest IPv6 prefix kube-apiserver's IPAddress allocator accepts.
+pub const MIN_IPV6_PREFIX: u8 = 64;
 
 /// The configured ranges.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,7 +78,11 @@ impl RangeConfig {
             return Err(ConfigError::SameFamily);
         }
         for c in cidrs {
-            IpRange::new(*c)?;
+            if let IpNet::V6(n) = c
+                && n.prefix_len() < MIN_IPV6_PREFIX
+            {
+                return Err(ConfigError::Ipv6TooLarge(n.prefix_len()));
+            }
         }
         Ok(RangeConfig {
             source: RangeSource::Flag,
@@ -139,7 +150,7 @@ impl RangeConfig {
     pub fn kubernetes_service_ip(&self) -> Option<IpAddr> {
         let fam = self.default_family?;
         let r = self.ranges.iter().find(|r| family_of_net(&r.cidr) == fam)?;
-        IpRange::new_capped(r.cidr).ip_at(0)
+        SparseRange::new(r.cidr).ip_at(0)
     }
 }
 
@@ -159,10 +170,8 @@ pub(crate) fn family_of_net(n: &IpNet) -> IpFamily {
 pub struct TrackedRange {
     /// What was configured.
     pub spec: RangeSpec,
-    /// The allocations in the tracked part.
-    pub alloc: IpRange,
-    /// Addresses held beyond the tracked part of an oversized ServiceCIDR.
-    pub untracked: usize,
+    /// Its allocations.
+    pub alloc: SparseRange,
 }
 
 /// The ClusterIP pool: every configured range with its allocations.
@@ -174,6 +183,9 @@ pub struct Ranges {
     pub default_family: Option<IpFamily>,
     /// Ranges, most specific first within a family.
     pub ranges: Vec<TrackedRange>,
+    /// Per range (same order), the IPAddress objects of the API server's allocator in it, when
+    /// the API server keeps its allocations as IPAddresses: the capacity gauges count these.
+    pub counted: Option<Vec<usize>>,
 }
 
 impl Ranges {
@@ -184,13 +196,7 @@ impl Ranges {
             .iter()
             .map(|spec| TrackedRange {
                 spec: spec.clone(),
-                alloc: match config.source {
-                    RangeSource::Flag => {
-                        IpRange::new(spec.cidr).unwrap_or_else(|_| IpRange::new_capped(spec.cidr))
-                    }
-                    RangeSource::ServiceCidrs => IpRange::new_capped(spec.cidr),
-                },
-                untracked: 0,
+                alloc: SparseRange::new(spec.cidr),
             })
             .collect();
         // Longest prefix first, as upstream's MetaAllocator picks the most specific CIDR.
@@ -199,20 +205,13 @@ impl Ranges {
             source: config.source,
             default_family: config.default_family,
             ranges,
+            counted: None,
         }
     }
 
-    /// Index of the range that tracks `ip`, and where it falls in it.
-    pub fn locate(&self, ip: IpAddr) -> Option<(usize, Placement)> {
-        let mut fallback = None;
-        for (i, r) in self.ranges.iter().enumerate() {
-            match r.alloc.offset_of(ip) {
-                p @ Placement::Offset(_) => return Some((i, p)),
-                p @ Placement::Untracked if fallback.is_none() => fallback = Some((i, p)),
-                _ => {}
-            }
-        }
-        fallback
+    /// Index of the most specific range that can hold `ip`.
+    pub fn locate(&self, ip: IpAddr) -> Option<usize> {
+        self.ranges.iter().position(|r| r.alloc.contains(ip))
     }
 
     /// Families these ranges can allocate from.
@@ -255,14 +254,22 @@ impl Ranges {
         })
     }
 
-    /// Per-CIDR (allocated, available) for the capacity gauges; available counts the whole
-    /// CIDR, tracked or not (saturating for huge IPv6 CIDRs).
+    /// Per-CIDR (allocated, available) for the capacity gauges. Allocated counts the API
+    /// server's IPAddress objects in the CIDR where it keeps them ([`Ranges::counted`]), else
+    /// the Services' addresses. As kube-apiserver's gauges: available is the CIDR's usable
+    /// addresses minus allocated, and a CIDR with more than `i64::MAX` addresses (IPv6 /64 or
+    /// wider) has `i64::MAX` minus allocated.
     pub fn capacity(&self) -> Vec<(IpNet, usize, usize)> {
         self.ranges
             .iter()
-            .map(|r| {
-                let used = r.alloc.used() + r.untracked;
-                let free = r.alloc.usable().saturating_sub(used as u128);
+            .enumerate()
+            .map(|(i, r)| {
+                let used = match &self.counted {
+                    Some(c) => c.get(i).copied().unwrap_or(0),
+                    None => r.alloc.used(),
+                };
+                let size = r.alloc.usable().min(i64::MAX as u128);
+                let free = size.saturating_sub(used as u128);
                 (
                     r.spec.cidr,
                     used,
@@ -273,29 +280,21 @@ impl Ranges {
     }
 }
 
-/// Addresses in a range's bitmap, or counted as untracked beyond an oversized one; an address
-/// outside every range is still recorded as held (by the ledger) but marks nothing.
+/// Addresses in the most specific range that holds them; an address outside every range is
+/// still recorded as held (by the ledger) but marks nothing.
 impl Pool for Ranges {
     type Value = IpAddr;
 
     fn mark(&mut self, ip: IpAddr) -> bool {
-        match self.locate(ip) {
-            Some((i, Placement::Offset(_))) => {
-                let _ = self.ranges[i].alloc.allocate(ip);
-            }
-            Some((i, _)) => self.ranges[i].untracked += 1,
-            None => {}
+        if let Some(i) = self.locate(ip) {
+            let _ = self.ranges[i].alloc.allocate(ip);
         }
         true
     }
 
     fn unmark(&mut self, ip: IpAddr) {
-        match self.locate(ip) {
-            Some((i, Placement::Offset(_))) => {
-                self.ranges[i].alloc.release(ip);
-            }
-            Some((i, _)) => self.ranges[i].untracked = self.ranges[i].untracked.saturating_sub(1),
-            None => {}
+        if let Some(i) = self.locate(ip) {
+            self.ranges[i].alloc.release(ip);
         }
     }
 }
