@@ -20,4 +20,5 @@ mod lifecycle;
 mod local_pools;
 mod quota;
 mod repair;
+mod tenant;
 mod throttle;

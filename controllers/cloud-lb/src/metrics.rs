@@ -19,6 +19,18 @@ pub(crate) struct LbMetrics {
     pub host_update_latency: Histogram,
     /// Class-less Services we refuse because another controller already serves them.
     pub served_elsewhere: Gauge,
+    /// Ensures refused until the Service changes (invalid or unsafe asks), by reason.
+    pub refusals: Family<ReasonLabel, Counter>,
+    /// Warnings about annotations the provider does not implement (one per Service and set).
+    pub unsupported_annotations: Counter,
+}
+
+/// The `reason` label of refusals: the refusal's code (e.g. `HealthCheckPortNotOwned`, or the
+/// cloud API's), else `InvalidService`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    /// Why the Service was refused.
+    pub reason: String,
 }
 
 impl LbMetrics {
@@ -30,6 +42,8 @@ impl LbMetrics {
             nodesync_latency: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
             host_update_latency: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
             served_elsewhere: Gauge::default(),
+            refusals: Family::default(),
+            unsupported_annotations: Counter::default(),
         };
         let mut reg = ctx.metrics.registry();
         reg.register(
@@ -56,6 +70,16 @@ impl LbMetrics {
             "service_controller_loadbalancer_served_elsewhere",
             "Class-less LoadBalancer Services not served because another controller already publishes their load balancer",
             m.served_elsewhere.clone(),
+        );
+        reg.register(
+            "service_controller_loadbalancer_refusals",
+            "Load balancer ensures refused until the Service changes (an invalid annotation, or an ask unsafe for other tenants such as a foreign health-check port or subnet, or too many security-group rules), by reason",
+            m.refusals.clone(),
+        );
+        reg.register(
+            "service_controller_loadbalancer_unsupported_annotations",
+            "Warnings that a Service carries provider annotations this controller does not implement (one per Service and distinct set)",
+            m.unsupported_annotations.clone(),
         );
         m
     }

@@ -118,7 +118,8 @@ pub enum ProviderError {
     Permanent {
         /// What is wrong with the Service, for its Warning Event.
         message: String,
-        /// The cloud API's error code, when the cloud refused the request.
+        /// The cloud API's error code when the cloud refused the request, or the provider's
+        /// own refusal code (e.g. AWS's `HealthCheckPortNotOwned`).
         code: Option<String>,
         /// The underlying error.
         #[source]
@@ -276,6 +277,14 @@ pub trait LoadBalancerProvider: Send + Sync {
             out.push(self.get(cluster, s).await?.is_some());
         }
         Ok(out)
+    }
+
+    /// The provider-specific annotations on the Service that this provider does not implement
+    /// (e.g. AWS's `service.beta.kubernetes.io/aws-load-balancer-*` ones we lack): the
+    /// controller warns once per Service and set instead of ignoring them silently. Must not
+    /// call the network. The default is none.
+    fn unsupported_annotations(&self, _service: &Service) -> BTreeSet<String> {
+        BTreeSet::new()
     }
 
     /// True if `status` is one this provider would publish for the Service (e.g. the DNS name

@@ -11,6 +11,7 @@ use scm_runtime::{ObjectKey, Requeue};
 use tracing::{debug, info, warn};
 
 use crate::core::{self, LastSync, Observed, Step};
+use crate::metrics::ReasonLabel;
 use crate::shell::Shell;
 use crate::{Error, status};
 
@@ -29,6 +30,8 @@ pub(crate) fn note(s: String) -> String {
 
 /// The Warning Event's reason for a class-less Service another controller already serves.
 pub const SERVED_ELSEWHERE: &str = "LoadBalancerServedElsewhere";
+/// The Warning Event's reason for provider annotations the provider does not implement.
+pub const UNSUPPORTED_ANNOTATION: &str = "UnsupportedAnnotation";
 
 fn reference(svc: &Service) -> ObjectReference {
     svc.object_ref(&())
@@ -192,6 +195,7 @@ impl Shell {
                 )
                 .await;
         }
+        self.warn_unsupported(key, &svc).await;
         self.metrics.sync_total.inc();
         let hosts: Vec<Node> = nodes.iter().map(|n| n.as_ref().clone()).collect();
         let lb = match self
@@ -212,7 +216,12 @@ impl Shell {
                     )
                     .await;
                 if e.is_permanent() {
-                    warn!(service = %key, error = %e, "permanent error: not retrying until the Service changes");
+                    let reason = e.code().unwrap_or("InvalidService").to_string();
+                    warn!(service = %key, %reason, error = %e, "refused: not retrying until the Service changes");
+                    self.metrics
+                        .refusals
+                        .get_or_create(&ReasonLabel { reason })
+                        .inc();
                     self.memory().edit(key, |r| r.parked = Some(spec));
                     return Ok(Requeue::Done);
                 }
@@ -237,6 +246,33 @@ impl Shell {
         };
         self.memory().edit(key, |r| r.last = Some(last));
         Ok(Requeue::Done)
+    }
+
+    /// A Warning naming the provider annotations we ignore, once per Service and distinct set
+    /// (the note carries the set, and the recorder reports a standing note once).
+    async fn warn_unsupported(&self, key: &ObjectKey, svc: &Service) {
+        let ignored = self.provider.unsupported_annotations(svc);
+        if ignored.is_empty() {
+            return;
+        }
+        let list = ignored.into_iter().collect::<Vec<_>>().join(", ");
+        let sent = self
+            .ctx
+            .events
+            .warn_once(
+                &reference(svc),
+                UNSUPPORTED_ANNOTATION,
+                "Ensure",
+                note(format!(
+                    "Annotations not implemented by the {} load-balancer provider are ignored: {list}",
+                    self.provider.provider_name()
+                )),
+            )
+            .await;
+        if sent {
+            warn!(service = %key, annotations = %list, "unsupported load-balancer annotations ignored");
+            self.metrics.unsupported_annotations.inc();
+        }
     }
 
     async fn update_hosts(

@@ -64,6 +64,7 @@ pub fn emulator_client(endpoint: &str, region: &str, max_attempts: u32) -> elbv2
 /// vpcID: vpc-0123              # where to discover subnets (else the nodes' instances' VPC)
 /// disableSecurityGroupIngress: false  # true: leave the nodes' security groups alone
 /// maxAttempts: 3               # SDK attempts per call (adaptive retry of throttling and 5xx)
+/// maxRulesPerService: 20       # security-group rules one Service may hold (0: no cap)
 /// rateLimits:                  # client-side budget per operation class
 ///   describe: {qps: 10, burst: 40}
 ///   mutate:   {qps: 10, burst: 40}
@@ -94,6 +95,10 @@ pub struct AwsCloudConfig {
     /// Client-side budgets.
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// Ingress rules one Service may hold on the nodes' shared security groups (default
+    /// [`crate::aws::spec::tenant::DEFAULT_MAX_RULES_PER_SERVICE`]; 0 turns the cap off).
+    #[serde(default)]
+    pub max_rules_per_service: Option<usize>,
 }
 
 #[cfg(test)]
@@ -111,6 +116,7 @@ subnets: [subnet-0abc, public-b]
 vpcID: vpc-0123
 disableSecurityGroupIngress: true
 maxAttempts: 3
+maxRulesPerService: 12
 rateLimits:
   describe: {qps: 10, burst: 40}
   ec2Describe: {qps: 5, burst: 10}
@@ -120,6 +126,7 @@ rateLimits:
         .expect("documented keys parse");
         assert_eq!(cfg.vpc_id.as_deref(), Some("vpc-0123"));
         assert!(cfg.disable_security_group_ingress);
+        assert_eq!(cfg.max_rules_per_service, Some(12));
         assert_eq!(cfg.subnets, vec!["subnet-0abc", "public-b"]);
         assert_eq!(cfg.rate_limits.ec2_mutate.burst, 2);
         // Unset classes keep their defaults.

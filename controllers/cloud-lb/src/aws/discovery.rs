@@ -27,6 +27,8 @@ pub struct Subnet {
     pub zone: String,
     /// Its tags.
     pub tags: BTreeMap<String, String>,
+    /// Its VPC (a subnet named by a Service must be in the cluster's).
+    pub vpc: Option<String>,
 }
 
 /// A route table as described: which subnets use it and whether it routes to an internet
@@ -127,6 +129,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            vpc: None,
         }
     }
 

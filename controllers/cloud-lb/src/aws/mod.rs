@@ -69,6 +69,8 @@ pub struct AwsProvider {
     ec2_state: ec2::Ec2State,
     vpc: Option<String>,
     manage_security_groups: bool,
+    /// Ingress rules one Service may hold on the nodes' groups (`None`: no cap).
+    max_rules: Option<usize>,
     budget: Budget,
     defaults: spec::Defaults,
     calls: Mutex<BTreeMap<&'static str, u64>>,
@@ -139,6 +141,11 @@ impl AwsProvider {
             ec2_state: ec2::Ec2State::default(),
             vpc: cfg.vpc_id,
             manage_security_groups: !cfg.disable_security_group_ingress,
+            max_rules: match cfg.max_rules_per_service {
+                None => Some(spec::tenant::DEFAULT_MAX_RULES_PER_SERVICE),
+                Some(0) => None,
+                Some(n) => Some(n),
+            },
             budget: Budget::new(cfg.rate_limits),
             defaults: spec::Defaults {
                 subnets: cfg.subnets,
@@ -225,6 +232,142 @@ impl AwsProvider {
             self.apply(&plan, &obs).await?;
         }
         Ok(())
+    }
+
+    /// Refuses a Service whose rules on the nodes' groups would exceed the per-Service cap.
+    /// With `health_cidrs` empty (before the load balancer's subnets are known) it counts a
+    /// lower bound, so a Service over the cap is refused before any call.
+    pub(crate) fn check_rule_cap(
+        &self,
+        d: &DesiredLb,
+        health_cidrs: BTreeSet<ipnet::IpNet>,
+    ) -> Result<(), ProviderError> {
+        match self.max_rules {
+            Some(cap) if self.manage_security_groups => {
+                let t = ec2::traffic(d, health_cidrs);
+                spec::tenant::check_rule_cap(security::rules_needed(&t), cap)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn ensure_lb(
+        &self,
+        cluster: &str,
+        service: &Service,
+        nodes: &[Node],
+    ) -> Result<LoadBalancerStatus, ProviderError> {
+        let d = spec::desired(cluster, service, &self.defaults)?;
+        self.check_rule_cap(&d, BTreeSet::new())?;
+        let instances = spec::instance_ids(nodes);
+        let tg_names: Vec<String> = d.target_groups.iter().map(|t| t.name.clone()).collect();
+        let obs = self
+            .observe(
+                cluster,
+                service,
+                &d.name,
+                &tg_names,
+                // A Service showing an address most likely has its load balancer already.
+                has_ingress(service),
+                Depth::Full {
+                    desired: &d,
+                    instances: &instances,
+                },
+            )
+            .await?;
+        let plan = elb::plan(&d, &obs, &instances)?;
+        debug!(lb = %d.name, calls = ?plan.operations(), "ELBv2 plan");
+        self.forget(&d.name);
+        let applied = self.apply(&plan, &obs).await?;
+        let lb = applied
+            .lb
+            .ok_or_else(|| ProviderError::retryable("no load balancer after applying the plan"))?;
+        self.ensure_security(cluster, &d.name, &lb, Some(&d), &instances)
+            .await?;
+        let status = status_of(&lb);
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d.name.clone(), (lb, applied.target_groups));
+        Ok(status)
+    }
+
+    async fn update_lb_hosts(
+        &self,
+        cluster: &str,
+        service: &Service,
+        nodes: &[Node],
+    ) -> Result<(), ProviderError> {
+        let name = spec::load_balancer_name(cluster, service);
+        let instances = spec::instance_ids(nodes);
+        // Computed once: the groups' names for a full lookup, and the rules of the
+        // security-group pass (which alone needs the Service to be valid).
+        let desired = spec::desired(cluster, service, &self.defaults);
+        let cached = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .cloned();
+        if let Some((lb, groups)) = cached {
+            match self.update_known_targets(&name, &groups, &instances).await {
+                Ok(()) => {
+                    return self
+                        .update_host_security(cluster, &name, &lb, &desired, &instances)
+                        .await;
+                }
+                Err(e) if e.has_code("TargetGroupNotFound") => {
+                    debug!(lb = %name, "remembered target groups are gone: looking up again");
+                    self.forget(&name);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Groups a listener was moved to are not always reported as attached (moto's
+        // ModifyListener does not record the association): look those up by name too.
+        let tg_names: Vec<String> = desired
+            .as_ref()
+            .map(|d| d.target_groups.iter().map(|t| t.name.clone()).collect())
+            .unwrap_or_default();
+        let obs = self
+            .observe(cluster, service, &name, &tg_names, true, Depth::Targets)
+            .await?;
+        let plan = elb::plan_hosts(&obs, &instances)?;
+        let Some(LbRef::Existing(arn)) = &plan.lb else {
+            return Ok(());
+        };
+        let lb = obs
+            .lb(arn)
+            .cloned()
+            .ok_or_else(|| ProviderError::retryable("planned load balancer not observed"))?;
+        debug!(lb = %name, calls = ?plan.operations(), "ELBv2 host plan");
+        self.apply(&plan, &obs).await?;
+        self.update_host_security(cluster, &name, &lb, &desired, &instances)
+            .await
+    }
+
+    async fn delete_lb(&self, cluster: &str, service: &Service) -> Result<(), ProviderError> {
+        let name = spec::load_balancer_name(cluster, service);
+        self.forget(&name);
+        // Every group name the Service may have used: a crash can leave groups unattached.
+        let obs = self
+            .observe(
+                cluster,
+                service,
+                &name,
+                &spec::target_group_names(cluster, service),
+                true,
+                Depth::Shallow,
+            )
+            .await?;
+        let plan = elb::plan_delete(&obs)?;
+        if let Some(lb) = obs.primary()? {
+            // Rules first: once the load balancer is gone, nothing says which VPC they are in.
+            self.ensure_security(cluster, &name, &lb.lb, None, &BTreeSet::new())
+                .await?;
+        }
+        debug!(lb = %name, calls = ?plan.operations(), "ELBv2 delete plan");
+        self.apply(&plan, &obs).await.map(|_| ())
     }
 
     /// The security-group part of a host update: skipped when the new nodes bring no group
@@ -346,44 +489,20 @@ impl LoadBalancerProvider for AwsProvider {
             .map(|lb| status_of(&lb)))
     }
 
+    fn unsupported_annotations(&self, service: &Service) -> BTreeSet<String> {
+        spec::tenant::unsupported_annotations(service)
+    }
+
     async fn ensure(
         &self,
         cluster: &str,
         service: &Service,
         nodes: &[Node],
     ) -> Result<LoadBalancerStatus, ProviderError> {
-        let d = spec::desired(cluster, service, &self.defaults)?;
-        let instances = spec::instance_ids(nodes);
-        let tg_names: Vec<String> = d.target_groups.iter().map(|t| t.name.clone()).collect();
-        let obs = self
-            .observe(
-                cluster,
-                service,
-                &d.name,
-                &tg_names,
-                // A Service showing an address most likely has its load balancer already.
-                has_ingress(service),
-                Depth::Full {
-                    desired: &d,
-                    instances: &instances,
-                },
-            )
-            .await?;
-        let plan = elb::plan(&d, &obs, &instances)?;
-        debug!(lb = %d.name, calls = ?plan.operations(), "ELBv2 plan");
-        self.forget(&d.name);
-        let applied = self.apply(&plan, &obs).await?;
-        let lb = applied
-            .lb
-            .ok_or_else(|| ProviderError::retryable("no load balancer after applying the plan"))?;
-        self.ensure_security(cluster, &d.name, &lb, Some(&d), &instances)
-            .await?;
-        let status = status_of(&lb);
-        self.known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(d.name.clone(), (lb, applied.target_groups));
-        Ok(status)
+        // Errors end up in the Service's Events: never let one name another Service's resources.
+        self.ensure_lb(cluster, service, nodes)
+            .await
+            .map_err(|e| scrub(e, service))
     }
 
     async fn update_hosts(
@@ -392,52 +511,9 @@ impl LoadBalancerProvider for AwsProvider {
         service: &Service,
         nodes: &[Node],
     ) -> Result<(), ProviderError> {
-        let name = spec::load_balancer_name(cluster, service);
-        let instances = spec::instance_ids(nodes);
-        // Computed once: the groups' names for a full lookup, and the rules of the
-        // security-group pass (which alone needs the Service to be valid).
-        let desired = spec::desired(cluster, service, &self.defaults);
-        let cached = self
-            .known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&name)
-            .cloned();
-        if let Some((lb, groups)) = cached {
-            match self.update_known_targets(&name, &groups, &instances).await {
-                Ok(()) => {
-                    return self
-                        .update_host_security(cluster, &name, &lb, &desired, &instances)
-                        .await;
-                }
-                Err(e) if e.has_code("TargetGroupNotFound") => {
-                    debug!(lb = %name, "remembered target groups are gone: looking up again");
-                    self.forget(&name);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        // Groups a listener was moved to are not always reported as attached (moto's
-        // ModifyListener does not record the association): look those up by name too.
-        let tg_names: Vec<String> = desired
-            .as_ref()
-            .map(|d| d.target_groups.iter().map(|t| t.name.clone()).collect())
-            .unwrap_or_default();
-        let obs = self
-            .observe(cluster, service, &name, &tg_names, true, Depth::Targets)
-            .await?;
-        let plan = elb::plan_hosts(&obs, &instances)?;
-        let Some(LbRef::Existing(arn)) = &plan.lb else {
-            return Ok(());
-        };
-        let lb = obs
-            .lb(arn)
-            .cloned()
-            .ok_or_else(|| ProviderError::retryable("planned load balancer not observed"))?;
-        debug!(lb = %name, calls = ?plan.operations(), "ELBv2 host plan");
-        self.apply(&plan, &obs).await?;
-        self.update_host_security(cluster, &name, &lb, &desired, &instances)
+        self.update_lb_hosts(cluster, service, nodes)
             .await
+            .map_err(|e| scrub(e, service))
     }
 
     /// A new leadership term: another replica may have changed anything since this one last
@@ -450,28 +526,19 @@ impl LoadBalancerProvider for AwsProvider {
     }
 
     async fn ensure_deleted(&self, cluster: &str, service: &Service) -> Result<(), ProviderError> {
-        let name = spec::load_balancer_name(cluster, service);
-        self.forget(&name);
-        // Every group name the Service may have used: a crash can leave groups unattached.
-        let obs = self
-            .observe(
-                cluster,
-                service,
-                &name,
-                &spec::target_group_names(cluster, service),
-                true,
-                Depth::Shallow,
-            )
-            .await?;
-        let plan = elb::plan_delete(&obs)?;
-        if let Some(lb) = obs.primary()? {
-            // Rules first: once the load balancer is gone, nothing says which VPC they are in.
-            self.ensure_security(cluster, &name, &lb.lb, None, &BTreeSet::new())
-                .await?;
-        }
-        debug!(lb = %name, calls = ?plan.operations(), "ELBv2 delete plan");
-        self.apply(&plan, &obs).await.map(|_| ())
+        self.delete_lb(cluster, service)
+            .await
+            .map_err(|e| scrub(e, service))
     }
+}
+
+/// `e` without names of other Services' resources (see [`spec::tenant::scrub_foreign_names`]).
+fn scrub(e: ProviderError, svc: &Service) -> ProviderError {
+    let prefix = spec::name_prefix(
+        svc.metadata.namespace.as_deref().unwrap_or(""),
+        svc.metadata.name.as_deref().unwrap_or(""),
+    );
+    spec::tenant::scrub_error(e, &prefix)
 }
 
 fn has_ingress(svc: &Service) -> bool {

@@ -236,7 +236,12 @@ impl AwsProvider {
             return Ok(());
         };
         let traffic = match d {
-            Some(d) => Some(traffic(d, self.subnet_ranges(&lb.subnets).await?)),
+            Some(d) => {
+                let health_cidrs = self.subnet_ranges(&lb.subnets).await?;
+                // Now with the health rules counted: refused before any group changes.
+                self.check_rule_cap(d, health_cidrs.clone())?;
+                Some(traffic(d, health_cidrs))
+            }
             None => None,
         };
         let _serial = self.ec2_state.groups.lock().await;

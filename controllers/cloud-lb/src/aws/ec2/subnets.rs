@@ -10,7 +10,7 @@ use tracing::info;
 use super::{filter, tag_map};
 use crate::aws::AwsProvider;
 use crate::aws::discovery::{self, RouteTable, Subnet};
-use crate::aws::spec::DesiredLb;
+use crate::aws::spec::{DesiredLb, tenant};
 use crate::provider::ProviderError;
 use aws_sdk_ec2 as ec2;
 
@@ -68,19 +68,94 @@ impl AwsProvider {
                 id: id.to_string(),
                 zone: zone.to_string(),
                 tags: tag_map(s.tags()),
+                vpc: s.vpc_id().map(str::to_string),
             });
         }
         Ok(out)
     }
 
-    /// Subnet IDs for a new load balancer: `d.subnets` with `Name` tags resolved in the VPC,
-    /// or, when it is empty, discovered there.
+    /// The cluster's VPC, which subnets a Service names must be in: the cloud config's
+    /// `vpcID`, else the one most nodes' instances are in, else the VPC of the config's default
+    /// subnets (the operator's choice).
+    async fn cluster_vpc(&self, nodes: &BTreeSet<String>) -> Result<String, ProviderError> {
+        let from_nodes = self.vpc_of_nodes(nodes).await;
+        if from_nodes.is_ok() || self.defaults.subnets.is_empty() {
+            return from_nodes;
+        }
+        let ids: Vec<String> = self
+            .defaults
+            .subnets
+            .iter()
+            .filter(|s| s.starts_with("subnet-"))
+            .cloned()
+            .collect();
+        let mut filters = vec![];
+        if !ids.is_empty() {
+            filters.push(filter("subnet-id", ids));
+        }
+        let names: Vec<String> = self
+            .defaults
+            .subnets
+            .iter()
+            .filter(|s| !s.starts_with("subnet-"))
+            .cloned()
+            .collect();
+        if !names.is_empty() && filters.is_empty() {
+            filters.push(filter("tag:Name", names));
+        }
+        let found = self.describe_subnets(filters).await?;
+        let vpcs: BTreeSet<&str> = found.iter().filter_map(|s| s.vpc.as_deref()).collect();
+        match vpcs.into_iter().collect::<Vec<_>>().as_slice() {
+            [one] => Ok(one.to_string()),
+            _ => from_nodes,
+        }
+    }
+
+    /// Subnet IDs for the `subnets` annotation: every entry (ID or `Name` tag) described and
+    /// refused unless it is a subnet of the cluster's VPC, so a namespace user cannot place a
+    /// load balancer (and the health rules it brings into the nodes' groups) in another VPC.
+    async fn service_subnets(
+        &self,
+        d: &DesiredLb,
+        nodes: &BTreeSet<String>,
+    ) -> Result<Vec<String>, ProviderError> {
+        let vpc = self.cluster_vpc(nodes).await?;
+        let (ids, names): (Vec<&String>, Vec<&String>) =
+            d.subnets.iter().partition(|s| s.starts_with("subnet-"));
+        let mut found = vec![];
+        if !ids.is_empty() {
+            found.extend(
+                self.describe_subnets(vec![filter("subnet-id", ids.iter().map(|s| s.to_string()))])
+                    .await?,
+            );
+        }
+        if !names.is_empty() {
+            // Any VPC: a name found only elsewhere is refused as foreign, not as unknown.
+            found.extend(
+                self.describe_subnets(vec![filter(
+                    "tag:Name",
+                    names.iter().map(|s| s.to_string()),
+                )])
+                .await?,
+            );
+        }
+        let chosen = tenant::subnets_in_vpc(&d.subnets, &found, &vpc)?;
+        info!(lb = %d.name, %vpc, subnets = ?chosen, "subnets from the Service's annotation");
+        Ok(chosen)
+    }
+
+    /// Subnet IDs for a new load balancer: the Service's annotation (checked against the
+    /// cluster's VPC), else the config's with `Name` tags resolved in the VPC, else discovered
+    /// there.
     pub(crate) async fn subnets_for(
         &self,
         cluster: &str,
         d: &DesiredLb,
         nodes: &BTreeSet<String>,
     ) -> Result<Vec<String>, ProviderError> {
+        if d.subnets_from_service {
+            return self.service_subnets(d, nodes).await;
+        }
         let (ids, names): (Vec<&String>, Vec<&String>) =
             d.subnets.iter().partition(|s| s.starts_with("subnet-"));
         if !d.subnets.is_empty() && names.is_empty() {

@@ -198,6 +198,18 @@ fn wanted_rules(t: &Traffic) -> BTreeSet<Rule> {
     out
 }
 
+/// How many ingress rules `t` needs on a node group: its client and health rules, and the MTU
+/// rule of each client range (shared with other load balancers, but each range the Service
+/// brings is one more rule on the group). What the per-Service cap counts.
+pub fn rules_needed(t: &Traffic) -> usize {
+    let mtu = if t.client_ports.is_empty() {
+        0
+    } else {
+        t.client_cidrs.len()
+    };
+    wanted_rules(t).len() + mtu
+}
+
 fn mtu_rule(cidr: IpNet) -> Rule {
     // ICMP type 3 code 4 (fragmentation needed) for IPv4, ICMPv6 type 2 code 0 (packet too
     // big) for IPv6; EC2 puts the type in FromPort and the code in ToPort.

@@ -410,3 +410,15 @@ fn groups_that_gain_rules_change_before_groups_that_only_lose_them() {
     let order: Vec<&str> = moved.iter().map(|c| c.group.as_str()).collect();
     assert_eq!(order, vec!["b", "a"], "{moved:?}");
 }
+
+#[test]
+fn rules_needed_counts_client_health_and_mtu_rules() {
+    // One port open to everything: the client rule covers the health check; one MTU rule.
+    assert_eq!(rules_needed(&traffic(&["0.0.0.0/0"])), 2);
+    // Two ranges: two client rules, the health rule from the one subnet, two MTU rules.
+    assert_eq!(rules_needed(&traffic(&["10.0.0.0/8", "192.168.0.0/16"])), 5);
+    let mut t = traffic(&["10.0.0.0/8"]);
+    t.client_ports.clear();
+    t.health_ports.clear();
+    assert_eq!(rules_needed(&t), 0);
+}

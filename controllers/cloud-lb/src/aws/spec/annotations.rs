@@ -139,6 +139,7 @@ pub(super) fn health_check(svc: &Service) -> Result<HealthCheck, ProviderError> 
                 }
             },
         };
+        super::tenant::check_health_port(svc, &hc.port)?;
     }
     if let Some(v) = ann(svc, "healthcheck-path") {
         if !v.starts_with('/') {

@@ -4,6 +4,7 @@
 
 mod annotations;
 mod names;
+pub mod tenant;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -104,6 +105,9 @@ pub struct DesiredLb {
     /// Subnet IDs or `Name` tags from the annotation or the cloud config; empty means
     /// discover them in the VPC (only used at creation: we do not manage SetSubnets).
     pub subnets: Vec<String>,
+    /// Whether `subnets` came from the Service's annotation (a namespace user's word, so each
+    /// must prove to be in the cluster's VPC) rather than the operator's cloud config.
+    pub subnets_from_service: bool,
     /// `ipv4` or `dualstack`.
     pub ip_address_type: String,
     /// Load balancer attributes we manage (only keys present here are compared).
@@ -155,6 +159,7 @@ pub fn desired(
         ));
     }
     let scheme = scheme(svc)?;
+    let subnets_from_service = ann(svc, "subnets").is_some();
     let subnets = match ann(svc, "subnets") {
         Some(v) => {
             let list: Vec<String> = v
@@ -291,6 +296,7 @@ pub fn desired(
         name: load_balancer_name(cluster, svc),
         scheme,
         subnets,
+        subnets_from_service,
         ip_address_type,
         lb_attributes,
         tags,
