@@ -34,6 +34,8 @@ mod mirroring;
 mod service_status;
 #[path = "endpointslice/slices.rs"]
 mod slices;
+#[path = "endpointslice/trigger_time.rs"]
+mod trigger_time;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -49,3 +49,66 @@ async fn legacy_endpoints_object() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Issue 16: a v1.33+ kube-controller-manager labels the Endpoints it maintains
+/// `endpoints.kubernetes.io/managed-by: endpoint-controller` (we wrote a value of our own, so
+/// the two controllers would relabel each other's object), and sets the trigger time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_endpoints_labelled_as_upstream_with_trigger_time() -> Result<()> {
+    use super::trigger_time::{api_time, at, ready_since, trigger_of};
+    let e = env("es-legacy-label").await?;
+    let _ep = start_endpoints(&e.client, &e.ns);
+    let svc = e.service("web", basic_spec(serde_json::json!({}))).await?;
+    let created = api_time(
+        svc.metadata
+            .creation_timestamp
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no creationTimestamp"))?,
+    )?;
+    let api: Api<Endpoints> = Api::namespaced(e.client.clone(), &e.ns);
+    let wait = |what: &'static str, want: String, ready: usize| {
+        let api = api.clone();
+        wait_for(what, WAIT, move || {
+            let (api, want) = (api.clone(), want.clone());
+            async move {
+                let ep = api.get_opt("web").await.ok().flatten()?;
+                let n: usize = ep
+                    .subsets
+                    .iter()
+                    .flatten()
+                    .map(|s| s.addresses.as_ref().map_or(0, Vec::len))
+                    .sum();
+                (n == ready && trigger_of(&ep.metadata.annotations) == Some(want.as_str()))
+                    .then_some(ep)
+            }
+        })
+    };
+    let ep = wait("Endpoints of a new Service", created, 0).await?;
+    let labels = ep.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("endpoints.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("endpoint-controller")
+    );
+    assert_eq!(
+        labels.get("scm-test").map(String::as_str),
+        Some(e.ns.as_str())
+    );
+    let mut b = PodBuilder::new(&e.ns, "web-0", &[("app", "web")]);
+    b.node_name = Some(e.node(0));
+    b.ports = vec![(Some("http".into()), 8080, "TCP".into())];
+    create_pod(&e.client, &b).await?;
+    let t1 = at(-1800)?;
+    ready_since(&e.client, &e.ns, "web-0", true, &pod_ip(0), &t1).await?;
+    let ep = wait("Endpoints after the pod's transition", api_time(&t1)?, 1).await?;
+    assert_eq!(
+        ep.metadata
+            .labels
+            .unwrap_or_default()
+            .get("endpoints.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("endpoint-controller")
+    );
+    Ok(())
+}

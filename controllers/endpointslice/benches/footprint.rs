@@ -206,6 +206,8 @@ fn main() {
             controller_name: CONTROLLER_NAME,
             zone_ratios: &ratios,
             hints_populated: false,
+            // A first sync's trigger time (the Service's creation): every slice written has one.
+            trigger_time: Some(1_780_000_000),
         });
         for mut sl in p.create {
             let n = slices.len();

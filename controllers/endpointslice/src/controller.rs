@@ -16,6 +16,7 @@ use crate::cache::PodServiceIndex;
 use crate::common::*;
 use crate::shell::{self, ShellConfig, SliceShell};
 use crate::slices;
+use crate::slices::trigger_time::TriggerTimes;
 use crate::topology::{self, NodeTopology, ZoneRatios};
 
 mod sync;
@@ -64,6 +65,7 @@ struct State {
     nodes: HashMap<String, NodeTopology>,
     zone_ratios: ZoneRatios,
     hints_populated: HashSet<ObjectKey>,
+    trigger_times: TriggerTimes,
 }
 
 type Shared = SliceShell<EndpointSliceConfig, State>;

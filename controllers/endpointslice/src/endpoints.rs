@@ -16,6 +16,7 @@ use crate::cache::PodServiceIndex;
 use crate::common::PodRecord;
 use crate::endpoints_core::{self, EndpointsPlan};
 use crate::shell::{self, ShellBase, ShellConfig};
+use crate::slices::trigger_time::{self, TriggerTimes};
 
 /// Settings of the `endpoints` controller: `--concurrent-endpoint-syncs`, the batch period
 /// for pod changes (upstream: `--endpoint-updates-batch-period`) and `--service-label-selector`.
@@ -25,6 +26,7 @@ pub type EndpointsConfig = ShellConfig;
 struct State {
     idx: PodServiceIndex,
     endpoints: HashMap<ObjectKey, Arc<Endpoints>>,
+    trigger_times: TriggerTimes,
 }
 
 struct Shared {
@@ -128,7 +130,7 @@ fn stale_cache(
 }
 
 async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
-    let (svc, pods, current) = {
+    let (svc, pods, current, seen) = {
         let st = s.state();
         let svc = st.idx.services.get(&key).cloned();
         let pods = svc
@@ -136,7 +138,8 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             .and_then(|svc| svc.spec.as_ref().and_then(|sp| sp.selector.clone()))
             .map(|sel| st.idx.pods_for(&key.namespace, &sel))
             .unwrap_or_default();
-        (svc, pods, st.endpoints.get(&key).cloned())
+        let seen = st.trigger_times.seen(&key);
+        (svc, pods, st.endpoints.get(&key).cloned(), seen)
     };
     let api: Api<Endpoints> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
     let Some(svc) = svc else {
@@ -144,6 +147,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
+        s.state().trigger_times.forget(&key);
         // As upstream: the Service is gone, so is its Endpoints object. A Service merely out
         // of our scope keeps it.
         let svcs: Api<Service> = Api::namespaced(s.base.ctx.client.clone(), &key.namespace);
@@ -164,7 +168,10 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
         return Err(Error::StaleCache(key.to_string()));
     }
     let pod_refs: Vec<&PodRecord> = pods.iter().map(|p| p.as_ref()).collect();
-    match endpoints_core::plan(&svc, &pod_refs, current.as_deref()) {
+    // Computed even when nothing is written, so the tracker follows every change; recorded
+    // only once the write (if any) went through, so a retry carries the same trigger time.
+    let (trigger, seen) = trigger_time::trigger_time(seen.as_deref(), &svc, &pod_refs);
+    match endpoints_core::plan(&svc, &pod_refs, current.as_deref(), trigger) {
         EndpointsPlan::Unchanged => {}
         EndpointsPlan::Create(e) => match api.create(&PostParams::default(), &e).await {
             Ok(_) => {}
@@ -185,6 +192,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             }
         }
     }
+    s.state().trigger_times.record(&key, seen);
     Ok(Requeue::Done)
 }
 

@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::common::*;
 use crate::mirror_core::repack_subsets;
+use crate::slices::trigger_time::annotate;
 
 /// Addresses an Endpoints object may hold before it is truncated.
 pub const MAX_CAPACITY: usize = 1000;
@@ -19,9 +20,10 @@ pub const MAX_CAPACITY: usize = 1000;
 pub const OVER_CAPACITY_ANNOTATION: &str = "endpoints.kubernetes.io/over-capacity";
 /// `endpoints.kubernetes.io/managed-by`.
 pub const ENDPOINTS_MANAGED_BY: &str = "endpoints.kubernetes.io/managed-by";
-/// Our value for it (upstream's is `endpoint-controller`).
-pub const ENDPOINTS_CONTROLLER_NAME: &str = "endpoint-controller.service-controller-manager.k8s.io";
-const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Its value, upstream's (v1.33+): there is one Endpoints object per Service whoever writes it,
+/// so a value of our own would only make kube-controller-manager and us rewrite each other's,
+/// and the mirroring controllers recognise managed Endpoints by this exact value.
+pub const ENDPOINTS_CONTROLLER_NAME: &str = "endpoint-controller";
 
 /// What to write for one Service's Endpoints.
 #[derive(Debug, PartialEq)]
@@ -219,8 +221,15 @@ pub fn truncate(subsets: &mut [EndpointSubset]) -> bool {
     true
 }
 
-/// Computes the Endpoints write for `svc`, given the current object (if any).
-pub fn plan<P: PodView>(svc: &Service, pods: &[&P], current: Option<&Endpoints>) -> EndpointsPlan {
+/// Computes the Endpoints write for `svc`, given the current object (if any). What is written
+/// carries `trigger_time` (seconds since the Unix epoch; see `slices::trigger_time`) or loses
+/// the annotation; it never makes a write by itself.
+pub fn plan<P: PodView>(
+    svc: &Service,
+    pods: &[&P],
+    current: Option<&Endpoints>,
+    trigger_time: Option<i64>,
+) -> EndpointsPlan {
     let mut subsets = desired_subsets(svc, pods);
     let truncated = truncate(&mut subsets);
     let svc_labels = labels_of(&svc.metadata.labels);
@@ -244,8 +253,9 @@ pub fn plan<P: PodView>(svc: &Service, pods: &[&P], current: Option<&Endpoints>)
         if same_subsets && cur_labels == labels && cap_ok {
             return EndpointsPlan::Unchanged;
         }
-        let mut ann: BTreeMap<String, String> = cur_ann;
-        ann.remove(TRIGGER_TIME);
+        let mut ann = Some(cur_ann);
+        annotate(&mut ann, trigger_time);
+        let mut ann: BTreeMap<String, String> = ann.unwrap_or_default();
         if truncated {
             ann.insert(OVER_CAPACITY_ANNOTATION.into(), "truncated".into());
         } else {
@@ -257,7 +267,9 @@ pub fn plan<P: PodView>(svc: &Service, pods: &[&P], current: Option<&Endpoints>)
         next.subsets = Some(subsets);
         return EndpointsPlan::Update(next);
     }
-    let mut ann = BTreeMap::new();
+    let mut ann = None;
+    annotate(&mut ann, trigger_time);
+    let mut ann: BTreeMap<String, String> = ann.unwrap_or_default();
     if truncated {
         ann.insert(
             OVER_CAPACITY_ANNOTATION.to_string(),
@@ -346,7 +358,7 @@ mod tests {
     fn ready_and_not_ready_split_and_stable() {
         let pods = [pod(1, true), pod(2, false)];
         let refs: Vec<&Pod> = pods.iter().collect();
-        let EndpointsPlan::Create(ep) = plan(&svc(false), &refs, None) else {
+        let EndpointsPlan::Create(ep) = plan(&svc(false), &refs, None, None) else {
             panic!("expected create");
         };
         let subsets = ep.subsets.clone().unwrap_or_default();
@@ -357,11 +369,11 @@ mod tests {
             1
         );
         assert_eq!(
-            plan(&svc(false), &refs, Some(&ep)),
+            plan(&svc(false), &refs, Some(&ep), None),
             EndpointsPlan::Unchanged
         );
         // publishNotReadyAddresses puts both in addresses.
-        let EndpointsPlan::Update(ep2) = plan(&svc(true), &refs, Some(&ep)) else {
+        let EndpointsPlan::Update(ep2) = plan(&svc(true), &refs, Some(&ep), None) else {
             panic!("expected update");
         };
         let s2 = ep2.subsets.unwrap_or_default();
@@ -372,7 +384,7 @@ mod tests {
     fn over_capacity_truncates_and_annotates() {
         let pods: Vec<Pod> = (0..1100).map(|i| pod(i, i % 2 == 0)).collect();
         let refs: Vec<&Pod> = pods.iter().collect();
-        let EndpointsPlan::Create(ep) = plan(&svc(false), &refs, None) else {
+        let EndpointsPlan::Create(ep) = plan(&svc(false), &refs, None, None) else {
             panic!("expected create");
         };
         let subsets = ep.subsets.clone().unwrap_or_default();
@@ -393,8 +405,64 @@ mod tests {
             Some("truncated")
         );
         assert_eq!(
-            plan(&svc(false), &refs, Some(&ep)),
+            plan(&svc(false), &refs, Some(&ep), None),
             EndpointsPlan::Unchanged
         );
+    }
+
+    #[test]
+    fn labelled_as_upstream_so_kube_controller_manager_agrees() {
+        let pods = [pod(1, true)];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let EndpointsPlan::Create(ep) = plan(&svc(false), &refs, None, None) else {
+            panic!("expected create");
+        };
+        let labels = labels_of(&ep.metadata.labels);
+        assert_eq!(
+            labels
+                .get("endpoints.kubernetes.io/managed-by")
+                .map(String::as_str),
+            Some("endpoint-controller")
+        );
+        assert_eq!(labels.get("app").map(String::as_str), Some("web"));
+        // An object an older version of us labelled with a value of its own is relabelled.
+        let mut old = ep.clone();
+        old.metadata.labels.as_mut().map(|l| {
+            l.insert(
+                ENDPOINTS_MANAGED_BY.into(),
+                "endpoint-controller.service-controller-manager.k8s.io".into(),
+            )
+        });
+        let EndpointsPlan::Update(fixed) = plan(&svc(false), &refs, Some(&old), None) else {
+            panic!("expected update");
+        };
+        assert_eq!(fixed.metadata.labels, ep.metadata.labels);
+    }
+
+    #[test]
+    fn what_is_written_carries_the_trigger_time_which_never_writes_alone() {
+        const ANN: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+        let t0 = 1_780_000_000;
+        let pods = [pod(1, true)];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let EndpointsPlan::Create(ep) = plan(&svc(false), &refs, None, Some(t0)) else {
+            panic!("expected create");
+        };
+        let ann = |e: &Endpoints| labels_of(&e.metadata.annotations).get(ANN).cloned();
+        assert_eq!(ann(&ep).as_deref(), Some("2026-05-28T20:26:40Z"));
+        assert_eq!(
+            plan(&svc(false), &refs, Some(&ep), Some(t0 + 9)),
+            EndpointsPlan::Unchanged
+        );
+        let flipped = [pod(1, false)];
+        let refs: Vec<&Pod> = flipped.iter().collect();
+        let EndpointsPlan::Update(up) = plan(&svc(false), &refs, Some(&ep), Some(t0 + 9)) else {
+            panic!("expected update");
+        };
+        assert_eq!(ann(&up).as_deref(), Some("2026-05-28T20:26:49Z"));
+        let EndpointsPlan::Update(up) = plan(&svc(false), &refs, Some(&ep), None) else {
+            panic!("expected update");
+        };
+        assert_eq!(ann(&up), None, "no trigger time: the old one is cleared");
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::Hash;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -23,6 +24,9 @@ pub trait PodView {
     fn terminal(&self) -> bool;
     /// Whether the Ready condition is True.
     fn ready(&self) -> bool;
+    /// The Ready condition's `lastTransitionTime`, in seconds since the Unix epoch (the API
+    /// keeps whole seconds): what upstream's trigger-time tracker reads of a pod.
+    fn ready_transition(&self) -> Option<i64>;
     /// `status.podIP`.
     fn pod_ip(&self) -> Option<&str>;
     /// `status.podIPs[*].ip`, in order.
@@ -56,6 +60,9 @@ impl<T: PodView + ?Sized> PodView for &T {
     }
     fn ready(&self) -> bool {
         (**self).ready()
+    }
+    fn ready_transition(&self) -> Option<i64> {
+        (**self).ready_transition()
     }
     fn pod_ip(&self) -> Option<&str> {
         (**self).pod_ip()
@@ -97,11 +104,12 @@ impl PodView for Pod {
         )
     }
     fn ready(&self) -> bool {
-        self.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.status == "True")
+        ready_condition(self).is_some_and(|c| c.status == "True")
+    }
+    fn ready_transition(&self) -> Option<i64> {
+        ready_condition(self)
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0.as_second())
     }
     fn pod_ip(&self) -> Option<&str> {
         self.status.as_ref().and_then(|s| s.pod_ip.as_deref())
@@ -128,6 +136,13 @@ impl PodView for Pod {
             .find(|p| p.name == name && p.protocol.as_deref().unwrap_or("TCP") == proto)
             .map(|p| p.port)
     }
+}
+
+fn ready_condition(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::PodCondition> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
 }
 
 /// A named container port (unnamed ports are never looked up by name, so never kept).
@@ -257,6 +272,10 @@ pub struct PodRecord {
     pub terminal: bool,
     /// The Ready condition is True.
     pub ready: bool,
+    /// The Ready condition's `lastTransitionTime` in seconds since the Unix epoch. Four bytes
+    /// that fit beside the flags in what was padding, so the record does not grow; a time
+    /// before 1970-01-01T00:00:01Z or after 2106 reads as none (no trigger time from this pod).
+    ready_since: Option<NonZeroU32>,
     /// `status.podIPs[*].ip`.
     pub pod_ips: Box<[Box<str>]>,
     /// `status.podIP`: by API validation the first of `pod_ips` when both are set, so only
@@ -286,6 +305,10 @@ impl PodRecord {
         let deleting = pod.deleting();
         let terminal = pod.terminal();
         let ready = pod.ready();
+        let ready_since = pod
+            .ready_transition()
+            .and_then(|t| u32::try_from(t).ok())
+            .and_then(NonZeroU32::new);
         let ports: Box<[NamedPort]> = named_ports(&pod).collect();
         let meta = pod.metadata;
         let spec = pod.spec.unwrap_or_default();
@@ -309,6 +332,7 @@ impl PodRecord {
             deleting,
             terminal,
             ready,
+            ready_since,
             pod_ips,
             pod_ip,
             node_name: spec.node_name.as_deref().map(|n| NAMES.intern(n)),
@@ -347,6 +371,9 @@ impl PodView for PodRecord {
     }
     fn ready(&self) -> bool {
         self.ready
+    }
+    fn ready_transition(&self) -> Option<i64> {
+        self.ready_since.map(|t| i64::from(t.get()))
     }
     fn pod_ip(&self) -> Option<&str> {
         match &self.pod_ip {
@@ -435,6 +462,46 @@ mod tests {
         let (na, nb) = (a.node_name.clone(), b.node_name.clone());
         assert!(na.zip(nb).is_some_and(|(x, y)| Arc::ptr_eq(&x, &y)));
         assert_eq!(a.node_name(), Some("shared-node-test"));
+    }
+
+    #[test]
+    fn ready_transition_reads_as_the_api_gave_it_and_costs_the_record_nothing() {
+        use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let with = |secs: Option<i64>| Pod {
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    last_transition_time: secs.map(|s| {
+                        Time(k8s_openapi::jiff::Timestamp::from_second(s).expect("in range"))
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for secs in [Some(1_780_000_000), Some(1), None] {
+            let p = with(secs);
+            assert_eq!(p.ready_transition(), secs);
+            assert_eq!(PodRecord::from_pod(p).ready_transition(), secs);
+        }
+        // Outside what four bytes hold: no trigger time rather than a wrong one.
+        for secs in [-5, 0, i64::from(u32::MAX) + 1] {
+            assert_eq!(
+                PodRecord::from_pod(with(Some(secs))).ready_transition(),
+                None
+            );
+        }
+        // A transition alone is news: two records that differ only there are not equal.
+        let (a, b) = (
+            PodRecord::from_pod(with(Some(10))),
+            PodRecord::from_pod(with(Some(11))),
+        );
+        assert_ne!(a, b);
+        // The time sits in what was padding beside the flags (168 bytes before it, on 64-bit).
+        assert!(std::mem::size_of::<PodRecord>() <= 168);
     }
 
     #[test]

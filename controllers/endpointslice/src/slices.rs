@@ -42,6 +42,9 @@ pub struct SliceInput<'a, P = Pod> {
     pub zone_ratios: &'a ZoneRatios,
     /// Whether Auto hints are currently recorded as populated for this Service.
     pub hints_populated: bool,
+    /// This sync's trigger time ([`trigger_time::trigger_time`]), in seconds since the Unix
+    /// epoch: every slice created or updated carries it, or loses the annotation when None.
+    pub trigger_time: Option<i64>,
 }
 
 /// The writes one reconcile wants, plus what it learned.
@@ -511,6 +514,11 @@ pub fn plan<P: PodView>(input: &SliceInput<'_, P>) -> SlicePlan {
             .get(&n)
             .is_none_or(|old| !slice_semantically_equal(old, u))
     });
+    // As upstream's finalize: only what is written carries the trigger time, so the
+    // annotation alone never makes a write.
+    for s in out.create.iter_mut().chain(out.update.iter_mut()) {
+        trigger_time::annotate(&mut s.metadata.annotations, input.trigger_time);
+    }
     out.missing_nodes = missing.into_iter().collect();
     out.hints_populated = populated;
     out.num_slices = (input.existing.len() + out.create.len()).saturating_sub(out.delete.len());
@@ -518,6 +526,7 @@ pub fn plan<P: PodView>(input: &SliceInput<'_, P>) -> SlicePlan {
 }
 
 mod port_mapping;
+pub mod trigger_time;
 use port_mapping::reconcile_by_port_mapping;
 
 #[cfg(test)]

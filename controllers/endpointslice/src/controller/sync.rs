@@ -15,6 +15,7 @@ use crate::Error;
 use crate::common::*;
 use crate::metrics::{ChangedLabels, ControllerLabel};
 use crate::slice_store::managed_by;
+use crate::slices::trigger_time::{self, SeenTimes};
 use crate::slices::{self, SliceInput};
 use crate::topology::{self, ZoneRatios};
 use crate::writer::SliceWrites;
@@ -29,6 +30,7 @@ struct Snapshot {
     existing: Vec<Arc<EndpointSlice>>,
     zone_ratios: ZoneRatios,
     hints_populated: bool,
+    seen: Option<Arc<SeenTimes>>,
 }
 
 fn snapshot(s: &Shared, key: &ObjectKey) -> Snapshot {
@@ -52,6 +54,7 @@ fn snapshot(s: &Shared, key: &ObjectKey) -> Snapshot {
         existing,
         zone_ratios: st.zone_ratios.clone(),
         hints_populated: st.hints_populated.contains(key),
+        seen: st.trigger_times.seen(key),
     }
 }
 
@@ -69,17 +72,21 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         s.metrics.sync("stale");
         return Err(Error::StaleCache(key.to_string()));
     }
+    let pods: Vec<&PodRecord> = snap.pods.iter().map(|p| p.as_ref()).collect();
+    // Computed even when the sync writes nothing, so the tracker follows every change.
+    let (trigger, seen) = trigger_time::trigger_time(snap.seen.as_deref(), &svc, &pods);
     let plan = {
         let node_zone = |n: &str| snap.nodes.get(n).cloned();
         let input = SliceInput {
             service: &svc,
-            pods: snap.pods.iter().map(|p| p.as_ref()).collect(),
+            pods,
             node_zone: &node_zone,
             existing: snap.existing.iter().map(|s| s.as_ref()).collect(),
             max_endpoints_per_slice: s.cfg.max_endpoints_per_slice,
             controller_name: CONTROLLER_NAME,
             zone_ratios: &snap.zone_ratios,
             hints_populated: snap.hints_populated,
+            trigger_time: trigger,
         };
         slices::plan(&input)
     };
@@ -164,6 +171,8 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
             .await;
         return Err(e);
     }
+    // Only once applied: a failed write is retried with the same trigger time.
+    s.state().trigger_times.record(&key, seen);
     if !plan.missing_nodes.is_empty() {
         m.sync("error");
         return Err(Error::NodeNotFound(format!(
@@ -187,7 +196,11 @@ async fn cleanup_absent(
     ours: Vec<Arc<EndpointSlice>>,
 ) -> Result<Requeue, Error> {
     s.metrics.delete_service(key);
-    s.state().hints_populated.remove(key);
+    {
+        let mut st = s.state();
+        st.hints_populated.remove(key);
+        st.trigger_times.forget(key);
+    }
     if ours.is_empty() {
         s.slices.tracker.delete_service(key);
         return Ok(Requeue::Done);

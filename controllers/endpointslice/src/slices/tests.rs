@@ -99,6 +99,7 @@ struct World {
     max: usize,
     next: usize,
     rv: u64,
+    trigger_time: Option<i64>,
 }
 
 impl World {
@@ -110,6 +111,7 @@ impl World {
             max,
             next: 0,
             rv: 0,
+            trigger_time: None,
         }
     }
 
@@ -124,6 +126,7 @@ impl World {
             controller_name: CONTROLLER_NAME,
             zone_ratios: &ratios,
             hints_populated: false,
+            trigger_time: self.trigger_time,
         })
     }
 
@@ -401,3 +404,4 @@ fn headless_label_and_hostnames() {
 
 mod more;
 mod props;
+mod trigger;

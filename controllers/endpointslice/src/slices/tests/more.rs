@@ -153,6 +153,7 @@ fn auto_topology_mode_uses_cpu_ratios() {
         controller_name: CONTROLLER_NAME,
         zone_ratios: &ratios,
         hints_populated: false,
+        trigger_time: None,
     });
     assert!(p.hints_populated);
     assert_eq!(p.events.len(), 1);
