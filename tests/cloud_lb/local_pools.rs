@@ -1,11 +1,16 @@
-//! The local address-pool provider: requests, exhaustion, restarts and leadership terms.
+//! The local address-pool provider: requests, exhaustion (and the chaos scenario of a full
+//! pool freed), restarts and leadership terms.
 
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use cloud_lb::local::REQUESTED_IPS_ANNOTATION;
+use cloud_lb::local::{LocalCloudConfig, LocalProvider, REQUESTED_IPS_ANNOTATION};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams};
+use test_support::chaos::{Row, report};
+use test_support::invariants::{AddressWatch, double_load_balancer_addresses};
 use test_support::wait_for;
 
 use crate::harness::*;
@@ -188,5 +193,132 @@ async fn local_pool_state_is_rebuilt_each_leadership_term() -> Result<()> {
     );
     p1.stop().await;
     p2.stop().await;
+    Ok(())
+}
+
+/// Issue 12's "pool exhausted then freed": a full pool leaves one more Service pending (a
+/// Warning Event, no address); once a holder is deleted the pending Service gets the freed
+/// address at once, with nobody editing it, and no address is ever published by two Services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_exhausted_then_freed_serves_the_pending_service_without_an_edit() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    test_support::invariants::count_panics();
+    let (client, ns) = setup().await?;
+    let watch = AddressWatch::start(&client);
+    let class = "test.example.com/exhausted";
+    // Six usable addresses: .1 to .6 (network and broadcast are never handed out).
+    let pool = Arc::new(LocalProvider::new(LocalCloudConfig {
+        pools: vec!["10.202.0.0/29".parse()?],
+        ip_mode: None,
+    })?);
+    const SIZE: usize = 6;
+    let ctrl = Ctrl::start(&client, local_config("it-exhausted", class), pool.clone());
+    let svc = |name: &str| lb_service(&ns, name, Some(class), &[("http", 80, "TCP", None)]);
+    let holders: Vec<String> = (0..SIZE).map(|i| format!("holder-{i}")).collect();
+    for h in &holders {
+        create(&client, &svc(h)).await?;
+    }
+    let mut held = BTreeMap::new();
+    for h in &holders {
+        held.insert(h.clone(), ips(&wait_status(&client, &ns, h).await?));
+    }
+    let distinct: BTreeSet<&Vec<String>> = held.values().collect();
+    assert_eq!(distinct.len(), SIZE, "one address each: {held:?}");
+    assert_eq!(pool.free(), 0, "the pool is full");
+
+    let asked = create(&client, &svc("pending")).await?;
+    let note = wait_event(
+        &client,
+        &ns,
+        "pending",
+        "SyncLoadBalancerFailed",
+        "no free IPv4 address",
+    )
+    .await?;
+    assert!(note.contains("local pools"), "a clear reason: {note}");
+    // Let it back off for a while, as a Service waiting for capacity would: after four refusals
+    // (the second comes at once, on the event of our finalizer) its next retry is about 15 s
+    // away (backoff 5, 10, 20, 40 s; one timer per refusal).
+    // (Only pending's ensures fail so: the holders' conflicts on status writes count as kube.)
+    let refused = wait_for("four refused ensures", T, || async {
+        let n = ctrl.count(
+            "service_controller_manager_reconcile_errors_total{controller=\"cloud-lb\",error=\"provider_retryable\"}",
+        );
+        (n >= 4).then_some(n)
+    })
+    .await?;
+    let pending = get(&client, &ns, "pending")
+        .await
+        .ok_or_else(|| anyhow!("pending gone"))?;
+    assert!(
+        ips(&pending).is_empty(),
+        "no address while the pool is full"
+    );
+
+    let freed = held.remove(&holders[0]).unwrap_or_default();
+    let released = Instant::now();
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .delete(&holders[0], &DeleteParams::default())
+        .await?;
+    let served = wait_for("pending gets the freed address", T, || async {
+        get(&client, &ns, "pending")
+            .await
+            .filter(|s| !ips(s).is_empty())
+    })
+    .await?;
+    let converged_in = released.elapsed();
+    let gone = wait_for("the holder gone", T, || async {
+        get(&client, &ns, &holders[0]).await.is_none().then_some(())
+    })
+    .await;
+    let mut kept = vec![];
+    for (h, want) in &held {
+        let now = get(&client, &ns, h).await.map(|s| ips(&s));
+        kept.push((h.clone(), now, want.clone()));
+    }
+
+    // Everything deleted: every address goes back to the pool (none leaked in its memory).
+    let api = Api::<Service>::namespaced(client.clone(), &ns);
+    for name in holders[1..].iter().map(String::as_str).chain(["pending"]) {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    let all_free = wait_for("every address back in the pool", T, || async {
+        (pool.free() == SIZE).then_some(())
+    })
+    .await;
+    let mut doubles = watch.doubles();
+    doubles.extend(double_load_balancer_addresses(&client).await?);
+    report(&Row {
+        scenario: "local pool full, one pending, then a holder deleted",
+        faults: refused,
+        converged_in,
+        slices_differ: None,
+        doubles: doubles.len(),
+        leaked: Some(SIZE - pool.free()),
+        panics: test_support::invariants::panics(),
+    });
+    gone?;
+    assert_eq!(
+        ips(&served),
+        freed,
+        "the pending Service got the freed address"
+    );
+    assert_eq!(served.spec, asked.spec, "nobody edited the pending Service");
+    // Its backoff would have waited about 15 s more: the release itself must bring it back.
+    assert!(
+        converged_in < Duration::from_secs(5),
+        "served {converged_in:?} after the holder was deleted"
+    );
+    for (h, now, want) in kept {
+        assert_eq!(now, Some(want), "{h} kept its address");
+    }
+    assert!(doubles.is_empty(), "an address held twice: {doubles:?}");
+    all_free?;
+    assert_eq!(
+        test_support::invariants::panics(),
+        0,
+        "a panic in this process"
+    );
+    ctrl.stop().await;
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! What the scenarios share: Services scoped to one namespace, the watch-down helper, the
-//! chaos report row, and the [`Scene`] (our controllers through the proxy beside
-//! kube-controller-manager's) with its end-of-scenario invariants.
+//! What the scenarios share: Services scoped to one namespace, the watch-down helper, and the
+//! [`Scene`] (our controllers through the proxy beside kube-controller-manager's) with its
+//! end-of-scenario invariants, which end in a row of the chaos table
+//! (`test_support::chaos`).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, LazyLock};
@@ -12,6 +13,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, PostParams};
 use kube::core::ObjectMeta;
 use test_support::apiproxy::{Action, ApiProxy, Match};
+use test_support::chaos::{Row, report};
 use test_support::inprocess::InProcess;
 use test_support::invariants::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, converge};
 use test_support::invariants::{double_allocations, panics};
@@ -116,45 +118,6 @@ where
     Ok(())
 }
 
-/// One row of the chaos report, written when `SCM_CHAOS_REPORT` names a file.
-pub struct Row<'a> {
-    pub scenario: &'a str,
-    pub faults: u64,
-    pub converged_in: Duration,
-    pub slices_differ: bool,
-    pub doubles: usize,
-    pub panics: u64,
-}
-
-pub fn report(r: &Row) {
-    let Ok(path) = std::env::var("SCM_CHAOS_REPORT") else {
-        return;
-    };
-    let outcome = if r.slices_differ || r.doubles > 0 || r.panics > 0 {
-        "FAIL"
-    } else {
-        "ok"
-    };
-    let line = format!(
-        "{}\t{}\t{}\t{}\t{}\t{}\t{:.1}s\n",
-        r.scenario,
-        r.faults,
-        outcome,
-        u8::from(r.slices_differ),
-        r.doubles,
-        r.panics,
-        r.converged_in.as_secs_f64()
-    );
-    use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = f.write_all(line.as_bytes());
-    }
-}
-
 /// The end of a scenario: waits until our slices of `services` equal upstream's, counts double
 /// allocations and panics (this process's plus `other_panics`, e.g. found in a manager's log),
 /// reports the row and fails on any broken invariant. `converged_in` is measured from `since`
@@ -171,15 +134,15 @@ pub async fn check(
     let slices = converge(admin, ns, services, false, scenario).await;
     let converged_in = since.elapsed();
     let doubles = double_allocations(admin).await?;
-    let row = Row {
+    report(&Row {
         scenario,
         faults,
         converged_in,
-        slices_differ: slices.is_err(),
+        slices_differ: Some(slices.is_err()),
         doubles: doubles.len(),
+        leaked: None,
         panics: panics() + other_panics,
-    };
-    report(&row);
+    });
     let compared = slices?;
     assert!(compared.endpoints > 0, "{scenario}: nothing was compared");
     assert!(

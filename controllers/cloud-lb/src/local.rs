@@ -15,8 +15,8 @@
 //! A Service asks for specific addresses with `spec.loadBalancerIP` (deprecated upstream, still
 //! honoured) or the annotation [`REQUESTED_IPS_ANNOTATION`] (comma-separated, one per family).
 //! An address outside every pool, or held by another Service, is a permanent error (Warning
-//! Event, no retry until the Service changes); a full pool is retryable (another Service's
-//! deletion frees it). State is rebuilt at start from the addresses Services already publish,
+//! Event, no retry until the Service changes); a full pool is retryable, and retried as soon as
+//! another Service's load balancer is deleted (which frees an address). State is rebuilt at start from the addresses Services already publish,
 //! so a restart never reassigns.
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +30,7 @@ use scm_allocator::{IpError, IpFamily, IpRange};
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::provider::{LoadBalancerProvider, ProviderError};
+use crate::provider::{CAPACITY_EXHAUSTED, LoadBalancerProvider, ProviderError};
 
 /// Annotation with the addresses a Service requests (comma-separated).
 pub const REQUESTED_IPS_ANNOTATION: &str = "service-controller-manager.io/load-balancer-ips";
@@ -206,9 +206,11 @@ impl State {
             }
         }
         if any_pool {
-            Err(ProviderError::retryable(format!(
-                "no free {fam} address left in the local pools"
-            )))
+            // Coded, so the controller retries as soon as another Service releases an address.
+            Err(
+                ProviderError::retryable(format!("no free {fam} address left in the local pools"))
+                    .with_code(CAPACITY_EXHAUSTED),
+            )
         } else {
             Ok(None)
         }

@@ -30,6 +30,8 @@
 //!   per-Service exponential backoff (5 s to 300 s), retries `Throttled` after its hint (else
 //!   2 to 6 s) without growing that backoff (a throttle is the account's rate), and for `Permanent` (e.g. an invalid annotation) records a Warning Event and
 //!   does not retry until the Service changes.
+//!   A `Retryable` error with the code [`CAPACITY_EXHAUSTED`] (a full address pool) is also
+//!   retried as soon as another Service's load balancer is deleted, since only that can mend it.
 //!
 //! A minimal provider that hands every Service one fixed hostname:
 //!
@@ -215,6 +217,11 @@ impl ProviderError {
         }
     }
 }
+
+/// The code of a [`ProviderError::Retryable`] that only another Service's release can mend (no
+/// free address left in a pool): the controller then retries the Service as soon as another
+/// Service's load balancer is deleted, not only when its backoff (up to 300 s) comes due.
+pub const CAPACITY_EXHAUSTED: &str = "CapacityExhausted";
 
 /// A load-balancer implementation chosen at run time by `--cloud-provider`.
 ///

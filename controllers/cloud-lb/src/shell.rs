@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::core::{self, Action, ClassFilter, LastSync, Observed, Step};
 use crate::metrics::LbMetrics;
 use crate::nodes::{self, NodeSyncPass};
-use crate::provider::LoadBalancerProvider;
+use crate::provider::{CAPACITY_EXHAUSTED, LoadBalancerProvider};
 use crate::{CloudLbConfig, Error, NODE_SYNC_DEBOUNCE};
 
 #[cfg(test)]
@@ -61,6 +61,11 @@ pub(crate) struct Memory {
     term: u64,
     /// The term in which the provider was last restored.
     restored: Option<u64>,
+    /// Services whose last ensure found no capacity left ([`CAPACITY_EXHAUSTED`]): queued
+    /// again as soon as another Service's load balancer is deleted.
+    starved: HashSet<ObjectKey>,
+    /// Deletions that may have freed capacity (successful cleanups), counted.
+    releases: u64,
 }
 
 impl Memory {
@@ -258,7 +263,10 @@ fn watch_services(
             }
             Change::Delete(s) => {
                 let key = ObjectKey::of(s.as_ref());
-                if lock(&memory).remembers(&key) {
+                let mut m = lock(&memory);
+                m.starved.remove(&key);
+                if m.remembers(&key) {
+                    drop(m);
                     queue.add(key);
                 }
             }
@@ -396,6 +404,7 @@ impl Shell {
     pub async fn reconcile(&self, key: &ObjectKey) -> Result<Requeue, Error> {
         // What the provider's `get` answered, once a step asked (decided again with it).
         let mut found = None;
+        let releases = self.memory().releases;
         loop {
             let (o, nodes) = self.observe(key, found);
             let step = core::decide(&self.filter, &o);
@@ -416,6 +425,7 @@ impl Shell {
                     self.note_refusal(key, other, o.service.as_ref());
                     let answered = o.found.is_some();
                     let res = self.execute(key, other, o, nodes).await;
+                    self.note_capacity(key, other, &res, releases);
                     if answered && res.is_ok() {
                         // Checked and acted on: nothing more until the next periodic pass (a
                         // failed recreate keeps the request, so its retry looks again).
@@ -437,6 +447,42 @@ impl Shell {
                 self.memory().edit(key, |r| r.not_before = Some(until));
             }
             return res;
+        }
+    }
+
+    /// A Service refused for want of capacity waits for the next release; a release queues
+    /// every waiting Service at once, since nothing about them changes when another Service
+    /// goes and their backoff may be minutes away. `releases` is the count when this key's
+    /// reconcile began: a release meanwhile may have come after the provider said no.
+    fn note_capacity(
+        &self,
+        key: &ObjectKey,
+        step: Step,
+        res: &Result<Requeue, Error>,
+        releases: u64,
+    ) {
+        let starved = matches!(res, Err(Error::Provider(e)) if e.has_code(CAPACITY_EXHAUSTED));
+        let released = res.is_ok() && matches!(step, Step::Cleanup | Step::DeleteVanished);
+        let wake: Vec<ObjectKey> = {
+            let mut m = self.memory();
+            m.starved.remove(key);
+            if released {
+                m.releases += 1;
+                m.starved.drain().collect()
+            } else if starved && m.releases != releases {
+                vec![key.clone()]
+            } else {
+                if starved {
+                    m.starved.insert(key.clone());
+                }
+                vec![]
+            }
+        };
+        if released && !wake.is_empty() {
+            debug!(service = %key, waiting = wake.len(), "capacity freed: retrying the Services waiting for it");
+        }
+        for k in wake {
+            self.queue.add(k);
         }
     }
 

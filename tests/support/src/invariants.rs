@@ -1,7 +1,7 @@
 //! Invariants a scenario must leave behind, checked against the real API server: our
 //! EndpointSlices equal what upstream's controller produced for the same objects (the
-//! differential comparison), no ClusterIP or NodePort held twice, and no panic in this
-//! process.
+//! differential comparison), no ClusterIP, NodePort or load-balancer address held twice, no
+//! cloud resource leaked, and no panic in this process.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Once;
@@ -270,6 +270,111 @@ pub async fn double_allocations(client: &Client) -> Result<Vec<String>> {
             .map(|(p, v)| format!("NodePort {p}: {v:?}")),
     );
     Ok(out)
+}
+
+/// Load-balancer addresses (`status.loadBalancer.ingress[].ip`) published by more than one
+/// Service, cluster-wide (empty when none): an address pool must never give one address twice.
+pub async fn double_load_balancer_addresses(client: &Client) -> Result<Vec<String>> {
+    let svcs = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let mut held: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for s in &svcs {
+        let key = format!(
+            "{}/{}",
+            s.metadata.namespace.as_deref().unwrap_or(""),
+            s.metadata.name.as_deref().unwrap_or("")
+        );
+        let ingress = s
+            .status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref()) {
+            held.entry(ip.clone()).or_default().insert(key.clone());
+        }
+    }
+    Ok(held
+        .into_iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(ip, v)| format!("load-balancer address {ip}: {v:?}"))
+        .collect())
+}
+
+/// Watches every Service's `status.loadBalancer` from now on and remembers each moment an
+/// address was published by two Services at once (the invariant *during* a scenario, from every
+/// change the API server sends, not from samples). Stops when dropped.
+pub struct AddressWatch {
+    seen: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AddressWatch {
+    /// Starts watching all Services of the cluster.
+    pub fn start(client: &Client) -> AddressWatch {
+        use futures::StreamExt;
+        use kube::runtime::watcher::{self, Event};
+        let seen: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>> = Default::default();
+        let found = seen.clone();
+        let api = Api::<Service>::all(client.clone());
+        let task = tokio::spawn(async move {
+            let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+            while let Some(ev) = stream.next().await {
+                let key = |s: &Service| {
+                    format!(
+                        "{}/{}",
+                        s.metadata.namespace.as_deref().unwrap_or(""),
+                        s.metadata.name.as_deref().unwrap_or("")
+                    )
+                };
+                let ips = |s: &Service| -> Vec<String> {
+                    s.status
+                        .as_ref()
+                        .and_then(|st| st.load_balancer.as_ref())
+                        .and_then(|lb| lb.ingress.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|i| i.ip.clone())
+                        .collect()
+                };
+                match ev {
+                    Ok(Event::Apply(s)) | Ok(Event::InitApply(s)) => {
+                        held.insert(key(&s), ips(&s));
+                    }
+                    Ok(Event::Delete(s)) => {
+                        held.remove(&key(&s));
+                    }
+                    Ok(Event::Init) => held.clear(),
+                    Ok(Event::InitDone) | Err(_) => continue,
+                }
+                let mut by_ip: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+                for (k, v) in &held {
+                    for ip in v {
+                        by_ip.entry(ip).or_default().push(k);
+                    }
+                }
+                let mut f = found.lock().unwrap_or_else(|e| e.into_inner());
+                for (ip, holders) in by_ip.iter().filter(|(_, h)| h.len() > 1) {
+                    f.insert(format!("load-balancer address {ip}: {holders:?}"));
+                }
+            }
+        });
+        AddressWatch { seen, task }
+    }
+
+    /// Every address seen held twice so far, with its holders.
+    pub fn doubles(&self) -> Vec<String> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.iter().cloned().collect()
+    }
+}
+
+impl Drop for AddressWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// ELBv2 load balancers and target groups tagged `kubernetes.io/cluster/<cluster>=owned` that

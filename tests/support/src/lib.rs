@@ -7,6 +7,7 @@
 //! - Event listing ([`events`]); the AWS emulator ([`moto`]); a recording API double that
 //!   asserts exact calls (`double`) and a fault-injecting proxy in front of kube-apiserver
 //!   (`apiproxy`);
+//! - the `make chaos` table's rows ([`chaos`]);
 //! - polling with deadlines ([`wait_for`], [`wait_stable`]), never fixed sleeps.
 
 use std::collections::BTreeMap;
@@ -29,6 +30,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::OnceCell;
 
 pub mod apiproxy;
+pub mod chaos;
 pub mod double;
 pub mod events;
 pub mod inprocess;

@@ -129,6 +129,10 @@ async fn exhaustion_is_retryable_and_recovers() {
     p.ensure("c", &b, &[]).await.expect("b");
     let e = p.ensure("c", &c, &[]).await.expect_err("full");
     assert!(matches!(e, ProviderError::Retryable { .. }), "{e}");
+    assert!(
+        e.has_code(CAPACITY_EXHAUSTED),
+        "retried on a release: {e:?}"
+    );
     p.ensure_deleted("c", &a).await.expect("release");
     assert_eq!(
         ips(&p.ensure("c", &c, &[]).await.expect("c fits now")).len(),
