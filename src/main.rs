@@ -25,6 +25,9 @@ use crate::flags::Flags;
 const SHUTDOWN_BUDGET: Duration = Duration::from_secs(8);
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "explain") {
+        return explain_main();
+    }
     let flags = match Flags::try_parse() {
         Ok(f) => f,
         Err(e) => {
@@ -81,7 +84,11 @@ fn init_logging(flags: &Flags) -> anyhow::Result<()> {
 }
 
 async fn kube_config(flags: &Flags) -> anyhow::Result<kube::Config> {
-    match &flags.kubeconfig {
+    kube_config_at(flags.kubeconfig.as_ref()).await
+}
+
+async fn kube_config_at(kubeconfig: Option<&std::path::PathBuf>) -> anyhow::Result<kube::Config> {
+    match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
                 .with_context(|| format!("--kubeconfig: reading {}", path.display()))?;
@@ -92,6 +99,52 @@ async fn kube_config(flags: &Flags) -> anyhow::Result<kube::Config> {
         None => kube::Config::incluster()
             .context("no --kubeconfig or KUBECONFIG, and not running in a cluster"),
     }
+}
+
+/// `explain <namespace>/<service>`: read-only (GET and LIST only). Exits 0 when the Service
+/// was found, 1 with one line when it was not or the API failed, 2 on bad usage.
+fn explain_main() -> ExitCode {
+    let args = match flags::ExplainArgs::try_parse_from(std::env::args_os().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let out = match rt {
+        Ok(rt) => rt.block_on(explain(args)),
+        Err(e) => Err(anyhow::Error::from(e).context("starting the async runtime")),
+    };
+    match out {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn explain(args: flags::ExplainArgs) -> anyhow::Result<String> {
+    let client = kube::Client::try_from(kube_config_at(args.kubeconfig.as_ref()).await?)?;
+    let (ns, name) = &args.service;
+    let observed = scm_explain::fetch::observe(&client, ns, name, &args.cluster_domain).await?;
+    let x = scm_explain::explain(&observed);
+    Ok(match args.output.as_str() {
+        "json" => serde_json::to_string_pretty(&x)? + "\n",
+        _ => scm_explain::render::text(&x),
+    })
 }
 
 /// client-go's identity: the hostname plus a random suffix, so two replicas on one host differ.

@@ -219,9 +219,9 @@ mod tests {
     #[test]
     fn external_name_is_a_cname() {
         let mut s = svc("ExternalName", None, &[]);
-        s.spec
-            .as_mut()
-            .map(|sp| sp.external_name = Some("db.example.com".into()));
+        if let Some(sp) = s.spec.as_mut() {
+            sp.external_name = Some("db.example.com".into());
+        }
         assert_eq!(
             triples(&records(&s, "cluster.local", &[])),
             vec![("web.shop.svc.cluster.local", "CNAME", "db.example.com")]

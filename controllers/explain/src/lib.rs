@@ -171,6 +171,23 @@ pub fn explain(o: &Observed) -> Explanation {
     }
 }
 
+/// Parses the `explain` argument `<namespace>/<name>`: both parts DNS labels (lower-case
+/// letters, digits and `-`, at most 63 characters).
+pub fn parse_service_ref(s: &str) -> Result<(String, String), String> {
+    let label = |x: &str| {
+        !x.is_empty()
+            && x.len() <= 63
+            && x.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !x.starts_with('-')
+            && !x.ends_with('-')
+    };
+    match s.split_once('/') {
+        Some((ns, name)) if label(ns) && label(name) => Ok((ns.to_string(), name.to_string())),
+        _ => Err(format!("'{s}' is not <namespace>/<service>")),
+    }
+}
+
 /// When an Event last happened: its series, its last timestamp, its event time, its first
 /// timestamp, or its creation.
 fn event_time(e: &Event) -> Option<String> {

@@ -41,7 +41,7 @@ fn cluster_ip_with_three_endpoints_splits_one_third_one_half_rest() {
     let c = PortChains::new("ns/web:http", "tcp");
     assert!(r.filter.is_empty(), "{:?}", r.filter);
     let sep = |ip: &str| endpoint_chain("ns/web:http", "tcp", &format!("{ip}:8080"));
-    let want = vec![
+    let want = [
         format!(
             "-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment \"ns/web:http cluster IP\" -m tcp --dport 80 -j {}",
             c.cluster
