@@ -11,6 +11,7 @@
 //! wiring); [`harness`] and [`aws`] hold what they share.
 
 mod aws;
+mod batches;
 mod binary;
 mod ec2;
 mod elbv2;

@@ -141,7 +141,10 @@ async fn unsafe_asks_are_refused_with_a_warning_and_no_cloud_call() -> Result<()
         let svc = get(&client, &ns, name)
             .await
             .ok_or_else(|| anyhow!("{name} gone"))?;
-        assert!(aws.lb_of(&svc).await.is_none(), "{name} got a load balancer");
+        assert!(
+            aws.lb_of(&svc).await.is_none(),
+            "{name} got a load balancer"
+        );
     }
 
     // No Event in this namespace names the neighbour (its namespace, name or load balancer).
@@ -237,7 +240,10 @@ async fn unsupported_annotations_are_warned_about_once_per_set() -> Result<()> {
     )
     .await?;
     wait_for("a second ensure", T, || async {
-        (events(&client, &ns, "web", "EnsuredLoadBalancer").await.len() >= 2
+        (events(&client, &ns, "web", "EnsuredLoadBalancer")
+            .await
+            .len()
+            >= 2
             || events_of(&client, &ns, "web", "EnsuredLoadBalancer")
                 .await
                 .iter()

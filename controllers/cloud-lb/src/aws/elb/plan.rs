@@ -38,7 +38,20 @@ fn tag_changes(
     attribute_changes(have, want)
 }
 
-/// The (de)registrations that make exactly `instances` the targets of `tg` on `port`.
+/// Targets per RegisterTargets or DeregisterTargets call (cloud-provider-aws's chunk size for
+/// both): a large cluster's node set goes in several calls rather than one ELBv2 may refuse.
+pub const MAX_TARGETS_PER_CALL: usize = 100;
+
+/// `targets` in sorted batches of at most [`MAX_TARGETS_PER_CALL`].
+fn batches(targets: BTreeSet<(String, i32)>) -> Vec<BTreeSet<(String, i32)>> {
+    let all: Vec<(String, i32)> = targets.into_iter().collect();
+    all.chunks(MAX_TARGETS_PER_CALL)
+        .map(|c| c.iter().cloned().collect())
+        .collect()
+}
+
+/// The (de)registrations that make exactly `instances` the targets of `tg` on `port`, in
+/// batches of at most [`MAX_TARGETS_PER_CALL`]; every deregistration comes first.
 pub fn target_changes(
     tg: &TgRef,
     port: i32,
@@ -49,16 +62,16 @@ pub fn target_changes(
     let remove: BTreeSet<(String, i32)> = have.difference(&want).cloned().collect();
     let add: BTreeSet<(String, i32)> = want.difference(have).cloned().collect();
     let mut calls = vec![];
-    if !remove.is_empty() {
+    for targets in batches(remove) {
         calls.push(ElbCall::DeregisterTargets {
             tg: tg.clone(),
-            targets: remove,
+            targets,
         });
     }
-    if !add.is_empty() {
+    for targets in batches(add) {
         calls.push(ElbCall::RegisterTargets {
             tg: tg.clone(),
-            targets: add,
+            targets,
         });
     }
     calls

@@ -375,3 +375,62 @@ fn attribute_changes_sends_only_missing_or_different_values() {
     let got: Vec<(&str, &str)> = got.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     assert_eq!(got, vec![("b", "2"), ("c", "3")]);
 }
+
+#[test]
+fn targets_go_in_batches_of_at_most_100_deregistrations_first() {
+    use super::super::{MAX_TARGETS_PER_CALL, target_changes};
+    let ids = |r: std::ops::Range<usize>| -> BTreeSet<String> {
+        r.map(|i| format!("i-{i:04}")).collect()
+    };
+    let tg = TgRef::Existing("arn:tg/x".into());
+    // (targets now, nodes wanted, expected (operation, batch size) sequence)
+    let cases: Vec<(BTreeSet<String>, BTreeSet<String>, Vec<(&str, usize)>)> = vec![
+        (ids(0..0), ids(0..100), vec![("RegisterTargets", 100)]),
+        (
+            ids(0..0),
+            ids(0..250),
+            vec![
+                ("RegisterTargets", 100),
+                ("RegisterTargets", 100),
+                ("RegisterTargets", 50),
+            ],
+        ),
+        (
+            ids(0..250),
+            ids(130..331),
+            vec![
+                ("DeregisterTargets", 100),
+                ("DeregisterTargets", 30),
+                ("RegisterTargets", 81),
+            ],
+        ),
+        (ids(0..250), ids(0..250), vec![]),
+    ];
+    for (have, want, expect) in cases {
+        let have: BTreeSet<(String, i32)> = have.into_iter().map(|i| (i, 30080)).collect();
+        let calls = target_changes(&tg, 30080, &have, &want);
+        let got: Vec<(&str, usize)> = calls
+            .iter()
+            .map(|c| match c {
+                ElbCall::RegisterTargets { targets, .. }
+                | ElbCall::DeregisterTargets { targets, .. } => (c.operation(), targets.len()),
+                other => panic!("unexpected call {other:?}"),
+            })
+            .collect();
+        assert_eq!(got, expect);
+        assert!(got.iter().all(|(_, n)| *n <= MAX_TARGETS_PER_CALL));
+        // Together the batches make exactly the wanted set.
+        let mut after = have.clone();
+        for c in &calls {
+            match c {
+                ElbCall::DeregisterTargets { targets, .. } => {
+                    after.retain(|t| !targets.contains(t));
+                }
+                ElbCall::RegisterTargets { targets, .. } => after.extend(targets.iter().cloned()),
+                _ => {}
+            }
+        }
+        let wanted: BTreeSet<(String, i32)> = want.into_iter().map(|i| (i, 30080)).collect();
+        assert_eq!(after, wanted);
+    }
+}
