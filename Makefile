@@ -24,12 +24,13 @@ test: tools lint ## everything CI runs: lint, unit, property and integration tes
 unit: ## only the fast tests that need no control plane
 	@$(ENV) cargo test --locked --workspace --lib --bins
 
-chaos: tools ## the failure scenarios (tests/faults; rule quota and throttling in tests/cloud_lb) and a table of their invariants
-	@$(ENV) rm -f "$$CARGO_TARGET_DIR/chaos.tsv"; rc=0; \
-	  SCM_CHAOS_REPORT="$$CARGO_TARGET_DIR/chaos.tsv" cargo test --locked --test faults -- --include-ignored || rc=1; \
-	  cargo test --locked --test cloud_lb -- --include-ignored quota throttle || rc=1; \
-	  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' scenario faults outcome slices-differ double-allocations panics converged; \
-	  cat "$$CARGO_TARGET_DIR/chaos.tsv" 2>/dev/null; exit $$rc
+# Every scenario appends its row (test_support::chaos: "-" where an invariant does not apply).
+chaos: tools ## the failure scenarios (tests/faults; rule quota, throttling, deletion protection and a full address pool in tests/cloud_lb) and a table of their invariants
+	@$(ENV) rm -f "$$CARGO_TARGET_DIR/chaos.tsv"; rc=0; export SCM_CHAOS_REPORT="$$CARGO_TARGET_DIR/chaos.tsv"; \
+	  cargo test --locked --test faults -- --include-ignored || rc=1; \
+	  cargo test --locked --test cloud_lb -- --include-ignored quota throttle deletion_protection pool_exhausted || rc=1; \
+	  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' scenario faults outcome slices-differ double-allocations leaked panics converged; \
+	  cat "$$SCM_CHAOS_REPORT" 2>/dev/null; exit $$rc
 
 run: build ## run the manager against $$KUBECONFIG (make up prints one)
 	@$(ENV) "$$CARGO_TARGET_DIR/debug/service-controller-manager" --kubeconfig "$${KUBECONFIG:?set KUBECONFIG, e.g. from make up}" $(ARGS)

@@ -4,6 +4,8 @@
 
 use anyhow::Result;
 use cloud_lb::aws::ec2_sdk as ec2;
+use test_support::chaos::{Row, report};
+use test_support::invariants::{count_panics, double_allocations, leaked_cloud_resources, panics};
 use test_support::wait_for;
 
 use crate::aws::*;
@@ -15,6 +17,7 @@ const QUOTA: usize = 60;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_range_change_over_the_rule_quota_keeps_the_old_rules() -> Result<()> {
     let _g = SERIAL.lock().await;
+    count_panics();
     let (client, ns) = setup().await?;
     let cluster = "it-quota";
     let aws = Aws::start(cluster).await?;
@@ -84,6 +87,7 @@ async fn a_range_change_over_the_rule_quota_keeps_the_old_rules() -> Result<()> 
     )
     .await?;
     let before = ctrl.reconciles_done();
+    let started = std::time::Instant::now();
     wait_for("a failed sync of the new ranges", T, || async {
         (ctrl.reconciles_done() > before + 1).then_some(())
     })
@@ -94,6 +98,22 @@ async fn a_range_change_over_the_rule_quota_keeps_the_old_rules() -> Result<()> 
         now.contains(&"203.0.113.0/24".to_string()),
         "the old range's rule stays while the new ones cannot all be granted: {now:?}"
     );
+    let leaked = leaked_cloud_resources(&aws.elb, cluster, &client).await?;
+    let doubles = double_allocations(&client).await?;
+    report(&Row {
+        scenario: "source ranges changed past the security-group rule quota",
+        // The refused syncs (moto enforces the quota itself; nothing is injected).
+        faults: ctrl
+            .count("service_controller_manager_reconcile_errors_total{controller=\"cloud-lb\""),
+        converged_in: started.elapsed(),
+        slices_differ: None,
+        doubles: doubles.len(),
+        leaked: Some(leaked.len()),
+        panics: panics(),
+    });
+    assert!(leaked.is_empty(), "leaked: {leaked:?}");
+    assert!(doubles.is_empty(), "allocated twice: {doubles:?}");
+    assert_eq!(panics(), 0, "a panic in this process");
     ctrl.stop().await;
     Ok(())
 }

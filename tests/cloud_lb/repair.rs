@@ -8,6 +8,8 @@ use anyhow::{Result, anyhow};
 use cloud_lb::{CloudLbConfig, SERVED_ELSEWHERE};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
+use test_support::chaos::{Row, report};
+use test_support::invariants::{count_panics, double_allocations, panics};
 use test_support::invariants::{dangling_load_balancer_status, leaked_cloud_resources};
 use test_support::moto::Fault;
 use test_support::wait_for;
@@ -245,6 +247,7 @@ async fn a_class_less_service_served_by_another_controller_is_left_alone() -> Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deletion_protection_holds_the_service_until_it_is_turned_off() -> Result<()> {
     let _g = SERIAL.lock().await;
+    count_panics();
     let (client, ns) = setup().await?;
     let aws = Aws::start("it-protect").await?;
     let class = "test.example.com/protect";
@@ -270,6 +273,7 @@ async fn deletion_protection_holds_the_service_until_it_is_turned_off() -> Resul
         2,
     ));
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let started = std::time::Instant::now();
     api.delete("web", &Default::default()).await?;
     wait_for("both refused deletions", T, || async {
         (aws.proxy
@@ -300,8 +304,21 @@ async fn deletion_protection_holds_the_service_until_it_is_turned_off() -> Resul
         get(&client, &ns, "web").await.is_none().then_some(())
     })
     .await?;
+    let converged_in = started.elapsed();
     let leaked = leaked_cloud_resources(&aws.elb, &aws.cluster, &client).await?;
+    let doubles = double_allocations(&client).await?;
+    report(&Row {
+        scenario: "deletion protection on a deleted Service's load balancer, then off",
+        faults: aws.proxy.injected(),
+        converged_in,
+        slices_differ: None,
+        doubles: doubles.len(),
+        leaked: Some(leaked.len()),
+        panics: panics(),
+    });
     assert!(leaked.is_empty(), "leaked: {leaked:?}");
+    assert!(doubles.is_empty(), "allocated twice: {doubles:?}");
+    assert_eq!(panics(), 0, "a panic in this process");
     ctrl.stop().await;
     Ok(())
 }
