@@ -18,6 +18,7 @@ mod elbv2;
 mod harness;
 mod inventory;
 mod lifecycle;
+mod parity;
 mod local_pools;
 mod quota;
 mod repair;

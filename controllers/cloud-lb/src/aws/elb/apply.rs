@@ -7,16 +7,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aws_sdk_elasticloadbalancingv2 as elbv2;
 use elbv2::types::{
-    Action, ActionTypeEnum, IpAddressType, LoadBalancerAttribute, LoadBalancerSchemeEnum,
-    LoadBalancerTypeEnum, ProtocolEnum, Tag, TargetDescription, TargetGroupAttribute,
-    TargetTypeEnum,
+    Action, ActionTypeEnum, Certificate, IpAddressType, LoadBalancerAttribute,
+    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, Tag, TargetDescription,
+    TargetGroupAttribute, TargetTypeEnum,
 };
 use tracing::{info, warn};
 
 use super::observe::{lb_obs, tg_obs};
 use super::{ElbCall, ElbPlan, LbObs, LbRef, Observed, TgRef};
 use crate::aws::budget::OpClass;
-use crate::aws::spec::{HealthCheck, Scheme};
+use crate::aws::spec::{HealthCheck, Scheme, Tls};
 use crate::aws::{AwsProvider, classify, is_code};
 use crate::provider::ProviderError;
 
@@ -273,20 +273,25 @@ impl AwsProvider {
                 port,
                 protocol,
                 tg,
+                tls,
             } => {
                 c.create_listener()
                     .load_balancer_arn(&made.lb(lb, obs)?.arn)
                     .port(*port)
                     .protocol(ProtocolEnum::from(protocol.as_str()))
                     .default_actions(forward(made.tg(tg)?))
+                    .set_certificates(tls.as_ref().map(certificates))
+                    .set_ssl_policy(tls.as_ref().and_then(|t| t.policy.clone()))
                     .send()
                     .await
                     .map_err(|e| classify(op, e))?;
             }
-            ElbCall::ModifyListener { arn, tg } => {
+            ElbCall::ModifyListener { arn, tg, tls } => {
                 c.modify_listener()
                     .listener_arn(arn)
                     .default_actions(forward(made.tg(tg)?))
+                    .set_certificates(tls.as_ref().map(certificates))
+                    .set_ssl_policy(tls.as_ref().and_then(|t| t.policy.clone()))
                     .send()
                     .await
                     .map_err(|e| classify(op, e))?;
@@ -326,6 +331,14 @@ impl AwsProvider {
             Err(e) => Err(classify("DeleteTargetGroup", e)),
         }
     }
+}
+
+fn certificates(t: &Tls) -> Vec<Certificate> {
+    vec![
+        Certificate::builder()
+            .certificate_arn(&t.certificate)
+            .build(),
+    ]
 }
 
 fn forward(tg_arn: String) -> Action {

@@ -10,7 +10,7 @@ pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::spec::{HealthCheck, Scheme};
+use super::spec::{HealthCheck, Scheme, Tls};
 use crate::provider::ProviderError;
 
 pub use plan::{plan, plan_delete, plan_hosts, target_changes};
@@ -53,10 +53,14 @@ pub struct ObservedListener {
     pub arn: String,
     /// Front-end port.
     pub port: i32,
-    /// TCP, UDP or TCP_UDP.
+    /// TCP, UDP, TCP_UDP or TLS.
     pub protocol: String,
     /// The target group its default action forwards to.
     pub target_group: Option<String>,
+    /// Its (default) certificate, for TLS.
+    pub certificate: Option<String>,
+    /// Its security policy, for TLS.
+    pub ssl_policy: Option<String>,
 }
 
 /// A target group found through the load balancer or by one of our deterministic names.
@@ -241,10 +245,12 @@ pub enum ElbCall {
         lb: LbRef,
         /// Front-end port.
         port: i32,
-        /// TCP, UDP or TCP_UDP.
+        /// TCP, UDP, TCP_UDP or TLS.
         protocol: String,
         /// Where it forwards.
         tg: TgRef,
+        /// Certificate and policy, for TLS.
+        tls: Option<Tls>,
     },
     /// Point an existing listener at another target group.
     ModifyListener {
@@ -252,6 +258,8 @@ pub enum ElbCall {
         arn: String,
         /// Where it forwards now.
         tg: TgRef,
+        /// Certificate and policy to set, for TLS.
+        tls: Option<Tls>,
     },
     /// Delete a target group of ours that is no longer wanted.
     DeleteTargetGroup {

@@ -466,6 +466,13 @@ impl AwsProvider {
                     .map(|p| p.as_str().to_string())
                     .unwrap_or_default(),
                 target_group,
+                certificate: l
+                    .certificates()
+                    .iter()
+                    .find(|c| c.is_default() != Some(false))
+                    .and_then(|c| c.certificate_arn())
+                    .map(str::to_string),
+                ssl_policy: l.ssl_policy().map(str::to_string),
             });
         }
         Ok(out)

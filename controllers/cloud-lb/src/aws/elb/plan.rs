@@ -14,8 +14,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::{ElbCall, ElbPlan, LbRef, Observed, TgRef, keeps};
-use crate::aws::spec::DesiredLb;
+use super::{ElbCall, ElbPlan, LbRef, Observed, ObservedListener, TgRef, keeps};
+use crate::aws::spec::{DesiredLb, Tls};
 use crate::provider::ProviderError;
 
 /// The wanted attributes whose current value differs (or is missing): what a Modify*Attributes
@@ -222,10 +222,11 @@ pub fn plan(
         match current {
             Some(l) if l.protocol == want.protocol => {
                 let same = matches!(tg, TgRef::Existing(a) if l.target_group.as_deref() == Some(a.as_str()));
-                if !same {
+                if !same || !tls_matches(l, want.tls.as_ref()) {
                     calls.push(ElbCall::ModifyListener {
                         arn: l.arn.clone(),
                         tg: tg.clone(),
+                        tls: want.tls.clone(),
                     });
                 }
             }
@@ -240,6 +241,7 @@ pub fn plan(
                     port: want.port,
                     protocol: want.protocol.clone(),
                     tg: tg.clone(),
+                    tls: want.tls.clone(),
                 });
             }
         }
@@ -268,6 +270,20 @@ pub fn plan(
         lb: Some(lb),
         target_groups,
     })
+}
+
+/// Whether a listener has the wanted certificate and, when the Service names one, policy (the
+/// default policy ELBv2 chose is left alone).
+fn tls_matches(l: &ObservedListener, want: Option<&Tls>) -> bool {
+    match want {
+        None => true,
+        Some(t) => {
+            l.certificate.as_deref() == Some(t.certificate.as_str())
+                && t.policy
+                    .as_ref()
+                    .is_none_or(|p| l.ssl_policy.as_deref() == Some(p.as_str()))
+        }
+    }
 }
 
 /// The calls that delete everything we own for the Service: its load balancers (which takes

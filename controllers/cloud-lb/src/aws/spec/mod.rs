@@ -5,6 +5,7 @@
 mod annotations;
 mod names;
 pub mod tenant;
+mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,6 +20,7 @@ pub use names::{
     instance_id, instance_ids, load_balancer_name, name_prefix, target_group_name,
     target_group_names,
 };
+pub use tls::Tls;
 
 /// Annotation prefix shared by cloud-provider-aws and the AWS Load Balancer Controller.
 pub const ANN: &str = "service.beta.kubernetes.io/aws-load-balancer-";
@@ -89,10 +91,12 @@ pub struct DesiredTargetGroup {
 pub struct DesiredListener {
     /// Front-end port.
     pub port: i32,
-    /// TCP, UDP or TCP_UDP.
+    /// TCP, UDP, TCP_UDP or TLS.
     pub protocol: String,
     /// Name of the target group it forwards to.
     pub target_group: String,
+    /// Certificate and policy of a TLS listener.
+    pub tls: Option<Tls>,
 }
 
 /// Everything the provider wants to exist for one Service.
@@ -218,10 +222,12 @@ pub fn desired(
     };
     let health = health_check(svc)?;
     let source_ranges = source_ranges(svc, &ip_address_type)?;
+    let tls = tls::tls(svc)?;
 
     // Group ports by front-end port: TCP and UDP on the same port become one TCP_UDP listener
     // (NLB cannot have two listeners on one port), which needs one node port for both.
     let mut by_port: BTreeMap<i32, Vec<(String, i32)>> = BTreeMap::new();
+    let mut tls_ports: BTreeSet<i32> = BTreeSet::new();
     for p in svc
         .spec
         .as_ref()
@@ -253,6 +259,13 @@ pub fn desired(
                 p.port
             )));
         }
+        if proto == "TCP"
+            && tls
+                .as_ref()
+                .is_some_and(|(_, ports)| ports.covers(p.port, p.name.as_deref()))
+        {
+            tls_ports.insert(p.port);
+        }
         by_port.entry(p.port).or_default().push((proto, np));
     }
     let mut listeners = Vec::new();
@@ -275,10 +288,25 @@ pub fn desired(
             }
         };
         let tg = target_group_name(cluster, svc, port, &protocol, node_port);
+        let listener_tls = match (&tls, tls_ports.contains(&port)) {
+            (Some((t, _)), true) if protocol == "TCP" => Some(t.clone()),
+            (Some(_), true) => {
+                return Err(ProviderError::permanent(format!(
+                    "port {port}: TLS (annotation {ANN}ssl-ports) cannot share a listener with UDP on the same port"
+                )));
+            }
+            _ => None,
+        };
         listeners.push(DesiredListener {
             port,
-            protocol: protocol.clone(),
+            // The load balancer terminates TLS; targets stay TCP (the group keeps its name).
+            protocol: if listener_tls.is_some() {
+                "TLS".to_string()
+            } else {
+                protocol.clone()
+            },
             target_group: tg.clone(),
+            tls: listener_tls,
         });
         target_groups.push(DesiredTargetGroup {
             name: tg,

@@ -49,6 +49,9 @@ pub const SUPPORTED: &[&str] = &[
     "cross-zone-load-balancing-enabled",
     "additional-resource-tags",
     "target-group-attributes",
+    "ssl-cert",
+    "ssl-ports",
+    "ssl-negotiation-policy",
 ];
 
 /// The Service's `aws-load-balancer-*` annotations this provider does not implement (full keys,

@@ -66,8 +66,9 @@ fn named_subnets_must_be_in_the_cluster_vpc() {
         subnet("subnet-d2", "vpc-1", Some("dup")),
     ];
     let req = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
-    // (requested, Ok(ids) or a fragment of the refusal)
-    let cases: Vec<(Vec<String>, Result<Vec<&str>, &str>)> = vec![
+    /// (requested, Ok(ids) or a fragment of the refusal)
+    type Case = (Vec<String>, Result<Vec<&'static str>, &'static str>);
+    let cases: Vec<Case> = vec![
         (
             req(&["subnet-a", "subnet-b"]),
             Ok(vec!["subnet-a", "subnet-b"]),

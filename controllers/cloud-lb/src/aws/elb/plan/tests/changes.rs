@@ -40,6 +40,7 @@ fn nothing_exists_creates_everything_in_order() {
                 port: 80,
                 protocol: "TCP".into(),
                 tg: TgRef::Created(tg.clone()),
+                tls: None,
             },
         ]
     );
@@ -167,6 +168,7 @@ fn a_port_added_gets_its_group_targets_and_listener() {
                 port: 443,
                 protocol: "TCP".into(),
                 tg: TgRef::Created(tg),
+                tls: None,
             },
         ]
     );
@@ -237,6 +239,7 @@ fn a_protocol_change_replaces_the_group_new_first_then_listener_then_old() {
                 port: 80,
                 protocol: "UDP".into(),
                 tg: TgRef::Created(new),
+                tls: None,
             },
             ElbCall::DeleteTargetGroup { arn: tg_arn(&old) },
         ]
@@ -264,7 +267,8 @@ fn a_node_port_change_switches_the_listener_to_a_new_group() {
         p.calls[2],
         ElbCall::ModifyListener {
             arn: listener_arn(80),
-            tg: TgRef::Created(new)
+            tg: TgRef::Created(new),
+            tls: None,
         }
     );
 }
@@ -383,8 +387,13 @@ fn targets_go_in_batches_of_at_most_100_deregistrations_first() {
         r.map(|i| format!("i-{i:04}")).collect()
     };
     let tg = TgRef::Existing("arn:tg/x".into());
-    // (targets now, nodes wanted, expected (operation, batch size) sequence)
-    let cases: Vec<(BTreeSet<String>, BTreeSet<String>, Vec<(&str, usize)>)> = vec![
+    /// (targets now, nodes wanted, expected (operation, batch size) sequence)
+    type Case = (
+        BTreeSet<String>,
+        BTreeSet<String>,
+        Vec<(&'static str, usize)>,
+    );
+    let cases: Vec<Case> = vec![
         (ids(0..0), ids(0..100), vec![("RegisterTargets", 100)]),
         (
             ids(0..0),

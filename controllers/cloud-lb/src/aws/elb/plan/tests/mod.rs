@@ -1,6 +1,7 @@
 //! Table tests of the ELBv2 plan: an observed state and a Service in, exactly these calls out.
 
 mod changes;
+mod listeners_tls;
 mod ownership;
 
 use std::collections::BTreeSet;
@@ -72,6 +73,8 @@ pub(super) fn converged(d: &DesiredLb, instances: &BTreeSet<String>) -> Observed
                     port: l.port,
                     protocol: l.protocol.clone(),
                     target_group: Some(tg_arn(&l.target_group)),
+                    certificate: l.tls.as_ref().map(|t| t.certificate.clone()),
+                    ssl_policy: l.tls.as_ref().and_then(|t| t.policy.clone()),
                 })
                 .collect(),
         }],

@@ -78,6 +78,7 @@ fn a_scheme_change_replaces_the_load_balancer_and_keeps_the_groups() {
                 port: 80,
                 protocol: "TCP".into(),
                 tg: TgRef::Existing(tg),
+                tls: None,
             },
         ]
     );

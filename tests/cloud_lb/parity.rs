@@ -1,0 +1,149 @@
+//! AWS parity with cloud-provider-aws (issue 13): TLS listeners from `ssl-cert`, `ssl-ports`
+//! and `ssl-negotiation-policy`, against moto.
+
+use anyhow::{Result, anyhow};
+use test_support::moto::is_mutating;
+use test_support::wait_for;
+
+use crate::aws::*;
+use crate::harness::*;
+
+const A: &str = "service.beta.kubernetes.io/aws-load-balancer-";
+/// An IAM server certificate ARN (moto checks ACM ARNs against its ACM, not IAM ones).
+const CERT: &str = "arn:aws:iam::123456789012:server-certificate/it-tls";
+const POLICY: &str = "ELBSecurityPolicy-TLS13-1-2-2021-06";
+const POLICY_2: &str = "ELBSecurityPolicy-TLS13-1-3-2021-06";
+
+/// Port → (protocol, certificate, policy) of the load balancer's listeners, straight from moto.
+async fn tls_view(
+    aws: &Aws,
+    lb_arn: &str,
+) -> Result<Vec<(i32, String, Option<String>, Option<String>)>> {
+    let out = aws
+        .elb
+        .describe_listeners()
+        .load_balancer_arn(lb_arn)
+        .send()
+        .await?;
+    let mut v: Vec<_> = out
+        .listeners()
+        .iter()
+        .map(|l| {
+            (
+                l.port().unwrap_or_default(),
+                l.protocol()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default(),
+                l.certificates()
+                    .first()
+                    .and_then(|c| c.certificate_arn())
+                    .map(str::to_string),
+                l.ssl_policy().map(str::to_string),
+            )
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_listeners_follow_the_ssl_annotations() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-tls").await?;
+    let class = "test.example.com/tls";
+    node(&client, "tls-a").await?;
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+
+    let mut s = lb_service(
+        &ns,
+        "tls",
+        Some(class),
+        &[("http", 80, "TCP", None), ("https", 443, "TCP", None)],
+    );
+    s.metadata.annotations = Some(
+        [
+            ("ssl-cert", CERT),
+            ("ssl-ports", "https"),
+            ("ssl-negotiation-policy", POLICY),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{A}{k}"), v.to_string()))
+        .collect(),
+    );
+    create(&client, &s).await?;
+    let svc = wait_status(&client, &ns, "tls").await?;
+    let lb = aws.lb_of(&svc).await.ok_or_else(|| anyhow!("no lb"))?;
+    let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+    let tls_listener = |policy: &str| {
+        (
+            443,
+            "TLS".to_string(),
+            Some(CERT.to_string()),
+            Some(policy.to_string()),
+        )
+    };
+    let view = tls_view(&aws, &lb_arn).await?;
+    assert_eq!(view.len(), 2, "{view:?}");
+    assert_eq!((view[0].0, view[0].1.as_str()), (80, "TCP"));
+    assert_eq!(view[1], tls_listener(POLICY));
+    // Both forward to the ports' TCP target groups.
+    assert!(
+        aws.tgs_of(&lb_arn)
+            .await
+            .iter()
+            .all(|t| t.protocol().map(|p| p.as_str()) == Some("TCP"))
+    );
+
+    // Converged: a resync makes no mutating call.
+    aws.proxy.reset_counts();
+    patch(
+        &client,
+        &ns,
+        "tls",
+        serde_json::json!({"metadata": {"annotations": {"example.com/touch": "1"}}}),
+    )
+    .await?;
+    wait_for("a resync's last describe", T, || async {
+        aws.proxy
+            .counts()
+            .contains_key("DescribeSecurityGroups")
+            .then_some(())
+    })
+    .await?;
+    let c = aws.proxy.counts();
+    assert!(!c.keys().any(|op| is_mutating(op)), "{c:?}");
+
+    // Another policy: changed in place.
+    patch(
+        &client,
+        &ns,
+        "tls",
+        serde_json::json!({"metadata": {"annotations": {format!("{A}ssl-negotiation-policy"): POLICY_2}}}),
+    )
+    .await?;
+    wait_for("the new policy", T, || async {
+        let v = tls_view(&aws, &lb_arn).await.ok()?;
+        (v.get(1) == Some(&tls_listener(POLICY_2))).then_some(())
+    })
+    .await?;
+    assert!(aws.proxy.counts().contains_key("ModifyListener"));
+
+    // No certificate any more: plain TCP again.
+    patch(
+        &client,
+        &ns,
+        "tls",
+        serde_json::json!({"metadata": {"annotations": {format!("{A}ssl-cert"): null}}}),
+    )
+    .await?;
+    wait_for("443 back to TCP", T, || async {
+        let v = tls_view(&aws, &lb_arn).await.ok()?;
+        v.iter()
+            .all(|(_, proto, cert, _)| proto == "TCP" && cert.is_none())
+            .then_some(())
+    })
+    .await?;
+    ctrl.stop().await;
+    Ok(())
+}
