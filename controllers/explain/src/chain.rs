@@ -2,6 +2,8 @@
 //! endpoints), each endpoint's state and why, the selected pods' problems, and the problems
 //! of the Service as a whole.
 
+mod problems;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use cloud_lb::core::{EXCLUDE_LB_LABEL, TO_BE_DELETED_TAINT, in_stable_set, node_included};
@@ -13,7 +15,7 @@ use serde::Serialize;
 use crate::Observed;
 use crate::dns::DnsEndpoint;
 use crate::proxy::{cluster_endpoints, join_host_port};
-use crate::rules::{self, family_of, proxy_endpoints};
+use crate::rules::{family_of, proxy_endpoints};
 
 /// One entry of `status.loadBalancer.ingress`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -278,7 +280,6 @@ pub fn analyse(o: &Observed) -> Analysis {
     let svc = &o.service;
     let spec = svc.spec.clone().unwrap_or_default();
     let type_ = spec.type_.clone().unwrap_or_else(|| "ClusterIP".into());
-    let ns = svc.metadata.namespace.clone().unwrap_or_default();
     let mut a = Analysis::default();
     if type_ == "ExternalName" {
         return a;
@@ -466,97 +467,22 @@ pub fn analyse(o: &Observed) -> Analysis {
     }
     a.pods.sort_by(|x, y| x.name.cmp(&y.name));
 
-    let sel_text = selector
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut problem = |reason: &str, message: String| {
-        a.problems.push(Problem {
-            reason: reason.into(),
-            message,
-        })
-    };
-    if !selector.is_empty() && selected.is_empty() {
-        problem(
-            "SelectorMatchesNothing",
-            format!("the selector {sel_text} matches no pod in namespace {ns}"),
-        );
-    } else if selector.is_empty() && o.slices.is_empty() {
-        problem(
-            "NoEndpoints",
-            "no selector and no EndpointSlices: this Service's endpoints are managed by hand (an Endpoints object of the same name is mirrored into slices)".into(),
-        );
-    } else if !any_ready {
-        problem(
-            "NoReadyPods",
-            format!(
-                "{} pod(s) selected, none of them a ready endpoint",
-                selected.len().max(a.pods.len())
-            ),
-        );
-    }
-    if !named_missing.is_empty() {
-        let mut by_port: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-        for (port, proto, pod) in named_missing {
-            by_port.entry((port, proto)).or_default().insert(pod);
-        }
-        for ((port, proto), pods) in by_port {
-            problem(
-                "NamedPortNotFound",
-                format!(
-                    "targetPort {port} ({proto}) is not a container port of {}",
-                    list(&pods)
-                ),
-            );
-        }
-    }
-    if !no_ip.is_empty() {
-        problem("PodsWithoutIP", format!("no IP yet: {}", list(&no_ip)));
-    }
-    if !missing_nodes.is_empty() {
-        problem(
-            "NodeNotFound",
-            format!(
-                "endpoints on nodes that do not exist: {}",
-                list(&missing_nodes)
-            ),
-        );
-    }
-    if is_lb {
-        if ing.is_empty() {
-            let last_warning = o
-                .events
-                .iter()
-                .filter(|e| e.type_.as_deref() == Some("Warning"))
-                .filter_map(|e| e.message.clone())
-                .next_back();
-            problem(
-                "LoadBalancerPending",
-                match last_warning {
-                    Some(m) => format!("no load-balancer address yet; last Warning: {m}"),
-                    None => {
-                        "no load-balancer address yet (is a controller serving its class?)".into()
-                    }
-                },
-            );
-        }
-        if !nodes.iter().any(|n| in_stable_set(n)) {
-            problem(
-                "NoEligibleNodes",
-                "no node can be a load-balancer target".into(),
-            );
-        }
-        if ing.iter().any(|i| i.ip_mode.as_deref() == Some("Proxy")) {
-            a.notes.push("ipMode Proxy: kube-proxy does not capture the load-balancer IP; traffic arrives through the load balancer at the NodePorts".into());
-        }
-    }
-    if !rules::proxied(svc) && endpointslice::common::service_ip_set(svc) {
-        a.notes.push(format!(
-            "labelled {}: kube-proxy leaves this Service to another proxy",
-            rules::LABEL_SERVICE_PROXY_NAME
-        ));
-    }
+    let (problems, notes) = problems::problems(
+        o,
+        problems::Findings {
+            selector: &selector,
+            selected: selected.len(),
+            pods: a.pods.len(),
+            any_ready,
+            named_missing,
+            no_ip,
+            missing_nodes,
+            is_lb,
+            ingress: &ing,
+        },
+    );
+    a.problems = problems;
+    a.notes = notes;
     a
 }
 

@@ -6,14 +6,16 @@
 //! API objects (the cluster-CIDR masquerade rule, localhost NodePorts) are left out; see
 //! [`OMITTED`].
 
+mod line;
 pub mod names;
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use line::{Line, full_mask, host, reject, src_host};
+use names::probability_saved;
 pub use names::{PortChains, endpoint_chain, join_host_port, service_port_name};
-use names::{probability_saved, save_string};
 
 /// What the rules leave out, because it depends on kube-proxy's flags, not on API objects.
 pub const OMITTED: &str = "not shown: kube-proxy's masquerade rules that depend on its own flags \
@@ -37,6 +39,10 @@ pub struct ProxyEndpoint {
     pub terminating: bool,
     /// `nodeName`.
     pub node: Option<String>,
+    /// `hints.forZones[].name`.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub node_hints: Vec<String>,
 }
 
 impl ProxyEndpoint {
@@ -83,11 +89,69 @@ pub struct ProxyPort {
 /// The endpoints kube-proxy routes to under Cluster policy: the ready ones, or when none is
 /// ready, those still serving while terminating (a best effort not to drop connections).
 pub fn cluster_endpoints(eps: &[ProxyEndpoint]) -> Vec<&ProxyEndpoint> {
+    cluster_endpoints_on(eps, None).0
+}
+
+/// Topology-aware routing as kube-proxy decides it on one node: same node when every ready
+/// endpoint has a node hint and one names this node, else same zone when every ready
+/// endpoint has a zone hint and one names the node's zone, else none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Every ready endpoint.
+    None,
+    /// Endpoints hinted for this node (`trafficDistribution: PreferSameNode`).
+    SameNode,
+    /// Endpoints hinted for this node's zone (`PreferSameZone`, `PreferClose`, topology mode Auto).
+    SameZone,
+}
+
+/// kube-proxy's topology mode for `eps` on `node`.
+pub fn topology(eps: &[ProxyEndpoint], node: Option<&NodeView>) -> Topology {
+    let Some(node) = node else {
+        return Topology::None;
+    };
     let ready: Vec<&ProxyEndpoint> = eps.iter().filter(|e| e.ready).collect();
-    if !ready.is_empty() {
-        return ready;
+    let zone = node.zone.as_deref().unwrap_or("");
+    if !ready.is_empty()
+        && ready.iter().all(|e| !e.node_hints.is_empty())
+        && ready.iter().any(|e| e.node_hints.contains(&node.name))
+    {
+        return Topology::SameNode;
     }
-    eps.iter().filter(|e| e.serving && e.terminating).collect()
+    if !ready.is_empty()
+        && ready.iter().all(|e| !e.zone_hints.is_empty())
+        && ready.iter().any(|e| e.zone_hints.iter().any(|z| z == zone))
+    {
+        return Topology::SameZone;
+    }
+    Topology::None
+}
+
+/// [`cluster_endpoints`] on `node`, topology taken into account (the terminating fallback
+/// ignores it), with the topology mode used.
+pub fn cluster_endpoints_on<'a>(
+    eps: &'a [ProxyEndpoint],
+    node: Option<&NodeView>,
+) -> (Vec<&'a ProxyEndpoint>, Topology) {
+    let mode = topology(eps, node);
+    let zone = node.and_then(|n| n.zone.as_deref()).unwrap_or("");
+    let name = node.map(|n| n.name.as_str()).unwrap_or("");
+    let ready: Vec<&ProxyEndpoint> = eps
+        .iter()
+        .filter(|e| e.ready)
+        .filter(|e| match mode {
+            Topology::None => true,
+            Topology::SameNode => e.node_hints.iter().any(|n| n == name),
+            Topology::SameZone => e.zone_hints.iter().any(|z| z == zone),
+        })
+        .collect();
+    if !ready.is_empty() {
+        return (ready, mode);
+    }
+    (
+        eps.iter().filter(|e| e.serving && e.terminating).collect(),
+        mode,
+    )
 }
 
 /// The endpoints on `node` kube-proxy routes to under Local policy (ready ones first, else
@@ -126,104 +190,8 @@ pub struct NodeView {
     pub name: String,
     /// Its addresses (for `loadBalancerSourceRanges` that contain the node itself).
     pub ips: Vec<IpAddr>,
-}
-
-/// Builds one rule line: iptables-save puts source, destination and protocol first, then the
-/// matches in the order they were given, then the target.
-struct Line<'a> {
-    chain: &'a str,
-    src: Option<String>,
-    dst: Option<String>,
-    proto: Option<&'a str>,
-    matches: Vec<String>,
-}
-
-impl<'a> Line<'a> {
-    fn new(chain: &'a str) -> Self {
-        Line {
-            chain,
-            src: None,
-            dst: None,
-            proto: None,
-            matches: vec![],
-        }
-    }
-    fn src(mut self, s: String) -> Self {
-        self.src = Some(s);
-        self
-    }
-    fn dst(mut self, d: String) -> Self {
-        self.dst = Some(d);
-        self
-    }
-    fn proto(mut self, p: &'a str) -> Self {
-        self.proto = Some(p);
-        self
-    }
-    fn comment(mut self, c: &str) -> Self {
-        self.matches
-            .push(format!("-m comment --comment {}", save_string(c)));
-        self
-    }
-    fn m(mut self, m: String) -> Self {
-        self.matches.push(m);
-        self
-    }
-    fn dport(self, proto: &'a str, port: i32) -> Self {
-        self.m(format!("-m {proto} --dport {port}"))
-    }
-    fn to(self, target: &str) -> String {
-        let mut s = format!("-A {}", self.chain);
-        for part in [self.src, self.dst].into_iter().flatten() {
-            s.push(' ');
-            s.push_str(&part);
-        }
-        if let Some(p) = self.proto {
-            s.push_str(" -p ");
-            s.push_str(p);
-        }
-        for m in &self.matches {
-            s.push(' ');
-            s.push_str(m);
-        }
-        if !target.is_empty() {
-            s.push_str(" -j ");
-            s.push_str(target);
-        }
-        s
-    }
-}
-
-fn host(ip: &str, ipv6: bool) -> String {
-    if ipv6 {
-        format!("-d {ip}/128")
-    } else {
-        format!("-d {ip}/32")
-    }
-}
-
-fn src_host(ip: &str, ipv6: bool) -> String {
-    if ipv6 {
-        format!("-s {ip}/128")
-    } else {
-        format!("-s {ip}/32")
-    }
-}
-
-fn reject(ipv6: bool) -> &'static str {
-    if ipv6 {
-        "REJECT --reject-with icmp6-port-unreachable"
-    } else {
-        "REJECT --reject-with icmp-port-unreachable"
-    }
-}
-
-fn full_mask(ipv6: bool) -> &'static str {
-    if ipv6 {
-        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-    } else {
-        "255.255.255.255"
-    }
+    /// Its `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
 }
 
 /// The rules kube-proxy writes for `p` on `node` (None: a node running none of the endpoints).
@@ -235,11 +203,13 @@ pub fn port_rules(p: &ProxyPort, node: Option<&NodeView>) -> Rules {
     let v6 = p.ipv6;
     let externally = p.node_port != 0 || !p.lb_vips.is_empty() || !p.external_ips.is_empty();
     let etp_local = p.etp_local && externally;
-    let uses_cluster = !p.itp_local || (externally && !etp_local);
+    // As kube-proxy: external traffic needs the cluster chain even under Local policy, for
+    // traffic from the node itself and from pods ("short-circuiting").
+    let uses_cluster = !p.itp_local || externally;
     let uses_local = p.itp_local || (externally && etp_local);
 
     let cluster_eps = if uses_cluster {
-        cluster_endpoints(&p.endpoints)
+        cluster_endpoints_on(&p.endpoints, node).0
     } else {
         vec![]
     };

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use endpointslice::common::{AddressType, LABEL_SERVICE_NAME, parse_ip_sloppy};
+use endpointslice::common::{AddressType, LABEL_SERVICE_NAME, LABEL_ZONE, parse_ip_sloppy};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 use serde::Serialize;
@@ -82,6 +82,18 @@ pub fn proxy_endpoints(o: &Observed, sp: &ServicePort, family: AddressType) -> V
                 serving: c.serving.unwrap_or(true),
                 terminating: c.terminating.unwrap_or(false),
                 node: e.node_name.clone(),
+                zone_hints: e
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: e
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|n| n.name.clone())
+                    .collect(),
             };
             match out.iter_mut().find(|x| x.key() == ep.key()) {
                 Some(existing) if !ep.terminating => *existing = ep,
@@ -117,18 +129,16 @@ pub fn proxy_ports(o: &Observed, family: AddressType, cluster_ip: &str) -> Vec<P
     };
     let ns = svc.metadata.namespace.as_deref().unwrap_or("");
     let name = svc.metadata.name.as_deref().unwrap_or("");
-    let is_lb = spec.type_.as_deref() == Some("LoadBalancer");
-    let lb_vips: Vec<String> = if is_lb {
-        crate::chain::ingress(svc)
-            .into_iter()
-            .filter(|i| i.ip_mode.as_deref().is_none_or(|m| m == "VIP"))
-            .filter_map(|i| i.ip)
-            .filter(|ip| in_family(ip, family))
-            .collect()
-    } else {
-        vec![]
-    };
-    let source_ranges: Vec<IpNet> = spec
+    // Whatever the type, as kube-proxy: only VIP-mode ingress IPs of this family.
+    let lb_vips: Vec<String> = crate::chain::ingress(svc)
+        .into_iter()
+        .filter(|i| i.ip_mode.as_deref().is_none_or(|m| m == "VIP"))
+        .filter_map(|i| i.ip)
+        .filter_map(|ip| parse_ip_sloppy(&ip))
+        .map(|ip| ip.to_string())
+        .filter(|ip| in_family(ip, family))
+        .collect();
+    let mut source_ranges: Vec<IpNet> = spec
         .load_balancer_source_ranges
         .iter()
         .flatten()
@@ -139,6 +149,10 @@ pub fn proxy_ports(o: &Observed, family: AddressType, cluster_ip: &str) -> Vec<P
         })
         .map(|n| n.trunc())
         .collect();
+    // A zero-length prefix allows everything, as no ranges at all do.
+    if source_ranges.iter().any(|n| n.prefix_len() == 0) {
+        source_ranges.clear();
+    }
     let external_ips: Vec<String> = spec
         .external_ips
         .iter()
@@ -215,6 +229,12 @@ pub fn rule_sets(o: &Observed) -> Vec<RuleSet> {
         .map(|n| NodeView {
             name: n.metadata.name.clone().unwrap_or_default(),
             ips: node_ips(n),
+            zone: n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_ZONE))
+                .cloned(),
         })
         .collect();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));

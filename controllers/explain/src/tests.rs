@@ -501,3 +501,42 @@ fn service_references_are_namespace_slash_name() {
         assert!(parse_service_ref(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn dual_stack_gets_one_rule_set_per_family() {
+    let mut s = svc("ds", "ClusterIP", IntOrString::Int(8080));
+    let spec = s.spec.as_mut().expect("spec");
+    spec.cluster_ips = Some(vec!["10.96.0.20".into(), "fd00::20".into()]);
+    let v4 = slice("ds", &[("10.244.1.5", "ds-0", "n1", true)]);
+    let mut v6 = slice("ds", &[("fd00:10::5", "ds-0", "n1", true)]);
+    v6.address_type = "IPv6".into();
+    v6.metadata.name = Some("ds-v6".into());
+    let x = explain(&observed(
+        s,
+        vec![v4, v6],
+        vec![],
+        vec![node("n1", "10.0.0.1", &[])],
+    ));
+    let fams: Vec<&str> = x.iptables.iter().map(|r| r.family.as_str()).collect();
+    assert_eq!(fams, vec!["IPv4", "IPv6"]);
+    assert!(
+        x.iptables[1]
+            .nat
+            .iter()
+            .any(|l| l.starts_with("-A KUBE-SERVICES -d fd00::20/128 -p tcp"))
+    );
+    assert!(
+        x.iptables[1]
+            .nat
+            .iter()
+            .any(|l| l.ends_with("--to-destination [fd00:10::5]:8080"))
+    );
+    assert!(!x.iptables[0].nat.iter().any(|l| l.contains("fd00")));
+    let types: Vec<&str> = x.dns.iter().map(|r| r.type_.as_str()).collect();
+    assert_eq!(types, vec!["A", "AAAA", "SRV"]);
+    assert_eq!(
+        x.ports[0].cluster_ips,
+        vec!["10.96.0.20:80", "[fd00::20]:80"]
+    );
+    assert_eq!(x.ports[0].endpoints.len(), 2);
+}

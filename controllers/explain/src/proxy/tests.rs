@@ -8,6 +8,8 @@ fn ep(ip: &str, node: &str, ready: bool) -> ProxyEndpoint {
         serving: ready,
         terminating: false,
         node: Some(node.into()),
+        zone_hints: vec![],
+        node_hints: vec![],
     }
 }
 
@@ -25,6 +27,7 @@ fn node(name: &str, ip: &str) -> NodeView {
     NodeView {
         name: name.into(),
         ips: vec![ip.parse().expect("ip")],
+        zone: None,
     }
 }
 
@@ -269,5 +272,96 @@ fn grouping_keeps_rule_order_within_a_chain() {
             "-A KUBE-SVC-B one",
             "-A KUBE-SVC-B two"
         ]
+    );
+}
+
+#[test]
+fn zone_hints_narrow_the_cluster_chain_on_nodes_of_that_zone() {
+    let mut p = port("ns/tz");
+    let hinted = |ip: &str, node: &str, zone: &str| ProxyEndpoint {
+        zone_hints: vec![zone.into()],
+        ..ep(ip, node, true)
+    };
+    p.endpoints = vec![
+        hinted("10.244.1.2", "a", "z1"),
+        hinted("10.244.1.3", "a", "z1"),
+        hinted("10.244.2.2", "b", "z2"),
+    ];
+    let c = PortChains::new("ns/tz", "tcp");
+    let in_zone = |zone: Option<&str>| NodeView {
+        zone: zone.map(Into::into),
+        ..node("x", "10.0.0.9")
+    };
+    let svc_rules = |r: &Rules| -> Vec<String> {
+        r.nat
+            .iter()
+            .filter(|l| rule_chain(l) == c.cluster)
+            .cloned()
+            .collect()
+    };
+    // In z1: the two z1 endpoints, half each; no KUBE-SEP chain for the z2 one.
+    let z1 = port_rules(&p, Some(&in_zone(Some("z1"))));
+    let rules = svc_rules(&z1);
+    assert_eq!(rules.len(), 2);
+    assert!(rules[0].contains("10.244.1.2:8080") && rules[0].contains("0.50000000000"));
+    assert!(!z1.nat.iter().any(|l| l.contains("10.244.2.2")));
+    // In z2: only its own endpoint. A node without a zone label: all three, by thirds.
+    assert_eq!(
+        svc_rules(&port_rules(&p, Some(&in_zone(Some("z2"))))).len(),
+        1
+    );
+    let none = svc_rules(&port_rules(&p, Some(&in_zone(None))));
+    assert_eq!(none.len(), 3);
+    assert!(none[0].contains("0.33333333349"));
+    // One endpoint without a hint: topology is ignored everywhere.
+    p.endpoints[2].zone_hints.clear();
+    assert_eq!(
+        svc_rules(&port_rules(&p, Some(&in_zone(Some("z1"))))).len(),
+        3
+    );
+}
+
+#[test]
+fn node_hints_prefer_the_same_node() {
+    let mut p = port("ns/tn");
+    let hinted = |ip: &str, node: &str| ProxyEndpoint {
+        node_hints: vec![node.into()],
+        ..ep(ip, node, true)
+    };
+    p.endpoints = vec![hinted("10.244.1.2", "a"), hinted("10.244.2.2", "b")];
+    let on_a = port_rules(&p, Some(&node("a", "10.0.0.1")));
+    assert!(!on_a.nat.iter().any(|l| l.contains("10.244.2.2")));
+    // A node no endpoint is hinted for uses them all.
+    let on_c = port_rules(&p, Some(&node("c", "10.0.0.3")));
+    assert!(on_c.nat.iter().any(|l| l.contains("10.244.2.2")));
+    assert!(on_c.nat.iter().any(|l| l.contains("0.50000000000")));
+}
+
+#[test]
+fn internal_local_policy_drops_cluster_ip_traffic_on_nodes_without_endpoints() {
+    let mut p = port("ns/itp");
+    p.itp_local = true;
+    p.endpoints = vec![ep("10.244.1.2", "a", true)];
+    let c = PortChains::new("ns/itp", "tcp");
+    let on_a = port_rules(&p, Some(&node("a", "10.0.0.1")));
+    assert!(
+        on_a.nat[0].ends_with(&format!("-j {}", c.local)),
+        "{:?}",
+        on_a.nat
+    );
+    assert!(!on_a.nat.iter().any(|l| l.contains(&c.cluster)));
+    let on_b = port_rules(&p, Some(&node("b", "10.0.0.2")));
+    assert!(on_b.nat.is_empty(), "{:?}", on_b.nat);
+    assert_eq!(
+        on_b.filter,
+        vec!["-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment \"ns/itp has no local endpoints\" -m tcp --dport 80 -j DROP".to_string()]
+    );
+    // Externally reachable too: the cluster chain exists everywhere for the node's own traffic.
+    p.node_port = 31005;
+    let on_b = port_rules(&p, Some(&node("b", "10.0.0.2")));
+    assert!(
+        on_b.nat
+            .iter()
+            .any(|l| l.starts_with(&format!("-A {} ", c.cluster)))
     );
 }
