@@ -22,7 +22,13 @@ pub const CONTROLLERS: &[&str] = &[
 
 /// service-controller-manager: the Kubernetes Service control plane.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "service-controller-manager", version, about, long_about = None)]
+#[command(
+    name = "service-controller-manager",
+    version,
+    about,
+    long_about = None,
+    after_help = "Also: service-controller-manager explain <namespace>/<service> [-o text|json] prints how a Service is wired (read-only; explain --help)."
+)]
 pub struct Flags {
     /// Path to a kubeconfig. Else $KUBECONFIG, else in-cluster configuration.
     #[arg(long, env = "KUBECONFIG")]

@@ -444,7 +444,7 @@ async fn explain_each_kind_of_service() -> Result<()> {
 }
 
 #[tokio::test]
-async fn bad_usage_exits_2_and_an_unreachable_api_server_exits_1() -> Result<()> {
+async fn help_bad_usage_and_an_unreachable_api_server() -> Result<()> {
     for args in [
         &[][..],
         &["web"],
@@ -455,6 +455,18 @@ async fn bad_usage_exits_2_and_an_unreachable_api_server_exits_1() -> Result<()>
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    // Help of both the manager and the subcommand: exit 0, and each mentions explain.
+    for args in [&["--help"][..], &["explain", "--help"]] {
+        let out = tokio::process::Command::new(manager_binary())
+            .args(args)
+            .output()
+            .await?;
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("explain"),
+            "{args:?}"
+        );
     }
     let dir = tempfile::tempdir()?;
     let kc = dir.path().join("nowhere.kubeconfig");
