@@ -2,7 +2,8 @@
 //! `test_support::apiproxy`: watches that go down and come back with `410 Gone`, forced
 //! conflicts and throttling on writes, an outage of one kind's API, a silent (half-open) watch
 //! (`silent`); and faults of the cluster's own making: hand-edited slices and a slice held by a
-//! finalizer (`edits`), changes made while no replica leads (`leaderless`), the leader killed
+//! finalizer (`edits`), changes made while no replica leads (`leaderless`; LoadBalancer class
+//! changes with our cloud-lb controller and a local pool in `classes`), the leader killed
 //! in the middle of a mass create (`failover`). Our controllers talk to the API server only
 //! through the proxy (the failover scenario runs two manager processes instead);
 //! kube-controller-manager's EndpointSlice controller runs beside them directly, and at the end
@@ -11,6 +12,8 @@
 //! `make chaos` prints (`SCM_CHAOS_REPORT`); the long ones are `#[ignore]`d and run there.
 
 // The crate root is tests/faults.rs, so its modules name their files under tests/faults/.
+#[path = "faults/classes.rs"]
+mod classes;
 #[path = "faults/edits.rs"]
 mod edits;
 #[path = "faults/failover.rs"]

@@ -131,16 +131,51 @@ pub async fn check(
     since: Instant,
     other_panics: u64,
 ) -> Result<Duration> {
+    let found = Found::default();
+    check_with(
+        admin,
+        ns,
+        services,
+        scenario,
+        faults,
+        since,
+        other_panics,
+        found,
+    )
+    .await
+}
+
+/// What a scenario found itself, beyond what [`check`] looks at: values held twice (e.g.
+/// load-balancer addresses seen during the scenario) and resources leaked, if it can leak any.
+#[derive(Default)]
+pub struct Found {
+    pub doubles: Vec<String>,
+    pub leaked: Option<usize>,
+}
+
+/// [`check`] with the scenario's own findings in the row and the verdict.
+#[allow(clippy::too_many_arguments)]
+pub async fn check_with(
+    admin: &kube::Client,
+    ns: &str,
+    services: &[String],
+    scenario: &str,
+    faults: u64,
+    since: Instant,
+    other_panics: u64,
+    found: Found,
+) -> Result<Duration> {
     let slices = converge(admin, ns, services, false, scenario).await;
     let converged_in = since.elapsed();
-    let doubles = double_allocations(admin).await?;
+    let mut doubles = double_allocations(admin).await?;
+    doubles.extend(found.doubles);
     report(&Row {
         scenario,
         faults,
         converged_in,
         slices_differ: Some(slices.is_err()),
         doubles: doubles.len(),
-        leaked: None,
+        leaked: found.leaked,
         panics: panics() + other_panics,
     });
     let compared = slices?;
@@ -149,6 +184,7 @@ pub async fn check(
         doubles.is_empty(),
         "{scenario}: allocated twice: {doubles:?}"
     );
+    assert_eq!(found.leaked.unwrap_or(0), 0, "{scenario}: leaked");
     assert_eq!(panics(), 0, "{scenario}: a panic in this process");
     assert_eq!(other_panics, 0, "{scenario}: a panic in a manager");
     Ok(converged_in)
@@ -316,5 +352,18 @@ impl Scene {
         services: &[String],
     ) -> Result<Duration> {
         check(&self.admin, &self.ns, services, scenario, faults, since, 0).await
+    }
+
+    /// [`Self::finish_for`] with what the scenario found itself.
+    pub async fn finish_with(
+        &self,
+        scenario: &str,
+        faults: u64,
+        since: Instant,
+        services: &[String],
+        found: Found,
+    ) -> Result<Duration> {
+        let (admin, ns) = (&self.admin, &self.ns);
+        check_with(admin, ns, services, scenario, faults, since, 0, found).await
     }
 }

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
 
 mod decide;
 
-pub use decide::{LastSync, Observed, Step, decide, refusal_key};
+pub use decide::{LastSync, Observed, Step, decide, leaves_load_balancer, refusal_key};
 
 /// The finalizer that keeps a Service until its load balancer is gone (upstream's name).
 pub const LB_FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";

@@ -41,6 +41,9 @@ pub(crate) struct Record {
     pub found: Option<bool>,
     /// Refused as served by another controller, decided from this [`core::refusal_key`].
     pub refused: Option<String>,
+    /// Seen to stop being a LoadBalancer with our finalizer on (on any replica, leading or
+    /// not): still ours to clean up if it comes back in another class.
+    pub left: bool,
 }
 
 impl Record {
@@ -50,6 +53,7 @@ impl Record {
             && self.parked.is_none()
             && self.not_before.is_none()
             && self.refused.is_none()
+            && !self.left
     }
 }
 
@@ -72,7 +76,17 @@ impl Memory {
     fn remembers(&self, key: &ObjectKey) -> bool {
         self.services
             .get(key)
-            .is_some_and(|r| r.last.is_some() || r.refused.is_some())
+            .is_some_and(|r| r.last.is_some() || r.refused.is_some() || r.left)
+    }
+
+    /// Keeps [`Record::left`] in step with what the informer shows of `svc`: set when it stops
+    /// being a LoadBalancer with our finalizer, cleared once it is one of ours again.
+    fn note_leaving(&mut self, svc: &Service, key: &ObjectKey, filter: &ClassFilter) {
+        if core::leaves_load_balancer(svc) {
+            self.edit(key, |r| r.left = true);
+        } else if core::action(svc, filter) == Action::Ensure && self.services.contains_key(key) {
+            self.edit(key, |r| r.left = false);
+        }
     }
 
     /// Edits `key`'s record, dropping it once it holds nothing.
@@ -252,7 +266,9 @@ fn watch_services(
     let (filter, memory, queue) = (filter.clone(), memory.clone(), queue.clone());
     services.subscribe(move |c| {
         let wanted = |s: &Service, key: &ObjectKey| {
-            core::action(s, &filter) != Action::Ignore || lock(&memory).remembers(key)
+            let mut m = lock(&memory);
+            m.note_leaving(s, key, &filter);
+            core::action(s, &filter) != Action::Ignore || m.remembers(key)
         };
         match c {
             Change::Apply(s) => {
@@ -283,7 +299,7 @@ fn watch_services(
                     .services
                     .iter()
                     .filter(|(k, r)| {
-                        (r.last.is_some() || r.refused.is_some()) && !listed.contains(*k)
+                        (r.last.is_some() || r.refused.is_some() || r.left) && !listed.contains(*k)
                     })
                     .map(|(k, _)| k.clone())
                     .collect();
@@ -396,6 +412,7 @@ impl Shell {
             found: found.or(rec.filter(|r| r.verify).and_then(|r| r.found)),
             recognised,
             refused: rec.and_then(|r| r.refused.clone()),
+            left_our_class: rec.is_some_and(|r| r.left),
         };
         (o, stable)
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Service};
 
 use super::{
-    Action, ClassFilter, NodeFingerprint, action, class_of, has_finalizer, has_ingress, normalized,
-    spec_fingerprint, status_differs, with_finalizer,
+    Action, ClassFilter, NodeFingerprint, action, class_of, has_finalizer, has_ingress,
+    is_load_balancer, normalized, spec_fingerprint, status_differs, with_finalizer,
 };
 
 /// What the controller last did successfully for a Service (its memory, lost with the
@@ -52,6 +52,16 @@ pub struct Observed {
     pub recognised: bool,
     /// The [`refusal_key`] under which we last refused the Service as served elsewhere.
     pub refused: Option<String>,
+    /// This replica's informer saw the Service stop being a LoadBalancer while it carried our
+    /// finalizer ([`leaves_load_balancer`]): proof that it was ours, should it come back as a
+    /// LoadBalancer of another class (the only way a class changes) before anyone cleaned up.
+    pub left_our_class: bool,
+}
+
+/// Whether `svc` has stopped being a LoadBalancer while carrying our finalizer (a type change
+/// away, which a class change goes through; the API server also clears its status then).
+pub fn leaves_load_balancer(svc: &Service) -> bool {
+    has_finalizer(svc) && !is_load_balancer(svc) && svc.metadata.deletion_timestamp.is_none()
 }
 
 /// What a refusal as served elsewhere was decided from (the spec and the published status):
@@ -159,6 +169,9 @@ fn decide_restored(filter: &ClassFilter, o: &Observed) -> Step {
         };
     }
     match act {
+        // Back as a LoadBalancer of another class before we cleaned up (no leader meanwhile):
+        // still ours to clean, as upstream would have on seeing the type change.
+        Action::Ignore if o.left_our_class && has_finalizer(svc) => Step::Cleanup,
         Action::Ignore => Step::Ignore,
         Action::Cleanup
             if o.last.is_none()

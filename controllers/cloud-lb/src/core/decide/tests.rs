@@ -145,6 +145,28 @@ fn decision_table() {
             Step::Cleanup,
         ),
         (
+            "back as another class's LoadBalancer with our finalizer, seen leaving (no leader \
+             meanwhile; the API server cleared the status with the type)",
+            Observed {
+                left_our_class: true,
+                ..observed(Some(S {
+                    class: Some("other.example.com/lb"),
+                    ip: None,
+                    ..LB
+                }))
+            },
+            Step::Cleanup,
+        ),
+        (
+            "another class's LoadBalancer with the (shared) finalizer, never seen leaving ours",
+            observed(Some(S {
+                class: Some("other.example.com/lb"),
+                ip: None,
+                ..LB
+            })),
+            Step::Ignore,
+        ),
+        (
             "being deleted with our finalizer",
             observed(Some(S {
                 deleting: true,
