@@ -8,7 +8,9 @@
 //! ([`test_support::double`]) serves Services for it, including 409 handling, duplicate
 //! detection and the exact calls a shell makes.
 //!
-//! Modules: [`mirror`] (stock API server), [`service_cidr`], [`assign`] and [`calls`] (double).
+//! Modules: [`mirror`] and [`ipaddress`] (stock API server: IPAddress findings, gauges equal to
+//! the IPAddress count, a `10.0.0.0/8` range), [`service_cidr`], [`assign`] and [`calls`]
+//! (double).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -229,6 +231,8 @@ fn spec_of(s: &Service) -> &ServiceSpec {
 mod assign;
 #[path = "allocators/calls.rs"]
 mod calls;
+#[path = "allocators/ipaddress.rs"]
+mod ipaddress;
 #[path = "allocators/mirror.rs"]
 mod mirror;
 #[path = "allocators/service_cidr.rs"]

@@ -80,37 +80,33 @@ pub fn build_with(
 ) -> Mirror {
     let ips = ips.filter(|i| ipaddr::active(i));
     let index = ips.map(|i| ipaddr::Index::new(i, services));
+    let ranges = Ranges::new(config);
     let mut claims = pending.clone();
     if let Some(ix) = &index {
         let mut taken: std::collections::HashSet<IpAddr> =
             pending.values().flatten().copied().collect();
+        // Only addresses in our ranges: one outside them stays a finding of its Service.
         for (ip, key) in ix.owners() {
-            if taken.insert(ip) {
+            if ranges.locate(ip).is_some() && taken.insert(ip) {
                 claims.entry(key).or_default().push(ip);
             }
         }
     }
-    let mut m = Mirror::build(
-        Ranges::new(config),
-        services,
-        &claims,
-        seniority,
-        |m, key, svc| {
-            for raw in claimed_ips(svc) {
-                let found = observe(m, &raw, key);
-                let found = match (found, &index, raw.parse::<IpAddr>()) {
-                    (None, Some(ix), Ok(ip)) => ix.check_service(svc, ip),
-                    (f, _, _) => f,
-                };
-                if let Some(f) = found {
-                    m.report(key, f);
-                }
+    let mut m = Mirror::build(ranges, services, &claims, seniority, |m, key, svc| {
+        for raw in claimed_ips(svc) {
+            let found = observe(m, &raw, key);
+            let found = match (found, &index, raw.parse::<IpAddr>()) {
+                (None, Some(ix), Ok(ip)) => ix.check_service(svc, ip),
+                (f, _, _) => f,
+            };
+            if let Some(f) = found {
+                m.report(key, f);
             }
-            if needs_assignment(svc) {
-                m.needs_assign.insert(key.clone());
-            }
-        },
-    );
+        }
+        if needs_assignment(svc) {
+            m.needs_assign.insert(key.clone());
+        }
+    });
     // The first usable IP stays reserved for default/kubernetes even before it exists.
     if let Some(ip) = config.kubernetes_service_ip() {
         m.claim(ip, &ObjectKey::new("default", "kubernetes"));

@@ -223,6 +223,8 @@ fn per_service_decisions_as_repairip() {
         ipa("10.96.0.23", 2, "a/young", true),
         ipa("10.96.0.24", 1, "a/other", true),
         ipa("10.96.0.25", 1, "a/other", true),
+        // The API server's IPAddress for an address outside our ranges: still out of range.
+        ipa("10.97.0.1", 1, "a/out", true),
     ];
     let m = build(&["10.96.0.0/16"], &svcs, &ips);
     assert_eq!(

@@ -1,0 +1,300 @@
+//! IPAddress objects, the API server's ClusterIP state in v1.37: upstream's IPAddress findings
+//! reported (Event, metric) without touching the objects, capacity gauges equal to the count of
+//! the allocator's IPAddresses, and a `10.0.0.0/8` range that starts and mirrors.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::networking::v1::{IPAddress, IPAddressSpec, ParentReference};
+use test_support::metrics::{Metrics, scrape_manager};
+
+use super::*;
+
+const MANAGED_BY: &str = "ipaddress.kubernetes.io/managed-by";
+const FAMILY: &str = "ipaddress.kubernetes.io/ip-family";
+const ALLOCATOR: &str = "ipallocator.k8s.io";
+/// What our Events name as their reporting controller.
+const REPORTER: &str = "clusterip-allocator";
+
+/// An IPAddress as kube-apiserver's allocator labels them, for Service `ns/name`.
+fn ip_address(ip: &str, ns: &str, name: &str) -> IPAddress {
+    let fam = if ip.contains(':') { "IPv6" } else { "IPv4" };
+    IPAddress {
+        metadata: ObjectMeta {
+            name: Some(ip.into()),
+            labels: Some(
+                [
+                    (MANAGED_BY.to_string(), ALLOCATOR.to_string()),
+                    (FAMILY.to_string(), fam.to_string()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: IPAddressSpec {
+            parent_ref: ParentReference {
+                group: Some(String::new()),
+                resource: "services".into(),
+                namespace: Some(ns.into()),
+                name: name.into(),
+            },
+        },
+    }
+}
+
+/// Creates an IPAddress for `ns/name` at the first free address of `candidates`.
+async fn create_free(
+    api: &Api<IPAddress>,
+    candidates: &mut impl Iterator<Item = String>,
+    ns: &str,
+    name: &str,
+) -> String {
+    for ip in candidates.by_ref() {
+        match api
+            .create(&PostParams::default(), &ip_address(&ip, ns, name))
+            .await
+        {
+            Ok(_) => return ip,
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => panic!("create IPAddress {ip}: {e}"),
+        }
+    }
+    panic!("no free address among the candidates")
+}
+
+/// Our Events (reported as [`REPORTER`]) with `reason` about `name` in `ns`: their notes.
+async fn our_notes(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    test_support::events::events_with_reason(client, ns, name, reason)
+        .await
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some(REPORTER))
+        .map(|e| e.note.unwrap_or_default())
+        .collect()
+}
+
+/// Waits for our Event with `reason` about `name` in `ns`, and checks its note.
+async fn expect_event(client: &Client, ns: &str, name: &str, reason: &str, note: &str) {
+    let got = wait_for(&format!("{reason} on {name}"), DEADLINE, || {
+        let c = client.clone();
+        let (ns, name, reason) = (ns.to_string(), name.to_string(), reason.to_string());
+        async move {
+            let n = our_notes(&c, &ns, &name, &reason).await;
+            (!n.is_empty()).then_some(n)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        got.iter().any(|n| n == note),
+        "{reason}: {got:?}, want {note:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipaddress_findings_have_upstream_reasons_messages_and_metric() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let client = cp.client().await.expect("client");
+    let ns = test_support::namespace(&client, "ipaddr")
+        .await
+        .expect("ns");
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let ips: Api<IPAddress> = Api::all(client.clone());
+    let holder = svcs
+        .create(&PostParams::default(), &svc("holder", |_| {}))
+        .await
+        .expect("holder");
+    let held = holder
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("the API server assigned a ClusterIP");
+    let other = svcs
+        .create(&PostParams::default(), &svc("other", |_| {}))
+        .await
+        .expect("other");
+    // Upstream waits 60 s before reporting a leaked IPAddress, and the API server's own repair
+    // deletes it then (a wrong reference after 5 s): report at once so ours comes first.
+    let cfg = clusterip_alloc::ClusterIpAllocConfig {
+        service_cluster_ip_range: vec![cp.options.service_cluster_ip_range.parse().expect("cidr")],
+        concurrent_syncs: 2,
+        ip_address_grace: clusterip_alloc::core::Grace {
+            leaked: Duration::ZERO,
+            young: Duration::ZERO,
+        },
+    };
+    let cip = Running::start(&client, "clusterip-alloc", REPORTER, |ctx| {
+        clusterip_alloc::run(ctx, cfg)
+    });
+    // The API server's repair waits 5 s before deleting a wrongly referencing IPAddress only if
+    // it is newer than its Service, at the second's granularity of creation timestamps: let
+    // the clock pass the Service's second (and the controller mirror) first.
+    let other_born = other
+        .metadata
+        .creation_timestamp
+        .map(|t| std::time::SystemTime::from(t.0))
+        .expect("creationTimestamp");
+    let m = cip.metrics.clone();
+    wait_for("mirrored, and a second after the Service", DEADLINE, || {
+        let t = m.encode();
+        async move {
+            let later = std::time::SystemTime::now()
+                .duration_since(other_born)
+                .is_ok_and(|d| d > Duration::from_millis(1100));
+            (later && t.contains("kube_apiserver_clusterip_allocator_allocated_ips{")).then_some(())
+        }
+    })
+    .await
+    .expect("mirrored");
+    let mut candidates = (1..250).map(|i| format!("10.96.254.{i}"));
+    // Names a Service that does not exist.
+    let leaked = create_free(&ips, &mut candidates, &ns, "gone").await;
+    // Names a Service that exists but does not hold the address.
+    let wrong = create_free(&ips, &mut candidates, &ns, "other").await;
+    // A Service whose IPAddress is gone (the API server recreates it only at its next resync).
+    ips.delete(&held, &DeleteParams::default())
+        .await
+        .expect("delete the holder's IPAddress");
+    expect_event(
+        &client,
+        "default",
+        &leaked,
+        "IPAddressNotAllocated",
+        &format!("IPAddress: {leaked} for Service {ns}/gone appears to have leaked: cleaning up"),
+    )
+    .await;
+    expect_event(
+        &client,
+        "default",
+        &wrong,
+        "IPAddressWrongReference",
+        &format!("IPAddress: {wrong} for Service {ns}/other has a wrong reference; cleaning up"),
+    )
+    .await;
+    expect_event(
+        &client,
+        &ns,
+        "holder",
+        "ClusterIPNotAllocated",
+        &format!("Cluster IP [IPv4]: {held} is not allocated; repairing"),
+    )
+    .await;
+    let m = Metrics::parse(&cip.metrics.encode()).expect("metrics");
+    let errors = |t: &str| m.sum("apiserver_clusterip_repair_ip_errors_total", &[("type", t)]);
+    assert!(errors("leak") >= 2.0, "leak: {}", cip.metrics.encode());
+    assert!(errors("repair") >= 1.0, "repair: {}", cip.metrics.encode());
+    // Report only: the holder's IPAddress is still missing (we create nothing) and the other
+    // Service is untouched; the leaked one is still there (we delete nothing; the API server's
+    // repair deletes it 60 s after its creation).
+    assert!(ips.get_opt(&held).await.expect("get").is_none());
+    assert!(ips.get_opt(&leaked).await.expect("get").is_some());
+    // Put the holder's IPAddress back so the shared control plane stays consistent.
+    let _ = ips
+        .create(&PostParams::default(), &ip_address(&held, &ns, "holder"))
+        .await;
+    let _ = ips.delete(&leaked, &DeleteParams::default()).await;
+    let _ = ips.delete(&wrong, &DeleteParams::default()).await;
+    cip.stop().await;
+}
+
+/// The allocator's IPAddresses of `cidr`'s family inside it, as kube-apiserver counts them.
+async fn count_ip_addresses(client: &Client, cidr: IpNet) -> usize {
+    let api: Api<IPAddress> = Api::all(client.clone());
+    let fam = if cidr.addr().is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    };
+    api.list(&ListParams::default().labels(&format!("{MANAGED_BY}={ALLOCATOR},{FAMILY}={fam}")))
+        .await
+        .expect("list IPAddresses")
+        .items
+        .into_iter()
+        .filter_map(|o| o.metadata.name?.parse::<IpAddr>().ok())
+        .filter(|ip| cidr.contains(ip))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slash_8_range_starts_mirrors_and_gauges_equal_the_ipaddress_count() {
+    let range = "10.0.0.0/8";
+    let cp = ControlPlane::start(ControlPlaneOptions {
+        service_cluster_ip_range: range.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("control plane with a /8");
+    let client = cp.client().await.expect("client");
+    let ns = test_support::namespace(&client, "wide").await.expect("ns");
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    for s in all_kinds() {
+        api.create(&PostParams::default(), &s)
+            .await
+            .expect("create");
+    }
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let http = format!("--http-address={addr}");
+    let flag = format!("--service-cluster-ip-range={range}");
+    let args = [
+        "--controllers=clusterip-alloc",
+        "--leader-elect=false",
+        flag.as_str(),
+        http.as_str(),
+    ];
+    let mut manager = test_support::Manager::start(&cp, &args).expect("manager");
+    let cidr: IpNet = range.parse().expect("cidr");
+    let usable = (1u64 << 24) - 2;
+    // Gauges equal the IPAddress count, before and after more Services arrive.
+    for round in 0..2 {
+        if round == 1 {
+            for i in 0..5 {
+                api.create(&PostParams::default(), &svc(&format!("more-{i}"), |_| {}))
+                    .await
+                    .expect("create");
+            }
+        }
+        let want = count_ip_addresses(&client, cidr).await;
+        assert!(want >= 7 + 5 * round, "IPAddresses: {want}");
+        let got = wait_for("gauges equal the IPAddress count", DEADLINE, || {
+            let addr = addr.clone();
+            async move {
+                let m = scrape_manager(&addr).await?;
+                let l = [("cidr", range)];
+                let used = m.get("kube_apiserver_clusterip_allocator_allocated_ips", &l)?;
+                let free = m.get("kube_apiserver_clusterip_allocator_available_ips", &l)?;
+                (used as usize == want && free as u64 == usable - want as u64)
+                    .then_some((used, free))
+            }
+        })
+        .await;
+        if let Err(e) = got {
+            panic!(
+                "{e}: want {want} allocated; manager: {:?}; log: {:?}",
+                scrape_manager(&addr).await.map(|m| m
+                    .matching("kube_apiserver_clusterip_allocator_allocated_ips", &[])
+                    .cloned()
+                    .collect::<Vec<_>>()),
+                manager.log_lines()
+            );
+        }
+    }
+    // Mirrored, not written: no finding about any of these Services.
+    let evs: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let ours: Vec<Event> = evs
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some(REPORTER))
+        .collect();
+    assert!(ours.is_empty(), "unexpected events: {ours:?}");
+    manager.signal(15).expect("SIGTERM");
+    let status = manager
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exit");
+    assert!(status.success(), "{status:?}");
+    cp.stop().await;
+}
