@@ -397,6 +397,12 @@ pub fn analyse(o: &Observed) -> Analysis {
             } else if p.pod_ip().is_none_or(str::is_empty) && p.pod_ips().next().is_none() {
                 no_ip.insert(name.clone());
                 "no IP yet (not scheduled or not started)".to_string()
+            } else if let Some(n) = p
+                .node_name()
+                .filter(|n| !n.is_empty() && !node_names.contains(n))
+            {
+                missing_nodes.insert(n.to_string());
+                format!("its node {n} does not exist (the EndpointSlice controller leaves it out)")
             } else if find_port(*p, sp).is_none() {
                 named_missing.insert((target_port(sp), pc.protocol.clone(), name.clone()));
                 format!(

@@ -540,3 +540,26 @@ fn dual_stack_gets_one_rule_set_per_family() {
     );
     assert_eq!(x.ports[0].endpoints.len(), 2);
 }
+
+#[test]
+fn a_pod_on_a_missing_node_is_explained() {
+    let o = observed(
+        svc("orph", "ClusterIP", IntOrString::Int(8080)),
+        vec![slice("orph", &[("10.244.1.5", "orph-0", "n1", true)])],
+        vec![
+            pod("orph-0", "orph", Some("10.244.1.5"), true, "n1"),
+            pod("orph-1", "orph", Some("10.244.9.5"), true, "ghost"),
+        ],
+        vec![node("n1", "10.0.0.1", &[])],
+    );
+    let x = explain(&o);
+    assert_eq!(reasons(&x), vec!["NodeNotFound"]);
+    assert!(x.problems[0].message.ends_with("ghost"), "{:?}", x.problems);
+    let p = x.pods.iter().find(|p| p.name == "orph-1").expect("orph-1");
+    assert_eq!(
+        p.why,
+        vec![
+            "port http: its node ghost does not exist (the EndpointSlice controller leaves it out)"
+        ]
+    );
+}

@@ -88,7 +88,7 @@ pub(super) fn problems(o: &Observed, f: Findings) -> (Vec<Problem>, Vec<String>)
         problem(
             "NodeNotFound",
             format!(
-                "endpoints on nodes that do not exist: {}",
+                "pods or endpoints on nodes that do not exist: {}",
                 list(&f.missing_nodes)
             ),
         );
