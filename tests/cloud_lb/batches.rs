@@ -60,8 +60,12 @@ impl Intercept for TargetCalls {
     }
 }
 
-/// A provider whose ELBv2 client goes through the fault proxy and records target calls.
-fn recording_provider(aws: &Aws, calls: &TargetCalls) -> Arc<AwsProvider> {
+/// A provider whose ELBv2 client goes through the fault proxy with `interceptor` watching every
+/// request it sends (its typed input, before serialization).
+pub(crate) fn provider_seen_by(
+    aws: &Aws,
+    interceptor: impl Intercept + 'static,
+) -> Arc<AwsProvider> {
     let conf = elbv2::Config::builder()
         .behavior_version(elbv2::config::BehaviorVersion::latest())
         .region(elbv2::config::Region::new(REGION.to_string()))
@@ -70,7 +74,7 @@ fn recording_provider(aws: &Aws, calls: &TargetCalls) -> Arc<AwsProvider> {
             "test", "test", None, None, "static",
         ))
         .retry_config(elbv2::config::retry::RetryConfig::standard().with_max_attempts(2))
-        .interceptor(calls.clone())
+        .interceptor(interceptor)
         .build();
     let fast = Rate {
         qps: 1000.0,
@@ -101,7 +105,7 @@ async fn targets_are_registered_and_deregistered_100_at_a_time() -> Result<()> {
         node(&client, &name(i)).await?;
     }
     let calls = TargetCalls::default();
-    let provider = recording_provider(&aws, &calls);
+    let provider = provider_seen_by(&aws, calls.clone());
     let ctrl = Ctrl::start(&client, aws.config(class, false), provider.clone());
 
     create(

@@ -259,7 +259,7 @@ impl AwsProvider {
     ) -> Result<LoadBalancerStatus, ProviderError> {
         let d = spec::desired(cluster, service, &self.defaults)?;
         self.check_rule_cap(&d, BTreeSet::new())?;
-        let instances = spec::instance_ids(nodes);
+        let instances = spec::instance_ids(&spec::target_nodes(service, nodes)?);
         let tg_names: Vec<String> = d.target_groups.iter().map(|t| t.name.clone()).collect();
         let obs = self
             .observe(
@@ -299,7 +299,7 @@ impl AwsProvider {
         nodes: &[Node],
     ) -> Result<(), ProviderError> {
         let name = spec::load_balancer_name(cluster, service);
-        let instances = spec::instance_ids(nodes);
+        let instances = spec::instance_ids(&spec::target_nodes(service, nodes)?);
         // Computed once: the groups' names for a full lookup, and the rules of the
         // security-group pass (which alone needs the Service to be valid).
         let desired = spec::desired(cluster, service, &self.defaults);

@@ -8,15 +8,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use aws_sdk_elasticloadbalancingv2 as elbv2;
 use elbv2::types::{
     Action, ActionTypeEnum, Certificate, IpAddressType, LoadBalancerAttribute,
-    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, Tag, TargetDescription,
-    TargetGroupAttribute, TargetTypeEnum,
+    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, SubnetMapping, Tag,
+    TargetDescription, TargetGroupAttribute, TargetTypeEnum,
 };
 use tracing::{info, warn};
 
 use super::observe::{lb_obs, tg_obs};
 use super::{ElbCall, ElbPlan, LbObs, LbRef, Observed, TgRef};
 use crate::aws::budget::OpClass;
-use crate::aws::spec::{HealthCheck, Scheme, Tls};
+use crate::aws::spec::{HealthCheck, Scheme, Tls, subnet_mappings};
 use crate::aws::{AwsProvider, classify, is_code};
 use crate::provider::ProviderError;
 
@@ -138,6 +138,8 @@ impl AwsProvider {
                 scheme,
                 ip_address_type,
                 subnets,
+                eip_allocations,
+                private_ipv4_addresses,
                 tags,
             } => {
                 let scheme = match scheme {
@@ -150,7 +152,15 @@ impl AwsProvider {
                     .r#type(LoadBalancerTypeEnum::Network)
                     .scheme(scheme)
                     .ip_address_type(IpAddressType::from(ip_address_type.as_str()))
-                    .set_subnets(Some(subnets.clone()))
+                    .set_subnets(
+                        (eip_allocations.is_empty() && private_ipv4_addresses.is_empty())
+                            .then(|| subnets.clone()),
+                    )
+                    .set_subnet_mappings(mappings(
+                        subnets,
+                        eip_allocations,
+                        private_ipv4_addresses,
+                    )?)
                     .set_tags(Some(tags_vec(tags)))
                     .customize()
                     .config_override(no_sdk_retry())
@@ -331,6 +341,29 @@ impl AwsProvider {
             Err(e) => Err(classify("DeleteTargetGroup", e)),
         }
     }
+}
+
+/// Subnet mappings when the load balancer gets fixed addresses (else plain subnets are sent).
+fn mappings(
+    subnets: &[String],
+    eips: &[String],
+    private: &[String],
+) -> Result<Option<Vec<SubnetMapping>>, ProviderError> {
+    if eips.is_empty() && private.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        subnet_mappings(subnets, eips, private)?
+            .into_iter()
+            .map(|(s, eip, ip)| {
+                SubnetMapping::builder()
+                    .subnet_id(s)
+                    .set_allocation_id(eip)
+                    .set_private_ipv4_address(ip)
+                    .build()
+            })
+            .collect(),
+    ))
 }
 
 fn certificates(t: &Tls) -> Vec<Certificate> {

@@ -173,6 +173,10 @@ pub enum ElbCall {
         ip_address_type: String,
         /// Subnet IDs.
         subnets: Vec<String>,
+        /// Elastic IP allocations, paired in order with `subnets` (or none).
+        eip_allocations: Vec<String>,
+        /// Private IPv4 addresses, paired in order with `subnets` (or none).
+        private_ipv4_addresses: Vec<String>,
         /// Tags (ownership first of all).
         tags: BTreeMap<String, String>,
     },

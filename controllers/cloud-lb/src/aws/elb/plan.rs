@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{ElbCall, ElbPlan, LbRef, Observed, ObservedListener, TgRef, keeps};
-use crate::aws::spec::{DesiredLb, Tls};
+use crate::aws::spec::{DesiredLb, Tls, subnet_mappings};
 use crate::provider::ProviderError;
 
 /// The wanted attributes whose current value differs (or is missing): what a Modify*Attributes
@@ -133,11 +133,15 @@ pub fn plan(
                     d.name
                 ))
             })?;
+            // One address per subnet, or refused before anything is made.
+            subnet_mappings(&subnets, &d.eip_allocations, &d.private_ipv4_addresses)?;
             calls.push(ElbCall::CreateLoadBalancer {
                 name: d.name.clone(),
                 scheme: d.scheme,
                 ip_address_type: d.ip_address_type.clone(),
                 subnets,
+                eip_allocations: d.eip_allocations.clone(),
+                private_ipv4_addresses: d.private_ipv4_addresses.clone(),
                 tags: d.tags.clone(),
             });
             if !d.lb_attributes.is_empty() {

@@ -4,6 +4,7 @@
 
 mod annotations;
 mod names;
+mod placement;
 pub mod tenant;
 mod tls;
 
@@ -20,6 +21,7 @@ pub use names::{
     instance_id, instance_ids, load_balancer_name, name_prefix, target_group_name,
     target_group_names,
 };
+pub use placement::{is_target, subnet_mappings, target_nodes};
 pub use tls::Tls;
 
 /// Annotation prefix shared by cloud-provider-aws and the AWS Load Balancer Controller.
@@ -112,6 +114,12 @@ pub struct DesiredLb {
     /// Whether `subnets` came from the Service's annotation (a namespace user's word, so each
     /// must prove to be in the cluster's VPC) rather than the operator's cloud config.
     pub subnets_from_service: bool,
+    /// Elastic IP allocations paired in order with the subnets at creation (internet-facing).
+    pub eip_allocations: Vec<String>,
+    /// Private IPv4 addresses paired in order with the subnets at creation (internal).
+    pub private_ipv4_addresses: Vec<String>,
+    /// Labels a node must carry to be a target (`target-node-labels`; empty: every node).
+    pub target_node_labels: BTreeMap<String, String>,
     /// `ipv4` or `dualstack`.
     pub ip_address_type: String,
     /// Load balancer attributes we manage (only keys present here are compared).
@@ -163,6 +171,9 @@ pub fn desired(
         ));
     }
     let scheme = scheme(svc)?;
+    let eip_allocations = placement::eip_allocations(svc, scheme)?;
+    let private_ipv4_addresses = placement::private_ipv4_addresses(svc, scheme)?;
+    let target_node_labels = placement::target_node_labels(svc)?;
     let subnets_from_service = ann(svc, "subnets").is_some();
     let subnets = match ann(svc, "subnets") {
         Some(v) => {
@@ -325,6 +336,9 @@ pub fn desired(
         scheme,
         subnets,
         subnets_from_service,
+        eip_allocations,
+        private_ipv4_addresses,
+        target_node_labels,
         ip_address_type,
         lb_attributes,
         tags,

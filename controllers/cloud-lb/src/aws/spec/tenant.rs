@@ -52,6 +52,9 @@ pub const SUPPORTED: &[&str] = &[
     "ssl-cert",
     "ssl-ports",
     "ssl-negotiation-policy",
+    "eip-allocations",
+    "private-ipv4-addresses",
+    "target-node-labels",
 ];
 
 /// The Service's `aws-load-balancer-*` annotations this provider does not implement (full keys,

@@ -21,6 +21,8 @@ fn nothing_exists_creates_everything_in_order() {
                 scheme: Scheme::InternetFacing,
                 ip_address_type: "ipv4".into(),
                 subnets: vec!["subnet-1".into()],
+                eip_allocations: vec![],
+                private_ipv4_addresses: vec![],
                 tags: d.tags.clone(),
             },
             ElbCall::CreateTargetGroup {

@@ -1,5 +1,6 @@
 //! TLS listeners (`ssl-cert`, `ssl-ports`, `ssl-negotiation-policy`): which ports get TLS, and
-//! the calls that make, keep and change them.
+//! the calls that make, keep and change them; and fixed addresses (`eip-allocations`,
+//! `private-ipv4-addresses`) on the create.
 
 use super::super::plan;
 use super::*;
@@ -143,5 +144,37 @@ fn tls_listeners_are_created_kept_and_corrected() {
             .expect("plan")
             .calls
             .is_empty()
+    );
+}
+
+#[test]
+fn fixed_addresses_go_with_the_create_one_per_subnet() {
+    let s = svc(&[("eip-allocations", "eipalloc-1")], &[(80, "TCP", 30080)]);
+    let d = desired(&s);
+    let p = plan(&d, &nothing(&d), &nodes(&["i-a"])).expect("one subnet, one EIP");
+    assert!(matches!(
+        &p.calls[0],
+        ElbCall::CreateLoadBalancer { subnets, eip_allocations, private_ipv4_addresses, .. }
+            if subnets == &vec!["subnet-1".to_string()]
+                && eip_allocations == &vec!["eipalloc-1".to_string()]
+                && private_ipv4_addresses.is_empty()
+    ));
+    // Two EIPs for the one resolved subnet: refused, nothing planned.
+    let two = desired(&svc(
+        &[("eip-allocations", "eipalloc-1,eipalloc-2")],
+        &[(80, "TCP", 30080)],
+    ));
+    let e = plan(&two, &nothing(&two), &nodes(&["i-a"])).expect_err("count mismatch");
+    assert!(e.is_permanent(), "{e}");
+    // An existing load balancer is kept as it is (addresses are set only at creation).
+    assert!(
+        plan(
+            &two,
+            &converged(&desired(&s), &nodes(&["i-a"])),
+            &nodes(&["i-a"])
+        )
+        .expect("plan")
+        .calls
+        .is_empty()
     );
 }

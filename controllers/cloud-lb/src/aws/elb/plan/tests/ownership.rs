@@ -71,6 +71,8 @@ fn a_scheme_change_replaces_the_load_balancer_and_keeps_the_groups() {
                 scheme: Scheme::Internal,
                 ip_address_type: "ipv4".into(),
                 subnets: vec!["subnet-1".into()],
+                eip_allocations: vec![],
+                private_ipv4_addresses: vec![],
                 tags: d.tags.clone(),
             },
             ElbCall::CreateListener {
