@@ -110,6 +110,18 @@ pub fn text(x: &Explanation) -> String {
             let _ = writeln!(out, "  {label}: {v}");
         }
     }
+    for i in &x.load_balancer {
+        let addr =
+            i.ip.clone()
+                .or_else(|| i.hostname.clone())
+                .unwrap_or_default();
+        let mode = i
+            .ip_mode
+            .as_deref()
+            .map(|m| format!(" (ipMode {m})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  load balancer: {addr}{mode}");
+    }
     if let Some(s) = x.session_affinity_seconds {
         let _ = writeln!(out, "  sessionAffinity: ClientIP ({s}s)");
     }
@@ -155,6 +167,8 @@ pub fn text(x: &Explanation) -> String {
             };
             let whom = if rs.every_node {
                 "every node".to_string()
+            } else if rs.nodes.len() == 1 {
+                format!("node {}", rs.nodes[0])
             } else {
                 format!("nodes {}", rs.nodes.join(", "))
             };

@@ -346,6 +346,13 @@ fn load_balancer_with_local_policy_explains_each_node() {
             .iter()
             .any(|l| l.contains("--probability 0.50000000000"))
     );
+    let text = render::text(&x);
+    assert!(
+        text.contains("  load balancer: 192.168.0.150 (ipMode VIP)\n"),
+        "{text}"
+    );
+    assert!(text.contains("# iptables-save, on node n1\n"));
+    assert!(text.contains("# iptables-save, on nodes n2, n3\n"));
 }
 
 #[test]
