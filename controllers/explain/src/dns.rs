@@ -49,9 +49,25 @@ fn addr_type(ip: &str) -> &'static str {
     if ip.contains(':') { "AAAA" } else { "A" }
 }
 
-/// CoreDNS's SRV weight: records of one priority share 100, each getting floor(100 / n).
-fn srv_weight(n: usize) -> usize {
-    100 / n.max(1)
+/// CoreDNS's SRV answer from its candidates (target, port): each gets floor(100 / n) of the
+/// weight, n counting every candidate, and a repeated (target, port) is then dropped (so a
+/// dual-stack ClusterIP Service answers with one record of weight 50).
+fn srv_records(owner: &str, candidates: &[(String, i32)]) -> Vec<DnsRecord> {
+    let w = 100 / candidates.len().max(1);
+    let mut seen: Vec<&(String, i32)> = vec![];
+    let mut out = vec![];
+    for c in candidates {
+        if seen.contains(&c) {
+            continue;
+        }
+        seen.push(c);
+        out.push(DnsRecord {
+            name: owner.to_string(),
+            type_: "SRV".into(),
+            value: format!("0 {w} {} {}", c.1, c.0),
+        });
+    }
+    out
 }
 
 /// The records of `svc` in `domain`, given its ready endpoints (only read when headless).
@@ -91,7 +107,7 @@ pub fn records(svc: &Service, domain: &str, ready: &[DnsEndpoint]) -> Vec<DnsRec
         if ips.is_empty() {
             ips.extend(spec.cluster_ip.as_deref().filter(|s| !s.is_empty()));
         }
-        for ip in ips {
+        for ip in &ips {
             out.push(rec(&fqdn, addr_type(ip), ip.to_string()));
         }
         for p in ports {
@@ -99,11 +115,10 @@ pub fn records(svc: &Service, domain: &str, ready: &[DnsEndpoint]) -> Vec<DnsRec
                 continue;
             };
             let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
-            out.push(rec(
-                &format!("_{pn}._{proto}.{fqdn}"),
-                "SRV",
-                format!("0 100 {} {fqdn}", p.port),
-            ));
+            // One candidate per cluster IP, all naming the Service.
+            let candidates: Vec<(String, i32)> =
+                ips.iter().map(|_| (fqdn.clone(), p.port)).collect();
+            out.extend(srv_records(&format!("_{pn}._{proto}.{fqdn}"), &candidates));
         }
         return out;
     }
@@ -128,7 +143,8 @@ pub fn records(svc: &Service, domain: &str, ready: &[DnsEndpoint]) -> Vec<DnsRec
             continue;
         };
         let proto = p.protocol.as_deref().unwrap_or("TCP");
-        let targets: Vec<(String, i32)> = eps
+        // Every ready address is a candidate (dual-stack pods twice), before de-duplication.
+        let candidates: Vec<(String, i32)> = ready
             .iter()
             .filter_map(|e| {
                 e.ports
@@ -137,11 +153,8 @@ pub fn records(svc: &Service, domain: &str, ready: &[DnsEndpoint]) -> Vec<DnsRec
                     .map(|(_, _, port)| (format!("{}.{fqdn}", endpoint_label(e)), *port))
             })
             .collect();
-        let w = srv_weight(targets.len());
         let owner = format!("_{pn}._{}.{fqdn}", proto.to_ascii_lowercase());
-        for (t, port) in targets {
-            out.push(rec(&owner, "SRV", format!("0 {w} {port} {t}")));
-        }
+        out.extend(srv_records(&owner, &candidates));
     }
     out
 }
@@ -213,6 +226,55 @@ mod tests {
         assert_eq!(
             triples(&records(&unnamed, "example.org.", &[])),
             vec![("web.shop.svc.example.org", "AAAA", "fd00::4")]
+        );
+    }
+
+    #[test]
+    fn dual_stack_srv_weights_count_every_candidate() {
+        let mut s = svc("ClusterIP", Some("10.96.3.4"), &[(Some("http"), 80, "TCP")]);
+        if let Some(sp) = s.spec.as_mut() {
+            sp.cluster_ips = Some(vec!["10.96.3.4".into(), "fd00::4".into()]);
+        }
+        let got = records(&s, "cluster.local", &[]);
+        assert_eq!(
+            triples(&got),
+            vec![
+                ("web.shop.svc.cluster.local", "A", "10.96.3.4"),
+                ("web.shop.svc.cluster.local", "AAAA", "fd00::4"),
+                (
+                    "_http._tcp.web.shop.svc.cluster.local",
+                    "SRV",
+                    "0 50 80 web.shop.svc.cluster.local"
+                ),
+            ]
+        );
+        // Headless: a dual-stack pod with a hostname is one target, counted twice.
+        let mut h = svc("ClusterIP", Some("None"), &[(Some("http"), 80, "TCP")]);
+        if let Some(sp) = h.spec.as_mut() {
+            sp.cluster_ips = None;
+        }
+        let port = vec![("http".to_string(), "TCP".to_string(), 8080)];
+        let ep = |ip: &str, host: Option<&str>| DnsEndpoint {
+            ip: ip.into(),
+            hostname: host.map(Into::into),
+            ports: port.clone(),
+        };
+        let eps = [
+            ep("10.244.1.2", Some("web-0")),
+            ep("fd00:10::2", Some("web-0")),
+            ep("10.244.1.3", None),
+        ];
+        let srv: Vec<String> = records(&h, "cluster.local", &eps)
+            .into_iter()
+            .filter(|r| r.type_ == "SRV")
+            .map(|r| r.value)
+            .collect();
+        assert_eq!(
+            srv,
+            vec![
+                "0 33 8080 web-0.web.shop.svc.cluster.local",
+                "0 33 8080 10-244-1-3.web.shop.svc.cluster.local"
+            ]
         );
     }
 
