@@ -475,7 +475,7 @@ fn events_are_the_last_ten_of_this_service_oldest_first() {
 }
 
 #[test]
-fn the_json_form_names_fields_as_the_api_does() {
+fn the_json_form_is_the_explanation_with_snake_case_fields() {
     let o = observed(
         svc("web", "NodePort", IntOrString::Int(8080)),
         vec![],
