@@ -4,6 +4,7 @@
 //! unsupported `aws-load-balancer-*` annotations are warned about once per Service and set.
 
 use anyhow::{Result, anyhow};
+use cloud_lb::LoadBalancerProvider;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use test_support::moto::is_mutating;
@@ -278,5 +279,71 @@ async fn unsupported_annotations_are_warned_about_once_per_set() -> Result<()> {
     })
     .await?;
     ctrl.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cap_counts_health_rules_before_any_group_changes() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let cluster = "it-cap-health";
+    let aws = Aws::start(cluster).await?;
+    let subnet = aws.subnets[0].clone();
+    let vpc = aws.vpc_of_subnet(&subnet).await?;
+    let tag = format!("kubernetes.io/cluster/{cluster}");
+    let sg = aws
+        .security_group(&vpc, "nodes", &[(&tag, "owned")])
+        .await?;
+    let id = aws.instance(&subnet, &[&sg]).await?;
+    let node = k8s_openapi::api::core::v1::Node {
+        metadata: kube::api::ObjectMeta {
+            name: Some("cap-a".into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            provider_id: Some(format!("aws:///us-east-1a/{id}")),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    // One port from one range: a client and an MTU rule (within a cap of 2), plus the health
+    // rule from the load balancer's subnet, known only once it exists: 3.
+    let mut svc = lb_service("ns", "capped", None, &[("http", 80, "TCP", Some(30090))]);
+    svc.metadata.uid = Some("uid-capped".into());
+    if let Some(sp) = svc.spec.as_mut() {
+        sp.load_balancer_source_ranges = Some(vec!["203.0.113.0/24".into()]);
+    }
+    let ours = || async {
+        aws.rules(&sg)
+            .await
+            .into_iter()
+            .filter(|r| r.3.starts_with("kubernetes.io/rule/nlb/"))
+            .count()
+    };
+    let capped = aws.provider_with(cloud_lb::aws::AwsCloudConfig {
+        subnets: aws.subnets[..1].to_vec(),
+        max_rules_per_service: Some(2),
+        ..Default::default()
+    });
+    let e = capped
+        .ensure(cluster, &svc, std::slice::from_ref(&node))
+        .await
+        .expect_err("3 rules over a cap of 2");
+    assert!(e.is_permanent(), "{e}");
+    assert_eq!(e.code(), Some("SecurityGroupRuleCapExceeded"), "{e}");
+    assert!(e.to_string().contains("needs 3 ingress rules"), "{e}");
+    assert_eq!(ours().await, 0, "no rule granted");
+    assert!(
+        !aws.proxy
+            .counts()
+            .contains_key("AuthorizeSecurityGroupIngress")
+    );
+    // Under the default cap the same Service gets its three rules; deletion takes them.
+    let provider = aws.provider();
+    provider
+        .ensure(cluster, &svc, std::slice::from_ref(&node))
+        .await?;
+    assert_eq!(ours().await, 3);
+    provider.ensure_deleted(cluster, &svc).await?;
+    assert_eq!(ours().await, 0);
     Ok(())
 }
