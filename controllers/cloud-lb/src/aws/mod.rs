@@ -485,7 +485,8 @@ impl LoadBalancerProvider for AwsProvider {
         let name = spec::load_balancer_name(cluster, service);
         Ok(self
             .find_owned_lb(cluster, service, &name)
-            .await?
+            .await
+            .map_err(|e| scrub(e, service))?
             .map(|lb| status_of(&lb)))
     }
 
