@@ -1,15 +1,23 @@
 //! Differential tests: every scenario in `tests/differential/scenarios/*.yaml` (Nodes,
 //! Services, then steps applied to Pods and Services) runs on one real API server with our
-//! EndpointSlice controller and kube-controller-manager's (`--controllers=endpointslice`) side
+//! EndpointSlice controller and kube-controller-manager's (`--controllers=endpointslice,endpoint`) side
 //! by side. Each manages its own slices (different managed-by values), so both see exactly the
 //! same objects at the same moments. After every step both must converge to the same EndpointSlices,
 //! endpoint for endpoint: addresses, conditions, ports, hostname, nodeName, zone, hints;
-//! generated names, resourceVersions, the managed-by label and upstream's trigger-time
-//! annotation are ignored.
+//! generated names, resourceVersions and the managed-by label are ignored, and the
+//! trigger-time annotation is compared on its own terms (below).
 //!
 //! Deliberate difference: under `topology-mode: Auto`, which endpoints of an over-supplied
 //! zone are re-hinted to another zone follows Go map order upstream (random) and sorted order
 //! here, so those scenarios compare hint counts per zone instead (`hints: counts`).
+//!
+//! Beyond the endpoints (issue 16): the trigger-time annotation is compared where both
+//! controllers necessarily saw the same change (`trigger`), and kube-controller-manager's
+//! `endpoint` controller runs too, its legacy Endpoints checked against our core (`legacy`).
+//! Pods get a Ready `lastTransitionTime` at each transition, as a kubelet sets it.
+
+mod legacy;
+mod trigger;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,8 +31,10 @@ use serde::Deserialize;
 use test_support::invariants::converge;
 use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
-    namespace, set_pod_status,
+    namespace,
 };
+use tokio::process::Command;
+use trigger::{Readiness, StepKind};
 
 #[derive(Deserialize, Debug)]
 struct Scenario {
@@ -101,7 +111,12 @@ enum Step {
     DeleteService(String),
 }
 
-async fn create_pod_def(client: &Client, ns: &str, p: &PodDef) -> Result<()> {
+async fn create_pod_def(
+    client: &Client,
+    ns: &str,
+    p: &PodDef,
+    readiness: &mut Readiness,
+) -> Result<()> {
     let labels: Vec<(&str, &str)> = p
         .labels
         .iter()
@@ -118,25 +133,28 @@ async fn create_pod_def(client: &Client, ns: &str, p: &PodDef) -> Result<()> {
     b.hostname = p.hostname.clone();
     b.subdomain = p.subdomain.clone();
     create_pod(client, &b).await?;
-    let ips: Vec<&str> = p.ips.iter().map(String::as_str).collect();
-    set_pod_status(client, ns, &p.name, p.ready, &ips).await?;
+    let since = readiness.transition(&p.name, p.ready)?;
+    trigger::set_status(client, ns, &p.name, p.ready, &p.ips, &since).await?;
     Ok(())
 }
 
+/// Applies a step; what it changed, for the trigger-time comparison.
 async fn apply_step(
     client: &Client,
     ns: &str,
     step: &Step,
     ips: &mut BTreeMap<String, Vec<String>>,
-) -> Result<()> {
+    readiness: &mut Readiness,
+) -> Result<StepKind> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
     match step {
         Step::Pods(list) => {
             for p in list {
-                create_pod_def(client, ns, p).await?;
+                create_pod_def(client, ns, p, readiness).await?;
                 ips.insert(p.name.clone(), p.ips.clone());
             }
+            return Ok(StepKind::PodsCreated);
         }
         Step::GeneratePods(g) => {
             for i in 0..g.count {
@@ -150,14 +168,19 @@ async fn apply_step(
                     hostname: None,
                     subdomain: None,
                 };
-                create_pod_def(client, ns, &p).await?;
+                create_pod_def(client, ns, &p, readiness).await?;
                 ips.insert(p.name.clone(), p.ips.clone());
             }
+            return Ok(StepKind::PodsCreated);
         }
         Step::SetReady { pod, ready } => {
             let i = ips.get(pod).cloned().unwrap_or_default();
-            let refs: Vec<&str> = i.iter().map(String::as_str).collect();
-            set_pod_status(client, ns, pod, *ready, &refs).await?;
+            let since = readiness.transition(pod, *ready)?;
+            trigger::set_status(client, ns, pod, *ready, &i, &since).await?;
+            return Ok(StepKind::Transition {
+                pod: pod.clone(),
+                at: trigger::api_time(&since)?,
+            });
         }
         Step::DeletePod(p) => {
             pods.delete(p, &DeleteParams::default()).await?;
@@ -174,10 +197,17 @@ async fn apply_step(
             svcs.delete(name, &DeleteParams::default()).await?;
         }
     }
-    Ok(())
+    Ok(StepKind::OneEvent)
 }
 
-async fn run_scenario(client: &Client, sc: &Scenario) -> Result<()> {
+/// How much a scenario compared beyond the endpoints.
+#[derive(Default)]
+struct Extra {
+    triggers: trigger::Compared,
+    endpoints_objects: usize,
+}
+
+async fn run_scenario(client: &Client, sc: &Scenario, extra: &mut Extra) -> Result<()> {
     let ns = namespace(client, &format!("diff-{}", sc.name)).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     for n in &sc.nodes {
@@ -199,14 +229,19 @@ async fn run_scenario(client: &Client, sc: &Scenario) -> Result<()> {
         }
     }
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let mut created = Vec::new();
     for s in &sc.services {
         let svc: Service = serde_json::from_value(serde_json::json!({
             "metadata": {"name": s.name, "labels": s.labels, "annotations": s.annotations},
             "spec": s.spec,
         }))?;
-        api.create(&PostParams::default(), &svc)
+        let made = api
+            .create(&PostParams::default(), &svc)
             .await
             .with_context(|| format!("service {}", s.name))?;
+        if let Some(t) = made.metadata.creation_timestamp.as_ref() {
+            created.push((s.name.clone(), trigger::api_time(t)?));
+        }
     }
     let names: Vec<String> = sc.services.iter().map(|s| s.name.clone()).collect();
     let counts = sc.hints.as_deref() == Some("counts");
@@ -218,20 +253,23 @@ async fn run_scenario(client: &Client, sc: &Scenario) -> Result<()> {
         &format!("{}: initial", sc.name),
     )
     .await?;
+    let what = format!("{}: initial", sc.name);
+    let none = trigger::Versions::default();
+    let kind = StepKind::Created(created);
+    extra.triggers += trigger::check(client, &ns, &names, &kind, &none, &what).await?;
+    extra.endpoints_objects += legacy::check(client, &ns, &names, &what).await?;
     let mut ips = BTreeMap::new();
+    let mut readiness = Readiness::default();
     let mut most = 0;
     for (i, step) in sc.steps.iter().enumerate() {
-        apply_step(client, &ns, step, &mut ips)
+        let before = trigger::versions(client, &ns, &names).await?;
+        let kind = apply_step(client, &ns, step, &mut ips, &mut readiness)
             .await
             .with_context(|| format!("{} step {i}", sc.name))?;
-        let c = converge(
-            client,
-            &ns,
-            &names,
-            counts,
-            &format!("{} after step {i} ({step:?})", sc.name),
-        )
-        .await?;
+        let what = format!("{} after step {i} ({step:?})", sc.name);
+        let c = converge(client, &ns, &names, counts, &what).await?;
+        extra.triggers += trigger::check(client, &ns, &names, &kind, &before, &what).await?;
+        extra.endpoints_objects += legacy::check(client, &ns, &names, &what).await?;
         eprintln!(
             "  step {i}: {} endpoints agree, {} hinted",
             c.endpoints, c.hinted
@@ -251,7 +289,19 @@ async fn run_scenario(client: &Client, sc: &Scenario) -> Result<()> {
 async fn ours_and_upstream_agree_on_every_scenario() -> Result<()> {
     let cp = ControlPlane::start(ControlPlaneOptions::default()).await?;
     let client = cp.client().await?;
-    let mut kcm = test_support::upstream_endpointslice_controller(&cp)?;
+    // kube-controller-manager's EndpointSlice controller, and its legacy Endpoints one.
+    let mut kcm = Command::new(test_support::tool("kube-controller-manager")?)
+        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
+        .args([
+            "--leader-elect=false",
+            "--controllers=endpointslice,endpoint",
+        ])
+        .args(["--secure-port=0", "--use-service-account-credentials=false"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting kube-controller-manager")?;
     let (gate, _tx) = LeaderGate::fixed(true);
     let base = ContextBase::new(client.clone(), gate);
     let shutdown = base.shutdown.clone();
@@ -266,13 +316,14 @@ async fn ours_and_upstream_agree_on_every_scenario() -> Result<()> {
         .collect();
     files.sort();
     let mut failures = Vec::new();
+    let mut extra = Extra::default();
     for f in &files {
         // Through JSON: serde_yaml 0.9 wants `!tags` for enums, the files use plain maps.
         let raw: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(f)?)
             .with_context(|| f.display().to_string())?;
         let sc: Scenario = serde_json::from_value(raw).with_context(|| f.display().to_string())?;
         eprintln!("scenario {}", sc.name);
-        if let Err(e) = run_scenario(&client, &sc).await {
+        if let Err(e) = run_scenario(&client, &sc, &mut extra).await {
             failures.push(format!("{e:#}"));
         }
     }
@@ -287,5 +338,14 @@ async fn ours_and_upstream_agree_on_every_scenario() -> Result<()> {
             failures.join("\n\n")
         );
     }
+    eprintln!(
+        "compared {} trigger-time annotations by value, {} by presence, {} Endpoints objects",
+        extra.triggers.values, extra.triggers.presence, extra.endpoints_objects
+    );
+    assert!(
+        extra.triggers.values > 0 && extra.triggers.presence > 0,
+        "trigger-time annotations not compared"
+    );
+    assert!(extra.endpoints_objects > 0, "no Endpoints object compared");
     Ok(())
 }
