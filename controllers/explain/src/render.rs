@@ -81,6 +81,10 @@ fn port_block(out: &mut String, p: &PortChain) {
     }
 }
 
+/// How many rule sets the text shows: with Local traffic policies every node can differ, and
+/// a cluster has thousands.
+pub const MAX_TEXT_RULE_SETS: usize = 10;
+
 /// Renders `x` as text.
 pub fn text(x: &Explanation) -> String {
     let mut out = String::new();
@@ -159,7 +163,7 @@ pub fn text(x: &Explanation) -> String {
             out,
             "\nkube-proxy rules (iptables mode, as iptables-save prints them):"
         );
-        for rs in &x.iptables {
+        for rs in x.iptables.iter().take(MAX_TEXT_RULE_SETS) {
             let tool = if rs.family == "IPv6" {
                 "ip6tables"
             } else {
@@ -183,6 +187,14 @@ pub fn text(x: &Explanation) -> String {
                 }
             }
         }
+    }
+
+    if x.iptables.len() > MAX_TEXT_RULE_SETS {
+        let _ = writeln!(
+            out,
+            "  # ... {} more sets of nodes with other rules (-o json has them all)",
+            x.iptables.len() - MAX_TEXT_RULE_SETS
+        );
     }
 
     let _ = writeln!(out, "\nDNS:");

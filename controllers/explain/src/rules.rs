@@ -199,6 +199,20 @@ pub fn proxied(svc: &Service) -> bool {
             .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
 }
 
+/// Whether kube-proxy's rules for these ports can differ between nodes: Local traffic
+/// policies (which endpoints are local), topology hints (which node or zone), and source
+/// ranges (whether the node's own address is in one).
+fn node_dependent(ports: &[ProxyPort]) -> bool {
+    ports.iter().any(|p| {
+        p.itp_local
+            || p.etp_local
+            || (!p.source_ranges.is_empty() && !p.lb_vips.is_empty())
+            || p.endpoints
+                .iter()
+                .any(|e| !e.zone_hints.is_empty() || !e.node_hints.is_empty())
+    })
+}
+
 fn rules_on(ports: &[ProxyPort], node: Option<&NodeView>) -> Rules {
     let mut all = Rules::default();
     for p in ports {
@@ -245,14 +259,17 @@ pub fn rule_sets(o: &Observed) -> Vec<RuleSet> {
         };
         let ports = proxy_ports(o, family, &ip);
         let mut groups: Vec<(Rules, Vec<String>)> = vec![];
-        if nodes.is_empty() {
-            groups.push((rules_on(&ports, None), vec![]));
-        }
-        for n in &nodes {
-            let r = rules_on(&ports, Some(n));
-            match groups.iter_mut().find(|(g, _)| *g == r) {
-                Some((_, names)) => names.push(n.name.clone()),
-                None => groups.push((r, vec![n.name.clone()])),
+        if nodes.is_empty() || !node_dependent(&ports) {
+            // The same on every node: computed once (a large cluster has thousands of nodes).
+            let names = nodes.iter().map(|n| n.name.clone()).collect();
+            groups.push((rules_on(&ports, None), names));
+        } else {
+            for n in &nodes {
+                let r = rules_on(&ports, Some(n));
+                match groups.iter_mut().find(|(g, _)| *g == r) {
+                    Some((_, names)) => names.push(n.name.clone()),
+                    None => groups.push((r, vec![n.name.clone()])),
+                }
             }
         }
         let every = groups.len() == 1;

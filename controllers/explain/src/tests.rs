@@ -570,3 +570,59 @@ fn a_pod_on_a_missing_node_is_explained() {
         ]
     );
 }
+
+#[test]
+fn node_independent_rules_equal_the_per_node_computation() {
+    // Cluster policy: computed once for every node; the same as what each node would get.
+    let o = observed(
+        svc("same", "NodePort", IntOrString::Int(8080)),
+        vec![slice(
+            "same",
+            &[
+                ("10.244.1.5", "same-0", "n1", true),
+                ("10.244.2.5", "same-1", "n2", true),
+            ],
+        )],
+        vec![],
+        vec![node("n1", "10.0.0.1", &[]), node("n2", "10.0.0.2", &[])],
+    );
+    let x = explain(&o);
+    assert_eq!(x.iptables.len(), 1);
+    assert!(x.iptables[0].every_node);
+    assert_eq!(x.iptables[0].nodes, vec!["n1", "n2"]);
+    let ports = rules::proxy_ports(&o, endpointslice::common::AddressType::IPv4, "10.96.0.20");
+    for n in &o.nodes {
+        let view = proxy::NodeView {
+            name: n.metadata.name.clone().unwrap_or_default(),
+            ips: rules::node_ips(n),
+            zone: None,
+        };
+        let mut nat: Vec<String> = ports
+            .iter()
+            .flat_map(|p| proxy::port_rules(p, Some(&view)).nat)
+            .collect();
+        proxy::group_by_chain(&mut nat);
+        assert_eq!(nat, x.iptables[0].nat);
+    }
+}
+
+#[test]
+fn the_text_shows_at_most_ten_rule_sets() {
+    let mut s = svc("many", "LoadBalancer", IntOrString::Int(8080));
+    if let Some(spec) = s.spec.as_mut() {
+        spec.external_traffic_policy = Some("Local".into());
+    }
+    // Twelve nodes, each with its own local endpoint: twelve different rule sets.
+    let names: Vec<String> = (0..12).map(|i| format!("n{i:02}")).collect();
+    let ips: Vec<String> = (0..12).map(|i| format!("10.244.{i}.5")).collect();
+    let pods: Vec<String> = (0..12).map(|i| format!("many-{i}")).collect();
+    let eps: Vec<(&str, &str, &str, bool)> = (0..12)
+        .map(|i| (ips[i].as_str(), pods[i].as_str(), names[i].as_str(), true))
+        .collect();
+    let nodes = names.iter().map(|n| node(n, "10.0.0.1", &[])).collect();
+    let x = explain(&observed(s, vec![slice("many", &eps)], vec![], nodes));
+    assert_eq!(x.iptables.len(), 12);
+    let text = render::text(&x);
+    assert_eq!(text.matches("# iptables-save, on node ").count(), 10);
+    assert!(text.contains("# ... 2 more sets of nodes with other rules (-o json has them all)"));
+}
