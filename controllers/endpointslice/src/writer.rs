@@ -11,6 +11,8 @@
 
 use std::future::Future;
 
+use tokio::time::Instant;
+
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use scm_runtime::ObjectKey;
@@ -106,10 +108,11 @@ impl Slices {
     ) -> Result<Written, Error> {
         let ns = key.namespace.as_str();
         for c in w.create.iter().filter(|_| create) {
+            let t = Instant::now();
             match api.create(ns, c).await {
                 Ok(created) => {
                     self.tracker.update(key, &created);
-                    metrics.change("create");
+                    metrics.wrote("create", t.elapsed());
                     self.cache().write_through(key, created);
                 }
                 Err(e) if namespace_terminating(&e) => {
@@ -120,20 +123,22 @@ impl Slices {
             }
         }
         for u in w.update {
+            let t = Instant::now();
             let updated = api.replace(ns, u).await.map_err(Error::Kube)?;
             self.tracker.update(key, &updated);
-            metrics.change("update");
+            metrics.wrote("update", t.elapsed());
             self.cache().write_through(key, updated);
         }
         for d in w.delete {
             let name = d.metadata.name.as_deref().unwrap_or_default();
+            let t = Instant::now();
             match api.delete(ns, name, d.metadata.uid.clone()).await {
                 Ok(()) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(Error::Kube(e)),
             }
             self.tracker.expect_deletion(key, d);
-            metrics.change("delete");
+            metrics.wrote("delete", t.elapsed());
             self.cache().forget(key, name);
         }
         Ok(Written::All)
