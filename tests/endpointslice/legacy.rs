@@ -112,3 +112,79 @@ async fn legacy_endpoints_labelled_as_upstream_with_trigger_time() -> Result<()>
     );
     Ok(())
 }
+
+/// Issue 16: a failed Endpoints write gets upstream's Warning Event on the Endpoints object
+/// (`FailedToCreateEndpoint` / `FailedToUpdateEndpoint`, with upstream's message), and is
+/// retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_endpoints_writes_get_upstreams_events_and_are_retried() -> Result<()> {
+    use reqwest::Method;
+    use test_support::apiproxy::{Action, ApiProxy, Match};
+    use test_support::events::events_with_reason;
+    let e = env("es-legacy-events").await?;
+    let proxy = ApiProxy::start(e.client.clone()).await?;
+    let via = Client::try_from(proxy.config()?)?;
+    let fault = Action::Status {
+        code: 500,
+        retry_after: None,
+    };
+    proxy.fail(Match::writes(Method::POST, "endpoints"), fault.clone(), 1);
+    let _ep = start_endpoints(&via, &e.ns);
+    e.service("web", basic_spec(serde_json::json!({}))).await?;
+    let (client, ns) = (e.client.clone(), e.ns.clone());
+    let event = |reason: &'static str| {
+        let (client, ns) = (client.clone(), ns.clone());
+        wait_for(reason, WAIT, move || {
+            let (client, ns) = (client.clone(), ns.clone());
+            async move {
+                events_with_reason(&client, &ns, "web", reason)
+                    .await
+                    .into_iter()
+                    .find(|ev| {
+                        ev.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Endpoints")
+                    })
+            }
+        })
+    };
+    let ev = event("FailedToCreateEndpoint").await?;
+    let note = ev.note.unwrap_or_default();
+    assert!(
+        note.starts_with(&format!(
+            "Failed to create endpoint for service {}/web: ",
+            e.ns
+        )),
+        "{note}"
+    );
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    let api: Api<Endpoints> = Api::namespaced(e.client.clone(), &e.ns);
+    wait_for("Endpoints created on the retry", WAIT, || {
+        let api = api.clone();
+        async move { api.get_opt("web").await.ok().flatten() }
+    })
+    .await?;
+
+    proxy.fail(Match::writes(Method::PUT, "endpoints"), fault, 1);
+    e.pod(0, "web", true, 8080).await?;
+    let ev = event("FailedToUpdateEndpoint").await?;
+    let note = ev.note.unwrap_or_default();
+    assert!(
+        note.starts_with(&format!("Failed to update endpoint {}/web: ", e.ns)),
+        "{note}"
+    );
+    wait_for("the pod's address on the retry", WAIT, || {
+        let api = api.clone();
+        async move {
+            let ep = api.get_opt("web").await.ok().flatten()?;
+            let n: usize = ep
+                .subsets
+                .iter()
+                .flatten()
+                .map(|s| s.addresses.as_ref().map_or(0, Vec::len))
+                .sum();
+            (n == 1).then_some(())
+        }
+    })
+    .await?;
+    assert_eq!(proxy.injected(), 2, "both faults were used");
+    Ok(())
+}

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Service};
 use kube::api::{Api, DeleteParams, PostParams};
+use tracing::warn;
 
 use scm_runtime::informer::Change;
 use scm_runtime::{ControllerContext, ObjectKey, Requeue};
@@ -177,11 +178,32 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             Ok(_) => {}
             Err(kube::Error::Api(ae))
                 if ae.code == 403 && ae.message.contains("being terminated") => {}
-            Err(e) => return Err(e.into()),
+            Err(err) => {
+                let note = format!(
+                    "Failed to create endpoint for service {}/{}: {}",
+                    key.namespace,
+                    key.name,
+                    reason(&err)
+                );
+                failed(&s, &e, "FailedToCreateEndpoint", note).await;
+                return Err(err.into());
+            }
         },
         EndpointsPlan::Update(e) => {
             let old_rv = e.metadata.resource_version.clone();
-            let updated = api.replace(&key.name, &PostParams::default(), &e).await?;
+            let updated = match api.replace(&key.name, &PostParams::default(), &e).await {
+                Ok(u) => u,
+                Err(err) => {
+                    let note = format!(
+                        "Failed to update endpoint {}/{}: {}",
+                        key.namespace,
+                        key.name,
+                        reason(&err)
+                    );
+                    failed(&s, &e, "FailedToUpdateEndpoint", note).await;
+                    return Err(err.into());
+                }
+            };
             if let Some(rv) = old_rv
                 && updated.metadata.resource_version.as_ref() != Some(&rv)
             {
@@ -194,6 +216,34 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
     }
     s.state().trigger_times.record(&key, seen);
     Ok(Requeue::Done)
+}
+
+/// What failed, as client-go's error reads: the API server's message, else the error.
+fn reason(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(ae) => ae.message.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// Upstream's Warning Event on the Endpoints object a write failed for (logged too, with its
+/// key); the error itself goes back to the queue for a retry.
+async fn failed(s: &Shared, e: &Endpoints, reason: &str, note: String) {
+    let key = ObjectKey::of(e);
+    warn!(endpoints = %key, reason, "{note}");
+    let obj = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Endpoints".into()),
+        name: e.metadata.name.clone(),
+        namespace: e.metadata.namespace.clone(),
+        uid: e.metadata.uid.clone(),
+        ..Default::default()
+    };
+    s.base
+        .ctx
+        .events
+        .warning(&obj, reason, "UpdateEndpoints", note)
+        .await;
 }
 
 #[cfg(test)]
