@@ -196,6 +196,8 @@ show() { printf '\n$ kubectl %s\n' "$*"; kc "$@" 2> >(grep -v 'v1 Endpoints is d
 show get svc
 show get endpointslices
 show get endpoints
+printf '\n$ service-controller-manager explain default/example\n'
+"$MANAGER" explain default/example --kubeconfig "$KUBECONFIG_PATH"
 echo
 
 if [ "$KEEP" = 1 ]; then
