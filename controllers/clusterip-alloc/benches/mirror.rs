@@ -2,6 +2,8 @@
 //!
 //! 1. Pure: `Mirror::build` (ClusterIP, dual-stack /16 + /108) and the NodePort mirror over
 //!    10,000 generated Services (2,000 of them NodePort).
+//!    The same Services again in a `10.0.0.0/8` + IPv6 `/64` range with an IPAddress object per
+//!    address (the v1.37 state): the ranges' size must not show in the peak.
 //! 2. At start against the real control plane (when `bin/controlplane` exists and
 //!    `SCM_BENCH_E2E` is not `0`): 10,000 Services are created through a stock kube-apiserver,
 //!    then `clusterip-alloc` and `nodeport-alloc` are started and timed until their caches
@@ -140,6 +142,82 @@ fn pure() {
     println!("  peak heap above inputs:   {:>8.2} MiB", mib(peak));
 }
 
+/// The IPAddress kube-apiserver's allocator keeps for `svc`'s address `ip`.
+fn ip_address(ip: &str, svc: &Service) -> k8s_openapi::api::networking::v1::IPAddress {
+    use k8s_openapi::api::networking::v1::{IPAddress, IPAddressSpec, ParentReference};
+    let fam = if ip.contains(':') { "IPv6" } else { "IPv4" };
+    IPAddress {
+        metadata: ObjectMeta {
+            name: Some(ip.into()),
+            labels: Some(
+                [
+                    (
+                        "ipaddress.kubernetes.io/managed-by".to_string(),
+                        "ipallocator.k8s.io".to_string(),
+                    ),
+                    ("ipaddress.kubernetes.io/ip-family".into(), fam.into()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: IPAddressSpec {
+            parent_ref: ParentReference {
+                group: Some(String::new()),
+                resource: "services".into(),
+                namespace: svc.metadata.namespace.clone(),
+                name: svc.metadata.name.clone().unwrap_or_default(),
+            },
+        },
+    }
+}
+
+/// The pure mirror over wide ranges with IPAddress objects.
+fn pure_wide() {
+    let services: Vec<Service> = (0..N).map(|i| service(i, true)).collect();
+    let refs: Vec<&Service> = services.iter().collect();
+    let ips: Vec<_> = services
+        .iter()
+        .flat_map(|s| {
+            let spec = s.spec.as_ref().expect("spec");
+            let ips = spec.cluster_ips.clone().unwrap_or_default();
+            ips.into_iter().map(move |ip| ip_address(&ip, s))
+        })
+        .collect();
+    let objects: Vec<_> = ips.iter().collect();
+    let view = clusterip_alloc::core::IpAddresses {
+        objects: &objects,
+        grace: Default::default(),
+    };
+    let cfg = clusterip_alloc::core::RangeConfig::from_flag(&[
+        "10.0.0.0/8".parse().expect("cidr"),
+        "fd00:10::/64".parse().expect("cidr"),
+    ])
+    .expect("config");
+    let mut times = Vec::new();
+    let mut peak = 0;
+    let mut used = 0;
+    for _ in 0..7 {
+        let base = reset_peak();
+        let t = Instant::now();
+        let m = clusterip_alloc::core::build_with(&cfg, &refs, &BTreeMap::new(), Some(&view));
+        times.push(t.elapsed());
+        peak = peak.max(PEAK.load(Ordering::Relaxed) - base);
+        used = m.pool.capacity().iter().map(|c| c.1).sum();
+        assert!(m.findings.is_empty(), "{:?}", m.findings.iter().next());
+    }
+    times.sort();
+    println!(
+        "pure mirror of {N} Services in 10.0.0.0/8 + fd00:10::/64 with {} IPAddresses ({used} counted):",
+        ips.len()
+    );
+    println!(
+        "  build time (median of 7): {:>8.2} ms",
+        times[3].as_secs_f64() * 1e3
+    );
+    println!("  peak heap above inputs:   {:>8.2} MiB", mib(peak));
+}
+
 async fn e2e() -> anyhow::Result<()> {
     let cp =
         test_support::ControlPlane::start(test_support::ControlPlaneOptions::default()).await?;
@@ -254,6 +332,7 @@ async fn e2e() -> anyhow::Result<()> {
 
 fn main() {
     pure();
+    pure_wide();
     let e2e_wanted = std::env::var("SCM_BENCH_E2E")
         .map(|v| v != "0")
         .unwrap_or(true);

@@ -90,6 +90,20 @@ fn parent_key(r: &ParentReference) -> ObjectKey {
     ObjectKey::new(r.namespace.as_deref().unwrap_or(""), r.name.as_str())
 }
 
+/// A Service's (namespace, name) without copying them: the index is rebuilt with the mirror.
+type Named<'a> = (&'a str, &'a str);
+
+fn named(r: &ParentReference) -> Named<'_> {
+    (r.namespace.as_deref().unwrap_or(""), r.name.as_str())
+}
+
+fn name_of(s: &Service) -> Named<'_> {
+    (
+        s.metadata.namespace.as_deref().unwrap_or(""),
+        s.metadata.name.as_deref().unwrap_or(""),
+    )
+}
+
 fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> SystemTime {
     meta.creation_timestamp
         .as_ref()
@@ -128,7 +142,7 @@ fn holds(svc: &Service, name: &str) -> bool {
 /// The IPAddresses by address, and the Services by key, for the checks.
 pub struct Index<'a> {
     by_ip: HashMap<IpAddr, &'a IPAddress>,
-    services: HashMap<ObjectKey, &'a Service>,
+    services: HashMap<Named<'a>, &'a Service>,
 }
 
 impl<'a> Index<'a> {
@@ -140,7 +154,7 @@ impl<'a> Index<'a> {
                 .iter()
                 .filter_map(|o| Some((o.metadata.name.as_deref()?.parse().ok()?, *o)))
                 .collect(),
-            services: services.iter().map(|s| (ObjectKey::of(*s), *s)).collect(),
+            services: services.iter().map(|s| (name_of(s), *s)).collect(),
         }
     }
 
@@ -153,9 +167,8 @@ impl<'a> Index<'a> {
             .filter(|(_, o)| managed(o))
             .filter_map(|(ip, o)| {
                 let r = parent(o).filter(|r| refers_to_services(r))?;
-                let key = parent_key(r);
-                let svc = self.services.get(&key)?;
-                holds(svc, o.metadata.name.as_deref()?).then_some((*ip, key))
+                let svc = self.services.get(&named(r))?;
+                holds(svc, o.metadata.name.as_deref()?).then_some((*ip, parent_key(r)))
             })
             .collect();
         v.sort();
@@ -164,21 +177,22 @@ impl<'a> Index<'a> {
 
     /// What upstream's Service loop says about `svc`'s valid, in-range ClusterIP `ip`.
     pub fn check_service(&self, svc: &Service, ip: IpAddr) -> Option<Finding> {
-        let key = ObjectKey::of(svc);
         let Some(obj) = self.by_ip.get(&ip) else {
             return Some(Finding::NotAllocated { ip });
         };
         let r = parent(obj)?;
-        let wrong = Some(Finding::BadReference {
-            ip,
-            service: key.clone(),
-        });
+        let wrong = || {
+            Some(Finding::BadReference {
+                ip,
+                service: ObjectKey::of(svc),
+            })
+        };
         if !refers_to_services(r) {
-            return wrong;
+            return wrong();
         }
-        let named = parent_key(r);
-        if named != key && !self.services.contains_key(&named) {
-            return wrong;
+        let other = named(r);
+        if other != name_of(svc) && !self.services.contains_key(&other) {
+            return wrong();
         }
         // Named another existing Service: a duplicate (the ledger's finding) or nothing here.
         None
@@ -199,7 +213,7 @@ impl<'a> Index<'a> {
         };
         let born = created(&obj.metadata);
         let service = parent_key(r);
-        let Some(svc) = self.services.get(&service) else {
+        let Some(svc) = self.services.get(&named(r)) else {
             return Some(Finding::IpLeaked {
                 name,
                 service,
