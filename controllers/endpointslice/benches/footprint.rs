@@ -19,12 +19,13 @@ use endpointslice::cache::PodServiceIndex;
 use endpointslice::common::{CONTROLLER_NAME, PodRecord};
 use endpointslice::slice_record::SliceRecord;
 use endpointslice::slice_store::Slices;
+use endpointslice::slices::trigger_time::{TriggerTimes, trigger_time};
 use endpointslice::slices::{SliceInput, plan};
 use endpointslice::topology::ZoneRatios;
 use k8s_openapi::api::core::v1::{
     Node, Pod, PodCondition, PodIP, PodStatus, Service, ServicePort, ServiceSpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use scm_runtime::informer::{Change, Informer, key_of, trim};
 use test_support::PodBuilder;
@@ -75,6 +76,11 @@ fn pod(i: usize, service: &str, node: usize) -> Pod {
         conditions: Some(vec![PodCondition {
             type_: "Ready".into(),
             status: "True".into(),
+            // As a kubelet records it; the trigger-time tracker keeps it per pod.
+            last_transition_time: Some(Time(
+                k8s_openapi::jiff::Timestamp::from_second(1_780_000_000 + i as i64)
+                    .expect("in range"),
+            )),
             ..Default::default()
         }]),
         ..Default::default()
@@ -184,6 +190,23 @@ fn main() {
         idx.put_service(s);
     }
     row("Service/Pod index", live() - t, total);
+
+    // What the EndpointSlice controller's trigger-time tracker remembers after one sync of each.
+    let t = live();
+    let mut tracker = TriggerTimes::default();
+    for s in svc_inf.list() {
+        let sel = s
+            .spec
+            .as_ref()
+            .and_then(|sp| sp.selector.clone())
+            .unwrap_or_default();
+        let matched = idx.pods_for(NS, &sel);
+        let pods: Vec<&PodRecord> = matched.iter().map(|p| p.as_ref()).collect();
+        let (_, seen) = trigger_time(None, &s, &pods);
+        drop(matched);
+        tracker.record(&scm_runtime::ObjectKey::of(s.as_ref()), seen);
+    }
+    row("trigger-time tracker", live() - t, total);
 
     // The slices our controller writes for these pods, as the API server returns them.
     let t = live();
