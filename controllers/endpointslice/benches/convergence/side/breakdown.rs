@@ -86,7 +86,13 @@ pub struct Breakdown {
     pub round_trip_s: f64,
     /// Syncs that found the cache older than our own writes and were retried later.
     pub stale: f64,
+    /// Syncs whose queue wait was at most 1 ms, 10 ms, 100 ms, 1 s and 10 s (the histogram's
+    /// buckets).
+    pub waited_at_most: [f64; 5],
 }
+
+/// The queue-duration buckets [`Breakdown::waited_at_most`] reads.
+const WAIT_BUCKETS: [&str; 5] = ["0.001", "0.01", "0.1", "1.0", "10.0"];
 
 impl Breakdown {
     /// From `a` (before) to `b` (after), for the queue `name`.
@@ -109,6 +115,11 @@ impl Breakdown {
             limiter_s: w("rest_client_rate_limiter_duration_seconds", "sum"),
             round_trip_s: w("rest_client_request_duration_seconds", "sum"),
             stale: d("endpoint_slice_controller_syncs_total{result=\"stale\"}"),
+            waited_at_most: WAIT_BUCKETS.map(|le| {
+                d(&format!(
+                    "workqueue_queue_duration_seconds_bucket{{le=\"{le}\",name=\"{name}\"}}"
+                ))
+            }),
         }
     }
 
@@ -123,7 +134,8 @@ impl Breakdown {
             "{:.0} syncs: queue wait {:.1} ms/sync ({:.1} s in all); sync {:.1} ms/sync ({:.1} s: \
              planning and bookkeeping {:.1} s, writing {:.1} s); {:.0} writes, each {:.1} ms: \
              {:.1} ms behind other requests in the client, {:.1} ms for its token, {:.1} ms \
-             round trip; {:.0} stale-cache retries",
+             round trip; {:.0} stale-cache retries; queue wait at most 1 ms / 10 ms / 100 ms / 1 s / \
+             10 s: {:.0} / {:.0} / {:.0} / {:.0} / {:.0} syncs",
             self.syncs,
             per(self.queue_s, self.syncs),
             self.queue_s,
@@ -137,6 +149,11 @@ impl Breakdown {
             per(self.limiter_s, self.writes),
             per(self.round_trip_s, self.writes),
             self.stale,
+            self.waited_at_most[0],
+            self.waited_at_most[1],
+            self.waited_at_most[2],
+            self.waited_at_most[3],
+            self.waited_at_most[4],
         )
     }
 }
