@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "explain") {
         return explain_main();
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "crd") {
+        return crd_main();
+    }
     let flags = match Flags::try_parse() {
         Ok(f) => f,
         Err(e) => {
@@ -99,6 +102,17 @@ async fn kube_config_at(kubeconfig: Option<&std::path::PathBuf>) -> anyhow::Resu
         None => kube::Config::incluster()
             .context("no --kubeconfig or KUBECONFIG, and not running in a cluster"),
     }
+}
+
+/// `crd`: prints the `LoadBalancerIPPool` CustomResourceDefinition (as the chart ships it), for
+/// `kubectl apply -f -`. Takes no arguments (exit 2 with any).
+fn crd_main() -> ExitCode {
+    if std::env::args_os().nth(2).is_some() {
+        eprintln!("usage: service-controller-manager crd (prints the LoadBalancerIPPool CRD)");
+        return ExitCode::from(2);
+    }
+    print!("{}", cloud_lb::local::crd::manifest_yaml());
+    ExitCode::SUCCESS
 }
 
 /// `explain <namespace>/<service>`: read-only (GET and LIST only). Exits 0 when the Service

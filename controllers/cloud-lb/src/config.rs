@@ -13,8 +13,8 @@ use crate::{Error, aws, local};
 pub struct CloudLbConfig {
     /// `--cloud-provider`: `aws` or `local`.
     pub cloud_provider: ProviderKind,
-    /// `--cloud-config`: the provider's config file (YAML or JSON); optional for `aws`,
-    /// required for `local`.
+    /// `--cloud-config`: the provider's config file (YAML or JSON); optional (the local
+    /// provider's pools are `LoadBalancerIPPool` objects; its file's `pools` are deprecated).
     pub cloud_config: Option<PathBuf>,
     /// `--cluster-name` (default `kubernetes`): names and ownership tags.
     pub cluster_name: String,
@@ -71,13 +71,12 @@ pub async fn build_provider(
             Ok(Arc::new(aws::AwsProvider::new(cfg).await))
         }
         ProviderKind::Local => {
-            let Some(t) = text else {
-                return Err(Error::Config(
-                    "--cloud-provider=local needs --cloud-config with pools".into(),
-                ));
+            // Pools come from LoadBalancerIPPool objects; the file (ipMode, deprecated pools)
+            // is optional.
+            let cfg: local::LocalCloudConfig = match &text {
+                Some(t) => serde_yaml::from_str(t).map_err(|e| Error::Config(e.to_string()))?,
+                None => local::LocalCloudConfig::default(),
             };
-            let cfg: local::LocalCloudConfig =
-                serde_yaml::from_str(&t).map_err(|e| Error::Config(e.to_string()))?;
             Ok(Arc::new(
                 local::LocalProvider::new(cfg).map_err(|e| Error::Config(e.to_string()))?,
             ))
@@ -109,8 +108,9 @@ mod tests {
         let p = build_provider(&cfg(Some(ok.clone()))).await.expect("valid");
         assert_eq!(p.provider_name(), "local");
         assert!(build_provider(&cfg(Some(json.clone()))).await.is_ok());
+        // Without a file, pools come from objects.
+        assert!(build_provider(&cfg(None)).await.is_ok());
         for (what, path) in [
-            ("missing", None),
             ("bad", Some(bad.clone())),
             ("unknown key", Some(unknown.clone())),
             (

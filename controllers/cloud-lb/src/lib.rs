@@ -116,6 +116,7 @@ pub async fn run_with_provider_every(
     provider: Arc<dyn LoadBalancerProvider>,
     resync: Duration,
 ) -> Result<(), Error> {
+    provider.start(&ctx, &config);
     let services = ctx.informers.services();
     let nodes = ctx.informers.nodes();
     let periods = shell::Periods { resync };

@@ -1,9 +1,10 @@
 //! Local address pools (`--cloud-provider=local`): for clusters without a cloud, each Service
-//! gets a stable address per IP family from pools in `--cloud-config`, allocated with the
-//! shared allocator core (`scm-allocator`). Nothing is programmed on the network; the
-//! addresses are for a proxy or router that announces them (as MetalLB would).
+//! gets a stable address per IP family from pools defined as cluster-scoped
+//! `LoadBalancerIPPool` objects ([`crd`]) or, deprecated, in `--cloud-config`. Nothing is
+//! programmed on the network; the addresses are for a proxy or router that announces them (as
+//! MetalLB would).
 //!
-//! The `--cloud-config` file (YAML or JSON):
+//! The `--cloud-config` file (YAML or JSON; `pools` is deprecated, use pool objects):
 //!
 //! ```yaml
 //! pools:                 # CIDRs; the family of each is inferred
@@ -12,25 +13,39 @@
 //! ipMode: VIP            # status.loadBalancer.ingress[].ipMode: VIP (default) or Proxy
 //! ```
 //!
-//! A Service asks for specific addresses with `spec.loadBalancerIP` (deprecated upstream, still
-//! honoured) or the annotation [`REQUESTED_IPS_ANNOTATION`] (comma-separated, one per family).
-//! An address outside every pool, or held by another Service, is a permanent error (Warning
-//! Event, no retry until the Service changes); a full pool is retryable, and retried as soon as
-//! another Service's load balancer is deleted (which frees an address). State is rebuilt at start from the addresses Services already publish,
-//! so a restart never reassigns.
+//! Decisions are pure ([`plan`]): an address a Service holds stays with it for as long as it
+//! asks for nothing else, whatever happens to the pools; an address anyone else publishes
+//! (another implementation's status, `spec.externalIPs`) or another Service pins is never handed
+//! out. A Service asks for specific addresses with `spec.loadBalancerIP` (deprecated upstream,
+//! still honoured) or the annotation [`REQUESTED_IPS_ANNOTATION`] (comma-separated, one per
+//! family). An address outside every pool is a permanent error (Warning Event, no retry until
+//! the Service changes); a full pool, or a pinned address someone holds, is retryable, and
+//! retried as soon as another Service's load balancer is deleted. State is rebuilt at the start
+//! of every leadership term from the addresses Services publish, after the pools and Services
+//! are listed, so a restart never reassigns. [`watch`] keeps the pools in step with their
+//! objects and writes their status.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Node, Service};
-use scm_allocator::{IpError, IpFamily, IpRange};
+use scm_allocator::IpFamily;
+use scm_runtime::ControllerContext;
 use serde::Deserialize;
 use tracing::{info, warn};
 
+use crate::CloudLbConfig;
 use crate::provider::{CAPACITY_EXHAUSTED, LoadBalancerProvider, ProviderError};
+
+pub mod crd;
+pub mod plan;
+mod status;
+mod watch;
+
+use plan::{Book, Candidate, Pool, PoolDef, Refusal};
 
 /// Annotation with the addresses a Service requests (comma-separated).
 pub const REQUESTED_IPS_ANNOTATION: &str = "service-controller-manager.io/load-balancer-ips";
@@ -40,6 +55,8 @@ pub const REQUESTED_IPS_ANNOTATION: &str = "service-controller-manager.io/load-b
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalCloudConfig {
     /// Address pools as CIDRs (network and IPv4 broadcast addresses are never handed out).
+    /// Deprecated: `LoadBalancerIPPool` objects replace them; accepted for one release.
+    #[serde(default)]
     pub pools: Vec<IpNet>,
     /// The ipMode published with each address: `VIP` or `Proxy`.
     #[serde(default)]
@@ -49,9 +66,6 @@ pub struct LocalCloudConfig {
 /// Why a cloud config cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalConfigError {
-    /// No pool at all.
-    #[error("local cloud config: no pools")]
-    NoPools,
     /// Two pools overlap (an address would have two owners).
     #[error("local cloud config: pools {0} and {1} overlap")]
     Overlap(IpNet, IpNet),
@@ -61,18 +75,40 @@ pub enum LocalConfigError {
 }
 
 struct State {
-    cidrs: Vec<IpNet>,
-    pools: Vec<IpRange>,
-    /// Service UID → its addresses (one per family).
-    by_service: HashMap<String, Vec<IpAddr>>,
-    /// Address → `namespace/name` holding it (for messages).
-    holder: BTreeMap<IpAddr, String>,
+    /// The file's pools (first: they are the oldest), then the objects' by creation.
+    file: Vec<PoolDef>,
+    objects: Vec<PoolDef>,
+    pools: Vec<Pool>,
+    book: Book,
+}
+
+impl State {
+    fn recompile(&mut self) {
+        let defs: Vec<PoolDef> = self.file.iter().chain(&self.objects).cloned().collect();
+        self.pools = plan::compile(&defs);
+    }
+}
+
+pub(crate) struct Inner {
+    state: Mutex<State>,
+    ip_mode: String,
+    /// The cluster, once [`LoadBalancerProvider::start`] gave us a context.
+    world: OnceLock<watch::World>,
+    /// Pools or holdings changed: the watcher recomputes gauges and Warnings.
+    changed: tokio::sync::Notify,
+    /// Gauges recomputed: the status writer compares each pool object's status.
+    changed_status: tokio::sync::Notify,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Addresses from local pools.
 pub struct LocalProvider {
-    state: Mutex<State>,
-    ip_mode: String,
+    inner: Arc<Inner>,
 }
 
 fn key(svc: &Service) -> String {
@@ -153,76 +189,37 @@ fn published(svc: &Service) -> Vec<IpAddr> {
         .collect()
 }
 
-impl State {
-    fn pool_for(&mut self, ip: IpAddr) -> Option<&mut IpRange> {
-        self.pools.iter_mut().find(|p| p.contains(ip))
-    }
-
-    fn release_all(&mut self, uid: &str) -> Vec<IpAddr> {
-        let ips = self.by_service.remove(uid).unwrap_or_default();
-        for ip in &ips {
-            if let Some(p) = self.pool_for(*ip) {
-                p.release(*ip);
-            }
-            self.holder.remove(ip);
+/// The provider's error for a refusal: pins that cannot ever work are permanent; a full pool and
+/// a held pin are coded so the controller retries them as soon as an address is released.
+fn refusal_error(r: Refusal) -> ProviderError {
+    match r {
+        Refusal::Outside(ip) => ProviderError::permanent(format!(
+            "requested address {ip} is outside every local pool that serves addresses"
+        )),
+        Refusal::NotAdmitted(ip, pool) => ProviderError::permanent(format!(
+            "requested address {ip} is in pool {pool}, whose selectors do not admit this Service"
+        )),
+        Refusal::WrongFamily(ip) => ProviderError::permanent(format!(
+            "requested address {ip} is not of the Service's IP families"
+        )),
+        Refusal::Held(ip, who) => ProviderError::retryable(format!(
+            "requested address {ip} is already used by {who}; retried when it is released"
+        ))
+        .with_code(CAPACITY_EXHAUSTED),
+        Refusal::Exhausted(fam) => {
+            ProviderError::retryable(format!("no free {fam} address left in the local pools"))
+                .with_code(CAPACITY_EXHAUSTED)
         }
-        ips
-    }
-
-    fn take(&mut self, ip: IpAddr, who: &str) -> Result<(), ProviderError> {
-        let holder = self.holder.get(&ip).cloned();
-        let Some(pool) = self.pool_for(ip) else {
-            return Err(ProviderError::permanent(format!(
-                "requested address {ip} is outside every local pool"
-            )));
-        };
-        match pool.allocate(ip) {
-            Ok(()) => {
-                self.holder.insert(ip, who.to_string());
-                Ok(())
-            }
-            Err(IpError::Allocated) => Err(ProviderError::permanent(format!(
-                "requested address {ip} is already used by {}",
-                holder.as_deref().unwrap_or("another Service")
-            ))),
-            Err(e) => Err(ProviderError::permanent(format!(
-                "requested address {ip}: {e}"
-            ))),
-        }
-    }
-
-    fn take_next(&mut self, fam: IpFamily, who: &str) -> Result<Option<IpAddr>, ProviderError> {
-        let mut any_pool = false;
-        let mut rng = rand::rng();
-        for p in self.pools.iter_mut().filter(|p| p.family() == fam) {
-            any_pool = true;
-            match p.allocate_next(&mut rng) {
-                Ok(ip) => {
-                    self.holder.insert(ip, who.to_string());
-                    return Ok(Some(ip));
-                }
-                Err(IpError::Full) => continue,
-                Err(e) => return Err(ProviderError::retryable(e.to_string())),
-            }
-        }
-        if any_pool {
-            // Coded, so the controller retries as soon as another Service releases an address.
-            Err(
-                ProviderError::retryable(format!("no free {fam} address left in the local pools"))
-                    .with_code(CAPACITY_EXHAUSTED),
-            )
-        } else {
-            Ok(None)
-        }
+        Refusal::NoPool(fams) => ProviderError::retryable(format!(
+            "no local pool serves the Service's IP families {fams:?} (or admits it)"
+        )),
     }
 }
 
 impl LocalProvider {
-    /// A provider over the configured pools.
+    /// A provider over the configured pools (more come from `LoadBalancerIPPool` objects once
+    /// the controller starts it).
     pub fn new(cfg: LocalCloudConfig) -> Result<Self, LocalConfigError> {
-        if cfg.pools.is_empty() {
-            return Err(LocalConfigError::NoPools);
-        }
         for (i, a) in cfg.pools.iter().enumerate() {
             for b in &cfg.pools[i + 1..] {
                 if a.contains(&b.network()) || b.contains(&a.network()) {
@@ -235,19 +232,36 @@ impl LocalProvider {
             Some("Proxy") => "Proxy".to_string(),
             Some(other) => return Err(LocalConfigError::IpMode(other.to_string())),
         };
+        let file = cfg
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, c)| PoolDef {
+                name: format!("cloud-config/{i}"),
+                cidrs: vec![c.to_string()],
+                ..PoolDef::default()
+            })
+            .collect();
+        let mut st = State {
+            file,
+            objects: vec![],
+            pools: vec![],
+            book: Book::default(),
+        };
+        st.recompile();
         Ok(LocalProvider {
-            state: Mutex::new(State {
-                cidrs: cfg.pools.clone(),
-                pools: cfg.pools.iter().map(|c| IpRange::new_capped(*c)).collect(),
-                by_service: HashMap::new(),
-                holder: BTreeMap::new(),
+            inner: Arc::new(Inner {
+                state: Mutex::new(st),
+                ip_mode,
+                world: OnceLock::new(),
+                changed: tokio::sync::Notify::new(),
+                changed_status: tokio::sync::Notify::new(),
             }),
-            ip_mode,
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     fn status(&self, ips: &[IpAddr]) -> LoadBalancerStatus {
@@ -256,7 +270,7 @@ impl LocalProvider {
                 ips.iter()
                     .map(|ip| LoadBalancerIngress {
                         ip: Some(ip.to_string()),
-                        ip_mode: Some(self.ip_mode.clone()),
+                        ip_mode: Some(self.inner.ip_mode.clone()),
                         ..Default::default()
                     })
                     .collect(),
@@ -264,9 +278,46 @@ impl LocalProvider {
         }
     }
 
-    /// Free addresses left in all pools (for tests and metrics).
+    /// Free addresses left in all pools that serve (for tests and metrics; IPv6 pools count
+    /// up to `usize::MAX`).
     pub fn free(&self) -> usize {
-        self.lock().pools.iter().map(IpRange::free).sum()
+        let blocked = self.blocked(None);
+        let st = self.lock();
+        st.pools
+            .iter()
+            .map(|p| {
+                let r = plan::pool_report(p, &st.book, &blocked);
+                r.available.0.saturating_add(r.available.1)
+            })
+            .fold(0usize, |a, b| {
+                a.saturating_add(usize::try_from(b).unwrap_or(usize::MAX))
+            })
+    }
+
+    /// Addresses others publish or pin (address → who), leaving out `except`'s own.
+    fn blocked(&self, except: Option<&str>) -> BTreeMap<IpAddr, String> {
+        match self.inner.world.get() {
+            Some(w) => w.blocked(except),
+            None => BTreeMap::new(),
+        }
+    }
+
+    fn candidate(&self, svc: &Service) -> Result<Candidate, ProviderError> {
+        let ns_labels = self
+            .inner
+            .world
+            .get()
+            .map(|w| w.namespace_labels(svc.metadata.namespace.as_deref().unwrap_or("")));
+        Ok(Candidate {
+            uid: key(svc),
+            who: svc_name(svc),
+            labels: svc.metadata.labels.clone().unwrap_or_default(),
+            // Without a cluster to look at (unit tests), namespaces are unlabelled.
+            ns_labels: ns_labels.unwrap_or_else(|| Some(BTreeMap::new())),
+            families: families(svc),
+            requested: requested(svc)?,
+            published: published(svc),
+        })
     }
 }
 
@@ -280,15 +331,23 @@ impl LoadBalancerProvider for LocalProvider {
         svc_name(service)
     }
 
-    fn recognises(&self, _cluster: &str, _service: &Service, status: &LoadBalancerStatus) -> bool {
-        // Addresses from our pools only (a hostname is never ours).
+    fn start(&self, ctx: &ControllerContext, config: &CloudLbConfig) {
+        watch::start(self.inner.clone(), ctx, config);
+    }
+
+    fn recognises(&self, _cluster: &str, service: &Service, status: &LoadBalancerStatus) -> bool {
+        // Addresses from our pools, or that we hold for it (a hostname is never ours).
         let ingress = status.ingress.as_deref().unwrap_or_default();
         let st = self.lock();
+        let uid = key(service);
         !ingress.is_empty()
             && ingress.iter().all(|i| {
                 i.ip.as_deref()
                     .and_then(|ip| ip.parse::<IpAddr>().ok())
-                    .is_some_and(|ip| st.cidrs.iter().any(|c| c.contains(&ip)))
+                    .is_some_and(|ip| {
+                        st.pools.iter().any(|p| p.covers(ip))
+                            || st.book.held.get(&ip).is_some_and(|h| h.uid == uid)
+                    })
             })
     }
 
@@ -298,7 +357,11 @@ impl LoadBalancerProvider for LocalProvider {
         service: &Service,
     ) -> Result<Option<LoadBalancerStatus>, ProviderError> {
         let st = self.lock();
-        Ok(st.by_service.get(&key(service)).map(|ips| self.status(ips)))
+        Ok(st
+            .book
+            .by_service
+            .get(&key(service))
+            .map(|ips| self.status(ips)))
     }
 
     async fn ensure(
@@ -307,72 +370,26 @@ impl LoadBalancerProvider for LocalProvider {
         service: &Service,
         _nodes: &[Node],
     ) -> Result<LoadBalancerStatus, ProviderError> {
-        let want_req = requested(service)?;
-        let fams = families(service);
-        let uid = key(service);
-        let who = svc_name(service);
+        let c = self.candidate(service)?;
+        let blocked = self.blocked(Some(&c.uid));
         let mut st = self.lock();
-        if let Some(have) = st.by_service.get(&uid).cloned() {
-            // Keep what we have unless the request changed: an unchanged Service keeps its
-            // address for life.
-            let satisfies = want_req.iter().all(|r| have.contains(r))
-                && fams.iter().all(|f| {
-                    have.iter().any(|h| IpFamily::of(h) == *f)
-                        || !st.pools.iter().any(|p| p.family() == *f)
-                });
-            if satisfies {
-                return Ok(self.status(&have));
-            }
-            let released = st.release_all(&uid);
-            info!(service = %who, ?released, "requested addresses changed: reallocating");
+        let a = plan::assign(&st.pools, &st.book, &blocked, &c).map_err(refusal_error)?;
+        for ip in &a.released {
+            st.book.release(&c.uid, *ip);
         }
-        // Validate every request before taking anything, so a refusal leaves no partial state.
-        for r in &want_req {
-            if !fams.contains(&IpFamily::of(r)) {
-                return Err(ProviderError::permanent(format!(
-                    "requested address {r} is not of the Service's IP families"
-                )));
-            }
+        for (ip, pool) in &a.taken {
+            st.book.take(*ip, &c.uid, &c.who, Some(pool.clone()));
         }
-        let mut got: Vec<IpAddr> = vec![];
-        let published = published(service);
-        let result = (|| {
-            for fam in &fams {
-                if let Some(r) = want_req.iter().find(|r| IpFamily::of(r) == *fam) {
-                    st.take(*r, &who)?;
-                    got.push(*r);
-                    continue;
-                }
-                // Prefer the address the Service already shows (e.g. lost state) if free.
-                if let Some(p) = published.iter().find(|p| IpFamily::of(p) == *fam)
-                    && st.take(*p, &who).is_ok()
-                {
-                    got.push(*p);
-                    continue;
-                }
-                if let Some(ip) = st.take_next(*fam, &who)? {
-                    got.push(ip);
-                }
-            }
-            if got.is_empty() {
-                return Err(ProviderError::permanent(format!(
-                    "no local pool serves the Service's IP families {fams:?}"
-                )));
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            for ip in &got {
-                if let Some(p) = st.pool_for(*ip) {
-                    p.release(*ip);
-                }
-                st.holder.remove(ip);
-            }
-            return Err(e);
+        // Family order, as the Service lists its families.
+        if let Some(v) = st.book.by_service.get_mut(&c.uid) {
+            v.clone_from(&a.addresses);
         }
-        info!(service = %who, addresses = ?got, "allocated load balancer addresses");
-        st.by_service.insert(uid, got.clone());
-        Ok(self.status(&got))
+        drop(st);
+        if !a.taken.is_empty() || !a.released.is_empty() {
+            info!(service = %c.who, addresses = ?a.addresses, taken = ?a.taken, released = ?a.released, "load balancer addresses assigned");
+            self.inner.changed.notify_one();
+        }
+        Ok(self.status(&a.addresses))
     }
 
     async fn update_hosts(
@@ -386,14 +403,20 @@ impl LoadBalancerProvider for LocalProvider {
     }
 
     async fn ensure_deleted(&self, _cluster: &str, service: &Service) -> Result<(), ProviderError> {
-        let released = self.lock().release_all(&key(service));
+        let released = self.lock().book.release_all(&key(service));
         if !released.is_empty() {
             info!(service = %svc_name(service), ?released, "released load balancer addresses");
+            self.inner.changed.notify_one();
         }
         Ok(())
     }
 
     async fn restore(&self, _cluster: &str, services: &[Service]) -> Result<(), ProviderError> {
+        // No decision before the pools and Services are listed: a partial view would hand out
+        // what is merely not seen yet.
+        if let Some(w) = self.inner.world.get() {
+            w.wait_ready().await;
+        }
         let mut ordered: Vec<&Service> = services.iter().collect();
         // Oldest first: if two Services claim one address, the one that had it first keeps it.
         ordered.sort_by(|a, b| {
@@ -407,24 +430,28 @@ impl LoadBalancerProvider for LocalProvider {
         let mut st = self.lock();
         // Rebuild from scratch: called at the start of every leadership term, when what this
         // process remembers may be stale (another replica led meanwhile).
-        st.pools = st.cidrs.iter().map(|c| IpRange::new_capped(*c)).collect();
-        st.by_service.clear();
-        st.holder.clear();
+        st.book = Book::default();
         for svc in ordered {
-            let who = svc_name(svc);
-            let mut got = vec![];
+            let (uid, who) = (key(svc), svc_name(svc));
             for ip in published(svc) {
-                match st.take(ip, &who) {
-                    Ok(()) => got.push(ip),
-                    Err(e) => {
-                        warn!(service = %who, %ip, error = %e, "cannot restore published address")
-                    }
+                if let Some(h) = st.book.held.get(&ip) {
+                    warn!(service = %who, %ip, holder = %h.who, "cannot restore published address: an older Service publishes it too");
+                    continue;
                 }
-            }
-            if !got.is_empty() {
-                st.by_service.insert(key(svc), got);
+                // Whatever the pools say now: a published address never moves.
+                let origin = st
+                    .pools
+                    .iter()
+                    .find(|p| p.covers(ip))
+                    .map(|p| p.def.name.clone());
+                if origin.is_none() {
+                    warn!(service = %who, %ip, "published address is in no pool; it stays with the Service");
+                }
+                st.book.take(ip, &uid, &who, origin);
             }
         }
+        drop(st);
+        self.inner.changed.notify_one();
         Ok(())
     }
 }

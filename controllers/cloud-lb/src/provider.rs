@@ -92,6 +92,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
 
+use scm_runtime::ControllerContext;
+
+use crate::CloudLbConfig;
 use crate::inventory::{Inventory, Orphan};
 
 /// Why a provider call failed, which decides how the controller retries it.
@@ -336,6 +339,11 @@ pub trait LoadBalancerProvider: Send + Sync {
     async fn restore(&self, _cluster: &str, _services: &[Service]) -> Result<(), ProviderError> {
         Ok(())
     }
+
+    /// Called once when the controller starts, on every replica, with its context: a provider
+    /// configured by objects in the cluster (the local pools) starts watching them here. Must
+    /// not block. The default does nothing.
+    fn start(&self, _ctx: &ControllerContext, _config: &CloudLbConfig) {}
 }
 
 /// Which provider `--cloud-provider` selects.

@@ -69,10 +69,13 @@ async fn requested_addresses() {
         ips(&p.ensure("c", &a, &[]).await.expect("ok")),
         vec!["10.0.0.5"]
     );
-    // Taken by a.
+    // Taken by a: retried when a releases it (issue 14), so coded like a full pool.
     let b = svc("b", &["IPv4"], Some("10.0.0.5"));
     let e = p.ensure("c", &b, &[]).await.expect_err("taken");
-    assert!(e.is_permanent() && e.to_string().contains("ns/a"), "{e}");
+    assert!(
+        !e.is_permanent() && e.has_code(CAPACITY_EXHAUSTED) && e.to_string().contains("ns/a"),
+        "{e}"
+    );
     // Outside the pools.
     let c = svc("c", &["IPv4"], Some("10.9.9.9"));
     assert!(
@@ -141,13 +144,14 @@ async fn exhaustion_is_retryable_and_recovers() {
 }
 
 #[tokio::test]
-async fn no_pool_for_family_is_permanent() {
+async fn no_pool_for_family_is_retried_with_backoff() {
+    // A pool of that family may be created as an object at any time.
     let p = provider(&["10.1.0.0/30"]);
     let v6 = svc("a", &["IPv6"], None);
     assert!(
         p.ensure("c", &v6, &[])
             .await
-            .is_err_and(|e| e.is_permanent())
+            .is_err_and(|e| !e.is_permanent() && !e.has_code(CAPACITY_EXHAUSTED))
     );
 }
 
@@ -196,10 +200,8 @@ fn config_validation() {
     let cfg: LocalCloudConfig = serde_yaml::from_str(y).expect("parses");
     assert_eq!(cfg.pools.len(), 2);
     assert!(LocalProvider::new(cfg).is_ok());
-    assert!(matches!(
-        LocalProvider::new(LocalCloudConfig::default()),
-        Err(LocalConfigError::NoPools)
-    ));
+    // No file pools: they come from LoadBalancerIPPool objects.
+    assert!(LocalProvider::new(LocalCloudConfig::default()).is_ok());
     let overlap = LocalCloudConfig {
         pools: vec![
             "10.0.0.0/24".parse().expect("cidr"),
@@ -212,4 +214,33 @@ fn config_validation() {
         Err(LocalConfigError::Overlap(..))
     ));
     assert!(serde_yaml::from_str::<LocalCloudConfig>("pools: []\nbogus: 1\n").is_err());
+}
+
+#[tokio::test]
+async fn a_restart_after_a_pool_shrank_keeps_every_published_address() {
+    // Issue 14: the old restore dropped an address its (shrunk) pool no longer covered, and
+    // the next ensure renumbered the Service.
+    let p = provider(&["10.3.0.0/28"]);
+    let mut s = svc("a", &["IPv4"], Some("10.3.0.9"));
+    let st = p.ensure("c", &s, &[]).await.expect("allocated");
+    s.status = Some(ServiceStatus {
+        load_balancer: Some(st),
+        ..Default::default()
+    });
+    s.spec.as_mut().expect("spec").load_balancer_ip = None;
+    let shrunk = provider(&["10.3.0.0/29"]);
+    shrunk
+        .restore("c", std::slice::from_ref(&s))
+        .await
+        .expect("restored");
+    assert_eq!(
+        ips(&shrunk.ensure("c", &s, &[]).await.expect("kept")),
+        vec!["10.3.0.9"]
+    );
+    // And nobody else gets it either.
+    let b = shrunk
+        .ensure("c", &svc("b", &["IPv4"], None), &[])
+        .await
+        .expect("b");
+    assert_ne!(ips(&b), vec!["10.3.0.9"]);
 }
