@@ -188,6 +188,7 @@ fn pure_wide() {
     let view = clusterip_alloc::core::IpAddresses {
         objects: &objects,
         grace: Default::default(),
+        current: true,
     };
     let cfg = clusterip_alloc::core::RangeConfig::from_flag(&[
         "10.0.0.0/8".parse().expect("cidr"),

@@ -79,6 +79,8 @@ pub fn build_with(
     ips: Option<&IpAddresses<'_>>,
 ) -> Mirror {
     let ips = ips.filter(|i| ipaddr::active(i));
+    // Comparing two watches is only meaningful while both are current.
+    let compare = ips.is_some_and(|i| i.current);
     let index = ips.map(|i| ipaddr::Index::new(i, services));
     let ranges = Ranges::new(config);
     let mut claims = pending.clone();
@@ -96,7 +98,7 @@ pub fn build_with(
         for raw in claimed_ips(svc) {
             let found = observe(m, &raw, key);
             let found = match (found, &index, raw.parse::<IpAddr>()) {
-                (None, Some(ix), Ok(ip)) => ix.check_service(svc, ip),
+                (None, Some(ix), Ok(ip)) if compare => ix.check_service(svc, ip),
                 (f, _, _) => f,
             };
             if let Some(f) = found {
@@ -112,7 +114,7 @@ pub fn build_with(
         m.claim(ip, &ObjectKey::new("default", "kubernetes"));
     }
     if let (Some(ips), Some(ix)) = (ips, &index) {
-        for o in ips.objects {
+        for o in ips.objects.iter().filter(|_| compare) {
             if let Some(f) = ix.check_ip(o, ips.grace) {
                 m.report(&ipaddr::key_of(o), f);
             }

@@ -83,6 +83,8 @@ pub struct ClusterIps {
     pub cidrs: Option<Informer<ServiceCIDR>>,
     /// The IPAddress informer (`None`: the Services are the only state).
     pub ips: Option<Informer<IPAddress>>,
+    /// The process's Service informer (the shell's own), to know whether its watch is current.
+    pub services: Option<Informer<Service>>,
     /// Upstream's waiting times for IPAddress findings.
     pub grace: Grace,
 }
@@ -156,6 +158,11 @@ impl Allocator for ClusterIps {
         let ips = IpAddresses {
             objects: &objects,
             grace: self.grace,
+            current: informer.failing_for().is_none()
+                && self
+                    .services
+                    .as_ref()
+                    .is_none_or(|s| s.failing_for().is_none()),
         };
         core::build_with(&config, services, pending, Some(&ips))
     }
@@ -263,6 +270,7 @@ pub async fn run(ctx: ControllerContext, config: ClusterIpAllocConfig) -> Result
         flag,
         cidrs,
         ips,
+        services: Some(ctx.informers.services()),
         grace: config.ip_address_grace,
     };
     shell::run(ctx, core, config.concurrent_syncs).await;

@@ -67,6 +67,10 @@ pub struct IpAddresses<'a> {
     pub objects: &'a [&'a IPAddress],
     /// Upstream's waiting times.
     pub grace: Grace,
+    /// Both the IPAddress and the Service watch are current. While either is failing, the
+    /// last-known IPAddresses still decide ownership and capacity, but no finding compares the
+    /// two (a Service created during an IPAddress watch outage would look unallocated).
+    pub current: bool,
 }
 
 /// Whether the API server's allocator owns this IPAddress.

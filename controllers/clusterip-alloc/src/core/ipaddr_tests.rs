@@ -79,6 +79,10 @@ fn ipa(ip: &str, age: i64, parent: &str, managed: bool) -> IPAddress {
 }
 
 fn build(ranges: &[&str], svcs: &[Service], ips: &[IPAddress]) -> Mirror {
+    build_current(ranges, svcs, ips, true)
+}
+
+fn build_current(ranges: &[&str], svcs: &[Service], ips: &[IPAddress], current: bool) -> Mirror {
     let cfg = RangeConfig::from_flag(
         &ranges
             .iter()
@@ -91,6 +95,7 @@ fn build(ranges: &[&str], svcs: &[Service], ips: &[IPAddress]) -> Mirror {
     let view = IpAddresses {
         objects: &o,
         grace: Grace::default(),
+        current,
     };
     build_with(&cfg, &s, &BTreeMap::new(), Some(&view))
 }
@@ -263,6 +268,15 @@ fn per_service_decisions_as_repairip() {
     assert_eq!(one(&m, &k("", "10.96.0.24")).0, "IPAddressWrongReference");
     // Out of range first, as upstream checks it first.
     assert_eq!(one(&m, &k("a", "out")).0, "ClusterIPOutOfRange");
+    // A watch not current: no finding compares the two, the IPAddresses still decide owners.
+    let stale = build_current(&["10.96.0.0/16"], &svcs, &ips, false);
+    let mut with_findings: Vec<String> = stale.findings.keys().map(|k| k.to_string()).collect();
+    with_findings.sort();
+    assert_eq!(with_findings, vec!["a/older", "a/out"]);
+    assert_eq!(
+        stale.owners[&"10.96.0.23".parse().unwrap()],
+        k("a", "young")
+    );
     // Every IPAddress finding waits to settle; the older ones do not.
     let settle = |key: &ObjectKey| m.findings[key][0].settle();
     assert_eq!(settle(&k("a", "missing")), super::super::SETTLE);
