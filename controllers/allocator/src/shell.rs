@@ -7,7 +7,7 @@
 //! workers (leader only) that report findings once and write assignments with a resourceVersion
 //! precondition, re-reading and re-planning on 409.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +28,9 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::mirror::{Mirror, Pending, Pool, Report};
+
+mod settle;
+pub use settle::{FirstSeen, due_at};
 
 /// The ledger of allocator `A`, keyed by Service.
 pub type MirrorOf<A> = Mirror<<A as Allocator>::Pool, ObjectKey, <A as Allocator>::Finding>;
@@ -267,9 +270,8 @@ pub struct Shell<A: Allocator> {
     pending: Mutex<Pending<ObjectKey, ValueOf<A>>>,
     metrics: MetricsOf<A>,
     queue: WorkQueue<ObjectKey>,
-    /// When each standing finding (key, reason, message) was first seen, for those that must
-    /// settle or wait out a grace period before they are reported.
-    first_seen: Mutex<HashMap<(ObjectKey, &'static str, String), SystemTime>>,
+    /// When each standing finding that waits was first seen.
+    first_seen: FirstSeen,
 }
 
 impl<A: Allocator> Shell<A> {
@@ -282,37 +284,8 @@ impl<A: Allocator> Shell<A> {
             pending: Mutex::new(Pending::new()),
             metrics,
             queue: WorkQueue::new(Backoff::default()),
-            first_seen: Mutex::new(HashMap::new()),
+            first_seen: FirstSeen::default(),
         }
-    }
-
-    /// When `f` about `key` is due to be reported: once it has stood for its settle time since
-    /// it was first seen, and not before its own grace period ends.
-    fn due(&self, key: &ObjectKey, f: &A::Finding) -> SystemTime {
-        let seen = lock(&self.first_seen)
-            .get(&(key.clone(), f.reason(), f.message()))
-            .copied()
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let settled = seen + f.settle();
-        f.not_before().map_or(settled, |t| t.max(settled))
-    }
-
-    /// Keeps the first-seen times of the findings in `next` that wait, and forgets the rest.
-    fn note_findings(&self, next: &MirrorOf<A>) {
-        let now = SystemTime::now();
-        let mut seen = lock(&self.first_seen);
-        let mut kept = HashMap::new();
-        for (k, fs) in &next.findings {
-            for f in fs {
-                if f.settle().is_zero() && f.not_before().is_none() {
-                    continue;
-                }
-                let id = (k.clone(), f.reason(), f.message());
-                let t = seen.get(&id).copied().unwrap_or(now);
-                kept.insert(id, t);
-            }
-        }
-        *seen = kept;
     }
 
     /// The metric families.
@@ -363,7 +336,7 @@ impl<A: Allocator> Shell<A> {
             None => changed.extend(next.findings.keys().cloned()),
         }
         self.core.publish(&self.metrics, guard.as_ref(), &next);
-        self.note_findings(&next);
+        self.first_seen.note(&next.findings, SystemTime::now());
         debug!(
             kind = A::METRICS.kind,
             services = services.len(),
@@ -483,7 +456,7 @@ async fn report<A: Allocator>(
     let now = SystemTime::now();
     let mut wait: Option<Duration> = None;
     for f in findings {
-        if let Ok(left) = shell.due(key, f).duration_since(now)
+        if let Ok(left) = shell.first_seen.due(key, f).duration_since(now)
             && !left.is_zero()
         {
             wait = Some(wait.map_or(left, |w| w.min(left)));
