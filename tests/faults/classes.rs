@@ -2,9 +2,12 @@
 //! LoadBalancer Service, so a Service changes class by going through another type and back
 //! (the API server drops the class and the status with the type). Meanwhile nothing of ours
 //! may be written; once leadership returns, the Service that left our class is cleaned up
-//! (finalizer removed, its address released) and the one that joined is served, from a pool
-//! so small that it can only be served with the released address: nothing is served twice.
+//! (finalizer removed, its address released), so is one of ours deleted meanwhile (held by our
+//! finalizer), and those that joined (by the type round trip, or deleted and created again)
+//! are served, from pools so small that they can only be served with the released addresses:
+//! nothing is served twice.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,19 +15,20 @@ use anyhow::{Result, anyhow};
 use cloud_lb::local::{LocalCloudConfig, LocalProvider};
 use cloud_lb::{CloudLbConfig, ProviderKind};
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use scm_runtime::ObjectKey;
 use test_support::invariants::{AddressWatch, double_load_balancer_addresses};
 use test_support::{ControlPlane, wait_for};
 
-use crate::scene::{Found, Scene, WAIT, service};
+use crate::scene::{Found, Scene, WAIT, service, turn_alone};
 use test_support::apiproxy::ApiProxy;
 
 const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
 const OURS: &str = "faults.scm.test/ours";
 const OTHER: &str = "faults.scm.test/other";
-/// Two usable addresses (no other scenario uses this pool).
-const POOL: &str = "10.203.0.0/30";
-const POOL_SIZE: usize = 2;
+/// Four usable addresses in two pools (no other scenario uses them).
+const POOLS: [&str; 2] = ["10.203.0.0/30", "10.203.0.4/30"];
+const POOL_SIZE: usize = 4;
 
 fn ips(s: &Service) -> Vec<String> {
     s.status
@@ -84,11 +88,14 @@ async fn class_changes_while_no_leader_runs_are_cleaned_up_and_served_once_one_l
 {
     let cp = ControlPlane::shared().await?;
     let proxy = ApiProxy::start(cp.client().await?).await?;
-    let scene = Scene::start(cp, &proxy, "faults-lbclass", 1, 1).await?;
+    // Alone, as the other scenario that takes leadership away: run beside the failover scenario,
+    // upstream's slices of one of its Services went missing once our controllers here led again.
+    let turn = turn_alone().await;
+    let scene = Scene::start_in(turn, cp, &proxy, "faults-lbclass", 1, 1).await?;
     let (ns, admin) = (scene.ns.clone(), scene.admin.clone());
     let watch = AddressWatch::start(&admin);
     let pool = Arc::new(LocalProvider::new(LocalCloudConfig {
-        pools: vec![POOL.parse()?],
+        pools: POOLS.iter().map(|p| p.parse()).collect::<Result<_, _>>()?,
         ip_mode: None,
     })?);
     let cfg = CloudLbConfig {
@@ -103,7 +110,15 @@ async fn class_changes_while_no_leader_runs_are_cleaned_up_and_served_once_one_l
         cloud_lb::run_with_provider(ctx, cfg, provider)
     });
     let api: Api<Service> = Api::namespaced(admin.clone(), &ns);
-    for (name, class) in [("leaving", OURS), ("stays", OURS), ("joining", OTHER)] {
+    let start = [
+        ("leaving", OURS),
+        ("gone", OURS),
+        ("stays", OURS),
+        ("filler", OURS),
+        ("joining", OTHER),
+        ("recreated", OTHER),
+    ];
+    for (name, class) in start {
         api.create(&PostParams::default(), &lb(&ns, name, class))
             .await?;
     }
@@ -114,23 +129,48 @@ async fn class_changes_while_no_leader_runs_are_cleaned_up_and_served_once_one_l
             (has_finalizer(&s) && !ips(&s).is_empty()).then_some(s)
         }
     };
-    let leaving = wait_for("leaving served", WAIT, || served("leaving")).await?;
-    let stays = wait_for("stays served", WAIT, || served("stays")).await?;
-    assert_eq!(pool.free(), 0, "the pool is full");
-    let joining = get(&api, "joining").await?;
-    assert!(
-        !has_finalizer(&joining) && ips(&joining).is_empty(),
-        "another class is not ours to serve"
-    );
-    let mut names = scene.services.clone();
-    names.extend(["leaving", "stays", "joining"].map(String::from));
+    let mut before = BTreeMap::new();
+    for name in ["leaving", "gone", "stays", "filler"] {
+        let s = wait_for(&format!("{name} served"), WAIT, || served(name)).await?;
+        before.insert(name, ips(&s));
+    }
+    assert_eq!(pool.free(), 0, "the pools are full");
+    for name in ["joining", "recreated"] {
+        let s = get(&api, name).await?;
+        assert!(
+            !has_finalizer(&s) && ips(&s).is_empty(),
+            "{name}: another class is not ours to serve"
+        );
+    }
     scene.settled("before leadership is taken away").await?;
 
     scene.ours.set_leading(false);
     change_class(&api, "leaving", OTHER).await?;
     change_class(&api, "joining", OURS).await?;
-    // Upstream's slices follow every change; once they have, ours would have too if we wrote.
-    scene.settled("upstream after the class changes").await?;
+    // The other way to change class: delete and create again (nothing holds another class's).
+    api.delete("gone", &DeleteParams::default()).await?;
+    api.delete("recreated", &DeleteParams::default()).await?;
+    wait_for("recreated deleted", WAIT, || async {
+        api.get_opt("recreated").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    api.create(&PostParams::default(), &lb(&ns, "recreated", OURS))
+        .await?;
+    // Our controllers' shared informer has seen all of it (a writer would act now).
+    let informer = scene.ours.base.informers.services();
+    wait_for("our informer to see the changes", WAIT, || async {
+        let class = |name: &str| {
+            let s = informer.get(&ObjectKey::new(ns.clone(), name))?;
+            s.spec.as_ref()?.load_balancer_class.clone()
+        };
+        let gone = informer.get(&ObjectKey::new(ns.clone(), "gone"))?;
+        (class("leaving").as_deref() == Some(OTHER)
+            && class("joining").as_deref() == Some(OURS)
+            && class("recreated").as_deref() == Some(OURS)
+            && gone.metadata.deletion_timestamp.is_some())
+        .then_some(())
+    })
+    .await?;
     let left = get(&api, "leaving").await?;
     assert!(
         has_finalizer(&left),
@@ -141,30 +181,44 @@ async fn class_changes_while_no_leader_runs_are_cleaned_up_and_served_once_one_l
         Vec::<String>::new(),
         "the API server clears the status with the type"
     );
-    let joined = get(&api, "joining").await?;
     assert!(
-        !has_finalizer(&joined) && ips(&joined).is_empty(),
-        "nothing of ours written while no one led"
+        has_finalizer(&get(&api, "gone").await?),
+        "our finalizer holds the deleted Service while no one leads"
     );
+    for name in ["joining", "recreated"] {
+        let s = get(&api, name).await?;
+        assert!(
+            !has_finalizer(&s) && ips(&s).is_empty(),
+            "{name}: nothing of ours written while no one led"
+        );
+    }
 
     let started = Instant::now();
     scene.ours.set_leading(true);
-    let joined = wait_for("joining served", WAIT, || served("joining")).await?;
-    wait_for("leaving cleaned up", WAIT, || async {
+    let mut after = BTreeMap::new();
+    for name in ["joining", "recreated"] {
+        let s = wait_for(&format!("{name} served"), WAIT, || served(name)).await?;
+        after.insert(name, ips(&s));
+    }
+    wait_for("leaving cleaned up, gone released", WAIT, || async {
         let s = api.get_opt("leaving").await.ok()??;
-        (!has_finalizer(&s) && ips(&s).is_empty()).then_some(())
+        let gone = api.get_opt("gone").await.ok()?;
+        (!has_finalizer(&s) && ips(&s).is_empty() && gone.is_none()).then_some(())
     })
     .await?;
+    let released: BTreeSet<&Vec<String>> = [&before["leaving"], &before["gone"]].into();
+    let given: BTreeSet<&Vec<String>> = after.values().collect();
     assert_eq!(
-        ips(&joined),
-        ips(&leaving),
-        "joining is served with the address leaving released (the pool has no other)"
+        given, released,
+        "the newly ours are served with the addresses released (the pools have no other)"
     );
-    assert_eq!(
-        ips(&get(&api, "stays").await?),
-        ips(&stays),
-        "stays kept its address"
-    );
+    for name in ["stays", "filler"] {
+        assert_eq!(
+            ips(&get(&api, name).await?),
+            before[name],
+            "{name} kept its address"
+        );
+    }
     let left = get(&api, "leaving").await?;
     assert_eq!(
         left.spec
@@ -173,7 +227,7 @@ async fn class_changes_while_no_leader_runs_are_cleaned_up_and_served_once_one_l
         Some(OTHER),
         "leaving is left to its new class"
     );
-    // Addresses the pool holds that no Service publishes (leaving's, had it not been released).
+    // Addresses the pools hold that no Service publishes (a released one, had it not been).
     let publishing = api
         .list(&Default::default())
         .await?
@@ -188,9 +242,12 @@ async fn class_changes_while_no_leader_runs_are_cleaned_up_and_served_once_one_l
         doubles,
         leaked: Some(leaked),
     };
-    let scenario = "no leader while LoadBalancer Services change class both ways";
+    let mut names = scene.services.clone();
+    names.extend(["leaving", "stays", "filler", "joining", "recreated"].map(String::from));
+    let scenario = "no leader while LoadBalancer Services change class both ways (type round \
+                    trip; delete and create) and one of ours is deleted";
     scene
-        .finish_with(scenario, 2, started, &names, found)
+        .finish_with(scenario, 4, started, &names, found)
         .await?;
     Ok(())
 }
