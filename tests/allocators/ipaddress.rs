@@ -1,6 +1,6 @@
 //! IPAddress objects, the API server's ClusterIP state in v1.37: upstream's IPAddress findings
 //! reported (Event, metric) without touching the objects, capacity gauges equal to the count of
-//! the allocator's IPAddresses, and a `10.0.0.0/8` range that starts and mirrors.
+//! the allocator's IPAddresses, and a `10.0.0.0/8` + IPv6 `/64` range that starts and mirrors.
 
 use std::net::IpAddr;
 
@@ -215,13 +215,15 @@ async fn count_ip_addresses(client: &Client, cidr: IpNet) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slash_8_range_starts_mirrors_and_gauges_equal_the_ipaddress_count() {
-    let range = "10.0.0.0/8";
+    // Dual-stack: the widest IPv6 range v1.37 accepts beside the /8.
+    let (v4, v6) = ("10.0.0.0/8", "fd00:10::/64");
+    let range = format!("{v4},{v6}");
     let cp = ControlPlane::start(ControlPlaneOptions {
-        service_cluster_ip_range: range.into(),
+        service_cluster_ip_range: range.clone(),
         ..Default::default()
     })
     .await
-    .expect("control plane with a /8");
+    .expect("control plane with a /8 and a /64");
     let client = cp.client().await.expect("client");
     let ns = test_support::namespace(&client, "wide").await.expect("ns");
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -243,40 +245,53 @@ async fn a_slash_8_range_starts_mirrors_and_gauges_equal_the_ipaddress_count() {
         http.as_str(),
     ];
     let mut manager = test_support::Manager::start(&cp, &args).expect("manager");
-    let cidr: IpNet = range.parse().expect("cidr");
-    let usable = (1u64 << 24) - 2;
+    // kube-apiserver's available gauge: usable addresses minus allocated, capped at i64::MAX
+    // (a /64 has more); compared as the f64 the text carries.
+    let usable = |cidr: &str| -> f64 {
+        match cidr {
+            "10.0.0.0/8" => ((1u64 << 24) - 2) as f64,
+            _ => i64::MAX as f64,
+        }
+    };
     // Gauges equal the IPAddress count, before and after more Services arrive.
     for round in 0..2 {
         if round == 1 {
             for i in 0..5 {
-                api.create(&PostParams::default(), &svc(&format!("more-{i}"), |_| {}))
-                    .await
-                    .expect("create");
+                api.create(
+                    &PostParams::default(),
+                    &svc(&format!("more-{i}"), |s| {
+                        s.ip_family_policy = Some("PreferDualStack".into())
+                    }),
+                )
+                .await
+                .expect("create");
             }
         }
-        let want = count_ip_addresses(&client, cidr).await;
-        assert!(want >= 7 + 5 * round, "IPAddresses: {want}");
-        let got = wait_for("gauges equal the IPAddress count", DEADLINE, || {
-            let addr = addr.clone();
-            async move {
-                let m = scrape_manager(&addr).await?;
-                let l = [("cidr", range)];
-                let used = m.get("kube_apiserver_clusterip_allocator_allocated_ips", &l)?;
-                let free = m.get("kube_apiserver_clusterip_allocator_available_ips", &l)?;
-                (used as usize == want && free as u64 == usable - want as u64)
-                    .then_some((used, free))
+        for cidr in [v4, v6] {
+            let want = count_ip_addresses(&client, cidr.parse().expect("cidr")).await;
+            assert!(want >= 5 * round + 1, "{cidr}: IPAddresses: {want}");
+            let got = wait_for("gauges equal the IPAddress count", DEADLINE, || {
+                let addr = addr.clone();
+                async move {
+                    let m = scrape_manager(&addr).await?;
+                    let l = [("cidr", cidr)];
+                    let used = m.get("kube_apiserver_clusterip_allocator_allocated_ips", &l)?;
+                    let free = m.get("kube_apiserver_clusterip_allocator_available_ips", &l)?;
+                    (used as usize == want && free == usable(cidr) - want as f64)
+                        .then_some((used, free))
+                }
+            })
+            .await;
+            if let Err(e) = got {
+                panic!(
+                    "{e}: want {want} allocated in {cidr}; manager: {:?}; log: {:?}",
+                    scrape_manager(&addr).await.map(|m| m
+                        .matching("kube_apiserver_clusterip_allocator_allocated_ips", &[])
+                        .cloned()
+                        .collect::<Vec<_>>()),
+                    manager.log_lines()
+                );
             }
-        })
-        .await;
-        if let Err(e) = got {
-            panic!(
-                "{e}: want {want} allocated; manager: {:?}; log: {:?}",
-                scrape_manager(&addr).await.map(|m| m
-                    .matching("kube_apiserver_clusterip_allocator_allocated_ips", &[])
-                    .cloned()
-                    .collect::<Vec<_>>()),
-                manager.log_lines()
-            );
         }
     }
     // Mirrored, not written: no finding about any of these Services.
