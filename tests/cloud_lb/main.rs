@@ -20,6 +20,7 @@ mod inventory;
 mod lifecycle;
 mod local_pools;
 mod parity;
+mod pool_objects;
 mod quota;
 mod repair;
 mod tenant;
