@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the tools tests need into a cache keyed by their pinned versions and links them into
 # bin/: the local control plane (etcd + kube-apiserver), kubectl and kube-controller-manager
-# from tests/controlplane, helm from tests/helm, and moto's server from PyPI. A second run with
+# from tests/controlplane, kube-proxy from tests/datapath/kube-proxy (the same k8s.io/kubernetes
+# module, so its build reuses the control plane's compiled packages), helm from tests/helm, and
+# moto's server from PyPI. A second run with
 # nothing changed takes a second or two.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -29,6 +31,8 @@ build_go_module() { # dir, binaries...
 }
 
 build_go_module tests/controlplane controlplane kubectl kube-controller-manager
+build_go_module tests/datapath/kube-proxy kube-proxy
+tests/scripts/datapath-deps.sh
 if [ -d tests/helm ]; then
   build_go_module tests/helm helm
 fi
