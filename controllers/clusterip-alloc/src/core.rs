@@ -126,13 +126,14 @@ pub fn build_with(
 
 /// Marks one observed address as used, or says what is wrong with it.
 fn observe(m: &mut Mirror, raw: &str, key: &ObjectKey) -> Option<Finding> {
+    let source = m.pool.source;
     let Ok(ip) = raw.parse::<IpAddr>() else {
         return Some(Finding::NotValid {
             ip: raw.to_string(),
+            service_cidrs: source == RangeSource::ServiceCidrs,
         });
     };
     let fam = IpFamily::of(&ip);
-    let source = m.pool.source;
     // repair.go (flag ranges) reports a family without a range as not valid; repairip.go
     // (ServiceCIDRs) has no such check and reports the address as out of range below.
     if source == RangeSource::Flag && !m.pool.families().contains(&fam) {

@@ -189,7 +189,13 @@ fn service_cidr_mode_messages_and_default_family() {
         &[
             svc("a", "out", 1, with_ip("10.200.0.1")),
             svc("a", "in6", 1, with_ip("fd00::1:0:0")),
+            svc("a", "bad", 1, with_ip("10.96.0.300")),
         ],
+    );
+    // repairip.go's wording ("Service"); repair.go, for the flag, says "service".
+    assert_eq!(
+        m.findings[&k("a", "bad")][0].message(),
+        "Cluster IP 10.96.0.300 is not a valid IP; please recreate Service"
     );
     assert_eq!(
         m.findings[&k("a", "out")][0].message(),

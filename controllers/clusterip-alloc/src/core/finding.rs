@@ -19,6 +19,9 @@ pub enum Finding {
     NotValid {
         /// The value as written.
         ip: String,
+        /// Ranges from ServiceCIDRs: worded as repairip.go ("recreate Service"), else as
+        /// repair.go ("recreate service").
+        service_cidrs: bool,
     },
     /// An address of a family no range is configured for.
     FamilyNotConfigured {
@@ -152,9 +155,10 @@ impl Report for Finding {
     /// Upstream prints `<nil>` for an unparsable IP; we print what was written.
     fn message(&self) -> String {
         match self {
-            Finding::NotValid { ip } => {
-                format!("Cluster IP {ip} is not a valid IP; please recreate service")
-            }
+            Finding::NotValid { ip, service_cidrs } => format!(
+                "Cluster IP {ip} is not a valid IP; please recreate {}",
+                if *service_cidrs { "Service" } else { "service" }
+            ),
             Finding::FamilyNotConfigured { ip } => format!(
                 "Cluster IP {ip}({}) is of ip family that is no longer configured on cluster; please recreate service",
                 IpFamily::of(ip)
