@@ -237,3 +237,48 @@ async fn events_about_an_object_are_listed_from_both_event_apis() {
             .is_empty()
     );
 }
+
+/// Our recorder against the real API server: a repeated Event is one Event with a series
+/// count, and an Event whose note changed is a new Event. Before the fix kube's Recorder folded
+/// the changed note into the first Event (count 4, the old message still shown).
+#[tokio::test]
+async fn repeats_fold_into_a_series_and_a_changed_note_is_a_new_event() {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use scm_runtime::events::EventRecorder;
+    use test_support::events::events_with_reason;
+
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let client = cp.client().await.expect("client");
+    let ns = test_support::namespace(&client, "recorder")
+        .await
+        .expect("ns");
+    let web = ObjectReference {
+        kind: Some("Service".into()),
+        api_version: Some("v1".into()),
+        namespace: Some(ns.clone()),
+        name: Some("web".into()),
+        uid: Some("00000000-0000-4000-8000-000000000001".into()),
+        ..Default::default()
+    };
+    let rec = EventRecorder::new(client.clone(), "test-controller", Some("test-1".into()));
+    for note in ["pool full", "pool full", "pool full", "pool disabled"] {
+        rec.warning(&web, "AllocationFailed", "Allocate", note.into())
+            .await;
+    }
+    let mut seen: Vec<(String, i32)> = events_with_reason(&client, &ns, "web", "AllocationFailed")
+        .await
+        .into_iter()
+        .map(|e| {
+            let count = e.series.map_or(1, |s| s.count);
+            (e.note.unwrap_or_default(), count)
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("pool disabled".to_string(), 1),
+            ("pool full".to_string(), 3)
+        ]
+    );
+}

@@ -1,6 +1,12 @@
 //! Kubernetes Events on the objects we act for. `warn_once` reports a problem once while it
 //! lasts (not once per resync), and again once the API server has let the first Event expire;
 //! `clear` forgets it so a recurrence is reported again.
+//!
+//! Repeats of one Event (same object, type, reason, action and note) become one Event with a
+//! growing series count, as client-go's events recorder does. kube's `Recorder` alone would
+//! also fold an Event whose note changed into the earlier one, leaving the old message on
+//! show (a pool that was full and is now disabled would still say "full"): a changed note
+//! starts a new series here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,8 +20,24 @@ use tracing::warn;
 /// Publishes Events as one reporting controller, deduplicating standing problems.
 #[derive(Clone)]
 pub struct EventRecorder {
-    recorder: Recorder,
+    client: Client,
+    reporter: Reporter,
+    series: Arc<Mutex<SeriesMap>>,
     reported: Arc<Mutex<Reported>>,
+}
+
+/// How long a series stays open for repeats: kube's Recorder keeps its own cache as long.
+const SERIES_TTL: Duration = Duration::from_secs(6 * 60);
+
+/// (object, type, reason, action).
+type SeriesKey = (String, &'static str, String, String);
+
+/// The open series: the note each shows and the Recorder that extends it.
+#[derive(Default)]
+struct SeriesMap {
+    open: HashMap<SeriesKey, (String, Recorder, Instant)>,
+    /// Size after the last prune: the next one runs when the map has doubled.
+    pruned_len: usize,
 }
 
 /// How long a standing problem stays reported: kube-apiserver's default `--event-ttl`. After
@@ -69,7 +91,9 @@ impl EventRecorder {
             instance,
         };
         EventRecorder {
-            recorder: Recorder::new(client, reporter),
+            client,
+            reporter,
+            series: Arc::default(),
             reported: Arc::new(Mutex::new(Reported::default())),
         }
     }
@@ -123,6 +147,7 @@ impl EventRecorder {
         action: &str,
         note: String,
     ) {
+        let recorder = self.series_for(obj, type_, reason, action, &note, Instant::now());
         let ev = Event {
             type_,
             reason: reason.to_string(),
@@ -130,13 +155,50 @@ impl EventRecorder {
             action: action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, obj).await {
+        if let Err(e) = recorder.publish(&ev, obj).await {
             warn!(
                 object = %ref_key(obj),
                 reason,
                 error = %e,
                 "could not publish event"
             );
+        }
+    }
+}
+
+impl EventRecorder {
+    /// The Recorder whose series this Event extends: the open one if it shows the same note,
+    /// else a new one (a new Event).
+    fn series_for(
+        &self,
+        obj: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+        now: Instant,
+    ) -> Recorder {
+        let type_ = match type_ {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        };
+        let key = (ref_key(obj), type_, reason.to_string(), action.to_string());
+        let mut g = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if g.open.len() >= 2 * g.pruned_len.max(64) {
+            g.open
+                .retain(|_, (_, _, at)| now.duration_since(*at) < SERIES_TTL);
+            g.pruned_len = g.open.len();
+        }
+        match g.open.get_mut(&key) {
+            Some((n, r, at)) if n == note && now.duration_since(*at) < SERIES_TTL => {
+                *at = now;
+                r.clone()
+            }
+            _ => {
+                let r = Recorder::new(self.client.clone(), self.reporter.clone());
+                g.open.insert(key, (note.to_string(), r.clone(), now));
+                r
+            }
         }
     }
 }
