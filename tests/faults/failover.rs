@@ -14,7 +14,7 @@ use test_support::{
     leader_status, namespace, readyz_ok, set_pod_status, wait_for,
 };
 
-use crate::scene::{SCOPE, WAIT, check, pod_ip, service, shared_turn};
+use crate::scene::{SCOPE, WAIT, check, pod_ip, service, turn_alone};
 
 const SERVICES: usize = 50;
 
@@ -29,7 +29,11 @@ fn panics_in(m: &Manager) -> u64 {
 async fn the_leader_killed_while_50_services_are_created_the_other_replica_converges() -> Result<()>
 {
     test_support::invariants::count_panics();
-    let _turn = shared_turn().await;
+    // Alone: beside other scenarios, upstream's slices of one of these 50 Services went missing
+    // (4 of 5 runs; 0 of 3 alone), so the reference this scenario compares with was wrong.
+    // Suspected, not proven: every scenario runs its own kube-controller-manager over the whole
+    // cluster, without leader election, and they race over the same Services.
+    let _turn = turn_alone().await;
     let cp = ControlPlane::shared().await?;
     let admin = cp.client().await?;
     let ns = namespace(&admin, "faults-failover").await?;
