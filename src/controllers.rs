@@ -46,6 +46,7 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
             default_load_balancer: flags.default_load_balancer,
             inventory_interval: flags.cloud_inventory_interval,
             orphans: flags.cloud_orphans,
+            endpoint_aware_targets: flags.endpoint_aware_load_balancer_targets,
         };
         let provider = cloud_lb::build_provider(&config)
             .await

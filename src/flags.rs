@@ -167,9 +167,14 @@ pub struct Flags {
     #[arg(long, default_value = "kube-system")]
     pub leader_elect_resource_namespace: String,
 
-    /// Address serving /healthz, /readyz and /metrics.
-    #[arg(long, default_value = "0.0.0.0:10270")]
-    pub http_address: SocketAddr,
+    /// Address serving /healthz, /readyz and /metrics as plain HTTP, with no authentication
+    /// (e.g. 127.0.0.1:10270). Unset: only the secure port serves them.
+    #[arg(long)]
+    pub http_address: Option<SocketAddr>,
+
+    /// The secure port and its delegated authentication and authorization.
+    #[command(flatten)]
+    pub serving: crate::serving::flags::ServingFlags,
 
     /// Log filter (tracing EnvFilter syntax, e.g. 'info' or 'info,endpointslice=debug').
     #[arg(long, default_value = "info", env = "SCM_LOG")]
@@ -420,6 +425,7 @@ impl Flags {
         endpointslice::shell::ServiceFilter::parse(Some(&self.service_label_selector))
             .map_err(|e| e.to_string())?;
         enabled_controllers(&self.controllers, !self.cloud_provider.is_empty())?;
+        self.serving.validate()?;
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 mod controllers;
 mod flags;
 mod http;
+mod serving;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -180,7 +181,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let config = kube_config(&flags).await?;
     let client = rate_limited_client(
-        config,
+        config.clone(),
         RateLimit {
             qps: flags.kube_api_qps,
             burst: flags.kube_api_burst,
@@ -196,15 +197,21 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
 
     let informers = scm_runtime::Informers::new(client.clone(), shutdown.clone());
     let health = http::Health::new(informers.clone());
-    let http = http::serve(
-        flags.http_address,
+    health.add_controllers(&enabled);
+    let app = http::router(
         metrics.clone(),
         readiness.clone(),
         health.clone(),
         shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("--http-address: binding {}", flags.http_address))?;
+    );
+    let mut servers = Vec::new();
+    if let Some(addr) = flags.http_address {
+        let plain = http::serve_plain(addr, app.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("--http-address: binding {addr}"))?;
+        servers.push(plain);
+    }
+    servers.extend(serving::serve_secure(&flags.serving, &config, app, shutdown.clone()).await?);
 
     // Leadership: the elector's own token outlives the controllers' so that the Lease is
     // released only after workers have stopped writing.
@@ -221,7 +228,13 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             renew_deadline: flags.leader_elect_renew_deadline,
             retry_period: flags.leader_elect_retry_period,
         };
-        let handle = tokio::spawn(run_elector(api, cfg, tx, elector_stop.clone()));
+        let alive = health.add_elector();
+        let stop = elector_stop.clone();
+        let handle = tokio::spawn(async move {
+            run_elector(api, cfg, tx, stop).await;
+            // Nobody renews or acquires the Lease any more: /healthz/leaderElection fails.
+            alive.store(false, std::sync::atomic::Ordering::Relaxed);
+        });
         (LeaderGate::from_receiver(rx), Some(handle))
     } else {
         let (gate, tx) = LeaderGate::fixed(true);
@@ -239,7 +252,8 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         identity = %identity,
         controllers = ?enabled,
         leader_elect = flags.leader_elect,
-        http = %flags.http_address,
+        http = ?flags.http_address,
+        secure_port = flags.serving.secure_port,
         "starting service-controller-manager"
     );
     let base = scm_runtime::ContextBase {
@@ -276,7 +290,11 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if let Some(h) = elector {
         let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), h).await;
     }
-    let _ = tokio::time::timeout(Duration::from_millis(500), http).await;
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::future::join_all(servers),
+    )
+    .await;
     info!("bye");
     match failed {
         Some(what) => anyhow::bail!("{what}"),
@@ -301,12 +319,24 @@ async fn supervise(
         _ = shutdown.cancelled() => None,
         Some(res) = tasks.join_next() => {
             let what = match res {
-                Ok((name, Ok(()))) => format!("controller {name} stopped on its own"),
-                Ok((name, Err(e))) => format!("controller {name} failed: {e:#}"),
-                Err(e) => format!("a controller task ended: {e}"),
+                Ok((name, Ok(()))) => {
+                    let what = format!("controller {name} stopped on its own");
+                    health.controller_ended(name, what.clone());
+                    what
+                }
+                Ok((name, Err(e))) => {
+                    let what = format!("controller {name} failed: {e:#}");
+                    health.controller_ended(name, what.clone());
+                    what
+                }
+                Err(e) => {
+                    // A panic: the task's name is not known here.
+                    let what = format!("a controller task ended: {e}");
+                    health.fail(what.clone());
+                    what
+                }
             };
             error!(reason = %what, "a controller is gone: failing /healthz and giving up the Lease");
-            health.fail(what.clone());
             shutdown.cancel();
             Some(what)
         }

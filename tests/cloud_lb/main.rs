@@ -13,6 +13,7 @@
 mod aws;
 mod batches;
 mod binary;
+mod drain;
 mod ec2;
 mod elbv2;
 mod harness;

@@ -31,6 +31,10 @@ pub struct CloudLbConfig {
     pub inventory_interval: Duration,
     /// `--cloud-orphans` (default `report`): what the sweep does with an orphan.
     pub orphans: OrphanMode,
+    /// `--endpoint-aware-load-balancer-targets` (default false, upstream's target set): with
+    /// `externalTrafficPolicy: Local` only nodes holding a ready endpoint are targets, and
+    /// cordoned nodes are drained for every policy ([`crate::core::targets`]).
+    pub endpoint_aware_targets: bool,
 }
 
 /// `--cloud-inventory-interval`'s default.
@@ -47,6 +51,7 @@ impl Default for CloudLbConfig {
             default_load_balancer: true,
             inventory_interval: DEFAULT_INVENTORY_INTERVAL,
             orphans: OrphanMode::Report,
+            endpoint_aware_targets: false,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
 
 mod decide;
+pub mod targets;
 
 pub use decide::{LastSync, Observed, Step, decide, leaves_load_balancer, refusal_key};
 

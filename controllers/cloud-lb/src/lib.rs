@@ -18,6 +18,7 @@
 pub mod aws;
 mod config;
 pub mod core;
+mod endpoints;
 pub mod inventory;
 pub mod local;
 mod metrics;

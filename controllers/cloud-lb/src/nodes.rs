@@ -16,17 +16,20 @@ use tokio::sync::Notify;
 use crate::core;
 
 /// Subscribes to the Node informer: `dirty` is notified whenever the node set may have changed
-/// in a way a load balancer cares about (including across a relist).
-pub(crate) fn watch_nodes(nodes: &Informer<Node>, dirty: Arc<Notify>) {
+/// in a way a load balancer cares about (including across a relist). With `drain`
+/// (endpoint-aware targets), cordoning and the autoscaler's taint matter too.
+pub(crate) fn watch_nodes(nodes: &Informer<Node>, dirty: Arc<Notify>, drain: bool) {
+    let matters = move |old: &Node, new: &Node| {
+        core::node_update_triggers_sync(old, new)
+            || (drain && core::targets::drain_changed(old, new))
+    };
     // The previous state of each node, to tell which updates matter (the informer hands over
     // only the new one). The Arcs are the informer's own.
     let mut seen: HashMap<String, Arc<Node>> = HashMap::new();
     nodes.subscribe(move |c| match c {
         Change::Apply(n) => {
             let name = n.metadata.name.clone().unwrap_or_default();
-            let trigger = seen
-                .get(&name)
-                .is_none_or(|old| core::node_update_triggers_sync(old, n));
+            let trigger = seen.get(&name).is_none_or(|old| matters(old, n));
             seen.insert(name, n.clone());
             if trigger {
                 dirty.notify_one();
@@ -42,10 +45,9 @@ pub(crate) fn watch_nodes(nodes: &Informer<Node>, dirty: Arc<Notify>) {
                 .map(|n| (n.metadata.name.clone().unwrap_or_default(), n.clone()))
                 .collect();
             let changed = fresh.len() != seen.len()
-                || fresh.iter().any(|(k, n)| {
-                    seen.get(k)
-                        .is_none_or(|o| core::node_update_triggers_sync(o, n))
-                });
+                || fresh
+                    .iter()
+                    .any(|(k, n)| seen.get(k).is_none_or(|o| matters(o, n)));
             seen = fresh;
             if changed {
                 dirty.notify_one();
@@ -137,7 +139,7 @@ mod tests {
     fn only_changes_that_matter_notify_including_across_a_relist() {
         let inf = Informer::<Node>::detached("Node", scm_runtime::informer::key_of);
         let dirty = Arc::new(Notify::new());
-        watch_nodes(&inf, dirty.clone());
+        watch_nodes(&inf, dirty.clone(), false);
         // A notification with no waiter is kept as a permit: one poll takes it.
         let fired = || dirty.notified().now_or_never().is_some();
         inf.deliver(Change::Relisted(vec![node("a", &[])]));
@@ -157,6 +159,24 @@ mod tests {
         // b came and went while the watch was down; a was deleted meanwhile.
         inf.deliver(Change::Relisted(vec![]));
         assert!(fired(), "a deletion missed while the watch was down");
+    }
+
+    #[test]
+    fn cordoning_notifies_only_with_endpoint_aware_targets() {
+        for drain in [false, true] {
+            let inf = Informer::<Node>::detached("Node", scm_runtime::informer::key_of);
+            let dirty = Arc::new(Notify::new());
+            watch_nodes(&inf, dirty.clone(), drain);
+            let fired = || dirty.notified().now_or_never().is_some();
+            inf.deliver(Change::Relisted(vec![node("a", &[])]));
+            assert!(fired(), "first list");
+            let mut cordoned = (*node("a", &[])).clone();
+            cordoned.spec.get_or_insert_default().unschedulable = Some(true);
+            inf.deliver(Change::Apply(Arc::new(cordoned)));
+            // Upstream ignores cordoning (readiness and schedulability are the health
+            // check's business); drain deregisters the node at once.
+            assert_eq!(fired(), drain, "cordoned, drain={drain}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::core::{self, Action, ClassFilter, LastSync, Observed, Step};
+use crate::endpoints::{self, EndpointIndex};
 use crate::metrics::LbMetrics;
 use crate::nodes::{self, NodeSyncPass};
 use crate::provider::{CAPACITY_EXHAUSTED, LoadBalancerProvider};
@@ -122,6 +123,8 @@ pub(crate) struct Shell {
     pub provider: Arc<dyn LoadBalancerProvider>,
     services: Informer<Service>,
     nodes: Informer<Node>,
+    /// Where each Service's endpoints are, with `--endpoint-aware-load-balancer-targets`.
+    endpoints: Option<Endpoints>,
     /// Shared with the Service subscription (which asks whether a key is remembered).
     memory: Arc<Mutex<Memory>>,
     /// One provider restore at a time; the others wait for it, then decide again.
@@ -129,6 +132,12 @@ pub(crate) struct Shell {
     queue: WorkQueue<ObjectKey>,
     pub metrics: LbMetrics,
     pass: NodeSyncPass,
+}
+
+/// The EndpointSlice informer (the process's one) and our index of it.
+struct Endpoints {
+    index: Arc<EndpointIndex>,
+    slices: Informer<endpointslice::slice_record::SliceRecord>,
 }
 
 /// The node-sync pass's period (upstream's nodeSyncPeriod), which is also when every
@@ -172,7 +181,10 @@ pub(crate) async fn run(
     let memory: Arc<Mutex<Memory>> = Default::default();
     watch_services(&services, &filter, &memory, &queue);
     let node_dirty = Arc::new(Notify::new());
-    nodes::watch_nodes(&nodes, node_dirty.clone());
+    nodes::watch_nodes(&nodes, node_dirty.clone(), config.endpoint_aware_targets);
+    let endpoints = config
+        .endpoint_aware_targets
+        .then(|| watch_endpoints(&ctx, &services, &filter, &queue));
     let shell = Arc::new(Shell {
         ctx: ctx.clone(),
         config,
@@ -180,6 +192,7 @@ pub(crate) async fn run(
         provider,
         services,
         nodes,
+        endpoints,
         memory,
         restoring: tokio::sync::Mutex::new(()),
         queue: queue.clone(),
@@ -221,7 +234,11 @@ pub(crate) async fn run(
 
     let sh = shell.clone();
     let workers = async move {
-        let synced = || sh.services.is_synced() && sh.nodes.is_synced();
+        let synced = || {
+            sh.services.is_synced()
+                && sh.nodes.is_synced()
+                && sh.endpoints.as_ref().is_none_or(|e| e.slices.is_synced())
+        };
         if !scm_runtime::wait_for_sync(&sh.ctx, synced).await {
             return;
         }
@@ -252,6 +269,30 @@ pub(crate) async fn run(
     }
     queue.shut_down();
     Ok(())
+}
+
+/// Subscribes to the process's EndpointSlice informer (opening no watch of our own): a Service
+/// of ours with `externalTrafficPolicy: Local` is queued when the nodes holding its endpoints
+/// change, so a node whose last endpoint starts terminating is deregistered at once.
+fn watch_endpoints(
+    ctx: &ControllerContext,
+    services: &Informer<Service>,
+    filter: &ClassFilter,
+    queue: &WorkQueue<ObjectKey>,
+) -> Endpoints {
+    let slices = endpointslice::slice_record::endpoint_slices(&ctx.informers);
+    let index = Arc::new(EndpointIndex::default());
+    let (services, filter, queue) = (services.clone(), filter.clone(), queue.clone());
+    endpoints::watch_slices(&slices, index.clone(), move |key| {
+        let local_and_ours = services.get(&key).is_some_and(|s| {
+            core::targets::local_traffic(&s) && core::action(&s, &filter) == Action::Ensure
+        });
+        if local_and_ours {
+            debug!(service = %key, "endpoint nodes changed");
+            queue.add(key);
+        }
+    });
+    Endpoints { index, slices }
 }
 
 /// Subscribes to the Service informer: every change of a Service we may act on, or remember,
@@ -374,7 +415,8 @@ impl Shell {
         }
     }
 
-    /// What the controller knows about `key` now, and the stable node set it was computed from.
+    /// What the controller knows about `key` now, and the Service's targets it was computed
+    /// from (the stable node set, narrowed by [`core::targets`]).
     fn observe(&self, key: &ObjectKey, found: Option<bool>) -> (Observed, Vec<Arc<Node>>) {
         let service = self.services.get(key).map(|s| s.as_ref().clone());
         let implemented_elsewhere = service
@@ -387,6 +429,12 @@ impl Shell {
                 .is_some_and(|lb| self.provider.recognises(&self.config.cluster_name, s, lb))
         });
         let stable = nodes::stable_nodes(&self.nodes);
+        let stable = match (&service, &self.endpoints) {
+            (Some(svc), Some(e)) => {
+                core::targets::targets(svc, &stable, e.index.of(key).as_ref(), true)
+            }
+            _ => stable,
+        };
         let nodes = core::fingerprint(stable.iter().map(|n| n.as_ref()));
         let now = Instant::now();
         let mut mem = self.memory();

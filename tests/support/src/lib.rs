@@ -40,7 +40,7 @@ pub mod metrics;
 pub mod moto;
 
 pub use inprocess::InProcess;
-pub use manager::{Manager, leader_status, manager_binary, readyz_ok};
+pub use manager::{Manager, https_get, leader_status, manager_binary, readyz_ok};
 
 /// The repository root (where `bin/` and `target/` live).
 pub fn repo_root() -> PathBuf {

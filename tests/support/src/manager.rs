@@ -39,8 +39,17 @@ impl Manager {
         Self::spawn(cmd)
     }
 
-    /// Starts a prepared command (for custom environments).
+    /// Starts a prepared command (for custom environments). Without a `--secure-port` among
+    /// its arguments it gets `--secure-port=0`: tests run many managers at once, and the
+    /// default port (10257) can be bound only once.
     pub fn spawn(mut cmd: Command) -> Result<Manager> {
+        let has_port = cmd
+            .as_std()
+            .get_args()
+            .any(|a| a.to_string_lossy().starts_with("--secure-port"));
+        if !has_port {
+            cmd.arg("--secure-port=0");
+        }
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -107,6 +116,24 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// GETs `url` over HTTPS from a manager's secure port (its certificate is self-signed, so it is
+/// not verified), with `token` as the bearer token: the status and body, or `None` while
+/// nothing answers.
+pub async fn https_get(url: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .ok()?;
+    let mut req = client.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.ok()?;
+    let code = r.status().as_u16();
+    Some((code, r.text().await.ok()?))
 }
 
 /// Whether a manager serving on `addr` (its `--http-address`) answers `/readyz` with success.
