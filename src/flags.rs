@@ -83,6 +83,13 @@ pub struct Flags {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub default_load_balancer: bool,
 
+    /// Endpoint-aware load-balancer targets and graceful drain: with externalTrafficPolicy
+    /// Local only nodes holding a ready endpoint are targets (a node goes as soon as its last
+    /// endpoint starts terminating), and cordoned nodes are no target for any policy.
+    /// Default false: upstream's target set (every node of the stable set).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub endpoint_aware_load_balancer_targets: bool,
+
     /// QPS to use while talking with the API server.
     #[arg(long, default_value_t = 20.0, value_parser = parse_qps)]
     pub kube_api_qps: f64,
@@ -461,6 +468,13 @@ mod tests {
         assert_eq!(f.cluster_name, "kubernetes");
         assert_eq!(f.cloud_inventory_interval, Duration::from_secs(600));
         assert_eq!(f.cloud_orphans, cloud_lb::OrphanMode::Report);
+        assert!(
+            !f.endpoint_aware_load_balancer_targets,
+            "upstream's target set"
+        );
+        let on =
+            flags(&["--endpoint-aware-load-balancer-targets"]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(on.endpoint_aware_load_balancer_targets);
     }
 
     #[test]
