@@ -209,11 +209,22 @@ async fn pool_objects_edited_shrunk_and_deleted_never_move_an_address() -> Resul
         sp.external_ips = Some(vec!["10.210.1.2".into()]);
     }
     create(&client, &ext).await?;
+    // Let c back off a while first: the pool's creation itself must bring it back.
+    wait_for("c refused three times", T, || async {
+        (ctrl.count("service_controller_manager_reconcile_errors_total{controller=\"cloud-lb\",error=\"provider_retryable\"}") >= 3).then_some(())
+    })
+    .await?;
+    let created = Instant::now();
     put_pool(&client, p2, cidrs(&["10.210.1.0/29"])).await?;
     let c = wait_for("c served by the new pool", T, || async {
         get(&client, &ns, "c").await.filter(|s| !ips(s).is_empty())
     })
     .await?;
+    assert!(
+        created.elapsed() < Duration::from_secs(5),
+        "c served {:?} after the pool was created",
+        created.elapsed()
+    );
     assert_eq!(
         ips(&c),
         vec!["10.210.1.3"],

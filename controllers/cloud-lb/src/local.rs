@@ -98,6 +98,8 @@ pub(crate) struct Inner {
     changed: tokio::sync::Notify,
     /// Gauges recomputed: the status writer compares each pool object's status.
     changed_status: tokio::sync::Notify,
+    /// Pools changed: the controller retries the Services waiting for capacity.
+    capacity: Arc<tokio::sync::Notify>,
 }
 
 impl Inner {
@@ -189,8 +191,9 @@ fn published(svc: &Service) -> Vec<IpAddr> {
         .collect()
 }
 
-/// The provider's error for a refusal: pins that cannot ever work are permanent; a full pool and
-/// a held pin are coded so the controller retries them as soon as an address is released.
+/// The provider's error for a refusal: pins that cannot ever work are permanent; a full pool, a
+/// held pin and a missing pool are coded so the controller retries them as soon as an address is
+/// released or a pool changes.
 fn refusal_error(r: Refusal) -> ProviderError {
     match r {
         Refusal::Outside(ip) => ProviderError::permanent(format!(
@@ -210,9 +213,11 @@ fn refusal_error(r: Refusal) -> ProviderError {
             ProviderError::retryable(format!("no free {fam} address left in the local pools"))
                 .with_code(CAPACITY_EXHAUSTED)
         }
+        // Coded too: a pool created for it wakes it (as a release would).
         Refusal::NoPool(fams) => ProviderError::retryable(format!(
             "no local pool serves the Service's IP families {fams:?} (or admits it)"
-        )),
+        ))
+        .with_code(CAPACITY_EXHAUSTED),
     }
 }
 
@@ -256,6 +261,7 @@ impl LocalProvider {
                 world: OnceLock::new(),
                 changed: tokio::sync::Notify::new(),
                 changed_status: tokio::sync::Notify::new(),
+                capacity: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -333,6 +339,10 @@ impl LoadBalancerProvider for LocalProvider {
 
     fn start(&self, ctx: &ControllerContext, config: &CloudLbConfig) {
         watch::start(self.inner.clone(), ctx, config);
+    }
+
+    fn capacity_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.inner.capacity.clone())
     }
 
     fn recognises(&self, _cluster: &str, service: &Service, status: &LoadBalancerStatus) -> bool {

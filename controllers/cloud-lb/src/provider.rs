@@ -344,6 +344,13 @@ pub trait LoadBalancerProvider: Send + Sync {
     /// configured by objects in the cluster (the local pools) starts watching them here. Must
     /// not block. The default does nothing.
     fn start(&self, _ctx: &ControllerContext, _config: &CloudLbConfig) {}
+
+    /// Raised when capacity may have appeared without a deletion of ours (the local provider:
+    /// a pool created or edited): the controller then retries every Service refused with
+    /// [`CAPACITY_EXHAUSTED`] at once. The default is none.
+    fn capacity_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Which provider `--cloud-provider` selects.

@@ -261,11 +261,26 @@ pub(crate) async fn run(
         .await;
     };
 
+    // Capacity that appears without a deletion of ours (the local provider: a pool created or
+    // grown) wakes the Services waiting for it, as a release does.
+    let sh = shell.clone();
+    let capacity = shell.provider.capacity_signal();
+    let capacity_task = async move {
+        let Some(signal) = capacity else {
+            return futures::future::pending::<()>().await;
+        };
+        loop {
+            signal.notified().await;
+            sh.capacity_appeared();
+        }
+    };
+
     tokio::select! {
         _ = ctx.shutdown.cancelled() => {}
         _ = nodesync_task => {}
         _ = leader_task => {}
         _ = workers => {}
+        _ = capacity_task => {}
     }
     queue.shut_down();
     Ok(())
@@ -545,6 +560,25 @@ impl Shell {
         };
         if released && !wake.is_empty() {
             debug!(service = %key, waiting = wake.len(), "capacity freed: retrying the Services waiting for it");
+        }
+        for k in wake {
+            self.queue.add(k);
+        }
+    }
+
+    /// Queues every Service waiting for capacity, and counts it as a release so that a
+    /// refusal racing with it is retried too.
+    fn capacity_appeared(&self) {
+        let wake: Vec<ObjectKey> = {
+            let mut m = self.memory();
+            m.releases += 1;
+            m.starved.drain().collect()
+        };
+        if !wake.is_empty() {
+            debug!(
+                waiting = wake.len(),
+                "provider capacity changed: retrying the Services waiting for it"
+            );
         }
         for k in wake {
             self.queue.add(k);

@@ -144,15 +144,17 @@ async fn exhaustion_is_retryable_and_recovers() {
 }
 
 #[tokio::test]
-async fn no_pool_for_family_is_retried_with_backoff() {
-    // A pool of that family may be created as an object at any time.
+async fn no_pool_for_family_waits_for_a_pool() {
+    // A pool of that family may be created as an object at any time: coded so that its
+    // creation (the provider's capacity signal) retries the Service at once.
     let p = provider(&["10.1.0.0/30"]);
     let v6 = svc("a", &["IPv6"], None);
     assert!(
         p.ensure("c", &v6, &[])
             .await
-            .is_err_and(|e| !e.is_permanent() && !e.has_code(CAPACITY_EXHAUSTED))
+            .is_err_and(|e| !e.is_permanent() && e.has_code(CAPACITY_EXHAUSTED))
     );
+    assert!(p.capacity_signal().is_some());
 }
 
 #[tokio::test]

@@ -198,6 +198,10 @@ async fn probe(inner: Arc<Inner>, ctx: ControllerContext) {
             .collect();
         {
             let mut st = i2.lock();
+            if st.objects != defs {
+                // Only a pool change can make room without a release: wake who waits.
+                i2.capacity.notify_one();
+            }
             st.objects = defs;
             st.recompile();
             for p in st.pools.iter().filter(|p| !p.serves()) {
