@@ -24,13 +24,18 @@ test: tools lint ## everything CI runs: lint, unit, property and integration tes
 unit: ## only the fast tests that need no control plane
 	@$(ENV) cargo test --locked --workspace --lib --bins
 
-# Every scenario appends its row (test_support::chaos: "-" where an invariant does not apply).
+# Every scenario appends its row (test_support::chaos: "-" where an invariant does not apply);
+# the failed tests are listed below the table, since one that fails early writes no row.
 chaos: tools ## the failure scenarios (tests/faults; rule quota, throttling, deletion protection and a full address pool in tests/cloud_lb) and a table of their invariants
-	@$(ENV) rm -f "$$CARGO_TARGET_DIR/chaos.tsv"; rc=0; export SCM_CHAOS_REPORT="$$CARGO_TARGET_DIR/chaos.tsv"; \
-	  cargo test --locked --test faults -- --include-ignored || rc=1; \
-	  cargo test --locked --test cloud_lb -- --include-ignored quota throttle deletion_protection pool_exhausted || rc=1; \
+	@$(ENV) rc=0; export SCM_CHAOS_REPORT="$$CARGO_TARGET_DIR/chaos.tsv"; log="$$CARGO_TARGET_DIR/chaos.log"; \
+	  rm -f "$$SCM_CHAOS_REPORT" "$$log"; \
+	  cargo test --locked --test faults -- --include-ignored 2>&1 | tee -a "$$log" || rc=1; \
+	  cargo test --locked --test cloud_lb -- --include-ignored quota throttle deletion_protection pool_exhausted 2>&1 | tee -a "$$log" || rc=1; \
 	  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' scenario faults outcome slices-differ double-allocations leaked panics converged; \
-	  cat "$$SCM_CHAOS_REPORT" 2>/dev/null; exit $$rc
+	  cat "$$SCM_CHAOS_REPORT" 2>/dev/null; \
+	  failed=$$(sed -n 's/^test \(.*\) \.\.\. FAILED$$/\1/p' "$$log"); \
+	  if [ -n "$$failed" ]; then printf '\nfailed (one that failed before its invariants has no row; output above):\n%s\n' "$$failed"; fi; \
+	  exit $$rc
 
 run: build ## run the manager against $$KUBECONFIG (make up prints one)
 	@$(ENV) "$$CARGO_TARGET_DIR/debug/service-controller-manager" --kubeconfig "$${KUBECONFIG:?set KUBECONFIG, e.g. from make up}" $(ARGS)
