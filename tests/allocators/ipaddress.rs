@@ -313,3 +313,115 @@ async fn a_slash_8_range_starts_mirrors_and_gauges_equal_the_ipaddress_count() {
     assert!(status.success(), "{status:?}");
     cp.stop().await;
 }
+
+/// Creates Service `name` in `api` at the first of `candidates` the API server accepts.
+async fn create_at(
+    api: &Api<Service>,
+    name: &str,
+    candidates: impl Iterator<Item = String>,
+) -> Service {
+    for ip in candidates {
+        let s = svc(name, |s| s.cluster_ip = Some(ip.clone()));
+        match api.create(&PostParams::default(), &s).await {
+            Ok(created) => return created,
+            // Taken by someone else on the shared control plane: the next one.
+            Err(kube::Error::Api(e)) if e.code == 422 => continue,
+            Err(e) => panic!("create {name} at {ip}: {e}"),
+        }
+    }
+    panic!("no free address for {name}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ipaddress_finding_while_the_ipaddress_watch_is_down() {
+    use test_support::apiproxy::{Action, ApiProxy, Match};
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let admin = cp.client().await.expect("client");
+    let ns = test_support::namespace(&admin, "ipoutage")
+        .await
+        .expect("ns");
+    let proxy = ApiProxy::start(admin.clone()).await.expect("proxy");
+    let client = Client::try_from(proxy.config().expect("config")).expect("proxied client");
+    // Our range is the lower half of the API server's: a Service in the upper half is out of
+    // range for us, a finding that compares nothing and so shows during the outage too.
+    let cfg = clusterip_alloc::ClusterIpAllocConfig {
+        service_cluster_ip_range: vec!["10.96.0.0/17".parse().expect("cidr")],
+        concurrent_syncs: 2,
+        ip_address_grace: clusterip_alloc::core::Grace {
+            leaked: Duration::ZERO,
+            young: Duration::ZERO,
+        },
+    };
+    let cip = Running::start(&client, "clusterip-alloc", REPORTER, |ctx| {
+        clusterip_alloc::run(ctx, cfg)
+    });
+    let m = cip.metrics.clone();
+    wait_for("mirrored", DEADLINE, || {
+        let t = m.encode();
+        async move {
+            t.contains("kube_apiserver_clusterip_allocator_allocated_ips{cidr=\"10.96.0.0/17\"}")
+                .then_some(())
+        }
+    })
+    .await
+    .expect("mirrored");
+    // The IPAddress watch goes down: its open watch ends and every list and watch answers 500
+    // (not 503, which the client retries by itself without the informer ever seeing it).
+    proxy.fail(
+        Match::resource("ipaddresses"),
+        Action::Status {
+            code: 500,
+            retry_after: None,
+        },
+        1_000_000,
+    );
+    proxy.end_watches("ipaddresses");
+    wait_for("the IPAddress watch failing", DEADLINE, || {
+        let n = proxy.injected();
+        async move { (n > 0).then_some(()) }
+    })
+    .await
+    .expect("outage");
+    // A Service created now has an IPAddress we cannot see.
+    let svcs: Api<Service> = Api::namespaced(admin.clone(), &ns);
+    let during = create_at(&svcs, "during", (1..250).map(|i| format!("10.96.101.{i}"))).await;
+    let born = during
+        .metadata
+        .creation_timestamp
+        .map(|t| std::time::SystemTime::from(t.0))
+        .expect("creationTimestamp");
+    let marker = create_at(&svcs, "marker", (1..250).map(|i| format!("10.96.201.{i}"))).await;
+    let marker_ip = marker.spec.and_then(|s| s.cluster_ip).expect("ip");
+    // The marker's finding shows that Services are mirrored and reported meanwhile; three
+    // times the 1 s settle after "during" was created, a ClusterIPNotAllocated would be out.
+    let (c, n) = (admin.clone(), ns.clone());
+    wait_for(
+        "the marker's finding, 3 s into the outage",
+        DEADLINE,
+        || {
+            let (c, n) = (c.clone(), n.clone());
+            async move {
+                let late = std::time::SystemTime::now()
+                    .duration_since(born)
+                    .is_ok_and(|d| d > Duration::from_secs(3));
+                let notes = our_notes(&c, &n, "marker", "ClusterIPOutOfRange").await;
+                (late && !notes.is_empty()).then_some(())
+            }
+        },
+    )
+    .await
+    .expect("marker reported");
+    assert_eq!(
+        our_notes(&admin, &ns, "marker", "ClusterIPOutOfRange").await,
+        vec![format!(
+            "Cluster IP [IPv4]:{marker_ip} is not within the service CIDR 10.96.0.0/17; please recreate service"
+        )]
+    );
+    let spurious = our_notes(&admin, &ns, "during", "ClusterIPNotAllocated").await;
+    assert!(
+        spurious.is_empty(),
+        "reported while the IPAddress watch was down: {spurious:?}"
+    );
+    assert!(proxy.injected() > 0);
+    cip.stop().await;
+}
