@@ -207,7 +207,6 @@ async fn target_node_labels_and_fixed_addresses() -> Result<()> {
                 zone: Some("us-east-1a".into()),
                 provider_id: Some(format!("aws:///us-east-1a/{}", instance(name))),
                 labels: [("pool".to_string(), pool.to_string())].into(),
-                ..Default::default()
             },
         )
         .await?;
