@@ -78,7 +78,8 @@ endpoint-controller, service-cidrs-controller, and the cloud-provider service-co
 narrowed or widened to what our controllers actually call:
 - the allocators (clusterip-alloc, nodeport-alloc) repair Services with update;
 - cloud-lb puts its finalizer on with a merge patch (services patch) and reads a Service back
-  after a status conflict (get);
+  after a status conflict (get); with the local provider it also watches LoadBalancerIPPools and
+  Namespaces (for namespaceSelector) and writes pool status (re-read with get on a conflict);
 - services/finalizers and endpoints/finalizers update are what upstream grants so that slices
   may set blockOwnerDeletion in their owner references (OwnerReferencesPermissionEnforcement).
 Events are one shared rule (see clusterrole.yaml); the Lease is a namespaced Role.
@@ -116,6 +117,11 @@ cloud-lb:
   - {group: "", resource: services, verbs: [get, list, watch, patch]}
   - {group: "", resource: services/status, verbs: [patch, update]}
   - {group: "", resource: nodes, verbs: [list, watch]}
+{{- if eq .Values.cloudProvider.name "local" }}
+  - {group: "", resource: namespaces, verbs: [list, watch]}
+  - {group: service-controller-manager.io, resource: loadbalancerippools, verbs: [get, list, watch]}
+  - {group: service-controller-manager.io, resource: loadbalancerippools/status, verbs: [get, update]}
+{{- end }}
 {{- end }}
 
 {{/* Canonical verb order, so rendered rules read the same way as upstream's. */}}
