@@ -140,7 +140,7 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
             "endpoints" => {
                 let cfg = endpointslice::EndpointsConfig {
                     concurrent_syncs: usize::from(flags.concurrent_endpoint_syncs),
-                    batch_period: flags.endpointslice_updates_batch_period,
+                    batch_period: flags.endpoint_updates_batch_period,
                     service_label_selector: selector(flags),
                 };
                 tasks.spawn(async move {

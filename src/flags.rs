@@ -142,6 +142,10 @@ pub struct Flags {
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub mirroring_endpointslice_updates_batch_period: Duration,
 
+    /// Batch legacy Endpoints updates caused by pod changes over this period (0 = off).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub endpoint_updates_batch_period: Duration,
+
     /// Adopt EndpointSlices managed by kube-controller-manager (migration from upstream).
     #[arg(long, default_value_t = false)]
     pub endpointslice_takeover: bool,
@@ -529,6 +533,10 @@ mod tests {
                 "--service-node-port-range",
             ),
             (vec!["--controllers=*,bogus"], "--controllers"),
+            (
+                vec!["--endpoint-updates-batch-period=soon"],
+                "--endpoint-updates-batch-period",
+            ),
             (
                 vec!["--leader-elect-lease-duration=5s"],
                 "--leader-elect-renew-deadline",
