@@ -378,3 +378,60 @@ async fn selectors_decide_which_services_draw_from_a_pool() -> Result<()> {
     delete_pool(&client, bad).await;
     Ok(())
 }
+
+/// Two replicas, leadership moved in the middle of a burst of Services: every Service gets an
+/// address, none is given twice (watched all along), and none moves after the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_in_the_middle_of_assignments_gives_no_address_twice() -> Result<()> {
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    install_crd(&client).await?;
+    let watch = test_support::invariants::AddressWatch::start(&client);
+    let class = "test.example.com/pool-failover";
+    let p = "it-failover";
+    put_pool(&client, p, cidrs(&["10.214.0.0/27"])).await?;
+    let config = local_config("it-failover", class);
+    let r1 = Ctrl::start_as(&client, config.clone(), objects_only(), true);
+    let r2 = Ctrl::start_as(&client, config.clone(), objects_only(), false);
+    let svc = |name: String| lb_service(&ns, &name, Some(class), &[("http", 80, "TCP", None)]);
+    for i in 0..20 {
+        if i == 10 {
+            // Mid-burst: r1 stops leading, r2 takes over (its own, never-led memory).
+            r1.set_leading(false);
+            r2.set_leading(true);
+        }
+        create(&client, &svc(format!("s{i}"))).await?;
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..20 {
+        let name = format!("s{i}");
+        let got = ips(&wait_status(&client, &ns, &name).await?);
+        assert_eq!(got.len(), 1, "{name}: {got:?}");
+        seen.insert(name, got[0].clone());
+    }
+    let distinct: std::collections::BTreeSet<&String> = seen.values().collect();
+    assert_eq!(distinct.len(), 20, "an address given twice: {seen:?}");
+    // Back to r1 (stale memory from its first term): nobody moves, nothing is given twice.
+    r2.set_leading(false);
+    r1.set_leading(true);
+    create(&client, &svc("late".into())).await?;
+    let late = ips(&wait_status(&client, &ns, "late").await?);
+    assert!(
+        !distinct.contains(&late[0]),
+        "late got a held address {late:?}"
+    );
+    for (name, want) in &seen {
+        assert_eq!(&ips_of(&client, &ns, name).await?[0], want, "{name} moved");
+    }
+    let mut doubles = watch.doubles();
+    doubles.extend(test_support::invariants::double_load_balancer_addresses(&client).await?);
+    assert!(doubles.is_empty(), "an address held twice: {doubles:?}");
+    wait_pool(&client, p, "21 allocated", |s| {
+        s.allocated.ipv4 == 21 && s.available.ipv4 == 9
+    })
+    .await?;
+    r1.stop().await;
+    r2.stop().await;
+    delete_pool(&client, p).await;
+    Ok(())
+}
