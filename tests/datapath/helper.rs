@@ -1,0 +1,124 @@
+//! The helper processes the data-path tests start inside network namespaces: this test binary
+//! run again as `ip netns exec NS <binary> helper_process --exact --ignored` with
+//! `SCM_DATAPATH_HELPER` naming the role. A socket belongs to the namespace of the process that
+//! opens it, so whatever must listen or connect inside a namespace runs as such a process.
+//!
+//! Roles (space-separated words):
+//! - `http NAME PORT`: an HTTP server on every address of the namespace answering `NAME`;
+//! - `relay PORT SOCKET`: accepts TCP on `127.0.0.1:PORT` and pipes each connection to the unix
+//!   socket `SOCKET` (the test process relays that to the API server on the host's loopback);
+//! - `get ADDR:PORT COUNT TIMEOUT_MS`: COUNT sequential GETs, one output line each:
+//!   `DP <body>` or `DP ERR <why>`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// The environment variable that turns this binary into a helper.
+pub const ROLE_ENV: &str = "SCM_DATAPATH_HELPER";
+
+/// Runs the role named by `role`; `Err` says why it could not.
+pub fn run(role: &str) -> Result<(), String> {
+    let words: Vec<&str> = role.split_whitespace().collect();
+    match words.as_slice() {
+        ["http", name, port] => http(name, port),
+        ["relay", port, socket] => relay(port, socket),
+        ["get", addr, count, timeout_ms] => {
+            let count: usize = count.parse().map_err(|e| format!("count {count}: {e}"))?;
+            let ms: u64 = timeout_ms
+                .parse()
+                .map_err(|e| format!("timeout {timeout_ms}: {e}"))?;
+            for _ in 0..count {
+                match get(addr, Duration::from_millis(ms)) {
+                    Ok(body) => println!("DP {body}"),
+                    Err(e) => println!("DP ERR {e}"),
+                }
+            }
+            Ok(())
+        }
+        _ => Err(format!("unknown helper role {role:?}")),
+    }
+}
+
+fn http(name: &str, port: &str) -> Result<(), String> {
+    let l = TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("bind: {e}"))?;
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            // Read the request head; the body (there is none for GET) is not needed.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                name.len()
+            );
+            let _ = c.write_all(resp.as_bytes());
+        });
+    }
+    Ok(())
+}
+
+fn relay(port: &str, socket: &str) -> Result<(), String> {
+    let l = TcpListener::bind(format!("127.0.0.1:{port}")).map_err(|e| format!("bind: {e}"))?;
+    for conn in l.incoming() {
+        let Ok(c) = conn else { continue };
+        let Ok(u) = UnixStream::connect(socket) else {
+            continue;
+        };
+        let (Ok(c2), Ok(u2)) = (c.try_clone(), u.try_clone()) else {
+            continue;
+        };
+        std::thread::spawn(move || pipe(c, u));
+        std::thread::spawn(move || pipe(u2, c2));
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` until `from` ends, then closes `to`'s write side.
+fn pipe<R: Read, W: Write + ShutdownWrite>(mut from: R, mut to: W) {
+    let _ = std::io::copy(&mut from, &mut to);
+    to.shutdown_write();
+}
+
+trait ShutdownWrite {
+    fn shutdown_write(&self);
+}
+impl ShutdownWrite for TcpStream {
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+impl ShutdownWrite for UnixStream {
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+fn get(addr: &str, timeout: Duration) -> Result<String, String> {
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let mut s = TcpStream::connect_timeout(&sa, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let body = out.split("\r\n\r\n").nth(1).ok_or("no HTTP body")?;
+    if body.is_empty() || body.contains(char::is_whitespace) {
+        return Err(format!("unexpected body {body:?}"));
+    }
+    Ok(body.to_string())
+}

@@ -1,0 +1,316 @@
+//! A small network of namespaces for one test: a LAN (a bridge in its own namespace), a client,
+//! nodes that forward and run kube-proxy, and pods behind their node. Everything it creates is
+//! named `scmdp-<test process id>-<tag>-...`; dropping the [`Net`] (also while a test panics)
+//! kills its processes and deletes its namespaces, and [`sweep_stale`] removes what a killed
+//! test process left behind.
+//!
+//! Addresses (private, and only inside these namespaces): LAN 10.0.0.0/24 (client .2, node i
+//! .1i), pods of node i in 10.244.i.0/24 (gateway 10.244.i.1 on the node). The client routes
+//! the Service range and the load-balancer pool through node 1, as a router in front of a
+//! cluster would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::helper::ROLE_ENV;
+
+/// The prefix of every namespace the data-path tests make.
+pub const PREFIX: &str = "scmdp-";
+/// Where the client sends Service traffic: through node 1.
+pub const ROUTED_VIA_NODE1: &[&str] = &["10.96.0.0/16", "10.250.0.0/28"];
+
+/// Runs `ip` with `args`; fails with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `args` inside namespace `ns`; its stdout, or an error with its stderr.
+pub fn exec(ns: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .with_context(|| format!("ip netns exec {ns} {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "in {ns}: {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deletes namespaces with our prefix whose test process is gone (killed before its cleanup
+/// ran), after killing what still runs in them.
+pub fn sweep_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or_default();
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        delete_namespace(name);
+    }
+}
+
+/// Kills the processes inside `name` (ours: only our tests make such namespaces) and deletes it.
+fn delete_namespace(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
+}
+
+/// Whether this machine can run the data-path tests: root, `ip`, `iptables-restore`, `nft`;
+/// `Err` names what is missing.
+pub fn preflight() -> Result<()> {
+    let mut missing = vec![];
+    for tool in ["ip", "iptables-save", "iptables-restore", "nft"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            missing.push(tool);
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "missing {} (tests/scripts/datapath-deps.sh installs them)",
+            missing.join(", ")
+        );
+    }
+    let probe = format!("{PREFIX}{}-probe", std::process::id());
+    ip(&["netns", "add", &probe]).context("network namespaces need root")?;
+    delete_namespace(&probe);
+    Ok(())
+}
+
+/// A pod: its name and address.
+#[derive(Clone, Debug)]
+pub struct PodNet {
+    /// Pod name (what its server answers).
+    pub name: String,
+    /// Its IPv4 address.
+    pub ip: String,
+}
+
+/// One test's network; torn down on drop.
+pub struct Net {
+    tag: String,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+    /// Where process logs go.
+    pub logs: PathBuf,
+    pods_per_node: Vec<usize>,
+}
+
+impl Net {
+    /// A LAN, a client and `nodes` forwarding nodes (no pods yet); `tag` keeps parallel tests'
+    /// names apart.
+    pub fn new(tag: &str, nodes: usize, logs: &Path) -> Result<Net> {
+        let mut net = Net {
+            tag: format!("{PREFIX}{}-{tag}", std::process::id()),
+            namespaces: vec![],
+            children: vec![],
+            logs: logs.to_path_buf(),
+            pods_per_node: vec![0; nodes + 1],
+        };
+        let lan = net.add_ns("lan")?;
+        exec(&lan, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        exec(&lan, &["ip", "link", "set", "br0", "up"])?;
+        let client = net.add_ns("client")?;
+        net.join_lan(&client, "cl", "10.0.0.2")?;
+        for via in ROUTED_VIA_NODE1 {
+            exec(&client, &["ip", "route", "add", via, "via", "10.0.0.11"])?;
+        }
+        for i in 1..=nodes {
+            let node = net.add_ns(&format!("node{i}"))?;
+            net.join_lan(&node, &format!("n{i}"), &format!("10.0.0.1{i}"))?;
+            exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            for j in (1..=nodes).filter(|j| *j != i) {
+                let dst = format!("10.244.{j}.0/24");
+                exec(
+                    &node,
+                    &["ip", "route", "add", &dst, "via", &format!("10.0.0.1{j}")],
+                )?;
+            }
+        }
+        Ok(net)
+    }
+
+    /// The namespace of `host` (`lan`, `client`, `node1`, a pod's name).
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.tag)
+    }
+
+    fn add_ns(&mut self, host: &str) -> Result<String> {
+        let name = self.ns(host);
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        exec(&name, &["ip", "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    /// Connects `ns` to the LAN bridge as `addr`/24 (`port` names the bridge side).
+    fn join_lan(&self, ns: &str, port: &str, addr: &str) -> Result<()> {
+        let lan = self.ns("lan");
+        ip(&[
+            "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &lan,
+        ])?;
+        exec(&lan, &["ip", "link", "set", port, "master", "br0", "up"])?;
+        exec(
+            ns,
+            &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+        )?;
+        exec(ns, &["ip", "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// A pod on node `node` (1-based) with the next free address there, running an HTTP
+    /// server on `port` that answers its name.
+    pub fn add_pod(&mut self, name: &str, node: usize, port: u16) -> Result<PodNet> {
+        self.pods_per_node[node] += 1;
+        let k = self.pods_per_node[node];
+        let pod_ip = format!("10.244.{node}.{}", 9 + k);
+        let gw = format!("10.244.{node}.1");
+        let ns = self.add_ns(name)?;
+        let node_ns = self.ns(&format!("node{node}"));
+        let node_if = format!("p{k}");
+        ip(&[
+            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &node_if, "netns",
+            &node_ns,
+        ])?;
+        exec(
+            &ns,
+            &["ip", "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"],
+        )?;
+        exec(&ns, &["ip", "link", "set", "eth0", "up"])?;
+        exec(&ns, &["ip", "route", "add", &gw, "dev", "eth0"])?;
+        exec(&ns, &["ip", "route", "add", "default", "via", &gw])?;
+        // The node answers for the gateway address on every pod link (as the CNI bridge would).
+        exec(
+            &node_ns,
+            &["ip", "addr", "add", &format!("{gw}/32"), "dev", &node_if],
+        )?;
+        exec(&node_ns, &["ip", "link", "set", &node_if, "up"])?;
+        exec(
+            &node_ns,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{pod_ip}/32"),
+                "dev",
+                &node_if,
+            ],
+        )?;
+        self.spawn_helper(name, &format!("http {name} {port}"))?;
+        Ok(PodNet {
+            name: name.into(),
+            ip: pod_ip,
+        })
+    }
+
+    /// Runs this test binary as helper `role` inside `host`'s namespace, until the net drops.
+    pub fn spawn_helper(&mut self, host: &str, role: &str) -> Result<()> {
+        let exe = std::env::current_exe()?;
+        let ns = self.ns(host);
+        let log = std::fs::File::create(self.logs.join(format!("{host}-helper.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(exe)
+            .args(["helper_process", "--exact", "--ignored", "--nocapture"])
+            .env(ROLE_ENV, role)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("helper {role} in {ns}"))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Runs `program args` inside `host`'s namespace until the net drops, its output in
+    /// `<logs>/<log>`.
+    pub fn spawn(&mut self, host: &str, log: &str, program: &Path, args: &[String]) -> Result<()> {
+        let ns = self.ns(host);
+        let file = std::fs::File::create(self.logs.join(log))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(program)
+            .args(args)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("{} in {ns}", program.display()))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// `count` GETs from the client to `addr` (`ip:port`), each with `timeout_ms`: the bodies
+    /// (pod names) and `ERR ...` lines.
+    pub async fn client_get(&self, addr: &str, count: usize, timeout_ms: u64) -> Vec<String> {
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => return vec![format!("ERR {e}")],
+        };
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns("client")])
+            .arg(exe)
+            .args(["helper_process", "--exact", "--ignored", "--nocapture"])
+            .env(ROLE_ENV, format!("get {addr} {count} {timeout_ms}"))
+            .output()
+            .await;
+        match out {
+            Ok(o) => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.strip_prefix("DP "))
+                .map(str::to_string)
+                .collect(),
+            Err(e) => vec![format!("ERR {e}")],
+        }
+    }
+
+    /// The last `n` lines of log `name`.
+    pub fn log_tail(&self, name: &str, n: usize) -> String {
+        let text = std::fs::read_to_string(self.logs.join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            delete_namespace(ns);
+        }
+    }
+}
