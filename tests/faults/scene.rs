@@ -28,7 +28,8 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// Turns at running our controllers in this process. Our EndpointSlice controller deletes the
 /// slices of any deleted Service it comes across (on a relist it looks at every Service holding
 /// slices of ours, in scope or not), so a scenario that needs nothing of ours to move while it
-/// has no leader runs alone; the others share.
+/// has no leader runs alone; so do the class scenario and the failover one, beside which
+/// upstream's slices of a failover Service went missing (see `failover.rs`). The others share.
 static TURNS: LazyLock<Arc<RwLock<()>>> = LazyLock::new(Arc::default);
 
 /// A turn shared with other scenarios.
