@@ -97,6 +97,8 @@ pub fn start_manager(cp: &ControlPlane, dir: &Path) -> Result<Manager> {
     let mut args = vec![
         "--leader-elect=false".to_string(),
         format!("--http-address={}", free_addr()),
+        // No HTTPS port: its fixed default (10257) may be taken by another test's manager.
+        "--secure-port=0".into(),
         "--cloud-provider=local".into(),
         format!("--cloud-config={}", pools.display()),
     ];
