@@ -282,3 +282,57 @@ async fn repeats_fold_into_a_series_and_a_changed_note_is_a_new_event() {
         ]
     );
 }
+
+/// A kind whose list keeps failing counts as failing for as long as it does, so `/healthz`
+/// can give up after its bound (issue 12, defect 2). kube's watcher announces every retry with
+/// an `Init` event; counting that as a success reset the clock on each retry, so a list that
+/// never succeeded never reached the bound (this test failed: `failing_for` stayed under 1 s).
+#[tokio::test]
+async fn a_list_that_keeps_failing_counts_as_failing_until_it_succeeds() {
+    use reqwest::Method;
+    use test_support::apiproxy::{Action, ApiProxy, Match};
+    use test_support::wait_for;
+
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let proxy = ApiProxy::start(cp.client().await.expect("client"))
+        .await
+        .expect("proxy");
+    proxy.fail(
+        Match {
+            method: Some(Method::GET),
+            resource: Some("services".into()),
+            watch: Some(false),
+        },
+        Action::Status {
+            code: 500,
+            retry_after: None,
+        },
+        1000,
+    );
+    let client = kube::Client::try_from(proxy.config().expect("config")).expect("client");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let hub = scm_runtime::Informers::new(client, shutdown.clone());
+    let services = hub.services();
+    wait_for(
+        "the failing list counted for 3 s",
+        Duration::from_secs(60),
+        || async {
+            services
+                .failing_for()
+                .filter(|d| *d > Duration::from_secs(3))
+        },
+    )
+    .await
+    .expect("failing for long enough");
+    assert!(!services.is_synced());
+    // Once lists answer again, the kind is healthy and synced.
+    proxy.clear_faults();
+    wait_for(
+        "synced after the outage",
+        Duration::from_secs(60),
+        || async { (services.is_synced() && services.failing_for().is_none()).then_some(()) },
+    )
+    .await
+    .expect("recovers");
+    shutdown.cancel();
+}

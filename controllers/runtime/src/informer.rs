@@ -313,7 +313,10 @@ async fn run_watch<K, T>(
             _ = shutdown.cancelled() => return,
             ev = stream.next() => ev,
         };
-        if matches!(ev, Some(Ok(_))) {
+        // `Init` says a list is about to be tried, not that one worked: kube's watcher emits it
+        // again before every retry of a failing list, so counting it would keep a list that
+        // never succeeds from ever reaching the health bound.
+        if matches!(ev, Some(Ok(ref e)) if !matches!(e, watcher::Event::Init)) {
             informer.note_success();
         }
         match ev {
