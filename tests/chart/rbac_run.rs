@@ -1,7 +1,9 @@
 //! The chart's RBAC applied for real, and the manager run with the rendered args under that
 //! ServiceAccount's token until every enabled controller has done its work with no 403.
 
-use test_support::{leader_status, readyz_ok};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+use test_support::{https_get, leader_status, readyz_ok};
 
 use super::*;
 
@@ -35,12 +37,23 @@ fn forbidden(lines: &[String]) -> Vec<String> {
 }
 
 /// Starts the manager as the chart would run it (the rendered Deployment's args), with the
-/// local files and address swapped in, authenticated by `kubeconfig`.
-fn start_as(args: &[String], kubeconfig: &Path, cloud_config: &Path, addr: &str) -> Manager {
+/// local files and ports swapped in (plus a plain `--http-address`, `addr`, for the test's own
+/// polling), authenticated by `kubeconfig`.
+fn start_as(
+    args: &[String],
+    kubeconfig: &Path,
+    cloud_config: &Path,
+    addr: &str,
+    secure: &str,
+) -> Manager {
     let mut cmd = Command::new(manager_binary());
+    cmd.arg(format!("--http-address={addr}"));
     for a in args {
-        if a.starts_with("--http-address=") {
-            cmd.arg(format!("--http-address={addr}"));
+        if a.starts_with("--secure-port=") {
+            let port = secure.rsplit(':').next().unwrap_or("0");
+            cmd.arg(format!("--secure-port={port}"));
+        } else if a.starts_with("--bind-address=") {
+            cmd.arg("--bind-address=127.0.0.1");
         } else if a.starts_with("--cloud-config=") {
             cmd.arg(format!("--cloud-config={}", cloud_config.display()));
         } else if a.starts_with("--log-format=") {
@@ -111,7 +124,15 @@ async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control:
             )
         })
         .collect();
-    assert_eq!(rbac.len(), 5);
+    // The manager's ClusterRole, Role, their bindings, and the metrics reader's ClusterRole.
+    assert_eq!(
+        rbac.len(),
+        6,
+        "{:?}",
+        objs.iter()
+            .map(|o| format!("{}/{}", o["kind"], o["metadata"]["name"]))
+            .collect::<Vec<_>>()
+    );
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": rbac});
     kubectl_apply(cp, &ns, &list.to_string(), false).await;
 
@@ -133,7 +154,7 @@ async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control:
         let nobody_kc = scratch.path("nobody.kubeconfig");
         token_kubeconfig(cp, &create_token(cp, &ns, "nobody").await, &nobody_kc);
         let addr0 = free_addr();
-        let m0 = start_as(&args, &nobody_kc, &cloud_config, &addr0);
+        let m0 = start_as(&args, &nobody_kc, &cloud_config, &addr0, &free_addr());
         wait_for(
             "a 403 for a ServiceAccount without RBAC",
             Duration::from_secs(60),
@@ -148,7 +169,8 @@ async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control:
     let kc = scratch.path("sa.kubeconfig");
     token_kubeconfig(cp, &create_token(cp, &ns, &sa_name).await, &kc);
     let addr = free_addr();
-    let m = start_as(&args, &kc, &cloud_config, &addr);
+    let secure = free_addr();
+    let m = start_as(&args, &kc, &cloud_config, &addr, &secure);
     let logs = || m.log_lines().join("\n");
     wait_for("/readyz ok", Duration::from_secs(60), || async {
         readyz_ok(&addr).await.then_some(())
@@ -174,6 +196,11 @@ async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control:
     .await
     .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
 
+    // The secure port, its reviews made with the chart's ServiceAccount: a Prometheus
+    // ServiceAccount bound to the chart's metrics reader role scrapes; the manager's own token
+    // (no get on /metrics) is refused; no token is 401.
+    scrape_with_the_readers_role(cp, &client, &ns, &objs, &secure, &kc, &logs).await;
+
     // Work for every controller: a Node, a ready Pod, and Services of each kind.
     let app_ns = namespace(&client, "chart-app").await.expect("namespace");
     exercise_controllers(&client, &app_ns, &m, disabled).await;
@@ -184,6 +211,87 @@ async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control:
         "403s with the chart's RBAC:\n{}",
         denied.join("\n")
     );
+}
+
+/// Scrapes `/metrics` on the manager's secure port `secure` as a ServiceAccount bound to the
+/// chart's `-metrics-reader` ClusterRole (200), as the manager's own ServiceAccount (403: the
+/// chart gives it no get on /metrics) and without a token (401).
+async fn scrape_with_the_readers_role(
+    cp: &ControlPlane,
+    client: &Client,
+    ns: &str,
+    objs: &[Value],
+    secure: &str,
+    manager_kc: &Path,
+    logs: &dyn Fn() -> String,
+) {
+    let reader = objs
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .find(|n| n.ends_with("-metrics-reader"))
+        .expect("the chart's metrics reader ClusterRole")
+        .to_string();
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("prometheus".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("prometheus service account");
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(format!("{reader}-{ns}")),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: reader,
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "prometheus".into(),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        }]),
+    };
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("bind the metrics reader");
+    let token = create_token(cp, ns, "prometheus").await;
+    let url = format!("https://{secure}/metrics");
+    let (_, body) = wait_for(
+        "/metrics over HTTPS with the reader's token",
+        Duration::from_secs(60),
+        || async {
+            https_get(&url, Some(&token))
+                .await
+                .filter(|(c, _)| *c == 200)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+    assert!(body.contains("leader_election_master_status"), "{body}");
+    let own = std::fs::read_to_string(manager_kc).expect("kubeconfig");
+    let own_token = own
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .expect("token in the kubeconfig")
+        .to_string();
+    let (code, body) = https_get(&url, Some(&own_token)).await.expect("answer");
+    assert_eq!(code, 403, "{body}");
+    let (code, _) = https_get(&url, None).await.expect("answer");
+    assert_eq!(code, 401);
+    let (code, _) = https_get(&format!("https://{secure}/healthz"), None)
+        .await
+        .expect("answer");
+    assert_eq!(code, 200, "the kubelet's probe needs no token");
 }
 
 /// Creates objects every controller acts on and waits for each controller's result.

@@ -136,10 +136,15 @@ async fn renders_for_every_provider_and_the_api_server_accepts_it() {
         for want in [
             "--leader-elect=true".to_string(),
             format!("--leader-elect-resource-namespace={ns}"),
-            "--http-address=0.0.0.0:10270".to_string(),
+            "--secure-port=10257".to_string(),
+            "--bind-address=0.0.0.0".to_string(),
         ] {
             assert!(args.contains(&want), "{name}: {want} not in {args:?}");
         }
+        assert!(
+            !args.iter().any(|a| a.starts_with("--http-address")),
+            "{name}: plain HTTP only when httpAddress is set: {args:?}"
+        );
         assert_eq!(
             args.iter().any(|a| a.starts_with("--cloud-provider=")),
             name != "default"
@@ -155,9 +160,16 @@ async fn renders_for_every_provider_and_the_api_server_accepts_it() {
         assert_eq!(sc["readOnlyRootFilesystem"], true);
         assert_eq!(sc["allowPrivilegeEscalation"], false);
         assert_eq!(strs(&sc["capabilities"]["drop"]), vec!["ALL"]);
-        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-        assert_eq!(c["ports"][0]["containerPort"], 10270);
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            let get = &c[probe]["httpGet"];
+            assert_eq!(get["path"], path, "{name}: {probe}");
+            assert_eq!(get["scheme"], "HTTPS", "{name}: {probe}");
+            assert_eq!(get["port"], "https", "{name}: {probe}");
+        }
+        assert_eq!(c["ports"][0]["containerPort"], 10257);
+        assert_eq!(c["ports"][0]["name"], "https");
+        let svc = find(&objs, "Service");
+        assert_eq!(svc["spec"]["ports"][0]["targetPort"], "https", "{name}");
         assert!(c["resources"]["requests"]["memory"].is_string());
 
         // No wildcards anywhere; leases only through the namespaced Role.
@@ -227,7 +239,19 @@ async fn renders_for_every_provider_and_the_api_server_accepts_it() {
 
     // The optional ServiceMonitor renders (its CRD is not on this API server, so no dry run).
     let text = render("scm", &ns, &["metrics.serviceMonitor.enabled=true"]).await;
-    assert!(text.contains("kind: ServiceMonitor") && text.contains("port: http-metrics"));
+    assert!(text.contains("kind: ServiceMonitor") && text.contains("port: https-metrics"));
+    assert!(
+        text.contains("scheme: https")
+            && text
+                .contains("bearerTokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token")
+            && text.contains("insecureSkipVerify: true"),
+        "{text}"
+    );
+
+    // httpAddress adds the plain listener and its port, explicitly.
+    let text = render("scm", &ns, &["httpAddress=127.0.0.1:10270"]).await;
+    assert!(text.contains("--http-address=127.0.0.1:10270"), "{text}");
+    assert!(text.contains("containerPort: 10270"), "{text}");
 }
 
 #[tokio::test]
@@ -244,6 +268,39 @@ async fn disabling_a_controller_removes_its_rules() {
     };
 
     let (all, _) = role_for(AWS.to_vec()).await;
+    // Least privilege: only verbs the code uses (issue 16). Services are updated only to
+    // assign where the API server did not, so that is opt-in.
+    assert_eq!(
+        verbs_of(&all, "", "services"),
+        vec!["get", "list", "watch", "patch"]
+    );
+    assert_eq!(verbs_of(&all, "", "services/status"), vec!["patch"]);
+    assert_eq!(verbs_of(&all, "", "pods"), vec!["list", "watch"]);
+    assert_eq!(verbs_of(&all, "", "nodes"), vec!["list", "watch"]);
+    assert_eq!(
+        verbs_of(&all, "discovery.k8s.io", "endpointslices"),
+        vec!["list", "watch", "create", "update", "delete"]
+    );
+    assert_eq!(
+        verbs_of(&all, "networking.k8s.io", "servicecidrs"),
+        vec!["get", "list", "watch", "update"]
+    );
+    // The secure port's delegated checks.
+    assert_eq!(
+        verbs_of(&all, "authentication.k8s.io", "tokenreviews"),
+        vec!["create"]
+    );
+    assert_eq!(
+        verbs_of(&all, "authorization.k8s.io", "subjectaccessreviews"),
+        vec!["create"]
+    );
+    let mut sets = AWS.to_vec();
+    sets.push("rbac.serviceUpdates=true");
+    let (r, _) = role_for(sets).await;
+    assert_eq!(
+        verbs_of(&r, "", "services"),
+        vec!["get", "list", "watch", "update", "patch"]
+    );
     assert_eq!(verbs_of(&all, "", "endpoints/restricted"), vec!["create"]);
     assert!(verbs_of(&all, "", "endpoints").contains(&"delete".to_string()));
     assert!(!verbs_of(&all, "", "services/status").is_empty());
@@ -289,7 +346,7 @@ async fn disabling_a_controller_removes_its_rules() {
         vec!["get", "list", "watch"]
     );
 
-    // Only endpointslice: exactly its rules plus Events.
+    // Only endpointslice: exactly its rules plus Events and the secure port's reviews.
     let only: Vec<&str> = vec![
         "controllers.clusterip-alloc=false",
         "controllers.service-cidr=false",
@@ -312,6 +369,8 @@ async fn disabling_a_controller_removes_its_rules() {
             "/pods",
             "/services",
             "/services/finalizers",
+            "authentication.k8s.io/tokenreviews",
+            "authorization.k8s.io/subjectaccessreviews",
             "discovery.k8s.io/endpointslices",
             "events.k8s.io/events",
         ]

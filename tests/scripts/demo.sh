@@ -126,6 +126,7 @@ setsid "$MANAGER" \
   --cloud-config="$SCM_ROOT/examples/local-pools.yaml" \
   --service-cluster-ip-range=10.43.0.0/16 \
   --http-address="127.0.0.1:$HTTP_PORT" \
+  --secure-port=0 \
   >"$DEMO_DIR/manager.log" 2>&1 </dev/null &
 echo $! >"$DEMO_DIR/manager.pid"
 ok=0

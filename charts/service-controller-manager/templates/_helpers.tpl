@@ -76,7 +76,11 @@ What each controller does to the API, as RBAC rules (group, resource, verbs). Ba
 bootstrap roles (system:controller:endpointslice-controller, endpointslicemirroring-controller,
 endpoint-controller, service-cidrs-controller, and the cloud-provider service-controller) and
 narrowed or widened to what our controllers actually call:
-- the allocators (clusterip-alloc, nodeport-alloc) repair Services with update;
+- the allocators (clusterip-alloc, nodeport-alloc) read Services back after a conflict (get) and
+  write a Service (update) only to assign a ClusterIP or NodePort the API server did not, which a
+  stock API server never leaves undone: update is granted only with rbac.serviceUpdates;
+- nothing reads single pods, nodes or EndpointSlices (informers list and watch them), and
+  ServiceCIDRs and their status are written with update, Service status with a merge patch;
 - cloud-lb puts its finalizer on with a merge patch (services patch) and reads a Service back
   after a status conflict (get); with the local provider it also watches LoadBalancerIPPools and
   Namespaces (for namespaceSelector) and writes pool status (re-read with get on a conflict);
@@ -86,36 +90,36 @@ Events are one shared rule (see clusterrole.yaml); the Lease is a namespaced Rol
 */}}
 {{- define "scm.controllerRules" -}}
 clusterip-alloc:
-  - {group: "", resource: services, verbs: [get, list, watch, update]}
+  - {group: "", resource: services, verbs: [get, list, watch{{ if .Values.rbac.serviceUpdates }}, update{{ end }}]}
   - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch]}
   - {group: networking.k8s.io, resource: ipaddresses, verbs: [list, watch]}
 service-cidr:
-  - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch, patch, update]}
+  - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch, update]}
   - {group: networking.k8s.io, resource: servicecidrs/finalizers, verbs: [patch, update]}
-  - {group: networking.k8s.io, resource: servicecidrs/status, verbs: [patch, update]}
+  - {group: networking.k8s.io, resource: servicecidrs/status, verbs: [update]}
   - {group: networking.k8s.io, resource: ipaddresses, verbs: [get, list, watch]}
 nodeport-alloc:
-  - {group: "", resource: services, verbs: [get, list, watch, update]}
+  - {group: "", resource: services, verbs: [get, list, watch{{ if .Values.rbac.serviceUpdates }}, update{{ end }}]}
 endpointslice:
   - {group: "", resource: services, verbs: [get, list, watch]}
-  - {group: "", resource: pods, verbs: [get, list, watch]}
-  - {group: "", resource: nodes, verbs: [get, list, watch]}
+  - {group: "", resource: pods, verbs: [list, watch]}
+  - {group: "", resource: nodes, verbs: [list, watch]}
   - {group: "", resource: services/finalizers, verbs: [update]}
-  - {group: discovery.k8s.io, resource: endpointslices, verbs: [get, list, watch, create, update, delete]}
+  - {group: discovery.k8s.io, resource: endpointslices, verbs: [list, watch, create, update, delete]}
 endpointslice-mirroring:
   - {group: "", resource: services, verbs: [get, list, watch]}
   - {group: "", resource: endpoints, verbs: [get, list, watch]}
   - {group: "", resource: services/finalizers, verbs: [update]}
   - {group: "", resource: endpoints/finalizers, verbs: [update]}
-  - {group: discovery.k8s.io, resource: endpointslices, verbs: [get, list, watch, create, update, delete]}
+  - {group: discovery.k8s.io, resource: endpointslices, verbs: [list, watch, create, update, delete]}
 endpoints:
   - {group: "", resource: services, verbs: [get, list, watch]}
-  - {group: "", resource: pods, verbs: [get, list, watch]}
+  - {group: "", resource: pods, verbs: [list, watch]}
   - {group: "", resource: endpoints, verbs: [get, list, watch, create, update, delete]}
   - {group: "", resource: endpoints/restricted, verbs: [create]}
 cloud-lb:
   - {group: "", resource: services, verbs: [get, list, watch, patch]}
-  - {group: "", resource: services/status, verbs: [patch, update]}
+  - {group: "", resource: services/status, verbs: [patch]}
   - {group: "", resource: nodes, verbs: [list, watch]}
 {{- if eq .Values.cloudProvider.name "local" }}
   - {group: "", resource: namespaces, verbs: [list, watch]}
@@ -129,11 +133,7 @@ cloud-lb:
 get,list,watch,create,update,patch,delete
 {{- end }}
 
-{{/* --http-address: host:port, with IPv6 hosts bracketed. */}}
-{{- define "scm.httpAddress" -}}
-{{- if contains ":" .Values.httpBindAddress }}
-{{- printf "[%s]:%d" .Values.httpBindAddress (int .Values.httpPort) }}
-{{- else }}
-{{- printf "%s:%d" .Values.httpBindAddress (int .Values.httpPort) }}
-{{- end }}
+{{/* The port of --http-address (after its last ':'), when set. */}}
+{{- define "scm.httpPort" -}}
+{{- with .Values.httpAddress }}{{ regexFind "[0-9]+$" . }}{{ end }}
 {{- end }}
