@@ -225,3 +225,36 @@ fn disabled_pools_serve_nothing_new_but_keep_covering_what_they_gave() {
     let rep = pool_report(&pools[0], &book, &none);
     assert_eq!((rep.allocated, rep.available), ((1, 0), (0, 0)));
 }
+
+#[test]
+fn namespace_selectors_admit_by_the_namespace_labels_and_unknown_namespaces_match_none() {
+    let mut d = def("ns-only", &["10.7.0.0/30"]);
+    d.namespace_selector = Some(LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "team".into(),
+            operator: "In".into(),
+            values: Some(vec!["web".into(), "api".into()]),
+        }]),
+        ..Default::default()
+    });
+    let pools = compile(&[d]);
+    let (book, none) = (Book::default(), BTreeMap::new());
+    let with_ns = |labels: Option<&[(&str, &str)]>| {
+        let mut c = cand("a", &[IpFamily::V4], &[]);
+        c.ns_labels = labels.map(|l| {
+            l.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        });
+        assign(&pools, &book, &none, &c).map(|a| a.addresses)
+    };
+    assert_eq!(with_ns(Some(&[("team", "api")])), Ok(vec![ip("10.7.0.1")]));
+    let refused = Err(Refusal::NoPool(vec![IpFamily::V4]));
+    assert_eq!(with_ns(Some(&[("team", "db")])), refused);
+    assert_eq!(with_ns(Some(&[])), refused);
+    assert_eq!(
+        with_ns(None),
+        refused,
+        "a namespace not listed yet matches no selector"
+    );
+}
