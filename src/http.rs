@@ -259,3 +259,70 @@ async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
         s.metrics.encode(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> Health {
+        let cfg = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
+        let client = kube::Client::try_from(cfg).expect("client");
+        Health::new(Informers::new(client, CancellationToken::new()))
+    }
+
+    fn failing(h: &Health) -> Vec<String> {
+        h.checks(WATCH_STALL_BOUND)
+            .into_iter()
+            .filter_map(|(n, p)| p.map(|_| n))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn checks_are_listed_as_kube_controller_manager_lists_them() {
+        let h = health();
+        h.add_controllers(&["endpointslice", "endpoints"]);
+        let _alive = h.add_elector();
+        let names: Vec<String> = h
+            .checks(WATCH_STALL_BOUND)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ping",
+                "informers",
+                "leaderElection",
+                "endpointslice",
+                "endpoints"
+            ]
+        );
+        assert!(h.problem(WATCH_STALL_BOUND).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_elector_or_controller_fails_its_own_check() {
+        let h = health();
+        h.add_controllers(&["endpointslice", "endpoints"]);
+        let alive = h.add_elector();
+        alive.store(false, Ordering::Relaxed);
+        assert_eq!(failing(&h), ["leaderElection"]);
+        h.controller_ended("endpoints", "controller endpoints failed: boom".into());
+        assert_eq!(failing(&h), ["leaderElection", "endpoints"]);
+        let p = h.problem(WATCH_STALL_BOUND).unwrap_or_default();
+        assert!(p.starts_with("leaderElection:"), "{p}");
+    }
+
+    #[test]
+    fn healthz_query_verbose_and_exclude() {
+        let uri: Uri = "/healthz?verbose&exclude=leaderElection&exclude=x"
+            .parse()
+            .expect("uri");
+        assert_eq!(
+            query(&uri),
+            (true, vec!["leaderElection".to_string(), "x".to_string()])
+        );
+        let uri: Uri = "/healthz".parse().expect("uri");
+        assert_eq!(query(&uri), (false, vec![]));
+    }
+}
