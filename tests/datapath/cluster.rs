@@ -88,6 +88,21 @@ pub fn start_kube_proxy(
     )
 }
 
+/// Starts CoreDNS (its kubernetes plugin, zone cluster.local) in node `i`'s namespace, which
+/// already runs the API relay; it answers on port 53 of the node's addresses.
+pub fn start_coredns(net: &mut Net, cp: &ControlPlane, dir: &Path, i: usize) -> Result<()> {
+    let corefile = dir.join("Corefile");
+    std::fs::write(
+        &corefile,
+        format!(
+            ".:53 {{\n  errors\n  kubernetes cluster.local {{\n    kubeconfig {}\n  }}\n}}\n",
+            cp.kubeconfig.display()
+        ),
+    )?;
+    let args = vec!["-conf".to_string(), corefile.display().to_string()];
+    net.spawn(&format!("node{i}"), "coredns.log", &tool("coredns")?, &args)
+}
+
 /// Our manager (every controller, the local address-pool provider on 10.250.0.0/28), plus
 /// whatever `SCM_DATAPATH_MANAGER_ARGS` adds (e.g. `--controllers=*,-endpointslice` to see the
 /// tests fail without our slices).

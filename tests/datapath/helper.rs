@@ -7,6 +7,8 @@
 //! - `http NAME PORT`: an HTTP server on every address of the namespace answering `NAME`;
 //! - `relay PORT SOCKET`: accepts TCP on `127.0.0.1:PORT` and pipes each connection to the unix
 //!   socket `SOCKET` (the test process relays that to the API server on the host's loopback);
+//! - `resolve NAME`: the IPv4 addresses the namespace's resolver gives for `NAME`, one
+//!   `DP <ip>` line each, or `DP ERR <why>`;
 //! - `get ADDR:PORT COUNT TIMEOUT_MS`: COUNT sequential GETs, one output line each:
 //!   `DP <body>` or `DP ERR <why>`.
 
@@ -24,6 +26,23 @@ pub fn run(role: &str) -> Result<(), String> {
     match words.as_slice() {
         ["http", name, port] => http(name, port),
         ["relay", port, socket] => relay(port, socket),
+        ["resolve", name] => {
+            match (*name, 0).to_socket_addrs() {
+                Ok(addrs) => {
+                    let mut ips: Vec<String> = addrs
+                        .filter(|a| a.is_ipv4())
+                        .map(|a| a.ip().to_string())
+                        .collect();
+                    ips.sort();
+                    ips.dedup();
+                    for ip in ips {
+                        println!("DP {ip}");
+                    }
+                }
+                Err(e) => println!("DP ERR {e}"),
+            }
+            Ok(())
+        }
         ["get", addr, count, timeout_ms] => {
             let count: usize = count.parse().map_err(|e| format!("count {count}: {e}"))?;
             let ms: u64 = timeout_ms

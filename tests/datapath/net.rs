@@ -81,6 +81,8 @@ fn delete_namespace(name: &str) {
         }
     }
     let _ = Command::new("ip").args(["netns", "del", name]).status();
+    // `ip netns exec` bind-mounts /etc/netns/<name>/* (our resolver files) over /etc.
+    let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
 }
 
 /// Whether this machine can run the data-path tests: root, `ip`, `iptables-restore`, `nft`;
@@ -271,9 +273,28 @@ impl Net {
         Ok(())
     }
 
-    /// `count` GETs from the client to `addr` (`ip:port`), each with `timeout_ms`: the bodies
-    /// (pod names) and `ERR ...` lines.
-    pub async fn client_get(&self, addr: &str, count: usize, timeout_ms: u64) -> Vec<String> {
+    /// Makes `host` resolve names with the DNS server at `server` (`ip netns exec` mounts
+    /// /etc/netns/<namespace>/resolv.conf over /etc/resolv.conf; removed with the namespace).
+    pub fn set_resolver(&self, host: &str, server: &str) -> Result<()> {
+        let dir = Path::new("/etc/netns").join(self.ns(host));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {server}\noptions timeout:1 attempts:2\n"),
+        )?;
+        Ok(())
+    }
+
+    /// The addresses `name` resolves to in the client (its resolver), sorted; `ERR ...` when
+    /// it does not resolve.
+    pub async fn client_resolve(&self, name: &str) -> Vec<String> {
+        let mut v = self.client_helper(&format!("resolve {name}")).await;
+        v.sort();
+        v
+    }
+
+    /// Runs helper `role` in the client and returns its `DP` lines.
+    async fn client_helper(&self, role: &str) -> Vec<String> {
         let exe = match std::env::current_exe() {
             Ok(e) => e,
             Err(e) => return vec![format!("ERR {e}")],
@@ -282,7 +303,7 @@ impl Net {
             .args(["netns", "exec", &self.ns("client")])
             .arg(exe)
             .args(["helper_process", "--exact", "--ignored", "--nocapture"])
-            .env(ROLE_ENV, format!("get {addr} {count} {timeout_ms}"))
+            .env(ROLE_ENV, role)
             .output()
             .await;
         match out {
@@ -293,6 +314,13 @@ impl Net {
                 .collect(),
             Err(e) => vec![format!("ERR {e}")],
         }
+    }
+
+    /// `count` GETs from the client to `addr` (`ip:port`), each with `timeout_ms`: the bodies
+    /// (pod names) and `ERR ...` lines.
+    pub async fn client_get(&self, addr: &str, count: usize, timeout_ms: u64) -> Vec<String> {
+        self.client_helper(&format!("get {addr} {count} {timeout_ms}"))
+            .await
     }
 
     /// The last `n` lines of log `name`.

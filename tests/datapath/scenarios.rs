@@ -131,6 +131,8 @@ pub async fn setup(
         cluster::start_kube_proxy(&mut net, cp, &socket, (i, &name), mode, proxy_flags)?;
         nodes.push(name);
     }
+    cluster::start_coredns(&mut net, cp, dir.path(), 1)?;
+    net.set_resolver("client", "10.0.0.11")?;
     let mut pods = vec![];
     for (name, i) in [("pod-a", 1), ("pod-b", 2)] {
         let p = net.add_pod(name, i, 8080)?;
@@ -192,6 +194,34 @@ async fn scenarios(s: &Setup, rows: &mut Vec<Row>) -> Result<()> {
     rows.push(Row {
         scenario: "clusterip",
         result: wait_answers(&s.net, &vip, &both).await,
+    });
+
+    // DNS: CoreDNS answers the Service's name with its ClusterIP, and traffic to the name
+    // reaches the pods; a headless Service's name gives one address per ready endpoint.
+    let t = Instant::now();
+    let r = async {
+        let name = format!("web.{ns}.svc.cluster.local");
+        let want = vec![cluster::cluster_ip(&web)?];
+        wait_for(&format!("{name} resolving to {want:?}"), T, || async {
+            (s.net.client_resolve(&name).await == want).then_some(())
+        })
+        .await?;
+        wait_answers(&s.net, &format!("{name}:80"), &both).await?;
+        let spec = web_spec("ClusterIP", &[("app", "web")], json!({"clusterIP": "None"}));
+        cluster::service(c, ns, "web-headless", spec).await?;
+        let name = format!("web-headless.{ns}.svc.cluster.local");
+        let mut want: Vec<String> = s.pods.iter().map(|p| p.ip.clone()).collect();
+        want.sort();
+        wait_for(&format!("{name} resolving to {want:?}"), T, || async {
+            (s.net.client_resolve(&name).await == want).then_some(())
+        })
+        .await?;
+        eprintln!("datapath\tdns\t{name}\t{want:?}");
+        Ok(t.elapsed())
+    };
+    rows.push(Row {
+        scenario: "dns-coredns",
+        result: r.await,
     });
 
     // NodePort: each node forwards to both pods.

@@ -2,8 +2,8 @@
 # Builds the tools tests need into a cache keyed by their pinned versions and links them into
 # bin/: the local control plane (etcd + kube-apiserver), kubectl and kube-controller-manager
 # from tests/controlplane, kube-proxy from tests/datapath/kube-proxy (the same k8s.io/kubernetes
-# module, so its build reuses the control plane's compiled packages), helm from tests/helm, and
-# moto's server from PyPI. A second run with
+# module, so its build reuses the control plane's compiled packages), CoreDNS with its kubernetes
+# plugin from tests/datapath/coredns, helm from tests/helm, and moto's server from PyPI. A second run with
 # nothing changed takes a second or two.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -32,6 +32,7 @@ build_go_module() { # dir, binaries...
 
 build_go_module tests/controlplane controlplane kubectl kube-controller-manager
 build_go_module tests/datapath/kube-proxy kube-proxy
+build_go_module tests/datapath/coredns coredns
 tests/scripts/datapath-deps.sh
 if [ -d tests/helm ]; then
   build_go_module tests/helm helm
