@@ -9,7 +9,7 @@ UP_DIR := .scm/up
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-tools: ## build the control plane, kubectl, kube-controller-manager, kube-proxy, helm and moto into bin/
+tools: ## build the control plane, kubectl, kube-controller-manager, kube-proxy, CoreDNS, helm and moto into bin/
 	@tests/scripts/tools.sh
 
 build: ## build the manager (debug)
