@@ -10,6 +10,7 @@
 //! foreign resources), [`local_pools`] (the local provider), [`binary`] (the manager binary's
 //! wiring); [`harness`] and [`aws`] hold what they share.
 
+mod adopt;
 mod aws;
 mod batches;
 mod binary;

@@ -19,6 +19,7 @@
 //! nodes' security groups open to exactly the Service's `loadBalancerSourceRanges`
 //! ([`security`]), as cloud-provider-aws does.
 
+pub mod adopt;
 pub mod budget;
 pub mod coalesce;
 pub mod config;
@@ -260,6 +261,11 @@ impl AwsProvider {
         let d = spec::desired(cluster, service, &self.defaults)?;
         self.check_rule_cap(&d, BTreeSet::new())?;
         let instances = spec::instance_ids(&spec::target_nodes(service, nodes)?);
+        if let Some(name) = adopt::adopted_name(service)? {
+            self.adopt_check(cluster, service, &name, d.scheme).await?;
+            let applied = self.apply_adopted(cluster, service, &d, &instances).await?;
+            return self.finish_ensure(cluster, &d, applied, &instances).await;
+        }
         let tg_names: Vec<String> = d.target_groups.iter().map(|t| t.name.clone()).collect();
         let obs = self
             .observe(
@@ -279,10 +285,21 @@ impl AwsProvider {
         debug!(lb = %d.name, calls = ?plan.operations(), "ELBv2 plan");
         self.forget(&d.name);
         let applied = self.apply(&plan, &obs).await?;
+        self.finish_ensure(cluster, &d, applied, &instances).await
+    }
+
+    /// After the ELBv2 plan: the nodes' security groups, and the status to publish.
+    async fn finish_ensure(
+        &self,
+        cluster: &str,
+        d: &DesiredLb,
+        applied: elb::apply::Applied,
+        instances: &BTreeSet<String>,
+    ) -> Result<LoadBalancerStatus, ProviderError> {
         let lb = applied
             .lb
             .ok_or_else(|| ProviderError::retryable("no load balancer after applying the plan"))?;
-        self.ensure_security(cluster, &d.name, &lb, Some(&d), &instances)
+        self.ensure_security(cluster, &d.name, &lb, Some(d), instances)
             .await?;
         let status = status_of(&lb);
         self.known

@@ -36,7 +36,13 @@ pub(super) fn meta(svc: &Service) -> (&str, &str, &str) {
 /// The load balancer's name: `k8s-<ns>-<name>-<hash>`, at most 32 characters, deterministic
 /// for (cluster, namespace, name, uid). cloud-provider-aws uses `a` + the UID; we add a
 /// readable prefix and the cluster so two clusters sharing an account never collide.
+///
+/// A Service adopting a load balancer (`service-controller-manager.io/adopt-load-balancer`)
+/// has that one's name instead, so every lookup finds the adopted one.
 pub fn load_balancer_name(cluster: &str, svc: &Service) -> String {
+    if let Ok(Some(adopted)) = crate::aws::adopt::adopted_name(svc) {
+        return adopted;
+    }
     let (ns, name, uid) = meta(svc);
     format!(
         "k8s-{}-{}-{}",
