@@ -9,6 +9,8 @@
 //!   socket `SOCKET` (the test process relays that to the API server on the host's loopback);
 //! - `resolve NAME`: the IPv4 addresses the namespace's resolver gives for `NAME`, one
 //!   `DP <ip>` line each, or `DP ERR <why>`;
+//! - `srv NAME SERVER`: one SRV query for `NAME` over UDP to `SERVER` (`ip:port`), a
+//!   `DP <port> <target>` line per answer, or `DP ERR <why>`;
 //! - `get ADDR:PORT COUNT TIMEOUT_MS`: COUNT sequential GETs, one output line each:
 //!   `DP <body>` or `DP ERR <why>`.
 
@@ -39,6 +41,13 @@ pub fn run(role: &str) -> Result<(), String> {
                         println!("DP {ip}");
                     }
                 }
+                Err(e) => println!("DP ERR {e}"),
+            }
+            Ok(())
+        }
+        ["srv", name, server] => {
+            match srv(name, server) {
+                Ok(answers) => answers.iter().for_each(|a| println!("DP {a}")),
                 Err(e) => println!("DP ERR {e}"),
             }
             Ok(())
@@ -140,4 +149,67 @@ fn get(addr: &str, timeout: Duration) -> Result<String, String> {
         return Err(format!("unexpected body {body:?}"));
     }
     Ok(body.to_string())
+}
+
+/// One SRV query (RFC 1035 wire format, recursion desired): `port target` per answer.
+fn srv(name: &str, server: &str) -> Result<Vec<String>, String> {
+    let mut q = vec![0x13, 0x37, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 33, 0, 1]);
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    sock.send_to(&q, server).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let n = sock.recv(&mut buf).map_err(|e| e.to_string())?;
+    let m = &buf[..n];
+    let u16_at = |i: usize| -> Result<usize, String> {
+        m.get(i..i + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            .ok_or_else(|| "short answer".to_string())
+    };
+    if u16_at(2)? & 0x000f != 0 {
+        return Err(format!("rcode {}", u16_at(2)? & 0x000f));
+    }
+    let answers = u16_at(6)?;
+    let mut i = q.len();
+    let mut out = vec![];
+    for _ in 0..answers {
+        let (_, next) = read_name(m, i)?;
+        let (rtype, rdlen) = (u16_at(next)?, u16_at(next + 8)?);
+        let rdata = next + 10;
+        if rtype == 33 {
+            let (target, _) = read_name(m, rdata + 6)?;
+            out.push(format!("{} {target}", u16_at(rdata + 4)?));
+        }
+        i = rdata + rdlen;
+    }
+    Ok(out)
+}
+
+/// The (possibly compressed) name at `i` and the offset after it.
+fn read_name(m: &[u8], mut i: usize) -> Result<(String, usize), String> {
+    let (mut labels, mut end, mut hops) = (vec![], None, 0);
+    loop {
+        let len = usize::from(*m.get(i).ok_or("name past the end")?);
+        if len == 0 {
+            return Ok((labels.join("."), end.unwrap_or(i + 1)));
+        }
+        if len & 0xc0 == 0xc0 {
+            let lo = usize::from(*m.get(i + 1).ok_or("pointer past the end")?);
+            end.get_or_insert(i + 2);
+            i = ((len & 0x3f) << 8) | lo;
+            hops += 1;
+            if hops > 32 {
+                return Err("name pointer loop".into());
+            }
+            continue;
+        }
+        let label = m.get(i + 1..i + 1 + len).ok_or("label past the end")?;
+        labels.push(String::from_utf8_lossy(label).into_owned());
+        i += 1 + len;
+    }
 }

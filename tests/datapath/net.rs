@@ -293,6 +293,11 @@ impl Net {
         v
     }
 
+    /// The client's SRV query for `name` to `server`: `port target` per answer.
+    pub async fn client_srv(&self, name: &str, server: &str) -> Vec<String> {
+        self.client_helper(&format!("srv {name} {server}")).await
+    }
+
     /// Runs helper `role` in the client and returns its `DP` lines.
     async fn client_helper(&self, role: &str) -> Vec<String> {
         let exe = match std::env::current_exe() {

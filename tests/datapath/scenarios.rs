@@ -207,6 +207,13 @@ async fn scenarios(s: &Setup, rows: &mut Vec<Row>) -> Result<()> {
         })
         .await?;
         wait_answers(&s.net, &format!("{name}:80"), &both).await?;
+        // SRV for the named port: port 80 at the Service's name.
+        let srv = format!("_http._tcp.{name}");
+        let want = vec![format!("80 {name}")];
+        wait_for(&format!("{srv} SRV {want:?}"), T, || async {
+            (s.net.client_srv(&srv, "10.0.0.11:53").await == want).then_some(())
+        })
+        .await?;
         let spec = web_spec("ClusterIP", &[("app", "web")], json!({"clusterIP": "None"}));
         cluster::service(c, ns, "web-headless", spec).await?;
         let name = format!("web-headless.{ns}.svc.cluster.local");
