@@ -9,17 +9,20 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use scm_runtime::{
-    Backoff, Change, ControllerContext, Informer, ObjectKey, Requeue, WorkQueue, WorkerConfig,
+    Backoff, ControllerContext, Informer, ObjectKey, Requeue, WorkQueue, WorkerConfig,
 };
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::core::{self, Action, ClassFilter, LastSync, Observed, Step};
-use crate::endpoints::{self, EndpointIndex};
 use crate::metrics::LbMetrics;
 use crate::nodes::{self, NodeSyncPass};
 use crate::provider::{CAPACITY_EXHAUSTED, LoadBalancerProvider};
 use crate::{CloudLbConfig, Error, NODE_SYNC_DEBOUNCE};
+
+mod watch;
+
+use watch::{Endpoints, watch_endpoints, watch_services};
 
 #[cfg(test)]
 mod fake_api;
@@ -132,12 +135,6 @@ pub(crate) struct Shell {
     queue: WorkQueue<ObjectKey>,
     pub metrics: LbMetrics,
     pass: NodeSyncPass,
-}
-
-/// The EndpointSlice informer (the process's one) and our index of it.
-struct Endpoints {
-    index: Arc<EndpointIndex>,
-    slices: Informer<endpointslice::slice_record::SliceRecord>,
 }
 
 /// The node-sync pass's period (upstream's nodeSyncPeriod), which is also when every
@@ -284,87 +281,6 @@ pub(crate) async fn run(
     }
     queue.shut_down();
     Ok(())
-}
-
-/// Subscribes to the process's EndpointSlice informer (opening no watch of our own): a Service
-/// of ours with `externalTrafficPolicy: Local` is queued when the nodes holding its endpoints
-/// change, so a node whose last endpoint starts terminating is deregistered at once.
-fn watch_endpoints(
-    ctx: &ControllerContext,
-    services: &Informer<Service>,
-    filter: &ClassFilter,
-    queue: &WorkQueue<ObjectKey>,
-) -> Endpoints {
-    let slices = endpointslice::slice_record::endpoint_slices(&ctx.informers);
-    let index = Arc::new(EndpointIndex::default());
-    let (services, filter, queue) = (services.clone(), filter.clone(), queue.clone());
-    endpoints::watch_slices(&slices, index.clone(), move |key| {
-        let local_and_ours = services.get(&key).is_some_and(|s| {
-            core::targets::local_traffic(&s) && core::action(&s, &filter) == Action::Ensure
-        });
-        if local_and_ours {
-            debug!(service = %key, "endpoint nodes changed");
-            queue.add(key);
-        }
-    });
-    Endpoints { index, slices }
-}
-
-/// Subscribes to the Service informer: every change of a Service we may act on, or remember,
-/// queues its key. A relist also queues what we remember but is no longer listed (deleted while
-/// the watch was down), so its load balancer is still cleaned up.
-fn watch_services(
-    services: &Informer<Service>,
-    filter: &ClassFilter,
-    memory: &Arc<Mutex<Memory>>,
-    queue: &WorkQueue<ObjectKey>,
-) {
-    let (filter, memory, queue) = (filter.clone(), memory.clone(), queue.clone());
-    services.subscribe(move |c| {
-        let wanted = |s: &Service, key: &ObjectKey| {
-            let mut m = lock(&memory);
-            m.note_leaving(s, key, &filter);
-            core::action(s, &filter) != Action::Ignore || m.remembers(key)
-        };
-        match c {
-            Change::Apply(s) => {
-                let key = ObjectKey::of(s.as_ref());
-                if wanted(s, &key) {
-                    queue.add(key);
-                }
-            }
-            Change::Delete(s) => {
-                let key = ObjectKey::of(s.as_ref());
-                let mut m = lock(&memory);
-                m.starved.remove(&key);
-                if m.remembers(&key) {
-                    drop(m);
-                    queue.add(key);
-                }
-            }
-            Change::Relisted(list) => {
-                let mut listed = HashSet::with_capacity(list.len());
-                for s in list {
-                    let key = ObjectKey::of(s.as_ref());
-                    if wanted(s, &key) {
-                        queue.add(key.clone());
-                    }
-                    listed.insert(key);
-                }
-                let missed: Vec<ObjectKey> = lock(&memory)
-                    .services
-                    .iter()
-                    .filter(|(k, r)| {
-                        (r.last.is_some() || r.refused.is_some() || r.left) && !listed.contains(*k)
-                    })
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for key in missed {
-                    queue.add(key);
-                }
-            }
-        }
-    });
 }
 
 impl Shell {

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
     LoadBalancerIngress, LoadBalancerStatus, NodeSpec, ServicePort, ServiceSpec, ServiceStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use scm_runtime::{ContextBase, LeaderGate};
+use scm_runtime::{Change, ContextBase, LeaderGate};
 use serde_json::json;
 
 use super::fake_api::{Before, FakeApi, Log, record};
