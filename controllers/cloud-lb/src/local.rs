@@ -455,6 +455,19 @@ impl LoadBalancerProvider for LocalProvider {
                     .find(|p| p.covers(ip))
                     .map(|p| p.def.name.clone());
                 if origin.is_none() {
+                    // A class-less Service's address in none of our pools cannot be told from
+                    // one the cluster's own cloud-controller-manager published: not ours to
+                    // hold. It stays in the status all the same (the Service is refused as
+                    // served elsewhere, never renumbered).
+                    if svc
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.load_balancer_class.as_ref())
+                        .is_none()
+                    {
+                        warn!(service = %who, %ip, "published address of a class-less Service is in no pool: left to whoever published it");
+                        continue;
+                    }
                     warn!(service = %who, %ip, "published address is in no pool; it stays with the Service");
                 }
                 st.book.take(ip, &uid, &who, origin);

@@ -224,6 +224,7 @@ async fn a_restart_after_a_pool_shrank_keeps_every_published_address() {
     // the next ensure renumbered the Service.
     let p = provider(&["10.3.0.0/28"]);
     let mut s = svc("a", &["IPv4"], Some("10.3.0.9"));
+    s.spec.as_mut().expect("spec").load_balancer_class = Some("example.com/ours".into());
     let st = p.ensure("c", &s, &[]).await.expect("allocated");
     s.status = Some(ServiceStatus {
         load_balancer: Some(st),
@@ -245,4 +246,26 @@ async fn a_restart_after_a_pool_shrank_keeps_every_published_address() {
         .await
         .expect("b");
     assert_ne!(ips(&b), vec!["10.3.0.9"]);
+}
+
+#[tokio::test]
+async fn a_class_less_services_address_outside_every_pool_is_not_taken_over() {
+    // Issue 12 defect 7: the cluster's own cloud-controller-manager serves class-less Services
+    // too; an address of one outside our pools is its, so restore must not hold it (holding it
+    // made `get` find it and the shell take the Service over).
+    let p = provider(&["10.3.0.0/29"]);
+    let mut theirs = svc("theirs", &["IPv4"], None);
+    theirs.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some("203.0.113.7".into()),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    });
+    p.restore("c", std::slice::from_ref(&theirs))
+        .await
+        .expect("restored");
+    assert_eq!(p.get("c", &theirs).await.expect("get"), None);
 }
