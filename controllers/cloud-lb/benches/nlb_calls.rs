@@ -6,8 +6,14 @@
 //! 3. periodic existence check: the controller's periodic pass asks `exist` once for every
 //!    Service it remembers (to recreate load balancers deleted out of band; 0 mutating calls),
 //!    and its fallback after a failure, a `get` per Service;
-//! 4. one node added (host update of every Service);
-//! 5. one node removed.
+//! 4. the cloud inventory sweep's listing (`LoadBalancerProvider::inventory`: every load
+//!    balancer and target group tagged for the cluster, and their security-group rules; 0
+//!    mutating calls, and all 200 load balancers and groups found);
+//! 5. one node added (host update of every Service);
+//! 6. one node removed.
+//!
+//! The run fails if the steady-state resync, the existence check or the inventory pass make a
+//! mutating call.
 //!
 //! Run: `cargo bench -p cloud-lb --bench nlb_calls` (env BENCH_SERVICES, BENCH_NODES,
 //! BENCH_CONCURRENCY override the sizes). The provider is driven directly with
@@ -205,6 +211,19 @@ async fn main() -> anyhow::Result<()> {
         })
         .await,
     );
+    let mut listed = (0, 0);
+    phases.push(
+        phase(&proxy, "inventory pass", || async {
+            match provider.inventory(cluster).await {
+                Ok(Some(inv)) => {
+                    listed = (inv.lbs.len(), inv.tgs.len());
+                    0
+                }
+                Ok(None) | Err(_) => 1,
+            }
+        })
+        .await,
+    );
     nodes.push(node(n_nodes));
     let stable = core::stable_nodes(&nodes);
     phases.push(
@@ -253,6 +272,24 @@ async fn main() -> anyhow::Result<()> {
         for (op, n) in &p.calls {
             println!("  {op:<34} {n:>6}");
         }
+    }
+    println!(
+        "\ninventory pass found {} load balancers and {} target groups",
+        listed.0, listed.1
+    );
+    let read_only = [
+        "steady-state resync",
+        "periodic existence check",
+        "inventory pass",
+    ];
+    for p in phases.iter().filter(|p| read_only.contains(&p.name)) {
+        let mutating: u64 = p
+            .calls
+            .iter()
+            .filter(|(k, _)| is_mutating(k))
+            .map(|(_, v)| v)
+            .sum();
+        anyhow::ensure!(mutating == 0, "{}: {mutating} mutating calls", p.name);
     }
     Ok(())
 }
