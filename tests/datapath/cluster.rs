@@ -125,11 +125,12 @@ pub fn start_manager(cp: &ControlPlane, dir: &Path) -> Result<Manager> {
 }
 
 /// Creates Node `name` with `ip` as its InternalIP, Ready, in zone `zone`.
-pub async fn node(client: &kube::Client, name: &str, ip: &str) -> Result<()> {
+pub async fn node(client: &kube::Client, name: &str, ip: &str, zone: &str) -> Result<()> {
     create_node(
         client,
         NodeSpecBuilder {
             name: name.into(),
+            zone: Some(zone.into()),
             ..Default::default()
         },
     )

@@ -127,7 +127,13 @@ pub async fn setup(
     let mut nodes = vec![];
     for i in 1..=2 {
         let name = format!("dp-{tag}-n{i}");
-        cluster::node(&client, &name, &format!("10.0.0.1{i}")).await?;
+        cluster::node(
+            &client,
+            &name,
+            &format!("10.0.0.1{i}"),
+            &format!("zone-{i}"),
+        )
+        .await?;
         cluster::start_kube_proxy(&mut net, cp, &socket, (i, &name), mode, proxy_flags)?;
         nodes.push(name);
     }
@@ -340,6 +346,23 @@ async fn scenarios(s: &Setup, rows: &mut Vec<Row>) -> Result<()> {
     rows.push(Row {
         scenario: "session-affinity-clientip",
         result: r.await,
+    });
+
+    // trafficDistribution PreferSameZone: our slices carry zone hints, so node 1 (zone-1,
+    // where the client's traffic enters) sends it only to pod a, in the same zone.
+    let spec = web_spec(
+        "ClusterIP",
+        &[("app", "web")],
+        json!({"trafficDistribution": "PreferSameZone"}),
+    );
+    let zonal = cluster::service(c, ns, "web-zonal", spec).await?;
+    let addr = format!("{}:80", cluster::cluster_ip(&zonal)?);
+    let t = Instant::now();
+    rows.push(Row {
+        scenario: "prefer-same-zone",
+        result: wait_answers(&s.net, &addr, &["pod-a"])
+            .await
+            .map(|_| t.elapsed()),
     });
 
     // A selector-less Service with hand-made Endpoints: traffic follows the mirrored slice.
