@@ -365,6 +365,22 @@ async fn scenarios(s: &Setup, rows: &mut Vec<Row>) -> Result<()> {
             .map(|_| t.elapsed()),
     });
 
+    // PreferSameNode: node hints keep node 1's traffic on its own pod.
+    let spec = web_spec(
+        "ClusterIP",
+        &[("app", "web")],
+        json!({"trafficDistribution": "PreferSameNode"}),
+    );
+    let same_node = cluster::service(c, ns, "web-same-node", spec).await?;
+    let addr = format!("{}:80", cluster::cluster_ip(&same_node)?);
+    let t = Instant::now();
+    rows.push(Row {
+        scenario: "prefer-same-node",
+        result: wait_answers(&s.net, &addr, &["pod-a"])
+            .await
+            .map(|_| t.elapsed()),
+    });
+
     // A selector-less Service with hand-made Endpoints: traffic follows the mirrored slice.
     let manual = cluster::service(
         c,
