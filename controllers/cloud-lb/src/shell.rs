@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Service};
+use kube::api::{Api, ListParams};
 use scm_runtime::{
     Backoff, ControllerContext, Informer, ObjectKey, Requeue, WorkQueue, WorkerConfig,
 };
@@ -538,6 +539,27 @@ impl Shell {
 
     /// Once per leadership term, before any other provider call: let the provider rebuild from
     /// every served Service.
+    /// The Services we serve, as the API server has them now (a quorum list, 500 a page):
+    /// a new leader's watch can trail the addresses its predecessor published just before
+    /// handing over, and restoring from that view could hand one of them out again.
+    async fn listed_served(&self) -> Result<Vec<Service>, kube::Error> {
+        let api: Api<Service> = Api::all(self.ctx.client.clone());
+        let mut out = Vec::new();
+        let mut lp = ListParams::default().limit(500);
+        loop {
+            let page = api.list(&lp).await?;
+            out.extend(
+                page.items
+                    .into_iter()
+                    .filter(|s| core::action(s, &self.filter) != Action::Ignore),
+            );
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => return Ok(out),
+            }
+        }
+    }
+
     async fn restore(&self) -> Result<(), Error> {
         let _one = self.restoring.lock().await;
         let term = {
@@ -547,10 +569,18 @@ impl Shell {
             }
             m.term
         };
-        let served: Vec<Service> = served(&self.services, &self.filter)
-            .iter()
-            .map(|s| s.as_ref().clone())
-            .collect();
+        let served = match self.listed_served().await {
+            Ok(list) => list,
+            Err(e) => {
+                // The informer's view may trail the previous leader's last writes; it is the
+                // fallback, not the rule.
+                warn!(error = %e, "could not list Services for the restore; using the cache");
+                served(&self.services, &self.filter)
+                    .iter()
+                    .map(|s| s.as_ref().clone())
+                    .collect()
+            }
+        };
         self.provider
             .restore(&self.config.cluster_name, &served)
             .await?;
