@@ -216,12 +216,22 @@ pub fn count_panics() {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !TEST_THREAD.with(|t| t.get()) {
+            if !TEST_THREAD.with(|t| t.get()) && !on_a_test_thread() {
                 PANICS.fetch_add(1, Ordering::SeqCst);
             }
             previous(info);
         }));
     });
+}
+
+/// Whether this thread is one libtest runs a test on (named after the test) rather than one
+/// the code under test runs on (tokio's workers and blocking threads, unnamed threads): a test
+/// that never called [`count_panics`] failing its own assertion must not fail every scenario
+/// running beside it with "a panic in this process".
+fn on_a_test_thread() -> bool {
+    std::thread::current()
+        .name()
+        .is_some_and(|n| !n.starts_with("tokio-"))
 }
 
 /// Panics seen since [`count_panics`].
@@ -546,5 +556,25 @@ mod tests {
         let other = std::thread::spawn(|| panic!("a controller task")).join();
         assert!(other.is_err());
         assert_eq!(panics(), before + 1, "a panic on another thread counts");
+        let worker = std::thread::Builder::new()
+            .name("tokio-runtime-worker".into())
+            .spawn(|| panic!("a controller task on a tokio worker"))
+            .expect("spawn")
+            .join();
+        assert!(worker.is_err());
+        assert_eq!(panics(), before + 2, "a tokio worker's panic counts");
+        // Another test (named by libtest) that never called count_panics, failing its own
+        // assertion: counting it failed every scenario beside it.
+        let other_test = std::thread::Builder::new()
+            .name("pool_objects::another_test".into())
+            .spawn(|| panic!("another test's assertion"))
+            .expect("spawn")
+            .join();
+        assert!(other_test.is_err());
+        assert_eq!(
+            panics(),
+            before + 2,
+            "another test's own assertion does not count"
+        );
     }
 }
