@@ -27,7 +27,7 @@ pub const CONTROLLERS: &[&str] = &[
     version,
     about,
     long_about = None,
-    after_help = "Also: service-controller-manager explain <namespace>/<service> [-o text|json] prints how a Service is wired (read-only; explain --help)."
+    after_help = "Also: service-controller-manager explain <namespace>/<service> [-o text|json] prints how a Service is wired (read-only; explain --help); service-controller-manager crd prints the LoadBalancerIPPool CustomResourceDefinition."
 )]
 pub struct Flags {
     /// Path to a kubeconfig. Else $KUBECONFIG, else in-cluster configuration.

@@ -27,6 +27,12 @@ async fn help_bad_usage_and_an_unreachable_api_server() -> Result<()> {
             "{args:?}"
         );
     }
+    // The manager's help names the crd subcommand too.
+    let out = tokio::process::Command::new(manager_binary())
+        .arg("--help")
+        .output()
+        .await?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("service-controller-manager crd"));
     let dir = tempfile::tempdir()?;
     let kc = dir.path().join("nowhere.kubeconfig");
     let port = free_addr();
