@@ -44,6 +44,18 @@ struct Running {
     shutdown: CancellationToken,
     metrics: Metrics,
     _leader: tokio::sync::watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the controller and waits until it has (in-flight reconciles drained), so a test
+    /// can act on the API with no write of it still to come.
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), t).await;
+        }
+    }
 }
 
 impl Drop for Running {
@@ -63,6 +75,7 @@ fn context(client: &Client, name: &str) -> (ControllerContext, Running) {
             shutdown,
             metrics,
             _leader: tx,
+            task: None,
         },
     )
 }
@@ -85,12 +98,12 @@ fn start_slices(client: &Client, ns: &str, mut cfg: EndpointSliceConfig) -> Runn
 fn start_mirroring(client: &Client, ns: &str) -> Running {
     let mut cfg = MirroringConfig::default();
     cfg.shell.service_label_selector = scope(ns);
-    let (ctx, r) = context(client, "endpointslice-mirroring");
-    tokio::spawn(async move {
+    let (ctx, mut r) = context(client, "endpointslice-mirroring");
+    r.task = Some(tokio::spawn(async move {
         if let Err(e) = endpointslice::run_mirroring(ctx, cfg).await {
             eprintln!("mirroring controller failed: {e}");
         }
-    });
+    }));
     r
 }
 

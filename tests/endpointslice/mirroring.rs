@@ -164,7 +164,9 @@ async fn mirrored_slice_recreated_under_its_name_survives_a_stale_delete() -> Re
     })
     .await?
     .remove(0);
-    drop(m);
+    // Stopped, not just told to stop: a reconcile still in flight could otherwise touch the
+    // slice this test deletes and recreates (CI saw the slice gone under the test once).
+    m.stop().await;
     let name = old.metadata.name.clone().unwrap_or_default();
     let api = e.slices_api();
     api.delete(&name, &DeleteParams::default()).await?;
