@@ -14,6 +14,7 @@
 //! so controllers share the client, the leader gate, the metrics registry and the informers.
 
 pub mod client;
+pub mod conditions;
 pub mod events;
 pub mod informer;
 pub mod leader;

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub workqueue_work_duration: Family<QueueLabel, Histogram>,
     /// 1 while this process holds the Lease.
     pub leader: Family<LeaseLabel, Gauge>,
+    /// Server-side applies of Service conditions sent, per controller ([`crate::conditions`]).
+    pub condition_writes: Family<ControllerLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,6 +97,7 @@ impl Metrics {
             Histogram::new(exponential_buckets(1e-8, 10.0, 10))
         });
         let leader = Family::<LeaseLabel, Gauge>::default();
+        let condition_writes = Family::<ControllerLabel, Counter>::default();
         registry.register(
             "service_controller_manager_reconcile",
             "Reconciles per controller",
@@ -140,6 +143,11 @@ impl Metrics {
             "Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, 1 indicates master",
             leader.clone(),
         );
+        registry.register(
+            "service_controller_manager_condition_writes",
+            "Server-side applies of Service conditions, per controller",
+            condition_writes.clone(),
+        );
         crate::client::metrics::register(&mut registry);
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
@@ -152,7 +160,17 @@ impl Metrics {
             workqueue_queue_duration,
             workqueue_work_duration,
             leader,
+            condition_writes,
         }
+    }
+
+    /// How many condition applies `controller` has sent.
+    pub fn condition_writes(&self, controller: &str) -> u64 {
+        self.condition_writes
+            .get_or_create(&ControllerLabel {
+                controller: controller.to_string(),
+            })
+            .get()
     }
 
     /// The registry, for a controller to register its own families at start.
