@@ -94,9 +94,12 @@ pub fn build_with(
             }
         }
     }
+    // Where the API server keeps IPAddresses its repair loop is repairip.go, whose checks and
+    // wording apply whatever the ranges come from; repair.go's only on the bitmap path.
+    let repairip = index.is_some();
     let mut m = Mirror::build(ranges, services, &claims, seniority, |m, key, svc| {
         for raw in claimed_ips(svc) {
-            let found = observe(m, &raw, key);
+            let found = observe(m, &raw, key, repairip);
             let found = match (found, &index, raw.parse::<IpAddr>()) {
                 (None, Some(ix), Ok(ip)) if compare => ix.check_service(svc, ip),
                 (f, _, _) => f,
@@ -124,19 +127,20 @@ pub fn build_with(
     m
 }
 
-/// Marks one observed address as used, or says what is wrong with it.
-fn observe(m: &mut Mirror, raw: &str, key: &ObjectKey) -> Option<Finding> {
-    let source = m.pool.source;
+/// Marks one observed address as used, or says what is wrong with it; `repairip` words it as
+/// repairip.go (also whenever ranges come from ServiceCIDRs), else as repair.go.
+fn observe(m: &mut Mirror, raw: &str, key: &ObjectKey, repairip: bool) -> Option<Finding> {
+    let repairip = repairip || m.pool.source == RangeSource::ServiceCidrs;
     let Ok(ip) = raw.parse::<IpAddr>() else {
         return Some(Finding::NotValid {
             ip: raw.to_string(),
-            service_cidrs: source == RangeSource::ServiceCidrs,
+            service_cidrs: repairip,
         });
     };
     let fam = IpFamily::of(&ip);
-    // repair.go (flag ranges) reports a family without a range as not valid; repairip.go
-    // (ServiceCIDRs) has no such check and reports the address as out of range below.
-    if source == RangeSource::Flag && !m.pool.families().contains(&fam) {
+    // repair.go reports a family without a range as not valid; repairip.go has no such check
+    // and reports the address as out of range below.
+    if !repairip && !m.pool.families().contains(&fam) {
         return Some(Finding::FamilyNotConfigured { ip });
     }
     if let Some(holder) = m.holder(&ip) {
@@ -154,14 +158,15 @@ fn observe(m: &mut Mirror, raw: &str, key: &ObjectKey) -> Option<Finding> {
     }
     Some(Finding::OutOfRange {
         ip,
-        cidr: match source {
-            RangeSource::Flag => m
-                .pool
+        // repairip.go names no CIDR ("not within any configured Service CIDR").
+        cidr: if repairip {
+            None
+        } else {
+            m.pool
                 .ranges
                 .iter()
                 .find(|r| r.alloc.family() == fam)
-                .map(|r| r.spec.cidr),
-            RangeSource::ServiceCidrs => None,
+                .map(|r| r.spec.cidr)
         },
     })
 }

@@ -19,8 +19,8 @@ pub enum Finding {
     NotValid {
         /// The value as written.
         ip: String,
-        /// Ranges from ServiceCIDRs: worded as repairip.go ("recreate Service"), else as
-        /// repair.go ("recreate service").
+        /// Worded as repairip.go ("recreate Service": ranges from ServiceCIDRs, or an API
+        /// server that keeps IPAddresses), else as repair.go ("recreate service").
         service_cidrs: bool,
     },
     /// An address of a family no range is configured for.
@@ -32,7 +32,8 @@ pub enum Finding {
     OutOfRange {
         /// The address.
         ip: IpAddr,
-        /// The flag's CIDR of that family (`None` when ranges come from ServiceCIDRs).
+        /// The flag's CIDR of that family, as repair.go words it; `None` as repairip.go words it
+        /// (ranges from ServiceCIDRs, or an API server that keeps IPAddresses).
         cidr: Option<IpNet>,
     },
     /// Already held by an older Service.
@@ -151,7 +152,8 @@ impl Report for Finding {
         }
     }
 
-    /// Worded as upstream's repair loops (repair.go for the flag, repairip.go for ServiceCIDRs).
+    /// Worded as upstream's repair loops (repairip.go wherever the API server keeps IPAddresses
+    /// or ranges come from ServiceCIDRs, repair.go on the bitmap path with the flag).
     /// Upstream prints `<nil>` for an unparsable IP; we print what was written.
     fn message(&self) -> String {
         match self {

@@ -348,3 +348,35 @@ fn wide_flag_ranges_mirror_without_a_bitmap_of_their_size() {
         [Finding::Duplicate { .. }]
     ));
 }
+
+/// With IPAddress objects the API server's repair loop is repairip.go even when the ranges come
+/// from `--service-cluster-ip-range`, so its wording applies: no CIDR in the out-of-range
+/// message, `Service` capitalised in the not-valid one, and an address of a family without a
+/// range is out of range (repairip.go has no family check).
+#[test]
+fn flag_ranges_with_ipaddresses_word_findings_as_repairip() {
+    let (kube, kube_ip) = kube();
+    let mut v6 = svc("v6", 1, "fd00::5");
+    v6.spec.as_mut().unwrap().ip_families = Some(vec!["IPv6".into()]);
+    let mut bad = svc("bad", 1, "10.96.0.300");
+    bad.spec.as_mut().unwrap().cluster_ips = Some(vec!["10.96.0.300".into()]);
+    let svcs = vec![kube, svc("out", 1, "10.100.0.1"), v6, bad];
+    let m = build(&["10.96.0.0/16"], &svcs, &[kube_ip]);
+    assert_eq!(
+        one(&m, &k("a", "out")).1,
+        "Cluster IP [IPv4]: 10.100.0.1 is not within any configured Service CIDR; please recreate service"
+    );
+    assert_eq!(
+        one(&m, &k("a", "v6")),
+        (
+            "ClusterIPOutOfRange",
+            "Cluster IP [IPv6]: fd00::5 is not within any configured Service CIDR; please recreate service".into(),
+            "outOfRange",
+            None
+        )
+    );
+    assert_eq!(
+        one(&m, &k("a", "bad")).1,
+        "Cluster IP 10.96.0.300 is not a valid IP; please recreate Service"
+    );
+}
