@@ -209,10 +209,12 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
             format!("A max of {} addresses can be mirrored to EndpointSlices per Endpoints subset. {} addresses were skipped",
                 s.cfg.max_endpoints_per_subset, plan.skipped_addresses)).await;
     }
+    let before: Vec<&EndpointSlice> = existing.iter().collect();
     let w = SliceWrites {
         create: &plan.create,
         update: &plan.update,
         delete: &plan.delete,
+        before: Some(&before),
     };
     let creates = ep.metadata.deletion_timestamp.is_none();
     s.slices

@@ -8,14 +8,19 @@
 //!   409 and the key is retried against fresh state.
 //! - Deletes carry the uid the plan read as a precondition, so a slice deleted and recreated
 //!   under the same name by someone else is never deleted by a stale plan; NotFound is done.
+//! - Under a saturated client budget, a write that stops traffic to an endpoint that is no
+//!   longer ready (or the first slice of a Service) takes its token before ordinary requests
+//!   ([`scm_runtime::client::with_priority`]), and such updates go before the plan's others.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use tokio::time::Instant;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
-use scm_runtime::ObjectKey;
+use scm_runtime::client::with_priority;
+use scm_runtime::{ObjectKey, Priority};
 use tracing::debug;
 
 use crate::Error;
@@ -80,6 +85,69 @@ pub struct SliceWrites<'a> {
     pub update: &'a [EndpointSlice],
     /// Slices to delete.
     pub delete: &'a [EndpointSlice],
+    /// The owner's slices the plan was made from, when known: which writes stop traffic to an
+    /// endpoint that is no longer ready is judged against them (unknown: every write ordinary).
+    pub before: Option<&'a [&'a EndpointSlice]>,
+}
+
+/// The addresses of a slice's ready endpoints.
+fn ready_addresses(s: &EndpointSlice) -> impl Iterator<Item = &str> {
+    s.endpoints
+        .iter()
+        .flatten()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.iter().map(String::as_str))
+}
+
+/// Which of a plan's writes traffic waits for, as (create, update, delete) priorities: an
+/// update or delete that takes away a ready address no slice keeps ready after the plan (an
+/// endpoint that stopped serving), and the creates of a Service that has no slice yet.
+fn priorities(w: &SliceWrites<'_>) -> (Priority, Vec<Priority>, Vec<Priority>) {
+    let Some(before) = w.before else {
+        return (
+            Priority::Ordinary,
+            vec![Priority::Ordinary; w.update.len()],
+            vec![Priority::Ordinary; w.delete.len()],
+        );
+    };
+    let name = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
+    let touched: HashSet<String> = w.update.iter().chain(w.delete).map(name).collect();
+    let ready_after: HashSet<&str> = w
+        .create
+        .iter()
+        .chain(w.update)
+        .chain(
+            before
+                .iter()
+                .copied()
+                .filter(|b| !touched.contains(&name(b))),
+        )
+        .flat_map(ready_addresses)
+        .collect();
+    let drops_ready = |s: &EndpointSlice| {
+        if ready_addresses(s).any(|a| !ready_after.contains(a)) {
+            Priority::Urgent
+        } else {
+            Priority::Ordinary
+        }
+    };
+    let update = w
+        .update
+        .iter()
+        .map(|u| {
+            before
+                .iter()
+                .find(|b| b.metadata.name == u.metadata.name)
+                .map_or(Priority::Ordinary, |b| drops_ready(b))
+        })
+        .collect();
+    let delete = w.delete.iter().map(drops_ready).collect();
+    let create = if before.is_empty() {
+        Priority::Urgent
+    } else {
+        Priority::Ordinary
+    };
+    (create, update, delete)
 }
 
 /// How a plan ended when no call failed.
@@ -107,9 +175,10 @@ impl Slices {
         metrics: &SliceMetrics,
     ) -> Result<Written, Error> {
         let ns = key.namespace.as_str();
+        let (create_p, update_p, delete_p) = priorities(&w);
         for c in w.create.iter().filter(|_| create) {
             let t = Instant::now();
-            match api.create(ns, c).await {
+            match with_priority(create_p, api.create(ns, c)).await {
                 Ok(created) => {
                     self.tracker.update(key, &created);
                     metrics.wrote("create", t.elapsed());
@@ -122,17 +191,23 @@ impl Slices {
                 Err(e) => return Err(Error::Kube(e)),
             }
         }
-        for u in w.update {
+        // Urgent updates first (stable): the rest of the plan may wait behind the budget.
+        let mut updates: Vec<(Priority, &EndpointSlice)> =
+            update_p.into_iter().zip(w.update).collect();
+        updates.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
+        for (p, u) in updates {
             let t = Instant::now();
-            let updated = api.replace(ns, u).await.map_err(Error::Kube)?;
+            let updated = with_priority(p, api.replace(ns, u))
+                .await
+                .map_err(Error::Kube)?;
             self.tracker.update(key, &updated);
             metrics.wrote("update", t.elapsed());
             self.cache().write_through(key, updated);
         }
-        for d in w.delete {
+        for (d, p) in w.delete.iter().zip(delete_p) {
             let name = d.metadata.name.as_deref().unwrap_or_default();
             let t = Instant::now();
-            match api.delete(ns, name, d.metadata.uid.clone()).await {
+            match with_priority(p, api.delete(ns, name, d.metadata.uid.clone())).await {
                 Ok(()) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(Error::Kube(e)),

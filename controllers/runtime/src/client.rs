@@ -4,19 +4,18 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use kube::client::ClientBuilder;
-use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
+pub mod bucket;
 pub mod metrics;
 
+use bucket::Bucket;
+pub use bucket::{current_priority, with_priority};
 use metrics::{RequestMetricsLayer, RequestVerb, observe_limiter_wait};
-
-/// The longest one request waits for a token, whatever the rate.
-const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// A token bucket: `qps` tokens a second, at most `burst` saved up.
 #[derive(Clone, Copy, Debug)]
@@ -52,7 +51,7 @@ pub fn rate_limited_client(
     Ok(builder.with_layer(&TokenBucketLayer { limit }).build())
 }
 
-/// Tower layer adding a token bucket.
+/// Tower layer adding a token bucket ([`bucket`]) in front of the HTTP stack.
 #[derive(Clone, Copy, Debug)]
 pub struct TokenBucketLayer {
     limit: RateLimit,
@@ -61,17 +60,9 @@ pub struct TokenBucketLayer {
 impl<S> Layer<S> for TokenBucketLayer {
     type Service = TokenBucket<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        let burst = f64::from(self.limit.burst.max(1));
         TokenBucket {
             inner,
-            qps: self.limit.qps,
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-            sleep: None,
-            have_token: false,
-            waiting_since: None,
-            waited: Duration::ZERO,
+            bucket: Arc::new(Bucket::new(self.limit)),
         }
     }
 }
@@ -79,118 +70,49 @@ impl<S> Layer<S> for TokenBucketLayer {
 /// The service the layer wraps around the HTTP stack.
 pub struct TokenBucket<S> {
     inner: S,
-    qps: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-    sleep: Option<Pin<Box<Sleep>>>,
-    have_token: bool,
-    /// When the request now waiting first asked for a token.
-    waiting_since: Option<Instant>,
-    /// How long the request holding the token waited for it.
-    waited: Duration,
+    bucket: Arc<Bucket>,
 }
+
+type Boxed<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, R> Service<R> for TokenBucket<S>
 where
     S: Service<R>,
+    S::Future: Send + 'static,
     R: RequestVerb,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Boxed<S::Response, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // kube's Client puts a Buffer in front of this service, so one task calls poll_ready
-        // and call in turn; waiting here queues requests in that buffer, as client-go's
-        // limiter makes callers wait.
-        if !self.have_token {
-            let since = *self.waiting_since.get_or_insert_with(Instant::now);
-            loop {
-                if let Some(s) = self.sleep.as_mut() {
-                    if s.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    self.sleep = None;
-                }
-                let now = Instant::now();
-                let elapsed = now.duration_since(self.last).as_secs_f64();
-                self.last = now;
-                self.tokens = (self.tokens + elapsed * self.qps).min(self.burst);
-                if self.tokens >= 1.0 {
-                    self.tokens -= 1.0;
-                    self.have_token = true;
-                    self.waited = now.duration_since(since);
-                    self.waiting_since = None;
-                    break;
-                }
-                let wait = (1.0 - self.tokens) / self.qps;
-                // A rate too small to wait for (the flag parser refuses those) must not panic
-                // inside the client's worker, which would fail every later API call.
-                let wait = Duration::try_from_secs_f64(wait).unwrap_or(MAX_WAIT);
-                self.sleep = Some(Box::pin(tokio::time::sleep(wait.min(MAX_WAIT))));
-            }
-        }
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: R) -> Self::Future {
-        self.have_token = false;
-        observe_limiter_wait(req.verb(), self.waited);
-        self.inner.call(req)
+        // kube's Client calls this from its Buffer's worker task, but the returned future is
+        // polled by the caller's task: the wait happens there, in the caller's class
+        // (`with_priority`), and the HTTP stack's future does nothing until polled after it.
+        let verb = req.verb().to_string();
+        let fut = self.inner.call(req);
+        let bucket = self.bucket.clone();
+        Box::pin(async move {
+            let waited = bucket.acquire(current_priority()).await;
+            observe_limiter_wait(&verb, waited);
+            fut.await
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Priority;
     use std::convert::Infallible;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tokio::time::Instant;
     use tower::ServiceExt;
-
-    impl RequestVerb for u32 {
-        fn verb(&self) -> &str {
-            "TEST"
-        }
-    }
-
-    #[derive(Clone)]
-    struct Echo;
-    impl Service<u32> for Echo {
-        type Response = u32;
-        type Error = Infallible;
-        type Future = std::future::Ready<Result<u32, Infallible>>;
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-        fn call(&mut self, r: u32) -> Self::Future {
-            std::future::ready(Ok(r))
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn burst_then_qps() {
-        let mut svc = TokenBucketLayer {
-            limit: RateLimit {
-                qps: 10.0,
-                burst: 5,
-            },
-        }
-        .layer(Echo);
-        let start = Instant::now();
-        for i in 0..5 {
-            assert!(svc.ready().await.ok().map(|s| s.call(i)).is_some());
-        }
-        assert!(start.elapsed() < Duration::from_millis(1));
-        for i in 0..10 {
-            let _ = svc.ready().await.map(|s| s.call(i));
-        }
-        // Ten more at 10 qps take about a second of (paused, virtual) time.
-        let e = start.elapsed();
-        assert!(
-            e >= Duration::from_millis(950) && e <= Duration::from_millis(1100),
-            "{e:?}"
-        );
-    }
 
     struct Verb(&'static str);
     impl RequestVerb for Verb {
@@ -198,18 +120,32 @@ mod tests {
             self.0
         }
     }
-    #[derive(Clone)]
-    struct Sink;
+
+    /// Records the order in which requests reach the HTTP stack (when their future is polled
+    /// after the token, as a lazy HTTP client sends them).
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<&'static str>>>);
     impl Service<Verb> for Sink {
         type Response = ();
         type Error = Infallible;
-        type Future = std::future::Ready<Result<(), Infallible>>;
+        type Future = Pin<Box<dyn Future<Output = Result<(), Infallible>> + Send>>;
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
             Poll::Ready(Ok(()))
         }
-        fn call(&mut self, _: Verb) -> Self::Future {
-            std::future::ready(Ok(()))
+        fn call(&mut self, v: Verb) -> Self::Future {
+            let log = self.0.clone();
+            Box::pin(async move {
+                log.lock().unwrap().push(v.0);
+                Ok(())
+            })
         }
+    }
+
+    fn layered(qps: f64, burst: u32, sink: &Sink) -> TokenBucket<Sink> {
+        TokenBucketLayer {
+            limit: RateLimit { qps, burst },
+        }
+        .layer(sink.clone())
     }
 
     fn exported(name: &str, verb: &str) -> f64 {
@@ -228,15 +164,11 @@ mod tests {
     /// server in a latency breakdown; it is exported as client-go exports it.
     #[tokio::test(start_paused = true)]
     async fn each_requests_wait_for_a_token_is_recorded_under_its_verb() {
-        let mut svc = TokenBucketLayer {
-            limit: RateLimit {
-                qps: 10.0,
-                burst: 1,
-            },
-        }
-        .layer(Sink);
+        let sink = Sink::default();
+        let mut svc = layered(10.0, 1, &sink);
         for _ in 0..3 {
-            let _ = svc.ready().await.map(|s| s.call(Verb("WAITTEST")));
+            let f = svc.ready().await.unwrap().call(Verb("WAITTEST"));
+            f.await.unwrap();
         }
         let count = exported(
             "rest_client_rate_limiter_duration_seconds_count",
@@ -248,18 +180,29 @@ mod tests {
         assert!((0.19..0.21).contains(&sum), "{sum}");
     }
 
+    /// Requests are handed to the stack in one order (kube's buffer) but sent in the order the
+    /// bucket grants tokens: an urgent request made later goes out first.
     #[tokio::test(start_paused = true)]
-    async fn a_tiny_rate_waits_instead_of_panicking() {
-        // Duration::from_secs_f64(1e300) panicked here, inside kube's buffer worker.
-        let mut svc = TokenBucketLayer {
-            limit: RateLimit {
-                qps: 1e-300,
-                burst: 1,
-            },
+    async fn a_request_made_with_urgent_priority_is_sent_before_waiting_ordinary_ones() {
+        let sink = Sink::default();
+        let mut svc = layered(10.0, 1, &sink);
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Verb("first"))
+            .await
+            .unwrap();
+        let ordinary = svc.ready().await.unwrap().call(Verb("ordinary"));
+        let urgent = svc.ready().await.unwrap().call(Verb("urgent"));
+        let start = Instant::now();
+        let o = tokio::spawn(ordinary);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
         }
-        .layer(Echo);
-        assert!(svc.ready().await.ok().map(|s| s.call(1)).is_some());
-        let second = tokio::time::timeout(Duration::from_secs(10), svc.ready()).await;
-        assert!(second.is_err(), "the second request waits for a token");
+        let u = tokio::spawn(with_priority(Priority::Urgent, urgent));
+        o.await.unwrap().unwrap();
+        u.await.unwrap().unwrap();
+        assert_eq!(*sink.0.lock().unwrap(), ["first", "urgent", "ordinary"]);
+        assert!(start.elapsed() <= Duration::from_millis(201));
     }
 }

@@ -40,11 +40,18 @@ impl Backoff {
     }
 }
 
-/// How long an ordinary key may wait behind urgent ones before it is handed out first.
+/// How long an ordinary key may wait behind urgent ones before it gets a share of hand-outs.
 pub const ORDINARY_MAX_WAIT: Duration = Duration::from_secs(10);
 
-/// How soon a queued key is handed out: urgent keys before ordinary ones, except an ordinary
-/// key that has waited [`ORDINARY_MAX_WAIT`].
+/// While an ordinary key is overdue ([`ORDINARY_MAX_WAIT`]), this many urgent keys are handed
+/// out for each ordinary one. A share, not "overdue goes first": when urgent work alone
+/// exceeds the API budget, every waiting ordinary key is soon overdue, and letting each go
+/// first would turn the queue back into a FIFO exactly when the order matters.
+pub const URGENT_PER_OVERDUE: u32 = 3;
+
+/// How soon a queued key is handed out: urgent keys before ordinary ones, except that an
+/// ordinary key that has waited [`ORDINARY_MAX_WAIT`] gets one hand-out in
+/// `1 + `[`URGENT_PER_OVERDUE`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
     /// Resyncs, retries, capacity that can wait its turn.
@@ -69,6 +76,8 @@ struct Inner<K> {
     // Keys handed to a worker, with the class they were handed out in (a retry keeps it).
     processing: HashMap<K, Priority>,
     failures: HashMap<K, u32>,
+    // Urgent keys handed out in a row while an ordinary key was overdue.
+    urgent_streak: u32,
     shut_down: bool,
 }
 
@@ -108,6 +117,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 dirty: HashMap::new(),
                 processing: HashMap::new(),
                 failures: HashMap::new(),
+                urgent_streak: 0,
                 shut_down: false,
             })),
             notify: Arc::new(Notify::new()),
@@ -228,16 +238,20 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                 if g.shut_down {
                     return None;
                 }
-                // An ordinary key that has waited ORDINARY_MAX_WAIT goes first: a steady stream
-                // of urgent work must not starve the rest (a pod becoming ready) for good.
+                // An overdue ordinary key gets its share: a steady stream of urgent work must
+                // not starve the rest (a pod becoming ready) for good.
                 let overdue = g
                     .ordinary
                     .front()
                     .and_then(|k| g.dirty.get(k))
                     .is_some_and(|w| w.since.elapsed() >= ORDINARY_MAX_WAIT);
-                let next = match (overdue, g.urgent.is_empty()) {
-                    (false, false) => g.urgent.pop_front().map(|k| (k, Priority::Urgent)),
-                    _ => g.ordinary.pop_front().map(|k| (k, Priority::Ordinary)),
+                let ordinary_turn = overdue && g.urgent_streak >= URGENT_PER_OVERDUE;
+                let next = if g.urgent.is_empty() || ordinary_turn {
+                    g.urgent_streak = 0;
+                    g.ordinary.pop_front().map(|k| (k, Priority::Ordinary))
+                } else {
+                    g.urgent_streak = if overdue { g.urgent_streak + 1 } else { 0 };
+                    g.urgent.pop_front().map(|k| (k, Priority::Urgent))
                 };
                 if let Some((k, class)) = next {
                     let waited = g
@@ -340,16 +354,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_ordinary_key_overdue_behind_urgent_work_goes_first() {
+    async fn overdue_ordinary_keys_get_one_hand_out_in_four_while_urgent_work_waits() {
         let q = WorkQueue::new(Backoff::default());
         q.add("o1");
-        q.add_urgent("u1");
+        q.add("o2");
+        q.add("o3");
+        q.add_urgent("u0");
         tokio::time::advance(ORDINARY_MAX_WAIT - Duration::from_millis(1)).await;
-        assert_eq!(q.get().await, Some("u1"), "not overdue yet: urgent first");
-        q.add_urgent("u2");
+        assert_eq!(q.get().await, Some("u0"), "not overdue yet: urgent first");
+        for u in ["u1", "u2", "u3", "u4", "u5", "u6", "u7"] {
+            q.add_urgent(u);
+        }
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(q.get().await, Some("o1"), "overdue: ahead of urgent work");
-        assert_eq!(q.get().await, Some("u2"));
+        // Overdue: three urgent keys, then an ordinary one, and so on; urgent work left alone
+        // once the overdue keys are gone.
+        assert_eq!(
+            drain(&q).await,
+            vec!["u1", "u2", "u3", "o1", "u4", "u5", "u6", "o2", "u7", "o3"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn urgent_work_beyond_the_budget_still_goes_first_once_ordinary_keys_are_overdue() {
+        // The case the share is for: 40 urgent and 40 ordinary keys queued, all overdue.
+        let q = WorkQueue::new(Backoff::default());
+        for i in 0..40 {
+            q.add(format!("o{i}"));
+            q.add_urgent(format!("u{i}"));
+        }
+        tokio::time::advance(ORDINARY_MAX_WAIT).await;
+        let mut first_40 = Vec::new();
+        for _ in 0..40 {
+            let k = q.get().await.unwrap();
+            q.done(&k);
+            first_40.push(k);
+        }
+        let urgent = first_40.iter().filter(|k| k.starts_with('u')).count();
+        assert_eq!(
+            urgent, 30,
+            "three in four hand-outs are urgent: {first_40:?}"
+        );
     }
 
     #[tokio::test]

@@ -115,10 +115,12 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         }
     }
     let writes = plan.writes();
+    let before: Vec<&EndpointSlice> = snap.existing.iter().map(|s| s.as_ref()).collect();
     let w = SliceWrites {
         create: &plan.create,
         update: &plan.update,
         delete: &plan.delete,
+        before: Some(&before),
     };
     let creates = svc.metadata.deletion_timestamp.is_none();
     let result = s

@@ -15,11 +15,15 @@ use crate::common::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, MIRRORING_CONTROLLER_N
 #[derive(Default)]
 struct Recorder {
     calls: Mutex<Vec<String>>,
+    // The token-bucket class each call was made in (`with_priority`).
+    classes: Mutex<Vec<scm_runtime::Priority>>,
     answers: Mutex<VecDeque<Option<kube::Error>>>,
 }
 
 impl Recorder {
     fn answer(&self) -> Result<(), kube::Error> {
+        let class = scm_runtime::client::current_priority();
+        self.classes.lock().unwrap().push(class);
         match self.answers.lock().unwrap().pop_front().flatten() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -129,6 +133,7 @@ async fn creates_then_updates_then_uid_preconditioned_deletes() {
         create: &c,
         update: &u,
         delete: &d,
+        before: None,
     };
     assert_eq!(
         s.write(&api, &key, w, true, &m).await.unwrap(),
@@ -221,4 +226,75 @@ async fn not_found_on_delete_is_done_and_a_uid_conflict_is_not() {
     assert!(matches!(err, Error::Kube(kube::Error::Api(ref st)) if st.code == 409));
     assert_eq!(names(&s, &key), vec!["svc-b"]);
     assert!(!s.tracker.handle_deletion(&key, &d[0]));
+}
+
+fn with_endpoints(mut s: EndpointSlice, eps: &[(&str, bool)]) -> EndpointSlice {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    s.endpoints = Some(
+        eps.iter()
+            .map(|(ip, ready)| Endpoint {
+                addresses: vec![ip.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(*ready),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    );
+    s
+}
+
+/// Under a saturated budget the write that stops traffic to a pod that is no longer ready
+/// must not wait behind writes that only add capacity: it is made first and in the urgent
+/// class; an endpoint that only moves to another slice is not urgent.
+#[tokio::test]
+async fn updates_that_drop_a_ready_endpoint_go_first_in_the_urgent_class() {
+    use scm_runtime::Priority::{Ordinary, Urgent};
+    let (slices, metrics, key) = fixture();
+    let api = Recorder::default();
+    let a = with_endpoints(slice(Some("a"), "ua", 1), &[("10.0.0.1", true)]);
+    let b = with_endpoints(slice(Some("b"), "ub", 1), &[("10.0.0.2", true)]);
+    let c = with_endpoints(slice(Some("c"), "uc", 1), &[("10.0.0.3", true)]);
+    let before = [&a, &b, &c];
+    // a gains an endpoint, b loses its ready one, c's endpoint moves to the new slice.
+    let a2 = with_endpoints(a.clone(), &[("10.0.0.1", true), ("10.0.0.4", true)]);
+    let b2 = with_endpoints(b.clone(), &[("10.0.0.2", false)]);
+    let new = with_endpoints(slice(None, "", 0), &[("10.0.0.3", true)]);
+    let w = SliceWrites {
+        create: std::slice::from_ref(&new),
+        update: &[a2, b2],
+        delete: std::slice::from_ref(&c),
+        before: Some(&before),
+    };
+    slices.write(&api, &key, w, true, &metrics).await.unwrap();
+    assert_eq!(
+        api.calls(),
+        [
+            "create ns/svc-",
+            "replace ns/b rv=7",
+            "replace ns/a rv=7",
+            "delete ns/c uid=uc"
+        ]
+    );
+    assert_eq!(
+        *api.classes.lock().unwrap(),
+        [Ordinary, Urgent, Ordinary, Ordinary]
+    );
+
+    // The first slice of a Service is urgent; with no known prior state, nothing is.
+    let api = Recorder::default();
+    let w = SliceWrites {
+        create: std::slice::from_ref(&new),
+        before: Some(&[]),
+        ..Default::default()
+    };
+    slices.write(&api, &key, w, true, &metrics).await.unwrap();
+    let d = with_endpoints(slice(Some("d"), "ud", 1), &[("10.0.0.9", true)]);
+    let w = SliceWrites {
+        delete: std::slice::from_ref(&d),
+        ..Default::default()
+    };
+    slices.write(&api, &key, w, true, &metrics).await.unwrap();
+    assert_eq!(*api.classes.lock().unwrap(), [Urgent, Ordinary]);
 }

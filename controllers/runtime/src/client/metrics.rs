@@ -136,9 +136,10 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let method = req.method().as_str().to_string();
-        let start = Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
+            // From the first poll: an outer token bucket polls this only once it has a token.
+            let start = Instant::now();
             let res = fut.await;
             let code = match &res {
                 Ok(r) => r.status().as_u16().to_string(),

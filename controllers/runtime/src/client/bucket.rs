@@ -1,0 +1,312 @@
+//! The client's token bucket (`--kube-api-qps`, `--kube-api-burst`), shared by every request of
+//! one client. Unlike client-go's limiter, which serves waiting requests in arrival order, it
+//! hands tokens to urgent requests first: a request made inside
+//! [`with_priority`]`(Priority::Urgent, …)` (a slice write that stops traffic to a pod that
+//! cannot serve) goes before ordinary ones (watches, lists, Events, leases, writes that only
+//! add capacity). An ordinary request that has waited [`ORDINARY_MAX_WAIT`] goes first, so a
+//! stream of urgent writes can delay a lease renewal by seconds, never starve it.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::Priority;
+
+use super::RateLimit;
+
+/// How long an ordinary request may wait behind urgent ones before it takes the next token.
+pub const ORDINARY_MAX_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest one wait lasts, whatever the rate (a rate too small to wait for must not panic).
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+tokio::task_local! {
+    static PRIORITY: Priority;
+}
+
+/// Runs `f` with its API requests in class `p` for this client's token bucket.
+pub async fn with_priority<F: Future>(p: Priority, f: F) -> F::Output {
+    PRIORITY.scope(p, f).await
+}
+
+/// The class of the requests the current task makes now ([`Priority::Ordinary`] by default).
+pub fn current_priority() -> Priority {
+    PRIORITY.try_with(|p| *p).unwrap_or_default()
+}
+
+struct State {
+    tokens: f64,
+    last: Instant,
+    next_ticket: u64,
+    // Waiting requests by class, in arrival order: (ticket, since).
+    urgent: VecDeque<(u64, Instant)>,
+    ordinary: VecDeque<(u64, Instant)>,
+}
+
+impl State {
+    /// The ticket that takes the next token: an overdue ordinary request, else the first
+    /// urgent one, else the first ordinary one.
+    fn head(&self, now: Instant) -> Option<u64> {
+        let overdue = self
+            .ordinary
+            .front()
+            .filter(|(_, since)| now.duration_since(*since) >= ORDINARY_MAX_WAIT);
+        overdue
+            .or(self.urgent.front())
+            .or(self.ordinary.front())
+            .map(|(t, _)| *t)
+    }
+
+    fn remove(&mut self, ticket: u64) {
+        self.urgent.retain(|(t, _)| *t != ticket);
+        self.ordinary.retain(|(t, _)| *t != ticket);
+    }
+}
+
+/// A token bucket with two classes of waiters.
+pub struct Bucket {
+    qps: f64,
+    burst: f64,
+    state: Mutex<State>,
+    // Woken whenever the head may have changed: a token taken, a waiter gone.
+    changed: Notify,
+}
+
+/// What a waiter does next.
+enum Next {
+    Took,
+    Sleep(Duration),
+    WaitForChange,
+}
+
+impl Bucket {
+    /// A full bucket of `limit.burst` tokens refilled at `limit.qps` a second.
+    pub fn new(limit: RateLimit) -> Self {
+        let burst = f64::from(limit.burst.max(1));
+        Bucket {
+            qps: limit.qps,
+            burst,
+            state: Mutex::new(State {
+                tokens: burst,
+                last: Instant::now(),
+                next_ticket: 0,
+                urgent: VecDeque::new(),
+                ordinary: VecDeque::new(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is a few numbers and queues: a panic elsewhere cannot leave it unusable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sleep_for(secs: f64) -> Duration {
+        Duration::try_from_secs_f64(secs.max(0.0))
+            .unwrap_or(MAX_WAIT)
+            .min(MAX_WAIT)
+    }
+
+    /// Waits for a token in class `p`; returns how long it waited.
+    pub async fn acquire(&self, p: Priority) -> Duration {
+        let start = Instant::now();
+        let ticket = {
+            let mut s = self.lock();
+            let t = s.next_ticket;
+            s.next_ticket += 1;
+            match p {
+                Priority::Urgent => s.urgent.push_back((t, start)),
+                Priority::Ordinary => s.ordinary.push_back((t, start)),
+            }
+            t
+        };
+        let mut queued = Queued {
+            bucket: self,
+            ticket: Some(ticket),
+        };
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let next = {
+                let mut s = self.lock();
+                let now = Instant::now();
+                let elapsed = now.duration_since(s.last).as_secs_f64();
+                s.last = now;
+                s.tokens = (s.tokens + elapsed * self.qps).min(self.burst);
+                if s.head(now) == Some(ticket) {
+                    if s.tokens >= 1.0 {
+                        s.tokens -= 1.0;
+                        s.remove(ticket);
+                        Next::Took
+                    } else {
+                        Next::Sleep(Self::sleep_for((1.0 - s.tokens) / self.qps))
+                    }
+                } else if s.ordinary.front().is_some_and(|(t, _)| *t == ticket) {
+                    // Not next yet, but becomes next once overdue, which nobody else signals.
+                    Next::Sleep(ORDINARY_MAX_WAIT.saturating_sub(now.duration_since(start)))
+                } else {
+                    Next::WaitForChange
+                }
+            };
+            match next {
+                Next::Took => {
+                    queued.ticket = None;
+                    self.changed.notify_waiters();
+                    return start.elapsed();
+                }
+                Next::Sleep(d) => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                }
+                Next::WaitForChange => changed.await,
+            }
+        }
+    }
+}
+
+/// A waiter's place in the queue, given up if its request is dropped while it waits.
+struct Queued<'a> {
+    bucket: &'a Bucket,
+    ticket: Option<u64>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.bucket.lock().remove(t);
+            self.bucket.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn bucket(qps: f64, burst: u32) -> Arc<Bucket> {
+        Arc::new(Bucket::new(RateLimit { qps, burst }))
+    }
+
+    /// Starts `n` waiters of class `p` named `name-i`, each recording its name when served.
+    fn waiters(
+        b: &Arc<Bucket>,
+        log: &Arc<Mutex<Vec<String>>>,
+        name: &str,
+        p: Priority,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..n)
+            .map(|i| {
+                let (b, log, name) = (b.clone(), log.clone(), format!("{name}{i}"));
+                tokio::spawn(async move {
+                    b.acquire(p).await;
+                    log.lock().unwrap().push(name);
+                })
+            })
+            .collect()
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_qps() {
+        let b = bucket(10.0, 5);
+        let start = Instant::now();
+        for _ in 0..5 {
+            b.acquire(Priority::Ordinary).await;
+        }
+        assert!(start.elapsed() < Duration::from_millis(1));
+        for _ in 0..10 {
+            b.acquire(Priority::Ordinary).await;
+        }
+        let e = start.elapsed();
+        assert!(
+            e >= Duration::from_millis(950) && e <= Duration::from_millis(1100),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn urgent_requests_take_tokens_before_ordinary_ones_fifo_within_a_class() {
+        let b = bucket(10.0, 1);
+        b.acquire(Priority::Ordinary).await; // empty the bucket
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut all = waiters(&b, &log, "o", Priority::Ordinary, 3);
+        settle().await;
+        all.extend(waiters(&b, &log, "u", Priority::Urgent, 3));
+        settle().await;
+        for h in all {
+            h.await.unwrap();
+        }
+        let got = log.lock().unwrap().clone();
+        assert_eq!(got, ["u0", "u1", "u2", "o0", "o1", "o2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ordinary_request_overdue_behind_urgent_ones_goes_next() {
+        // One token a second: three urgent requests would hold it for 3 s.
+        let b = bucket(1.0, 1);
+        b.acquire(Priority::Ordinary).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut all = waiters(&b, &log, "o", Priority::Ordinary, 1);
+        settle().await;
+        all.extend(waiters(&b, &log, "u", Priority::Urgent, 3));
+        settle().await;
+        for h in all {
+            h.await.unwrap();
+        }
+        // u0 at 1 s; o0 has waited 2 s by the next token.
+        let got = log.lock().unwrap().clone();
+        assert_eq!(got, ["u0", "o0", "u1", "u2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_waiter_gives_up_its_turn() {
+        let b = bucket(1.0, 1);
+        b.acquire(Priority::Ordinary).await;
+        let first = {
+            let b = b.clone();
+            tokio::spawn(async move { b.acquire(Priority::Urgent).await })
+        };
+        settle().await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let rest = waiters(&b, &log, "o", Priority::Ordinary, 1);
+        settle().await;
+        first.abort();
+        let start = Instant::now();
+        for h in rest {
+            h.await.unwrap();
+        }
+        assert_eq!(log.lock().unwrap().clone(), ["o0"]);
+        assert!(start.elapsed() <= Duration::from_millis(1001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_priority_sets_the_class_of_the_task_s_requests() {
+        assert_eq!(current_priority(), Priority::Ordinary);
+        let p = with_priority(Priority::Urgent, async { current_priority() }).await;
+        assert_eq!(p, Priority::Urgent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tiny_rate_waits_instead_of_panicking() {
+        let b = bucket(1e-300, 1);
+        b.acquire(Priority::Ordinary).await;
+        let second =
+            tokio::time::timeout(Duration::from_secs(10), b.acquire(Priority::Ordinary)).await;
+        assert!(second.is_err(), "the second request waits for a token");
+    }
+}
