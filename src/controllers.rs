@@ -51,6 +51,9 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
         let provider = cloud_lb::build_provider(&config)
             .await
             .map_err(|e| anyhow::anyhow!("--cloud-config: {e}"))?;
+        if let Some(dry) = &base.dry_run {
+            provider.set_dry_run(dry.clone());
+        }
         Some((config, provider))
     } else {
         None

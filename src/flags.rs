@@ -27,7 +27,7 @@ pub const CONTROLLERS: &[&str] = &[
     version,
     about,
     long_about = None,
-    after_help = "Also: service-controller-manager explain <namespace>/<service> [-o text|json] prints how a Service is wired (read-only; explain --help); service-controller-manager crd prints the LoadBalancerIPPool CustomResourceDefinition."
+    after_help = "Also: service-controller-manager plan [flags] runs every enabled controller once in a dry run and prints the writes it would make; service-controller-manager explain <namespace>/<service> [-o text|json] prints how a Service is wired (read-only; explain --help); service-controller-manager crd prints the LoadBalancerIPPool CustomResourceDefinition."
 )]
 pub struct Flags {
     /// Path to a kubeconfig. Else $KUBECONFIG, else in-cluster configuration.
@@ -153,6 +153,17 @@ pub struct Flags {
     /// Only serve Services matching this label selector (e.g. 'app in (a,b)'); empty: all.
     #[arg(long, default_value = "")]
     pub service_label_selector: String,
+
+    /// Run every enabled controller without writing: API writes are sent as server-side dry
+    /// runs, cloud calls that mutate are skipped, and each is logged and counted
+    /// (service_controller_manager_dry_run_writes_total). No leader election: it can run
+    /// beside a live manager.
+    #[arg(long, default_value_t = false)]
+    pub dry_run: bool,
+
+    /// `plan` only: how long to wait for caches to sync and every queue to drain.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub plan_timeout: Duration,
 
     /// Start a leader election client and gain leadership before reconciling.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

@@ -3,6 +3,7 @@
 mod controllers;
 mod flags;
 mod http;
+mod plan;
 mod serving;
 
 use std::process::ExitCode;
@@ -32,7 +33,13 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "crd") {
         return crd_main();
     }
-    let flags = match Flags::try_parse() {
+    // `plan` takes the manager's own flags, after the word.
+    let plan = std::env::args_os().nth(1).is_some_and(|a| a == "plan");
+    let args = std::env::args_os()
+        .enumerate()
+        .filter(|(i, _)| !(plan && *i == 1))
+        .map(|(_, a)| a);
+    let flags = match Flags::try_parse_from(args) {
         Ok(f) => f,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -65,7 +72,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(flags)) {
+    let mut flags = flags;
+    if plan {
+        flags.dry_run = true;
+    }
+    match rt.block_on(run(flags, plan)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = format!("{e:#}"), "exiting");
@@ -176,7 +187,9 @@ fn identity() -> String {
     format!("{host}_{:016x}", rand::random::<u64>())
 }
 
-async fn run(flags: Flags) -> anyhow::Result<()> {
+/// Runs the manager until shutdown; with `plan` (a dry run), only until the plan is complete,
+/// then prints it.
+async fn run(flags: Flags, plan: bool) -> anyhow::Result<()> {
     let enabled = flags::enabled_controllers(&flags.controllers, !flags.cloud_provider.is_empty())
         .map_err(anyhow::Error::msg)?;
     let config = kube_config(&flags).await?;
@@ -194,6 +207,14 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let readiness = Readiness::default();
     let identity = identity();
+    let dry_run = flags
+        .dry_run
+        .then(scm_runtime::client::dry_run::DryRun::new);
+    if dry_run.is_some() {
+        warn!(
+            "dry run: writes are sent as server-side dry runs and cloud calls that mutate are skipped; nothing takes effect"
+        );
+    }
 
     let informers = scm_runtime::Informers::new(client.clone(), shutdown.clone());
     let health = http::Health::new(informers.clone());
@@ -205,18 +226,24 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     let mut servers = Vec::new();
-    if let Some(addr) = flags.http_address {
+    if plan {
+        // A plan serves nothing: it may run beside a live manager on the same host.
+    } else if let Some(addr) = flags.http_address {
         let plain = http::serve_plain(addr, app.clone(), shutdown.clone())
             .await
             .with_context(|| format!("--http-address: binding {addr}"))?;
         servers.push(plain);
     }
-    servers.extend(serving::serve_secure(&flags.serving, &config, app, shutdown.clone()).await?);
+    if !plan {
+        servers
+            .extend(serving::serve_secure(&flags.serving, &config, app, shutdown.clone()).await?);
+    }
 
     // Leadership: the elector's own token outlives the controllers' so that the Lease is
     // released only after workers have stopped writing.
     let elector_stop = CancellationToken::new();
-    let (gate, elector) = if flags.leader_elect {
+    // A dry run never takes the Lease: it must be runnable beside a live manager.
+    let (gate, elector) = if flags.leader_elect && dry_run.is_none() {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let api: Api<Lease> =
             Api::namespaced(client.clone(), &flags.leader_elect_resource_namespace);
@@ -251,23 +278,48 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     info!(
         identity = %identity,
         controllers = ?enabled,
-        leader_elect = flags.leader_elect,
+        leader_elect = flags.leader_elect && dry_run.is_none(),
+        dry_run = dry_run.is_some(),
         http = ?flags.http_address,
         secure_port = flags.serving.secure_port,
         "starting service-controller-manager"
     );
     let base = scm_runtime::ContextBase {
-        client: client.clone(),
+        // Writes made outside any controller's context are dry runs too.
+        client: match &dry_run {
+            Some(d) => d.client(client.clone(), "manager"),
+            None => client.clone(),
+        },
         leader: gate.clone(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
         identity: Some(identity.clone()),
         informers,
+        dry_run: dry_run.clone(),
     };
     let mut tasks = controllers::start(&enabled, &flags, &base).await?;
 
-    let failed = supervise(&mut tasks, &shutdown, &health).await;
+    let failed = match &dry_run {
+        Some(dry) if plan => {
+            tokio::select! {
+                f = supervise(&mut tasks, &shutdown, &health) => {
+                    Some(f.unwrap_or_else(|| "plan: interrupted".to_string()))
+                }
+                r = plan::wait(dry, &readiness, &enabled, flags.plan_timeout) => {
+                    shutdown.cancel();
+                    match r {
+                        Ok(()) => {
+                            print!("{}", plan::table(&dry.records(), dry));
+                            None
+                        }
+                        Err(e) => Some(e),
+                    }
+                }
+            }
+        }
+        _ => supervise(&mut tasks, &shutdown, &health).await,
+    };
     info!("shutting down: no new work is taken");
     let deadline = tokio::time::Instant::now() + SHUTDOWN_BUDGET;
     while let Some(res) = tokio::time::timeout_at(deadline, tasks.join_next())

@@ -235,6 +235,13 @@ pub trait LoadBalancerProvider: Send + Sync {
     /// The provider's name as given to `--cloud-provider` (for logs and metrics).
     fn provider_name(&self) -> &'static str;
 
+    /// Dry run: from now on, record each mutating cloud call in `dry` instead of making it
+    /// (reads still happen). Providers that write only API objects (through the controller's
+    /// client, already a dry run then) need nothing.
+    fn set_dry_run(&self, dry: scm_runtime::client::dry_run::DryRun) {
+        let _ = dry;
+    }
+
     /// The load balancer's name for this Service: deterministic (same cluster and Service, same
     /// name across restarts and replicas) and valid for the cloud. Must not call the network.
     fn load_balancer_name(&self, cluster: &str, service: &Service) -> String;

@@ -11,6 +11,7 @@ use kube::client::ClientBuilder;
 use tower::{Layer, Service};
 
 pub mod bucket;
+pub mod dry_run;
 pub mod metrics;
 
 use bucket::Bucket;

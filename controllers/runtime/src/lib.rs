@@ -136,6 +136,9 @@ pub struct ControllerContext {
     pub ready: ReadyHandle,
     /// The process's informers: one watch per kind, shared by every controller.
     pub informers: Informers,
+    /// Set in a dry run (`--dry-run`, `plan`): `client` sends writes as server-side dry runs
+    /// and records them here; cloud providers record the calls they skip here too.
+    pub dry_run: Option<client::dry_run::DryRun>,
 }
 
 /// What every controller's context is built from: one per process, so every controller shares
@@ -157,6 +160,8 @@ pub struct ContextBase {
     pub identity: Option<String>,
     /// One watch per kind for the whole process.
     pub informers: Informers,
+    /// Set in a dry run: every context's client then records its writes, as this controller.
+    pub dry_run: Option<client::dry_run::DryRun>,
 }
 
 impl ContextBase {
@@ -172,6 +177,7 @@ impl ContextBase {
             readiness: Readiness::default(),
             shutdown,
             identity: None,
+            dry_run: None,
         }
     }
 
@@ -179,15 +185,20 @@ impl ContextBase {
     /// `reporter` (upstream's component name, so `kubectl describe` shows familiar sources).
     pub fn context(&self, name: &str, reporter: &str) -> ControllerContext {
         self.metrics.register_controller(name);
+        let client = match &self.dry_run {
+            Some(d) => d.client(self.client.clone(), name),
+            None => self.client.clone(),
+        };
         ControllerContext {
             name: name.to_string(),
-            client: self.client.clone(),
+            client: client.clone(),
             leader: self.leader.clone(),
             metrics: self.metrics.clone(),
-            events: EventRecorder::new(self.client.clone(), reporter, self.identity.clone()),
+            events: EventRecorder::new(client, reporter, self.identity.clone()),
             shutdown: self.shutdown.clone(),
             ready: self.readiness.register(name),
             informers: self.informers.clone(),
+            dry_run: self.dry_run.clone(),
         }
     }
 }
@@ -259,11 +270,16 @@ pub async fn run_workers<K, F, Fut, E>(
         let mut inflight = FuturesUnordered::new();
         let mut inflight_keys = std::collections::HashSet::new();
         let mut lost = false;
+        let mut finished = 0;
         loop {
             ctx.metrics
                 .workqueue_depth
                 .get_or_create(&qlabel)
                 .set(queue.len() as i64);
+            if let Some(d) = &ctx.dry_run {
+                d.report_activity(&name, queue.len(), inflight.len(), finished);
+                finished = 0;
+            }
             let can_take = inflight.len() < config.concurrency.max(1);
             tokio::select! {
                 biased;
@@ -272,6 +288,7 @@ pub async fn run_workers<K, F, Fut, E>(
                 Some((key, result)) = inflight.next(), if !inflight.is_empty() => {
                     inflight_keys.remove(&key);
                     finish(ctx, &queue, &name, key, result);
+                    finished += 1;
                 }
                 next = queue.get_timed(), if can_take => {
                     let Some((key, waited)) = next else { break };
@@ -370,6 +387,10 @@ fn finish<K, E>(
     // A retry keeps the class the key was handed out in; a scheduled look is ordinary.
     let class = queue.class_in_process(&key);
     queue.done(&key);
+    if ctx.dry_run.is_some() {
+        client::dry_run::finish(ctx, queue, name, key, result);
+        return;
+    }
     match result {
         Ok(Requeue::Done) => queue.forget(&key),
         Ok(Requeue::After(d)) => {

@@ -181,6 +181,9 @@ impl AwsProvider {
                 self.ensure_security(cluster, &o.name, &lb, None, &BTreeSet::new())
                     .await?;
                 self.forget(&o.name);
+                if self.dry_delete("DeleteLoadBalancer", &o.name, &o.arn) {
+                    return Ok(());
+                }
                 self.before(OpClass::Mutate, "DeleteLoadBalancer").await;
                 match self
                     .client
@@ -195,6 +198,9 @@ impl AwsProvider {
                 }
             }
             Kind::TargetGroup => {
+                if self.dry_delete("DeleteTargetGroup", &o.name, &o.arn) {
+                    return Ok(());
+                }
                 self.before(OpClass::Mutate, "DeleteTargetGroup").await;
                 match self
                     .client

@@ -24,6 +24,7 @@ pub mod budget;
 pub mod coalesce;
 pub mod config;
 pub mod discovery;
+pub mod dry_run;
 pub mod ec2;
 pub mod elb;
 pub mod errors;
@@ -88,6 +89,8 @@ pub struct AwsProvider {
     lb_lookups: coalesce::Coalescer<String, Vec<elbv2::types::LoadBalancer>>,
     /// Concurrent DescribeTags lookups, batched (`None`: the resource is gone).
     tag_lookups: coalesce::Coalescer<String, Option<BTreeMap<String, String>>>,
+    /// Set in a dry run: mutating calls are recorded there instead of made.
+    dry_run: std::sync::OnceLock<scm_runtime::client::dry_run::DryRun>,
 }
 
 impl AwsProvider {
@@ -156,6 +159,7 @@ impl AwsProvider {
             orphans: Mutex::new(HashMap::new()),
             lb_lookups: coalesce::Coalescer::new(COALESCE_WINDOW, 20),
             tag_lookups: coalesce::Coalescer::new(COALESCE_WINDOW, 20),
+            dry_run: std::sync::OnceLock::new(),
         }
     }
 
@@ -410,6 +414,10 @@ impl AwsProvider {
 impl LoadBalancerProvider for AwsProvider {
     fn provider_name(&self) -> &'static str {
         "aws"
+    }
+
+    fn set_dry_run(&self, dry: scm_runtime::client::dry_run::DryRun) {
+        let _ = self.dry_run.set(dry);
     }
 
     fn load_balancer_name(&self, cluster: &str, service: &Service) -> String {

@@ -76,6 +76,7 @@ pub fn register(registry: &mut Registry) {
         "Client side rate limiter latency in seconds, broken down by verb",
         CLIENT.rate_limiter_duration.clone(),
     );
+    super::dry_run::register(registry);
 }
 
 /// What the rate limiter needs to know of a request to label its wait.

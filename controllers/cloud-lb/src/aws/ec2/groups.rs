@@ -136,7 +136,7 @@ impl AwsProvider {
 
     /// Revokes `rules` from `group`; rules already gone count as revoked.
     async fn revoke(&self, group: &str, rules: &[Rule]) -> Result<(), ProviderError> {
-        if rules.is_empty() {
+        if rules.is_empty() || self.dry_rules("RevokeSecurityGroupIngress", group, rules) {
             return Ok(());
         }
         self.before(OpClass::Ec2Mutate, "RevokeSecurityGroupIngress")
@@ -160,7 +160,7 @@ impl AwsProvider {
     async fn apply_group_change(&self, c: &GroupChange) -> Result<(), ProviderError> {
         let (revoke_first, grant, revoke_last) = c.steps();
         self.revoke(&c.group, &revoke_first).await?;
-        if !grant.is_empty() {
+        if !grant.is_empty() && !self.dry_rules("AuthorizeSecurityGroupIngress", &c.group, &grant) {
             self.before(OpClass::Ec2Mutate, "AuthorizeSecurityGroupIngress")
                 .await;
             match self

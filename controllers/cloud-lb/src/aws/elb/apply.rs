@@ -84,6 +84,14 @@ impl AwsProvider {
         plan: &ElbPlan,
         obs: &Observed,
     ) -> Result<Applied, ProviderError> {
+        if let Some(dry) = self.dry_apply(&obs.name, plan) {
+            let target_groups = dry?.unwrap_or_default();
+            let lb = match &plan.lb {
+                Some(r) => Some(Made::default().lb(r, obs)?.clone()),
+                None => None,
+            };
+            return Ok(Applied { lb, target_groups });
+        }
         let mut made = Made::default();
         let mut first_err = None;
         for call in &plan.calls {
