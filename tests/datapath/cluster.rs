@@ -12,10 +12,11 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use test_support::{
-    ControlPlane, Manager, NodeSpecBuilder, PodBuilder, create_node, create_pod, free_addr,
-    set_pod_status, tool, wait_for,
+    ControlPlane, ControlPlaneOptions, Manager, NodeSpecBuilder, PodBuilder, create_node,
+    create_pod, free_addr, set_pod_status, tool, wait_for,
 };
 use tokio::net::{TcpStream, UnixListener};
+use tokio::sync::OnceCell;
 
 use crate::net::{Net, PodNet};
 
@@ -103,10 +104,23 @@ pub fn start_coredns(net: &mut Net, cp: &ControlPlane, dir: &Path, i: usize) -> 
     net.spawn(&format!("node{i}"), "coredns.log", &tool("coredns")?, &args)
 }
 
-/// Our manager (every controller, the local address-pool provider on 10.250.0.0/28), plus
-/// whatever `SCM_DATAPATH_MANAGER_ARGS` adds (e.g. `--controllers=*,-endpointslice` to see the
-/// tests fail without our slices).
-pub fn start_manager(cp: &ControlPlane, dir: &Path) -> Result<Manager> {
+/// The control plane of the data-path tests: dual-stack Service ranges (IPv4 first, so a
+/// Service is IPv4 unless it asks for more), shared by the tests of this binary.
+pub async fn control_plane() -> Result<&'static ControlPlane> {
+    static CP: OnceCell<ControlPlane> = OnceCell::const_new();
+    CP.get_or_try_init(|| {
+        ControlPlane::start(ControlPlaneOptions {
+            service_cluster_ip_range: "10.96.0.0/16,fd00:10:96::/112".into(),
+            ..Default::default()
+        })
+    })
+    .await
+}
+
+/// Our manager (every controller, the local address-pool provider on 10.250.0.0/28), with
+/// `extra` flags, plus whatever `SCM_DATAPATH_MANAGER_ARGS` adds (e.g.
+/// `--controllers=*,-endpointslice` to see the tests fail without our slices).
+pub fn start_manager(cp: &ControlPlane, dir: &Path, extra: &[&str]) -> Result<Manager> {
     let pools = dir.join("pools.yaml");
     std::fs::write(&pools, "pools: [10.250.0.0/28]\nipMode: VIP\n")?;
     let mut args = vec![
@@ -117,6 +131,7 @@ pub fn start_manager(cp: &ControlPlane, dir: &Path) -> Result<Manager> {
         "--cloud-provider=local".into(),
         format!("--cloud-config={}", pools.display()),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     if let Ok(extra) = std::env::var("SCM_DATAPATH_MANAGER_ARGS") {
         args.extend(extra.split_whitespace().map(str::to_string));
     }
@@ -124,8 +139,8 @@ pub fn start_manager(cp: &ControlPlane, dir: &Path) -> Result<Manager> {
     Manager::start(cp, &refs)
 }
 
-/// Creates Node `name` with `ip` as its InternalIP, Ready, in zone `zone`.
-pub async fn node(client: &kube::Client, name: &str, ip: &str, zone: &str) -> Result<()> {
+/// Creates Node `name` with `ips` (IPv4, IPv6) as its InternalIPs, Ready, in zone `zone`.
+pub async fn node(client: &kube::Client, name: &str, ips: (&str, &str), zone: &str) -> Result<()> {
     create_node(
         client,
         NodeSpecBuilder {
@@ -135,21 +150,27 @@ pub async fn node(client: &kube::Client, name: &str, ip: &str, zone: &str) -> Re
         },
     )
     .await?;
-    let patch = json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}});
+    let addresses = [ips.0, ips.1].map(|ip| json!({"type": "InternalIP", "address": ip}));
+    let patch = json!({"status": {"addresses": addresses}});
     Api::<Node>::all(client.clone())
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(())
 }
 
-/// Creates the Pod object of `pod` on `node_name`, labelled `app: web` and `pod: <name>`,
+/// Creates the Pod object of `pod` on `node_name`, labelled `app: <app>` and `pod: <name>`,
 /// with a named port `http` 8080, Running and Ready at its address.
-pub async fn pod(client: &kube::Client, ns: &str, pod: &PodNet, node_name: &str) -> Result<()> {
-    let mut b = PodBuilder::new(ns, &pod.name, &[("app", "web"), ("pod", &pod.name)]);
+pub async fn pod(
+    client: &kube::Client,
+    ns: &str,
+    pod: &PodNet,
+    (node_name, app): (&str, &str),
+) -> Result<()> {
+    let mut b = PodBuilder::new(ns, &pod.name, &[("app", app), ("pod", &pod.name)]);
     b.node_name = Some(node_name.into());
     b.ports = vec![(Some("http".into()), 8080, "TCP".into())];
     create_pod(client, &b).await?;
-    set_pod_status(client, ns, &pod.name, true, &[&pod.ip]).await?;
+    set_pod_status(client, ns, &pod.name, true, &pod.ips()).await?;
     Ok(())
 }
 

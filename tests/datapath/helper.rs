@@ -4,7 +4,8 @@
 //! opens it, so whatever must listen or connect inside a namespace runs as such a process.
 //!
 //! Roles (space-separated words):
-//! - `http NAME PORT`: an HTTP server on every address of the namespace answering `NAME`;
+//! - `http NAME PORT`: an HTTP server on every address (both families) of the namespace
+//!   answering `NAME`;
 //! - `relay PORT SOCKET`: accepts TCP on `127.0.0.1:PORT` and pipes each connection to the unix
 //!   socket `SOCKET` (the test process relays that to the API server on the host's loopback);
 //! - `resolve NAME`: the IPv4 addresses the namespace's resolver gives for `NAME`, one
@@ -12,7 +13,9 @@
 //! - `srv NAME SERVER`: one SRV query for `NAME` over UDP to `SERVER` (`ip:port`), a
 //!   `DP <port> <target>` line per answer, or `DP ERR <why>`;
 //! - `get ADDR:PORT COUNT TIMEOUT_MS`: COUNT sequential GETs, one output line each:
-//!   `DP <body>` or `DP ERR <why>`.
+//!   `DP <body>` or `DP ERR <why>`;
+//! - `scrape ADDR:PORT PREFIX`: GET `/metrics`, a `DP <line>` per line starting with PREFIX,
+//!   or `DP ERR <why>`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -65,12 +68,20 @@ pub fn run(role: &str) -> Result<(), String> {
             }
             Ok(())
         }
+        ["scrape", addr, prefix] => {
+            match scrape(addr, prefix) {
+                Ok(lines) => lines.iter().for_each(|l| println!("DP {l}")),
+                Err(e) => println!("DP ERR {e}"),
+            }
+            Ok(())
+        }
         _ => Err(format!("unknown helper role {role:?}")),
     }
 }
 
 fn http(name: &str, port: &str) -> Result<(), String> {
-    let l = TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("bind: {e}"))?;
+    // `[::]` takes IPv4 too (net.ipv6.bindv6only is 0 in a new namespace).
+    let l = TcpListener::bind(format!("[::]:{port}")).map_err(|e| format!("bind: {e}"))?;
     for conn in l.incoming() {
         let Ok(mut c) = conn else { continue };
         let name = name.to_string();
@@ -149,6 +160,28 @@ fn get(addr: &str, timeout: Duration) -> Result<String, String> {
         return Err(format!("unexpected body {body:?}"));
     }
     Ok(body.to_string())
+}
+
+/// The lines of `http://ADDR/metrics` that start with `prefix`.
+fn scrape(addr: &str, prefix: &str) -> Result<Vec<String>, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP body")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(head.lines().next().unwrap_or_default().to_string());
+    }
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect())
 }
 
 /// One SRV query (RFC 1035 wire format, recursion desired): `port target` per answer.

@@ -5,11 +5,14 @@
 //! session affinity and readiness flips. And `explain`'s iptables rules equal what
 //! `iptables-save` shows on a node. Needs root (network namespaces) and `make tools`.
 
+mod basic;
 mod cluster;
+mod dualstack;
 mod helper;
 mod net;
 mod rules;
 mod scenarios;
+mod terminating;
 
 /// Not a test: the entry point of the helper processes ([`helper`]) that the tests start in
 /// network namespaces (`SCM_DATAPATH_HELPER` names the role). Run without it, it returns.

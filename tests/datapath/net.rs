@@ -4,10 +4,12 @@
 //! kills its processes and deletes its namespaces, and [`sweep_stale`] removes what a killed
 //! test process left behind.
 //!
-//! Addresses (private, and only inside these namespaces): LAN 10.0.0.0/24 (client .2, node i
-//! .1i), pods of node i in 10.244.i.0/24 (gateway 10.244.i.1 on the node). The client routes
-//! the Service range and the load-balancer pool through node 1, as a router in front of a
-//! cluster would.
+//! Addresses (private, and only inside these namespaces): LAN 10.0.0.0/24 and fd00::/64
+//! (client .2 and ::2, node i .1i and ::1i), pods of node i in 10.244.i.0/24 and
+//! fd00:244:i::/64 (gateway .1 and ::1 on the node). The client routes the Service ranges and
+//! the load-balancer pool through node 1, as a router in front of a cluster would. IPv6
+//! addresses skip duplicate address detection (`nodad`): nothing else is on these links, and a
+//! tentative address would fail the first connections.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,8 @@ use crate::helper::ROLE_ENV;
 pub const PREFIX: &str = "scmdp-";
 /// Where the client sends Service traffic: through node 1.
 pub const ROUTED_VIA_NODE1: &[&str] = &["10.96.0.0/16", "10.250.0.0/28"];
+/// The IPv6 Service range, also routed through node 1.
+pub const ROUTED_VIA_NODE1_V6: &[&str] = &["fd00:10:96::/112"];
 
 /// Runs `ip` with `args`; fails with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
@@ -112,13 +116,28 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
-/// A pod: its name and address.
+/// Adds IPv6 address `cidr` to `dev` in `ns`, without duplicate address detection.
+fn add_v6(ns: &str, cidr: &str, dev: &str) -> Result<()> {
+    exec(ns, &["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"])?;
+    Ok(())
+}
+
+/// A pod: its name and addresses.
 #[derive(Clone, Debug)]
 pub struct PodNet {
     /// Pod name (what its server answers).
     pub name: String,
     /// Its IPv4 address.
     pub ip: String,
+    /// Its IPv6 address.
+    pub ip6: String,
+}
+
+impl PodNet {
+    /// Both addresses, IPv4 first (the pod's `status.podIPs`).
+    pub fn ips(&self) -> [&str; 2] {
+        [&self.ip, &self.ip6]
+    }
 }
 
 /// One test's network; torn down on drop.
@@ -146,20 +165,31 @@ impl Net {
         exec(&lan, &["ip", "link", "add", "br0", "type", "bridge"])?;
         exec(&lan, &["ip", "link", "set", "br0", "up"])?;
         let client = net.add_ns("client")?;
-        net.join_lan(&client, "cl", "10.0.0.2")?;
+        net.join_lan(&client, "cl", ("10.0.0.2", "fd00::2"))?;
         for via in ROUTED_VIA_NODE1 {
             exec(&client, &["ip", "route", "add", via, "via", "10.0.0.11"])?;
         }
+        for via in ROUTED_VIA_NODE1_V6 {
+            exec(
+                &client,
+                &["ip", "-6", "route", "add", via, "via", "fd00::11"],
+            )?;
+        }
         for i in 1..=nodes {
             let node = net.add_ns(&format!("node{i}"))?;
-            net.join_lan(&node, &format!("n{i}"), &format!("10.0.0.1{i}"))?;
+            let addrs = (format!("10.0.0.1{i}"), format!("fd00::1{i}"));
+            net.join_lan(&node, &format!("n{i}"), (&addrs.0, &addrs.1))?;
             exec(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            exec(&node, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
             for j in (1..=nodes).filter(|j| *j != i) {
                 let dst = format!("10.244.{j}.0/24");
                 exec(
                     &node,
                     &["ip", "route", "add", &dst, "via", &format!("10.0.0.1{j}")],
                 )?;
+                let dst = format!("fd00:244:{j}::/64");
+                let via = format!("fd00::1{j}");
+                exec(&node, &["ip", "-6", "route", "add", &dst, "via", &via])?;
             }
         }
         Ok(net)
@@ -178,8 +208,8 @@ impl Net {
         Ok(name)
     }
 
-    /// Connects `ns` to the LAN bridge as `addr`/24 (`port` names the bridge side).
-    fn join_lan(&self, ns: &str, port: &str, addr: &str) -> Result<()> {
+    /// Connects `ns` to the LAN bridge as `v4`/24 and `v6`/64 (`port` names the bridge side).
+    fn join_lan(&self, ns: &str, port: &str, (v4, v6): (&str, &str)) -> Result<()> {
         let lan = self.ns("lan");
         ip(&[
             "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &lan,
@@ -187,8 +217,9 @@ impl Net {
         exec(&lan, &["ip", "link", "set", port, "master", "br0", "up"])?;
         exec(
             ns,
-            &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+            &["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"],
         )?;
+        add_v6(ns, &format!("{v6}/64"), "eth0")?;
         exec(ns, &["ip", "link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -200,6 +231,10 @@ impl Net {
         let k = self.pods_per_node[node];
         let pod_ip = format!("10.244.{node}.{}", 9 + k);
         let gw = format!("10.244.{node}.1");
+        let (pod_ip6, gw6) = (
+            format!("fd00:244:{node}::{}", 9 + k),
+            format!("fd00:244:{node}::1"),
+        );
         let ns = self.add_ns(name)?;
         let node_ns = self.ns(&format!("node{node}"));
         let node_if = format!("p{k}");
@@ -211,14 +246,18 @@ impl Net {
             &ns,
             &["ip", "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"],
         )?;
+        add_v6(&ns, &format!("{pod_ip6}/128"), "eth0")?;
         exec(&ns, &["ip", "link", "set", "eth0", "up"])?;
         exec(&ns, &["ip", "route", "add", &gw, "dev", "eth0"])?;
         exec(&ns, &["ip", "route", "add", "default", "via", &gw])?;
+        exec(&ns, &["ip", "-6", "route", "add", &gw6, "dev", "eth0"])?;
+        exec(&ns, &["ip", "-6", "route", "add", "default", "via", &gw6])?;
         // The node answers for the gateway address on every pod link (as the CNI bridge would).
         exec(
             &node_ns,
             &["ip", "addr", "add", &format!("{gw}/32"), "dev", &node_if],
         )?;
+        add_v6(&node_ns, &format!("{gw6}/128"), &node_if)?;
         exec(&node_ns, &["ip", "link", "set", &node_if, "up"])?;
         exec(
             &node_ns,
@@ -231,10 +270,16 @@ impl Net {
                 &node_if,
             ],
         )?;
+        let route6 = format!("{pod_ip6}/128");
+        exec(
+            &node_ns,
+            &["ip", "-6", "route", "add", &route6, "dev", &node_if],
+        )?;
         self.spawn_helper(name, &format!("http {name} {port}"))?;
         Ok(PodNet {
             name: name.into(),
             ip: pod_ip,
+            ip6: pod_ip6,
         })
     }
 
@@ -300,12 +345,27 @@ impl Net {
 
     /// Runs helper `role` in the client and returns its `DP` lines.
     async fn client_helper(&self, role: &str) -> Vec<String> {
+        self.helper_output("client", role).await
+    }
+
+    /// The lines of kube-proxy's metrics on node `i` (`/metrics` on 127.0.0.1:10249 in its
+    /// namespace) that start with `prefix`; `ERR ...` when it cannot be scraped.
+    pub async fn kube_proxy_metrics(&self, i: usize, prefix: &str) -> Vec<String> {
+        self.helper_output(
+            &format!("node{i}"),
+            &format!("scrape 127.0.0.1:10249 {prefix}"),
+        )
+        .await
+    }
+
+    /// Runs helper `role` in `host`'s namespace and returns its `DP` lines.
+    async fn helper_output(&self, host: &str, role: &str) -> Vec<String> {
         let exe = match std::env::current_exe() {
             Ok(e) => e,
             Err(e) => return vec![format!("ERR {e}")],
         };
         let out = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns("client")])
+            .args(["netns", "exec", &self.ns(host)])
             .arg(exe)
             .args(["helper_process", "--exact", "--ignored", "--nocapture"])
             .env(ROLE_ENV, role)

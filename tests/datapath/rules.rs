@@ -13,7 +13,7 @@ use test_support::{ControlPlane, manager_binary, wait_for};
 
 use crate::cluster::{self, T, web_spec};
 use crate::net;
-use crate::scenarios::{SERIAL, setup, wait_answers};
+use crate::scenarios::{SERIAL, Slices, setup, wait_answers};
 
 const OWN_CHAINS: &[&str] = &[
     "KUBE-SVC-",
@@ -162,14 +162,14 @@ async fn explained(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_rules_equal_iptables_save() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let cp = ControlPlane::shared().await?;
+    let cp = cluster::control_plane().await?;
     // No cluster CIDR (explain leaves out its masquerade and pod short-circuit rules) and no
     // localhost NodePorts: the flags explain assumes. Load-balancer traffic is masqueraded
     // all the same, which is what the test sends to see kube-proxy synced.
     let s = setup(
         cp,
         "rules",
-        "iptables",
+        ("iptables", Slices::Ours),
         &["--iptables-localhost-nodeports=false"],
     )
     .await?;

@@ -54,10 +54,16 @@ pub fn repo_root() -> PathBuf {
 /// (the reference the differential test, the takeover test and the benchmark compare with);
 /// killed when the handle drops.
 pub fn upstream_endpointslice_controller(cp: &ControlPlane) -> Result<Child> {
+    upstream_controllers(cp, "endpointslice")
+}
+
+/// Upstream's kube-controller-manager running only `controllers` (its `--controllers` value,
+/// e.g. `endpointslice,endpointslicemirroring`) against `cp`; killed when the handle drops.
+pub fn upstream_controllers(cp: &ControlPlane, controllers: &str) -> Result<Child> {
     Command::new(tool("kube-controller-manager")?)
         .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
         .arg("--leader-elect=false")
-        .arg("--controllers=endpointslice")
+        .arg(format!("--controllers={controllers}"))
         .arg("--secure-port=0")
         .arg("--use-service-account-credentials=false")
         .stdout(Stdio::null())
