@@ -20,7 +20,10 @@
 //! still honoured) or the annotation [`REQUESTED_IPS_ANNOTATION`] (comma-separated, one per
 //! family). An address outside every pool is a permanent error (Warning Event, no retry until
 //! the Service changes); a full pool, or a pinned address someone holds, is retryable, and
-//! retried as soon as another Service's load balancer is deleted. State is rebuilt at the start
+//! retried as soon as another Service's load balancer is deleted or the holder lets it go.
+//! Services that carry [`ALLOW_SHARED_IP_ANNOTATION`] with one key may hold one address when
+//! their ports do not clash ([`share`], MetalLB's rules); the address is free again when the
+//! last of them goes. State is rebuilt at the start
 //! of every leadership term from the addresses Services publish, after the pools and Services
 //! are listed, so a restart never reassigns. [`watch`] keeps the pools in step with their
 //! objects and writes their status.
@@ -42,10 +45,12 @@ use crate::provider::{CAPACITY_EXHAUSTED, LoadBalancerProvider, ProviderError};
 
 pub mod crd;
 pub mod plan;
+pub mod share;
 mod status;
 mod watch;
 
 use plan::{Book, Candidate, Pool, PoolDef, Refusal};
+pub use share::ALLOW_SHARED_IP_ANNOTATION;
 
 /// Annotation with the addresses a Service requests (comma-separated).
 pub const REQUESTED_IPS_ANNOTATION: &str = "service-controller-manager.io/load-balancer-ips";
@@ -209,6 +214,10 @@ fn refusal_error(r: Refusal) -> ProviderError {
             "requested address {ip} is already used by {who}; retried when it is released"
         ))
         .with_code(CAPACITY_EXHAUSTED),
+        Refusal::Unshareable(ip, why) => ProviderError::retryable(format!(
+            "requested address {ip} cannot be shared: {why}; retried when it is released"
+        ))
+        .with_code(CAPACITY_EXHAUSTED),
         Refusal::Exhausted(fam) => {
             ProviderError::retryable(format!("no free {fam} address left in the local pools"))
                 .with_code(CAPACITY_EXHAUSTED)
@@ -287,7 +296,7 @@ impl LocalProvider {
     /// Free addresses left in all pools that serve (for tests and metrics; IPv6 pools count
     /// up to `usize::MAX`).
     pub fn free(&self) -> usize {
-        let blocked = self.blocked(None);
+        let blocked = self.blocked(None, None);
         let st = self.lock();
         st.pools
             .iter()
@@ -300,10 +309,11 @@ impl LocalProvider {
             })
     }
 
-    /// Addresses others publish or pin (address → who), leaving out `except`'s own.
-    fn blocked(&self, except: Option<&str>) -> BTreeMap<IpAddr, String> {
+    /// Addresses others publish or pin (address → who), leaving out `except`'s own and the
+    /// pins of Services that share under `key`.
+    fn blocked(&self, except: Option<&str>, key: Option<&str>) -> BTreeMap<IpAddr, String> {
         match self.inner.world.get() {
-            Some(w) => w.blocked(except),
+            Some(w) => w.blocked(except, key),
             None => BTreeMap::new(),
         }
     }
@@ -323,6 +333,7 @@ impl LocalProvider {
             families: families(svc),
             requested: requested(svc)?,
             published: published(svc),
+            share: share::of(svc),
         })
     }
 }
@@ -356,7 +367,7 @@ impl LoadBalancerProvider for LocalProvider {
                     .and_then(|ip| ip.parse::<IpAddr>().ok())
                     .is_some_and(|ip| {
                         st.pools.iter().any(|p| p.covers(ip))
-                            || st.book.held.get(&ip).is_some_and(|h| h.uid == uid)
+                            || st.book.holders(ip).iter().any(|h| h.uid == uid)
                     })
             })
     }
@@ -381,15 +392,18 @@ impl LoadBalancerProvider for LocalProvider {
         _nodes: &[Node],
     ) -> Result<LoadBalancerStatus, ProviderError> {
         let c = self.candidate(service)?;
-        let blocked = self.blocked(Some(&c.uid));
+        let blocked = self.blocked(Some(&c.uid), c.share.as_ref().map(|s| s.key.as_str()));
         let mut st = self.lock();
         let a = plan::assign(&st.pools, &st.book, &blocked, &c).map_err(refusal_error)?;
         for ip in &a.released {
             st.book.release(&c.uid, *ip);
         }
         for (ip, pool) in &a.taken {
-            st.book.take(*ip, &c.uid, &c.who, Some(pool.clone()));
+            st.book
+                .take_shared(*ip, &c.uid, &c.who, Some(pool.clone()), c.share.clone());
         }
+        // Ports or terms may have changed since it joined: the watcher warns on a clash.
+        st.book.set_share(&c.uid, c.share.as_ref());
         // Family order, as the Service lists its families.
         if let Some(v) = st.book.by_service.get_mut(&c.uid) {
             v.clone_from(&a.addresses);
@@ -398,6 +412,10 @@ impl LoadBalancerProvider for LocalProvider {
         if !a.taken.is_empty() || !a.released.is_empty() {
             info!(service = %c.who, addresses = ?a.addresses, taken = ?a.taken, released = ?a.released, "load balancer addresses assigned");
             self.inner.changed.notify_one();
+        }
+        if !a.released.is_empty() {
+            // A pin moved or a family went: whoever waits for the old address may have it.
+            self.inner.capacity.notify_one();
         }
         Ok(self.status(&a.addresses))
     }
@@ -443,9 +461,11 @@ impl LoadBalancerProvider for LocalProvider {
         st.book = Book::default();
         for svc in ordered {
             let (uid, who) = (key(svc), svc_name(svc));
+            let terms = share::of(svc);
             for ip in published(svc) {
-                if let Some(h) = st.book.held.get(&ip) {
-                    warn!(service = %who, %ip, holder = %h.who, "cannot restore published address: an older Service publishes it too");
+                // Sharers published one address each: they hold it together again.
+                if let Err(r) = share::check(ip, st.book.holders(ip), &uid, terms.as_ref()) {
+                    warn!(service = %who, %ip, refusal = ?r, "cannot restore published address: an older Service publishes it too");
                     continue;
                 }
                 // Whatever the pools say now: a published address never moves.
@@ -470,7 +490,7 @@ impl LoadBalancerProvider for LocalProvider {
                     }
                     warn!(service = %who, %ip, "published address is in no pool; it stays with the Service");
                 }
-                st.book.take(ip, &uid, &who, origin);
+                st.book.take_shared(ip, &uid, &who, origin, terms.clone());
             }
         }
         drop(st);

@@ -13,6 +13,8 @@ use std::net::IpAddr;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use scm_allocator::IpFamily;
 
+use super::share::{self, Share};
+
 /// One pool as the cluster (or the deprecated `--cloud-config` file) defines it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PoolDef {
@@ -258,50 +260,95 @@ pub struct Holder {
     pub who: String,
     /// The pool it came from (the covering pool when it was taken), if any.
     pub origin: Option<String>,
+    /// Its sharing terms, if it allows sharing.
+    pub share: Option<Share>,
 }
 
 /// What our Services hold.
 #[derive(Clone, Debug, Default)]
 pub struct Book {
-    /// Address → holder.
-    pub held: BTreeMap<IpAddr, Holder>,
+    /// Address → its holders, first taker first (more than one only when shared).
+    pub held: BTreeMap<IpAddr, Vec<Holder>>,
     /// Service UID → its addresses.
     pub by_service: HashMap<String, Vec<IpAddr>>,
 }
 
 impl Book {
-    /// Records `ip` for the Service (from `pool`).
+    /// Records `ip` for the Service (from `pool`), not shared.
     pub fn take(&mut self, ip: IpAddr, uid: &str, who: &str, pool: Option<String>) {
-        self.held.insert(
-            ip,
-            Holder {
-                uid: uid.into(),
-                who: who.into(),
-                origin: pool,
-            },
-        );
+        self.take_shared(ip, uid, who, pool, None);
+    }
+
+    /// Records `ip` for the Service (from `pool`) with its sharing terms, beside whoever
+    /// holds it already (the caller checked they may share).
+    pub fn take_shared(
+        &mut self,
+        ip: IpAddr,
+        uid: &str,
+        who: &str,
+        pool: Option<String>,
+        share: Option<Share>,
+    ) {
+        let h = Holder {
+            uid: uid.into(),
+            who: who.into(),
+            origin: pool,
+            share,
+        };
+        let hs = self.held.entry(ip).or_default();
+        match hs.iter_mut().find(|o| o.uid == uid) {
+            Some(o) => *o = h,
+            None => hs.push(h),
+        }
         let v = self.by_service.entry(uid.into()).or_default();
         if !v.contains(&ip) {
             v.push(ip);
         }
     }
 
-    /// Forgets the Service's addresses, returning them.
+    /// Whoever holds `ip` (empty: nobody).
+    pub fn holders(&self, ip: IpAddr) -> &[Holder] {
+        self.held.get(&ip).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Whether a Service other than `uid` holds `ip`.
+    pub fn held_by_other(&self, ip: IpAddr, uid: &str) -> bool {
+        self.holders(ip).iter().any(|h| h.uid != uid)
+    }
+
+    /// Records the Service's current sharing terms on every address it holds.
+    pub fn set_share(&mut self, uid: &str, share: Option<&Share>) {
+        for ip in self.by_service.get(uid).into_iter().flatten() {
+            for h in self.held.get_mut(ip).into_iter().flatten() {
+                if h.uid == uid {
+                    h.share = share.cloned();
+                }
+            }
+        }
+    }
+
+    /// Forgets the Service's addresses, returning them (an address stays held while another
+    /// Service shares it).
     pub fn release_all(&mut self, uid: &str) -> Vec<IpAddr> {
         let ips = self.by_service.remove(uid).unwrap_or_default();
         for ip in &ips {
-            if self.held.get(ip).is_some_and(|h| h.uid == uid) {
-                self.held.remove(ip);
-            }
+            self.drop_holder(*ip, uid);
         }
         ips
     }
 
+    fn drop_holder(&mut self, ip: IpAddr, uid: &str) {
+        if let Some(hs) = self.held.get_mut(&ip) {
+            hs.retain(|h| h.uid != uid);
+            if hs.is_empty() {
+                self.held.remove(&ip);
+            }
+        }
+    }
+
     /// Forgets one of the Service's addresses.
     pub fn release(&mut self, uid: &str, ip: IpAddr) {
-        if self.held.get(&ip).is_some_and(|h| h.uid == uid) {
-            self.held.remove(&ip);
-        }
+        self.drop_holder(ip, uid);
         if let Some(v) = self.by_service.get_mut(uid) {
             v.retain(|i| *i != ip);
             if v.is_empty() {
@@ -328,6 +375,8 @@ pub struct Candidate {
     pub requested: Vec<IpAddr>,
     /// What its status publishes (preferred when free: state lost, the address is not).
     pub published: Vec<IpAddr>,
+    /// Its sharing terms, if it allows sharing.
+    pub share: Option<Share>,
 }
 
 /// Why a Service gets no (or not all its) addresses.
@@ -339,6 +388,8 @@ pub enum Refusal {
     NotAdmitted(IpAddr, String),
     /// A pinned address someone else holds or publishes: retried when it is released.
     Held(IpAddr, String),
+    /// A pinned address held by Services it may not share with (why): retried on release.
+    Unshareable(IpAddr, String),
     /// No free address of the family in the pools the Service may use.
     Exhausted(IpFamily),
     /// No pool the Service may use serves any of its families.
@@ -376,9 +427,16 @@ pub fn assign(
     let have = book.by_service.get(&c.uid).cloned().unwrap_or_default();
     let mut a = Assignment::default();
     let free = |ip: IpAddr, taken: &[(IpAddr, String)]| {
-        book.held.get(&ip).is_none_or(|h| h.uid == c.uid)
+        !book.held_by_other(ip, &c.uid)
             && !blocked.contains_key(&ip)
             && !taken.iter().any(|(t, _)| *t == ip)
+    };
+    // Held by others who may share it with this Service.
+    let joinable = |ip: IpAddr| {
+        c.share.is_some()
+            && book.held_by_other(ip, &c.uid)
+            && !blocked.contains_key(&ip)
+            && share::check(ip, book.holders(ip), &c.uid, c.share.as_ref()).is_ok()
     };
     let usable = |p: &&Pool| p.serves() && p.admits(&c.labels, c.ns_labels.as_ref());
     for fam in &c.families {
@@ -397,9 +455,7 @@ pub fn assign(
                 if !usable(&pool) {
                     return Err(Refusal::NotAdmitted(r, pool.def.name.clone()));
                 }
-                if let Some(h) = book.held.get(&r).filter(|h| h.uid != c.uid) {
-                    return Err(Refusal::Held(r, h.who.clone()));
-                }
+                share::check(r, book.holders(r), &c.uid, c.share.as_ref())?;
                 if let Some(who) = blocked.get(&r) {
                     return Err(Refusal::Held(r, who.clone()));
                 }
@@ -421,10 +477,25 @@ pub fn assign(
                 // What it published before (state lost, the address was not) comes first.
                 for p in c.published.iter().filter(|p| IpFamily::of(p) == *fam) {
                     if let Some(pool) = pools.iter().filter(usable).find(|q| q.covers(*p))
-                        && free(*p, &a.taken)
+                        && (free(*p, &a.taken) || joinable(*p))
                     {
                         chosen = Some((*p, pool.def.name.clone()));
                     }
+                }
+                // A Service that allows sharing joins an address its key already shares
+                // before it takes a fresh one (the lowest such, for a stable choice).
+                if chosen.is_none() && c.share.is_some() {
+                    chosen = book
+                        .held
+                        .keys()
+                        .filter(|ip| IpFamily::of(ip) == *fam && joinable(**ip))
+                        .find_map(|ip| {
+                            pools
+                                .iter()
+                                .filter(usable)
+                                .find(|q| q.covers(*ip))
+                                .map(|q| (*ip, q.def.name.clone()))
+                        });
                 }
                 if chosen.is_none() {
                     chosen = eligible.find_map(|p| {
@@ -529,9 +600,11 @@ pub fn pool_report(pool: &Pool, book: &Book, blocked: &BTreeMap<IpAddr, String>)
             usable.1.saturating_sub(unusable_taken.1),
         );
     }
-    for (ip, h) in &book.held {
-        if h.origin.as_deref() == Some(pool.def.name.as_str()) && !pool.covers(*ip) {
-            r.outside.push((*ip, h.who.clone()));
+    for (ip, hs) in &book.held {
+        for h in hs {
+            if h.origin.as_deref() == Some(pool.def.name.as_str()) && !pool.covers(*ip) {
+                r.outside.push((*ip, h.who.clone()));
+            }
         }
     }
     r
@@ -547,7 +620,7 @@ pub fn uncovered(pools: &[Pool], book: &Book) -> Vec<(IpAddr, Holder)> {
                 .iter()
                 .any(|p| p.invalid.is_empty() && p.overlaps.is_empty() && p.covers(**ip))
         })
-        .map(|(ip, h)| (*ip, h.clone()))
+        .flat_map(|(ip, hs)| hs.iter().map(|h| (*ip, h.clone())))
         .collect()
 }
 

@@ -4,7 +4,7 @@
 //! concurrency), the pool gauges (every replica) and the Warnings about addresses outside every
 //! pool in step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use kube::api::{Api, ListParams, PostParams};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use scm_runtime::informer::Change;
 use scm_runtime::informer::key_of;
 use scm_runtime::informer::trim;
 use scm_runtime::{ControllerContext, Informer, ObjectKey};
@@ -24,6 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use super::crd::LoadBalancerIPPool;
 use super::plan::{self, Book, PoolDef};
+use super::share;
 use super::{Inner, published, requested, status};
 use crate::CloudLbConfig;
 use crate::core::{ClassFilter, wants_load_balancer};
@@ -39,36 +41,25 @@ pub(crate) struct World {
 
 impl World {
     /// Addresses that others publish (another implementation's status, `spec.externalIPs`) or
-    /// pin (another Service's `loadBalancerIP` or annotation), leaving out Service `except`.
+    /// pin (another Service's `loadBalancerIP` or annotation), leaving out Service `except`
+    /// and the pins of our Services that share under `key` (they may hold it together).
     /// Our own Services' statuses are what the book holds, so they are not "others".
-    pub fn blocked(&self, except: Option<&str>) -> BTreeMap<IpAddr, String> {
+    pub fn blocked(&self, except: Option<&str>, key: Option<&str>) -> BTreeMap<IpAddr, String> {
         let mut out = BTreeMap::new();
         for s in self.services.list() {
             let uid = s.metadata.uid.as_deref().unwrap_or("");
             if except == Some(uid) {
                 continue;
             }
-            let who = super::svc_name(&s);
-            let spec = s.spec.as_ref();
-            for ip in spec
-                .and_then(|sp| sp.external_ips.as_ref())
-                .into_iter()
-                .flatten()
-            {
-                if let Ok(ip) = ip.parse() {
-                    out.insert(ip, format!("{who} (spec.externalIPs)"));
+            let sharer = key.is_some()
+                && wants_load_balancer(&s, &self.filter)
+                && share::of(&s).is_some_and(|t| Some(t.key.as_str()) == key);
+            for (ip, why) in blocks(&s, &self.filter) {
+                if sharer && why == Block::Requested {
+                    continue;
                 }
-            }
-            if !wants_load_balancer(&s, &self.filter) && s.metadata.deletion_timestamp.is_none() {
-                for ip in published(&s) {
-                    out.insert(ip, format!("{who} (published by another implementation)"));
-                }
-            }
-            if spec.and_then(|sp| sp.type_.as_deref()) == Some("LoadBalancer") {
-                for ip in requested(&s).unwrap_or_default() {
-                    out.entry(ip)
-                        .or_insert_with(|| format!("{who} (requested)"));
-                }
+                out.entry(ip)
+                    .or_insert_with(|| format!("{} ({})", super::svc_name(&s), why.as_str()));
             }
         }
         out
@@ -99,6 +90,85 @@ impl World {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Why a Service keeps others from an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Block {
+    ExternalIp,
+    Published,
+    Requested,
+}
+
+impl Block {
+    fn as_str(self) -> &'static str {
+        match self {
+            Block::ExternalIp => "spec.externalIPs",
+            Block::Published => "published by another implementation",
+            Block::Requested => "requested",
+        }
+    }
+}
+
+/// The addresses one Service keeps from everyone else, in precedence order.
+fn blocks(s: &Service, filter: &ClassFilter) -> Vec<(IpAddr, Block)> {
+    let mut out = vec![];
+    let spec = s.spec.as_ref();
+    for ip in spec
+        .and_then(|sp| sp.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(ip) = ip.parse() {
+            out.push((ip, Block::ExternalIp));
+        }
+    }
+    if !wants_load_balancer(s, filter) && s.metadata.deletion_timestamp.is_none() {
+        out.extend(published(s).into_iter().map(|ip| (ip, Block::Published)));
+    }
+    if spec.and_then(|sp| sp.type_.as_deref()) == Some("LoadBalancer") {
+        out.extend(
+            requested(s)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|ip| (ip, Block::Requested)),
+        );
+    }
+    out
+}
+
+/// Follows what each Service blocks and wakes the Services waiting for capacity as soon as a
+/// blocked address is let go (a foreign holder's status cleared, its externalIPs or pin
+/// dropped, the Service deleted): a pin held by anyone is retried then, not after its backoff.
+fn follow_blocks(inner: Arc<Inner>, filter: ClassFilter) -> impl FnMut(&Change<Service>) + Send {
+    let mut seen: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    move |change| {
+        let ips = |s: &Service| -> Vec<IpAddr> {
+            blocks(s, &filter).into_iter().map(|(ip, _)| ip).collect()
+        };
+        let freed = match change {
+            Change::Apply(s) => {
+                let now = ips(s.as_ref());
+                let before = seen.insert(super::key(s), now.clone()).unwrap_or_default();
+                before.iter().any(|ip| !now.contains(ip))
+            }
+            Change::Delete(s) => seen.remove(&super::key(s)).is_some_and(|b| !b.is_empty()),
+            Change::Relisted(list) => {
+                let before: HashSet<IpAddr> = seen.values().flatten().copied().collect();
+                seen = list
+                    .iter()
+                    .map(|s| (super::key(s), ips(s.as_ref())))
+                    .collect();
+                let now: HashSet<IpAddr> = seen.values().flatten().copied().collect();
+                before.iter().any(|ip| !now.contains(ip))
+            }
+        };
+        if freed {
+            debug!("a blocked address was let go: retrying the Services waiting for capacity");
+            inner.capacity.notify_one();
+        }
+        inner.changed.notify_one();
     }
 }
 
@@ -137,9 +207,12 @@ pub(crate) fn start(inner: Arc<Inner>, ctx: &ControllerContext, config: &CloudLb
         "Addresses of each local pool by family and state (allocated, available)",
         gauge.clone(),
     );
-    let i2 = inner.clone();
     let services = ctx.informers.services();
-    services.subscribe(move |_| i2.changed.notify_one());
+    let filter = ClassFilter {
+        class: config.load_balancer_class.clone(),
+        default_implementation: config.default_load_balancer,
+    };
+    services.subscribe(follow_blocks(inner.clone(), filter));
     tokio::spawn(probe(inner.clone(), ctx.clone()));
     tokio::spawn(status_loop(inner, ctx.clone(), gauge));
 }
@@ -261,14 +334,13 @@ fn view(inner: &Inner) -> Book {
     {
         let (uid, who) = (super::key(s), super::svc_name(s));
         for ip in published(s) {
-            if !b.held.contains_key(&ip) {
-                let origin = st
-                    .pools
-                    .iter()
-                    .find(|p| p.covers(ip))
-                    .map(|p| p.def.name.clone());
-                b.take(ip, &uid, &who, origin);
-            }
+            let origin = st
+                .pools
+                .iter()
+                .find(|p| p.covers(ip))
+                .map(|p| p.def.name.clone());
+            // Counts are per address: sharers count once.
+            b.take_shared(ip, &uid, &who, origin, share::of(s));
         }
     }
     b
@@ -316,7 +388,7 @@ fn desired_for(
     let name = obj.metadata.name.as_deref()?;
     let book = view(inner);
     let w = inner.world.get()?;
-    let blocked = w.blocked(None);
+    let blocked = w.blocked(None, None);
     let st = inner.lock();
     let pool = st.pools.iter().find(|p| p.def.name == name)?;
     // Only report on the spec we compiled (the informer may be a step behind a 409's re-read).
@@ -353,8 +425,9 @@ async fn status_loop(inner: Arc<Inner>, ctx: ControllerContext, gauge: Family<Po
             let blocked = inner
                 .world
                 .get()
-                .map(|w| w.blocked(None))
+                .map(|w| w.blocked(None, None))
                 .unwrap_or_default();
+            let clashes = share::conflicts(&book);
             let (reports, uncovered) = {
                 let st = inner.lock();
                 let reports: Vec<(String, plan::PoolReport)> = st
@@ -383,6 +456,7 @@ async fn status_loop(inner: Arc<Inner>, ctx: ControllerContext, gauge: Family<Po
             }
             if ctx.leader.is_leader() {
                 warn_uncovered(&inner, &ctx, &uncovered).await;
+                warn_clashes(&inner, &ctx, &clashes).await;
             }
             inner.changed_status.notify_one();
         }
@@ -416,6 +490,33 @@ async fn warn_uncovered(
                 "AddressOutsidePools",
                 "KeepAddress",
                 format!("load balancer address {ip} is no longer in any LoadBalancerIPPool ({pool} shrank or was deleted); the Service keeps it until it asks for another"),
+            )
+            .await;
+    }
+}
+
+/// A Warning on each Service that holds a shared address on terms that clash with an earlier
+/// sharer's (it changed its ports, policy or key after it joined; once per Service, address
+/// and reason): it keeps the address, since addresses never move; its owner should fix it.
+async fn warn_clashes(
+    inner: &Inner,
+    ctx: &ControllerContext,
+    clashes: &[(IpAddr, plan::Holder, String)],
+) {
+    let Some(w) = inner.world.get() else { return };
+    for (ip, h, why) in clashes {
+        let Some((ns, name)) = h.who.split_once('/') else {
+            continue;
+        };
+        let Some(svc) = w.services.get(&ObjectKey::new(ns, name)) else {
+            continue;
+        };
+        ctx.events
+            .warn_once(
+                &svc.object_ref(&()),
+                "SharedAddressConflict",
+                "KeepAddress",
+                format!("load balancer address {ip} is shared, but {why}; the Service keeps it: fix its ports or {} annotation, or ask for another address", share::ALLOW_SHARED_IP_ANNOTATION),
             )
             .await;
     }
