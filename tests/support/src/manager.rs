@@ -10,8 +10,13 @@ use tokio::process::{Child, Command};
 
 use crate::{ControlPlane, repo_root};
 
-/// Path of the manager binary Cargo built for this test run.
+/// Path of the manager binary Cargo built for this test run, or `$SCM_MANAGER_BINARY` when set
+/// (the target directory is shared by every checkout of this machine, and a build of another
+/// commit may replace the binary while a test runs).
 pub fn manager_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SCM_MANAGER_BINARY").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
     if let Some(p) = option_env!("CARGO_BIN_EXE_service-controller-manager") {
         return PathBuf::from(p);
     }

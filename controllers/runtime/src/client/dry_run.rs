@@ -457,11 +457,29 @@ fn show_path(path: &str) -> &str {
 }
 
 fn show(v: &Value) -> String {
+    if let Some(c) = conditions(v) {
+        return clip(&c, MAX_VALUE);
+    }
     match v {
         Value::Null => "(none)".to_string(),
         Value::String(s) => clip(s, MAX_VALUE),
         other => clip(&other.to_string(), MAX_VALUE),
     }
+}
+
+/// A list of conditions as `Type=Status (Reason)`, the part a reader wants of them.
+fn conditions(v: &Value) -> Option<String> {
+    let items = v.as_array().filter(|a| !a.is_empty())?;
+    let mut out = vec![];
+    for c in items {
+        let t = c.get("type")?.as_str()?;
+        let s = c.get("status")?.as_str()?;
+        out.push(match c.get("reason").and_then(Value::as_str) {
+            Some(r) if !r.is_empty() => format!("{t}={s} ({r})"),
+            _ => format!("{t}={s}"),
+        });
+    }
+    Some(format!("[{}]", out.join(", ")))
 }
 
 fn clip(s: &str, max: usize) -> String {

@@ -87,6 +87,23 @@ fn an_event_is_summarized_by_type_reason_and_note_and_keyed_by_its_object() {
 }
 
 #[test]
+fn conditions_are_summarized_by_type_status_and_reason() {
+    let before = json!({"status": {}});
+    let after = json!({"status": {"conditions": [{"type": "EndpointsReady", "status": "False",
+        "reason": "SelectorMatchesNothing", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    assert_eq!(
+        summarize(
+            "patch",
+            "services/status",
+            Some(&before),
+            Some(&after),
+            None
+        ),
+        "status.conditions: (none) -> [EndpointsReady=False (SelectorMatchesNothing)]"
+    );
+}
+
+#[test]
 fn long_summaries_are_clipped() {
     let before = json!({"a": (0..100).map(|i| (format!("k{i}"), json!(i))).collect::<serde_json::Map<_, _>>()});
     let after = json!({"a": (0..100).map(|i| (format!("k{i}"), json!(i + 1))).collect::<serde_json::Map<_, _>>()});
