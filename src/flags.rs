@@ -227,6 +227,12 @@ pub struct ExplainArgs {
     /// The cluster's DNS domain, for the DNS records shown.
     #[arg(long, default_value = scm_explain::DEFAULT_CLUSTER_DOMAIN)]
     pub cluster_domain: String,
+
+    /// Say so when the manager runs with --endpoint-aware-load-balancer-targets: the load
+    /// balancer's targets are then shown as cloud-lb picks them (explain cannot read the
+    /// running manager's flags).
+    #[arg(long = "endpoint-aware-load-balancer-targets", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub endpoint_aware_targets: bool,
 }
 
 /// An inclusive port range such as 30000-32767.

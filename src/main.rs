@@ -165,7 +165,8 @@ fn explain_main() -> ExitCode {
 async fn explain(args: flags::ExplainArgs) -> anyhow::Result<String> {
     let client = kube::Client::try_from(kube_config_at(args.kubeconfig.as_ref()).await?)?;
     let (ns, name) = &args.service;
-    let observed = scm_explain::fetch::observe(&client, ns, name, &args.cluster_domain).await?;
+    let mut observed = scm_explain::fetch::observe(&client, ns, name, &args.cluster_domain).await?;
+    observed.endpoint_aware_targets = args.endpoint_aware_targets;
     let x = scm_explain::explain(&observed);
     Ok(match args.output.as_str() {
         "json" => serde_json::to_string_pretty(&x)? + "\n",

@@ -6,6 +6,9 @@ mod problems;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::sync::Arc;
+
+use cloud_lb::core::targets::{EndpointNodes, cordoned, targets};
 use cloud_lb::core::{EXCLUDE_LB_LABEL, TO_BE_DELETED_TAINT, in_stable_set, node_included};
 use endpointslice::common::{AddressType, PodView, find_port, parse_ip_sloppy};
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServicePort};
@@ -233,9 +236,38 @@ fn node_ready(n: &Node) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Why a node is not in the load balancer's node set.
+/// The nodes the load balancer points at, as cloud-lb decides them: the stable node set, and
+/// with endpoint-aware targets (`Observed::endpoint_aware_targets`, the manager's flag) only
+/// nodes with a ready local endpoint for `Local` and no cordoned node for any policy.
+fn lb_targets(o: &Observed) -> BTreeSet<String> {
+    let mut stable: Vec<Arc<Node>> = o
+        .nodes
+        .iter()
+        .filter(|n| in_stable_set(n))
+        .cloned()
+        .map(Arc::new)
+        .collect();
+    stable.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut eps = EndpointNodes::default();
+    for e in o.slices.iter().flat_map(|s| s.endpoints.iter().flatten()) {
+        eps.add(e);
+    }
+    targets(&o.service, &stable, Some(&eps), o.endpoint_aware_targets)
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .collect()
+}
+
+/// Why a node is not one of the load balancer's targets.
 fn not_a_target(n: &Node) -> String {
-    if n.metadata.deletion_timestamp.is_some() {
+    if in_stable_set(n) {
+        // Only endpoint-aware targets leave a node of the stable set out.
+        if cordoned(n) {
+            "not a load-balancer target: cordoned (endpoint-aware targets)".into()
+        } else {
+            "not a load-balancer target: no ready local endpoint (endpoint-aware targets)".into()
+        }
+    } else if n.metadata.deletion_timestamp.is_some() {
         "not a load-balancer target: being deleted".into()
     } else if !node_included(n) {
         format!("not a load-balancer target: labelled {EXCLUDE_LB_LABEL}")
@@ -311,6 +343,11 @@ pub fn analyse(o: &Observed) -> Analysis {
     };
     let primary = families.first().copied();
     let ing = ingress(svc);
+    let lb_targets = if is_lb {
+        lb_targets(o)
+    } else {
+        BTreeSet::new()
+    };
     let selected: Vec<&Pod> = o.pods.iter().filter(|p| selects(&selector, p)).collect();
     let mut pod_why: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let (mut named_missing, mut no_ip, mut missing_nodes) =
@@ -424,7 +461,7 @@ pub fn analyse(o: &Observed) -> Analysis {
         if let Some(np) = pc.node_port {
             for n in &nodes {
                 let name = n.metadata.name.clone().unwrap_or_default();
-                let target = is_lb && in_stable_set(n);
+                let target = is_lb && lb_targets.contains(&name);
                 let mut note = if is_lb && !target {
                     Some(not_a_target(n))
                 } else if !node_ready(n) {

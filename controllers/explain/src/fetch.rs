@@ -125,5 +125,6 @@ pub async fn observe(
         nodes,
         events,
         cluster_domain: cluster_domain.to_string(),
+        endpoint_aware_targets: false,
     })
 }

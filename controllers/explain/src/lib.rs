@@ -46,6 +46,9 @@ pub struct Observed {
     pub events: Vec<Event>,
     /// The cluster's DNS domain (e.g. `cluster.local`).
     pub cluster_domain: String,
+    /// Whether the manager runs with `--endpoint-aware-load-balancer-targets` (explain cannot
+    /// read a running manager's flags: its own flag of that name says so).
+    pub endpoint_aware_targets: bool,
 }
 
 /// What `explain` says about a Service.

@@ -194,6 +194,25 @@ fn load_balancer_with_local_policy_explains_each_node() {
     );
     assert!(text.contains("# iptables-save, on node n1\n"));
     assert!(text.contains("# iptables-save, on nodes n2, n3\n"));
+
+    // With the manager's --endpoint-aware-load-balancer-targets (explain's flag of the same
+    // name), n2, without a ready local endpoint, is no target; n1 still is.
+    let mut o = o;
+    o.endpoint_aware_targets = true;
+    let x = explain(&o);
+    let p = &x.ports[0];
+    assert!(p.nodes[0].load_balancer_target);
+    assert!(!p.nodes[1].load_balancer_target);
+    assert_eq!(
+        p.nodes[1].note.as_deref(),
+        Some("not a load-balancer target: no ready local endpoint (endpoint-aware targets)")
+    );
+    assert!(
+        p.summary
+            .starts_with("192.168.0.150:80 -> 10.0.0.1:30080 (each eligible node) -> "),
+        "{}",
+        p.summary
+    );
 }
 
 #[test]

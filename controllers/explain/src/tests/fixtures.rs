@@ -162,6 +162,7 @@ pub(super) fn observed(
         nodes,
         events: vec![],
         cluster_domain: "cluster.local".into(),
+        endpoint_aware_targets: false,
     }
 }
 
