@@ -11,6 +11,9 @@
 //! - Under a saturated client budget, a write that stops traffic to an endpoint that is no
 //!   longer ready (or the first slice of a Service) takes its token before ordinary requests
 //!   ([`scm_runtime::client::with_priority`]), and such updates go before the plan's others.
+//!   With `defer_ordinary`, a plan holding such writes makes only them and leaves the rest to
+//!   the next sync, so the owner's key is free for the next urgent change instead of held
+//!   while writes that only add capacity wait for the budget.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -88,6 +91,8 @@ pub struct SliceWrites<'a> {
     /// The owner's slices the plan was made from, when known: which writes stop traffic to an
     /// endpoint that is no longer ready is judged against them (unknown: every write ordinary).
     pub before: Option<&'a [&'a EndpointSlice]>,
+    /// Make only the urgent writes when there are any, and say [`Written::Deferred`].
+    pub defer_ordinary: bool,
 }
 
 /// The addresses of a slice's ready endpoints.
@@ -157,6 +162,8 @@ pub enum Written {
     All,
     /// A create was refused because the namespace is being terminated; the rest was skipped.
     NamespaceTerminating,
+    /// Only the urgent writes were made (`defer_ordinary`); the owner needs another sync.
+    Deferred,
 }
 
 fn namespace_terminating(e: &kube::Error) -> bool {
@@ -176,7 +183,22 @@ impl Slices {
     ) -> Result<Written, Error> {
         let ns = key.namespace.as_str();
         let (create_p, update_p, delete_p) = priorities(&w);
-        for c in w.create.iter().filter(|_| create) {
+        let urgent = |p: &Priority| *p == Priority::Urgent;
+        let creates_ordinary = create && !w.create.is_empty() && !urgent(&create_p);
+        let mixed = update_p.iter().chain(&delete_p).any(urgent)
+            && (creates_ordinary || !update_p.iter().chain(&delete_p).all(urgent));
+        // Urgent updates and deletes only take away addresses no slice keeps ready, so making
+        // them without the plan's creates cannot make a ready endpoint dip.
+        let deferred = w.defer_ordinary && mixed;
+        let mut updates: Vec<(Priority, &EndpointSlice)> =
+            update_p.into_iter().zip(w.update).collect();
+        let mut deletes: Vec<(Priority, &EndpointSlice)> =
+            delete_p.into_iter().zip(w.delete).collect();
+        if deferred {
+            updates.retain(|(p, _)| urgent(p));
+            deletes.retain(|(p, _)| urgent(p));
+        }
+        for c in w.create.iter().filter(|_| create && !deferred) {
             let t = Instant::now();
             match with_priority(create_p, api.create(ns, c)).await {
                 Ok(created) => {
@@ -192,8 +214,6 @@ impl Slices {
             }
         }
         // Urgent updates first (stable): the rest of the plan may wait behind the budget.
-        let mut updates: Vec<(Priority, &EndpointSlice)> =
-            update_p.into_iter().zip(w.update).collect();
         updates.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
         for (p, u) in updates {
             let t = Instant::now();
@@ -204,7 +224,7 @@ impl Slices {
             metrics.wrote("update", t.elapsed());
             self.cache().write_through(key, updated);
         }
-        for (d, p) in w.delete.iter().zip(delete_p) {
+        for (p, d) in deletes {
             let name = d.metadata.name.as_deref().unwrap_or_default();
             let t = Instant::now();
             match with_priority(p, api.delete(ns, name, d.metadata.uid.clone())).await {
@@ -216,7 +236,11 @@ impl Slices {
             metrics.wrote("delete", t.elapsed());
             self.cache().forget(key, name);
         }
-        Ok(Written::All)
+        Ok(if deferred {
+            Written::Deferred
+        } else {
+            Written::All
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -18,7 +19,7 @@ use crate::slice_store::managed_by;
 use crate::slices::trigger_time::{self, SeenTimes};
 use crate::slices::{self, SliceInput};
 use crate::topology::{self, ZoneRatios};
-use crate::writer::SliceWrites;
+use crate::writer::{SliceWrites, Written};
 
 /// What a reconcile copies out of the caches (so no lock is held across awaits).
 struct Snapshot {
@@ -121,6 +122,7 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         update: &plan.update,
         delete: &plan.delete,
         before: Some(&before),
+        defer_ordinary: true,
     };
     let creates = svc.metadata.deletion_timestamp.is_none();
     let result = s
@@ -159,6 +161,7 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
             controller: s.base.ctx.name.clone(),
         })
         .observe(writes as f64);
+    let deferred = matches!(result, Ok(Written::Deferred));
     if let Err(e) = result {
         m.sync("error");
         s.base
@@ -172,6 +175,12 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
             )
             .await;
         return Err(e);
+    }
+    if deferred {
+        // The writes traffic waits for are made; the rest is planned again from the slices as
+        // they are now, behind other urgent work, as ordinary work (trigger time unrecorded,
+        // as for a failed write: the rest still carries it).
+        return Ok(Requeue::After(Duration::ZERO));
     }
     // Only once applied: a failed write is retried with the same trigger time.
     s.state().trigger_times.record(&key, seen);

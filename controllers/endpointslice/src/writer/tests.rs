@@ -134,6 +134,7 @@ async fn creates_then_updates_then_uid_preconditioned_deletes() {
         update: &u,
         delete: &d,
         before: None,
+        defer_ordinary: false,
     };
     assert_eq!(
         s.write(&api, &key, w, true, &m).await.unwrap(),
@@ -266,6 +267,7 @@ async fn updates_that_drop_a_ready_endpoint_go_first_in_the_urgent_class() {
         update: &[a2, b2],
         delete: std::slice::from_ref(&c),
         before: Some(&before),
+        defer_ordinary: false,
     };
     slices.write(&api, &key, w, true, &metrics).await.unwrap();
     assert_eq!(
@@ -297,4 +299,64 @@ async fn updates_that_drop_a_ready_endpoint_go_first_in_the_urgent_class() {
     };
     slices.write(&api, &key, w, true, &metrics).await.unwrap();
     assert_eq!(*api.classes.lock().unwrap(), [Urgent, Ordinary]);
+}
+
+/// With `defer_ordinary`, a plan that both stops traffic to a pod and adds capacity makes only
+/// the first part and says so; a plan with nothing urgent, or only urgent writes, is made whole.
+#[tokio::test]
+async fn deferring_makes_only_the_urgent_writes_of_a_mixed_plan() {
+    let (slices, metrics, key) = fixture();
+    let a = with_endpoints(slice(Some("a"), "ua", 1), &[("10.0.0.1", true)]);
+    let b = with_endpoints(slice(Some("b"), "ub", 1), &[("10.0.0.2", true)]);
+    let gone = with_endpoints(slice(Some("g"), "ug", 1), &[("10.0.0.5", true)]);
+    let before = [&a, &b, &gone];
+    let a2 = with_endpoints(a.clone(), &[("10.0.0.1", true), ("10.0.0.4", true)]);
+    let b2 = with_endpoints(b.clone(), &[("10.0.0.2", false)]);
+    let new = with_endpoints(slice(None, "", 0), &[("10.0.0.3", true)]);
+    let updates = [a2.clone(), b2.clone()];
+    let mixed = SliceWrites {
+        create: std::slice::from_ref(&new),
+        update: &updates,
+        delete: std::slice::from_ref(&gone),
+        before: Some(&before),
+        defer_ordinary: true,
+    };
+    let api = Recorder::default();
+    let got = slices
+        .write(&api, &key, mixed, true, &metrics)
+        .await
+        .unwrap();
+    assert_eq!(got, Written::Deferred);
+    assert_eq!(api.calls(), ["replace ns/b rv=7", "delete ns/g uid=ug"]);
+
+    // Nothing urgent: the whole plan.
+    let api = Recorder::default();
+    let ordinary = SliceWrites {
+        create: std::slice::from_ref(&new),
+        update: std::slice::from_ref(&a2),
+        before: Some(&before),
+        defer_ordinary: true,
+        ..Default::default()
+    };
+    let got = slices
+        .write(&api, &key, ordinary, true, &metrics)
+        .await
+        .unwrap();
+    assert_eq!(got, Written::All);
+    assert_eq!(api.calls(), ["create ns/svc-", "replace ns/a rv=7"]);
+
+    // Only urgent writes: the whole plan, nothing left.
+    let api = Recorder::default();
+    let only_urgent = SliceWrites {
+        update: std::slice::from_ref(&b2),
+        before: Some(&before),
+        defer_ordinary: true,
+        ..Default::default()
+    };
+    let got = slices
+        .write(&api, &key, only_urgent, true, &metrics)
+        .await
+        .unwrap();
+    assert_eq!(got, Written::All);
+    assert_eq!(api.calls(), ["replace ns/b rv=7"]);
 }
