@@ -415,7 +415,44 @@ const WATCHED: &[&str] = &[
     "endpoints",
     "servicecidrs",
     "ipaddresses",
+    "namespaces",
+    "loadbalancerippools",
 ];
+
+/// Installs the LoadBalancerIPPool CRD and one pool over `cidr`, and waits until pools can be
+/// listed.
+async fn install_pool(client: &kube::Client, cidr: &str) {
+    use cloud_lb::local::crd::{LoadBalancerIPPool, LoadBalancerIPPoolSpec};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube::api::{ListParams, Patch, PatchParams, PostParams};
+    let crd = LoadBalancerIPPool::crd();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .patch(
+            crd.metadata.name.as_deref().unwrap_or_default(),
+            &PatchParams::apply("scm-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("install the CRD");
+    let pools: Api<LoadBalancerIPPool> = Api::all(client.clone());
+    wait_for("pools can be listed", Duration::from_secs(60), || async {
+        pools.list(&ListParams::default().limit(1)).await.ok()
+    })
+    .await
+    .expect("the CRD is served");
+    let pool = LoadBalancerIPPool::new(
+        "watch-pool",
+        LoadBalancerIPPoolSpec {
+            cidrs: vec![cidr.into()],
+            ..Default::default()
+        },
+    );
+    pools
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("create the pool");
+}
 
 /// The API server's in-flight WATCHes per resource once the reading has held for 2 s (its own
 /// loopback informers re-open their watches now and then).
@@ -475,7 +512,8 @@ fn assert_one_watch_per_kind(
     );
 }
 
-/// The manager's watches with every controller on (cloud-lb with the local provider), from the
+/// The manager's watches with every controller on (cloud-lb with the local provider, its pool an
+/// object, and endpoint-aware targets, so that it reads EndpointSlices too), from the
 /// API server's own in-flight WATCH gauge. The control plane is this test's own, so no other
 /// test's manager is counted; the API server's loopback informers are, so the test takes their
 /// count before the manager starts and asserts the difference.
@@ -485,11 +523,9 @@ async fn with_every_controller_on_the_manager_holds_one_watch_per_kind() {
         .await
         .expect("control plane");
     let client = cp.client().await.expect("client");
+    install_pool(&client, "192.168.100.0/28").await;
     let baseline = stable_watches(&client, "the API server's own watches").await;
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cloud_config = dir.path().join("local.yaml");
-    std::fs::write(&cloud_config, "pools: [192.168.100.0/28]\n").expect("cloud config");
     let addr = free_addr();
     let m = Manager::start(
         &cp,
@@ -497,7 +533,7 @@ async fn with_every_controller_on_the_manager_holds_one_watch_per_kind() {
             &format!("--http-address={addr}"),
             "--leader-elect-resource-namespace=default",
             "--cloud-provider=local",
-            &format!("--cloud-config={}", cloud_config.display()),
+            "--endpoint-aware-load-balancer-targets",
         ],
     )
     .expect("start manager");
@@ -545,14 +581,16 @@ async fn with_every_controller_on_the_manager_holds_one_watch_per_kind() {
 }
 
 /// Controllers started in-process from one harness base ([`InProcess`]) share its informers as
-/// the binary's do: five controllers, still one WATCH per kind. (cloud-lb is left out: it needs
-/// a provider, and every kind it watches is watched by the others too.)
+/// the binary's do: all six controllers (cloud-lb with the local provider over a pool object and
+/// endpoint-aware targets, so it watches Services, Nodes, EndpointSlices, Namespaces and pools),
+/// still one WATCH per kind.
 #[tokio::test]
 async fn in_process_controllers_from_one_base_share_one_watch_per_kind() {
     let cp = ControlPlane::start(Default::default())
         .await
         .expect("control plane");
     let client = cp.client().await.expect("client");
+    install_pool(&client, "192.168.100.0/28").await;
     let baseline = stable_watches(&client, "the API server's own watches").await;
     let c = InProcess::new(client.clone());
     c.start("clusterip-alloc", "ipallocator-repair-controller", |ctx| {
@@ -572,9 +610,28 @@ async fn in_process_controllers_from_one_base_share_one_watch_per_kind() {
         "endpoint-slice-mirroring-controller",
         |ctx| endpointslice::run_mirroring(ctx, Default::default()),
     );
+    let config = cloud_lb::CloudLbConfig {
+        cloud_provider: cloud_lb::ProviderKind::Local,
+        endpoint_aware_targets: true,
+        ..Default::default()
+    };
+    let provider: std::sync::Arc<dyn cloud_lb::provider::LoadBalancerProvider> =
+        std::sync::Arc::new(
+            cloud_lb::local::LocalProvider::new(Default::default()).expect("no file pools"),
+        );
+    c.start("cloud-lb", "service-controller", move |ctx| {
+        cloud_lb::run_with_provider(ctx, config, provider)
+    });
     c.wait_ready(Duration::from_secs(60))
         .await
         .expect("controllers synced");
+    // The pool informer opens once the CRD answers; its status says it did.
+    let pools: Api<cloud_lb::local::crd::LoadBalancerIPPool> = Api::all(client.clone());
+    wait_for("the pool's status", Duration::from_secs(60), || async {
+        pools.get("watch-pool").await.ok()?.status
+    })
+    .await
+    .expect("the pool's status is written");
     let now = stable_watches(&client, "the controllers' watches").await;
     assert_one_watch_per_kind("the in-process controllers", &baseline, &now);
     let ended = c.stop(Duration::from_secs(10)).await.expect("stopped");
