@@ -9,6 +9,7 @@ use serde_json::json;
 use test_support::{set_pod_status, wait_for};
 
 use crate::cluster::{self, T, web_spec};
+use crate::net;
 use crate::scenarios::{Row, Setup, round, wait_answers, wait_silent};
 
 /// The scenarios on pods a and b, in order; the last ones flip pod b's readiness.
@@ -126,9 +127,11 @@ pub async fn run(s: &Setup, rows: &mut Vec<Row>) -> Result<()> {
         result: r.await,
     });
 
-    // LoadBalancer: the local pool's address, routed by the client to node 1.
+    // LoadBalancer: the local pool's address, routed by the client to node 1. Then each hop
+    // of the chain on its own (node 2's NodePort, the ClusterIP), printed with the addresses
+    // and, in iptables mode, node 1's rules for the Service (the README's chain comes from it).
     let t = Instant::now();
-    cluster::service(
+    let lb = cluster::service(
         c,
         ns,
         "web-lb",
@@ -138,7 +141,25 @@ pub async fn run(s: &Setup, rows: &mut Vec<Row>) -> Result<()> {
     let r = async {
         let addr = cluster::lb_address(c, ns, "web-lb").await?;
         wait_answers(&s.net, &format!("{addr}:80"), &both).await?;
-        Ok(t.elapsed())
+        let elapsed = t.elapsed();
+        let (port, vip) = (cluster::node_port(&lb)?, cluster::cluster_ip(&lb)?);
+        wait_answers(&s.net, &format!("{n2}:{port}"), &both).await?;
+        wait_answers(&s.net, &format!("{vip}:80"), &both).await?;
+        let pods: Vec<String> = s.pods[..2]
+            .iter()
+            .map(|p| format!("{} {}:8080", p.name, p.ip))
+            .collect();
+        eprintln!(
+            "datapath\tchain\t{addr}:80 -> {n1}:{port} | {n2}:{port} -> {vip}:80 -> {}",
+            pods.join(", ")
+        );
+        if let Ok(nat) = net::exec(&s.net.ns("node1"), &["iptables-save", "-t", "nat"]) {
+            let needle = format!("{ns}/web-lb:http");
+            for l in nat.lines().filter(|l| l.contains(&needle)) {
+                eprintln!("datapath\tchain-rule\t{l}");
+            }
+        }
+        Ok(elapsed)
     };
     rows.push(Row {
         scenario: "loadbalancer",

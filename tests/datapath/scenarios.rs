@@ -89,11 +89,12 @@ pub fn report(mode: &str, slices: Slices, rows: Vec<Row>) -> Result<()> {
                 d.as_secs_f64()
             ),
             Err(e) => {
-                let first = format!("{e:#}")
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
+                // One short line: the whole error is in the failure message.
+                let first: String = format!("{e:#}")
+                    .replace('\n', " ")
+                    .chars()
+                    .take(200)
+                    .collect();
                 eprintln!("datapath-row\t{}\t{mode}\t{by}\tFAIL\t{first}", r.scenario);
                 failed.push(format!("{}: {e:#}", r.scenario));
             }
