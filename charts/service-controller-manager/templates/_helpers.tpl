@@ -121,6 +121,9 @@ cloud-lb:
   - {group: "", resource: services, verbs: [get, list, watch, patch]}
   - {group: "", resource: services/status, verbs: [patch]}
   - {group: "", resource: nodes, verbs: [list, watch]}
+{{- if .Values.cloudProvider.endpointAwareTargets }}
+  - {group: discovery.k8s.io, resource: endpointslices, verbs: [list, watch]}
+{{- end }}
 {{- if eq .Values.cloudProvider.name "local" }}
   - {group: "", resource: namespaces, verbs: [list, watch]}
   - {group: service-controller-manager.io, resource: loadbalancerippools, verbs: [get, list, watch]}
