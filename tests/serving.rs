@@ -1,6 +1,7 @@
 //! The secure port against the real local control plane: delegated authentication
 //! (TokenReview) and authorization (SubjectAccessReview) in front of `/metrics`, health paths
-//! always allowed, and `/healthz` with a subpath per check as kube-controller-manager has.
+//! always allowed (but a bad token is 401 there too, as upstream's), and `/healthz` with a
+//! subpath per check as kube-controller-manager has.
 
 use std::time::Duration;
 
@@ -124,16 +125,26 @@ async fn metrics_need_a_token_with_rbac_and_health_paths_do_not() {
     .await
     .expect("readyz");
 
-    // 401 without a token and with one the API server does not know.
+    // As k8s.io/apiserver's delegating authentication: a token the API server does not know
+    // is 401 on every path, the always-allowed ones included (authentication runs before the
+    // always-allow authorizer); no token at all is `system:anonymous`, which RBAC refuses
+    // /metrics (403).
+    for path in ["/metrics", "/healthz", "/readyz", "/healthz/ping"] {
+        let (code, body) = https_get(&format!("{base}{path}"), Some("not-a-token"))
+            .await
+            .expect("answer");
+        assert_eq!(code, 401, "{path} with a bad token: {body}");
+        assert!(body.contains("Unauthorized"), "{body}");
+    }
     let (code, body) = https_get(&format!("{base}/metrics"), None)
         .await
         .expect("answer");
-    assert_eq!(code, 401, "{body}");
-    assert!(body.contains("Unauthorized"), "{body}");
-    let (code, _) = https_get(&format!("{base}/metrics"), Some("not-a-token"))
-        .await
-        .expect("answer");
-    assert_eq!(code, 401);
+    assert_eq!(code, 403, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("a Status body");
+    assert_eq!(
+        status["message"],
+        "forbidden: User \"system:anonymous\" cannot get path \"/metrics\""
+    );
 
     // 403 for a valid token without RBAC, naming the user and the path.
     let (code, body) = https_get(&format!("{base}/metrics"), Some(&nobody))
@@ -161,8 +172,8 @@ async fn metrics_need_a_token_with_rbac_and_health_paths_do_not() {
         .await
         .expect("answer");
     assert_eq!(
-        code, 401,
-        "/healthz/<check> is not in the always-allowed list"
+        code, 403,
+        "/healthz/<check> is not in the always-allowed list: anonymous is refused"
     );
     for check in ["leaderElection", "informers", "endpointslice", "ping"] {
         let (code, body) = https_get(&format!("{base}/healthz/{check}"), Some(&scraper))
@@ -188,3 +199,4 @@ async fn metrics_need_a_token_with_rbac_and_health_paths_do_not() {
         assert!(body.lines().any(|l| l == line), "{line} in {body}");
     }
 }
+

@@ -1,8 +1,9 @@
 //! Delegated authentication and authorization, as k8s.io/apiserver's delegating options do for
 //! kube-controller-manager: the bearer token is checked with a TokenReview, the request with a
 //! SubjectAccessReview for its non-resource path and lowercase method (`get` on `/metrics`),
-//! both against the API server, each answer cached briefly. Paths in
-//! `--authorization-always-allow-paths` skip both, so the kubelet's probes need no token.
+//! both against the API server, each answer cached briefly. A request without a token is
+//! `system:anonymous`; paths in `--authorization-always-allow-paths` skip the authorization
+//! only, so the kubelet's probes need no token but a rejected token is 401 everywhere.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -80,7 +81,7 @@ pub struct User {
 pub enum Decision {
     /// Serve it.
     Allow,
-    /// 401: no bearer token, or one the API server does not accept.
+    /// 401: a bearer token the API server does not accept (or could not review).
     Unauthenticated,
     /// 403: the SubjectAccessReview did not allow it.
     Forbidden(String),
@@ -137,16 +138,22 @@ impl Delegated {
 
     /// Decides one request: `authorization` is its Authorization header, `verb` its method
     /// in lowercase.
+    ///
+    /// Authentication runs first on every path, as k8s.io/apiserver's filter chain does: a
+    /// token the API server rejects is 401 even on an always-allowed path; no token is the
+    /// anonymous user (the delegating authenticator enables anonymous), which only the
+    /// authorizer can refuse.
     pub async fn decide(&self, path: &str, verb: &str, authorization: Option<&str>) -> Decision {
+        let user = match bearer(authorization) {
+            None => anonymous(),
+            Some(token) => match self.authenticate(token).await {
+                Some(user) => user,
+                None => return Decision::Unauthenticated,
+            },
+        };
         if self.always_allowed(path) {
             return Decision::Allow;
         }
-        let Some(token) = bearer(authorization) else {
-            return Decision::Unauthenticated;
-        };
-        let Some(user) = self.authenticate(token).await else {
-            return Decision::Unauthenticated;
-        };
         match self.authorize(&user, path, verb).await {
             Some(true) => Decision::Allow,
             Some(false) => Decision::Forbidden(format!(
@@ -226,6 +233,16 @@ impl Delegated {
                 None
             }
         }
+    }
+}
+
+/// Who a request without a bearer token is (k8s.io/apiserver's anonymous authenticator).
+fn anonymous() -> User {
+    User {
+        name: "system:anonymous".into(),
+        uid: None,
+        groups: vec!["system:unauthenticated".into()],
+        extra: BTreeMap::new(),
     }
 }
 
