@@ -6,6 +6,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
 use test_support::{https_get, leader_status, readyz_ok};
 
 use super::*;
+use cloud_lb::local::crd::LoadBalancerIPPool;
 
 fn token_kubeconfig(cp: &ControlPlane, token: &str, path: &Path) {
     cp.write_token_kubeconfig(token, path)
@@ -69,30 +70,64 @@ fn start_as(
 
 #[tokio::test]
 async fn manager_runs_with_only_the_charts_rbac() {
-    run_with_chart_rbac(LOCAL, &[], true).await;
+    run_with_chart_rbac("192.168.100", &[], &[], true).await;
 }
 
+// Endpoint-aware targets with the EndpointSlice controllers off: cloud-lb still lists and
+// watches EndpointSlices itself, so the chart grants that (issue 13; without the grant its
+// informer never syncs and web-lb never gets an address).
 #[tokio::test]
 async fn manager_runs_with_the_reduced_rbac_of_disabled_controllers() {
-    let mut sets = LOCAL.to_vec();
-    sets.extend([
+    let sets = [
         "controllers.endpoints=false",
         "controllers.endpointslice-mirroring=false",
-    ]);
-    run_with_chart_rbac(&sets, &["endpoints", "endpointslice-mirroring"], false).await;
+        "controllers.endpointslice=false",
+        "cloudProvider.endpointAwareTargets=true",
+    ];
+    run_with_chart_rbac(
+        "192.168.101",
+        &sets,
+        &["endpoints", "endpointslice-mirroring", "endpointslice"],
+        false,
+    )
+    .await;
 }
 
-/// Renders the chart with `sets`, applies its RBAC for real, runs the manager with the rendered
-/// args as its ServiceAccount, and checks that it leads and that every enabled controller
-/// (all but `disabled`) does its work with no 403.
-async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control: bool) {
+/// Installs the chart's CRD for real (as `helm install` does from `crds/`) and waits until its
+/// objects can be listed.
+async fn install_pool_crd(cp: &ControlPlane, client: &Client, ns: &str) {
+    let crd = std::fs::read_to_string(chart_dir().join("crds/loadbalancerippools.yaml"))
+        .expect("the chart's CRD");
+    kubectl_apply(cp, ns, &crd, false).await;
+    let pools: Api<LoadBalancerIPPool> = Api::all(client.clone());
+    wait_for("pools can be listed", Duration::from_secs(60), || async {
+        pools.list(&ListParams::default().limit(1)).await.ok()
+    })
+    .await
+    .expect("the CRD is served");
+}
+
+/// Renders the chart with the local provider, its pool an object named after the release over
+/// `<net>.0/28` (pools are cluster-wide and these tests run at once, so each has its own
+/// range), plus `sets`; applies its RBAC and pool for real, runs the manager with the rendered
+/// args as its ServiceAccount, and checks that it leads and that every enabled controller (all
+/// but `disabled`) does its work with no 403, the pool's status included.
+async fn run_with_chart_rbac(net: &str, sets: &[&str], disabled: &[&str], negative_control: bool) {
     let cp = ControlPlane::shared().await.expect("control plane");
     let client = cp.client().await.expect("client");
     let ns = namespace(&client, "chart-sa").await.expect("namespace");
     let scratch = Scratch::new("sa");
     // A release name unique to this namespace, so cluster-scoped RBAC objects don't collide.
     let release = format!("r-{}", ns.trim_start_matches("chart-sa-"));
-    let text = render(&release, &ns, sets).await;
+    let mut all: Vec<String> = vec![
+        "cloudProvider.name=local".into(),
+        format!("cloudProvider.local.ipPools[0].name={release}"),
+        format!("cloudProvider.local.ipPools[0].cidrs={{{net}.0/28}}"),
+    ];
+    all.extend(sets.iter().map(|s| s.to_string()));
+    let sets: Vec<&str> = all.iter().map(String::as_str).collect();
+    install_pool_crd(cp, &client, &ns).await;
+    let text = render(&release, &ns, &sets).await;
     let objs = kubectl_apply(cp, &ns, &text, true).await;
     let args = manager_args(&objs);
     for d in disabled {
@@ -135,16 +170,46 @@ async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control:
     );
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": rbac});
     kubectl_apply(cp, &ns, &list.to_string(), false).await;
+    // The pool object, as helm would create it; the file has no pools.
+    let pool: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "LoadBalancerIPPool")
+        .collect();
+    assert_eq!(pool.len(), 1, "one pool object rendered");
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": pool});
+    kubectl_apply(cp, &ns, &list.to_string(), false).await;
+    if sets.contains(&"cloudProvider.endpointAwareTargets=true") {
+        assert!(
+            args.contains(&"--endpoint-aware-load-balancer-targets".to_string()),
+            "{args:?}"
+        );
+        // Only what cloud-lb's informer needs, with every EndpointSlice writer off.
+        let role = rbac
+            .iter()
+            .find(|o| {
+                o["kind"] == "ClusterRole"
+                    && !o["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or("")
+                        .ends_with("-metrics-reader")
+            })
+            .expect("the manager's ClusterRole");
+        assert_eq!(
+            verbs_of(role, "discovery.k8s.io", "endpointslices"),
+            vec!["list", "watch"]
+        );
+    }
 
     let cm = find(&objs, "ConfigMap");
     let cloud_config = scratch.path("cloud-config.yaml");
-    std::fs::write(
-        &cloud_config,
-        cm["data"]["cloud-config.yaml"]
-            .as_str()
-            .expect("cloud config"),
-    )
-    .expect("write cloud config");
+    let cfg = cm["data"]["cloud-config.yaml"]
+        .as_str()
+        .expect("cloud config");
+    assert!(
+        !cfg.contains("pools"),
+        "pools are objects, not the file: {cfg}"
+    );
+    std::fs::write(&cloud_config, cfg).expect("write cloud config");
 
     // Negative control: the same manager with a token of a ServiceAccount that has no
     // bindings is refused (proves the token, not the admin identity, is what the manager uses).
@@ -203,7 +268,20 @@ async fn run_with_chart_rbac(sets: &[&str], disabled: &[&str], negative_control:
 
     // Work for every controller: a Node, a ready Pod, and Services of each kind.
     let app_ns = namespace(&client, "chart-app").await.expect("namespace");
-    exercise_controllers(&client, &app_ns, &m, disabled).await;
+    exercise_controllers(&client, &app_ns, &m, disabled, net).await;
+    // The pool's status, written with the chart's loadbalancerippools/status grant.
+    let pools: Api<LoadBalancerIPPool> = Api::all(client.clone());
+    wait_for(
+        "the pool's status counts web-lb's address",
+        Duration::from_secs(60),
+        || async {
+            let p = pools.get(&release).await.ok()?;
+            p.status.filter(|s| s.allocated.ipv4 == 1)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+    let _ = pools.delete(&release, &Default::default()).await;
 
     let denied = forbidden(&m.log_lines());
     assert!(
@@ -296,7 +374,13 @@ async fn scrape_with_the_readers_role(
 }
 
 /// Creates objects every controller acts on and waits for each controller's result.
-async fn exercise_controllers(client: &Client, ns: &str, m: &Manager, disabled: &[&str]) {
+async fn exercise_controllers(
+    client: &Client,
+    ns: &str,
+    m: &Manager,
+    disabled: &[&str],
+    net: &str,
+) {
     let node = format!("node-{ns}");
     create_node(
         client,
@@ -347,23 +431,25 @@ async fn exercise_controllers(client: &Client, ns: &str, m: &Manager, disabled: 
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
     let logs = || m.log_lines().join("\n");
     // endpointslice
-    wait_for(
-        "an EndpointSlice for web with the ready pod",
-        Duration::from_secs(60),
-        || async {
-            let l = slices
-                .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
-                .await
-                .ok()?;
-            l.items
-                .iter()
-                .flat_map(|s| s.endpoints.iter().flatten())
-                .any(|e| e.addresses.iter().any(|a| a == "10.244.1.10"))
-                .then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+    if !disabled.contains(&"endpointslice") {
+        wait_for(
+            "an EndpointSlice for web with the ready pod",
+            Duration::from_secs(60),
+            || async {
+                let l = slices
+                    .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+                    .await
+                    .ok()?;
+                l.items
+                    .iter()
+                    .flat_map(|s| s.endpoints.iter().flatten())
+                    .any(|e| e.addresses.iter().any(|a| a == "10.244.1.10"))
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+    }
     let eps: Api<Endpoints> = Api::namespaced(client.clone(), ns);
     if !disabled.contains(&"endpoints") {
         // endpoints (legacy)
@@ -438,7 +524,7 @@ async fn exercise_controllers(client: &Client, ns: &str, m: &Manager, disabled: 
             ing.iter()
                 .any(|i| {
                     i.ip.as_deref()
-                        .is_some_and(|ip| ip.starts_with("192.168.100."))
+                        .is_some_and(|ip| ip.starts_with(&format!("{net}.")))
                 })
                 .then_some(())
         },
