@@ -107,6 +107,38 @@ async fn demo_script_shows_services_end_to_end_and_cleans_up() {
         "ExternalName has no Endpoints:\n{eps}"
     );
 
+    // The pool is an object (issue 14), and kubectl shows its counts as printer columns:
+    // 14 usable addresses in the /28, example's one allocated.
+    let pools = out
+        .split("$ kubectl get loadbalancerippools\n")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        pools
+            .lines()
+            .next()
+            .is_some_and(|h| h.split_whitespace().collect::<Vec<_>>()
+                == [
+                    "NAME",
+                    "DISABLED",
+                    "IPV4",
+                    "ALLOCATED",
+                    "IPV4",
+                    "AVAILABLE",
+                    "IPV6",
+                    "ALLOCATED",
+                    "IPV6",
+                    "AVAILABLE",
+                    "AGE"
+                ]),
+        "{pools}"
+    );
+    assert_eq!(
+        row(pools, "demo")[1..6],
+        ["false", "1", "13", "0", "0"],
+        "{pools}"
+    );
+
     // Progress went to stderr, and everything was cleaned up.
     assert!(
         o.stderr.contains("==> Starting the local control plane"),

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The README's first command (`make demo`): builds what it needs, starts a local control plane
-# (real etcd + kube-apiserver), runs service-controller-manager with the local load-balancer
-# provider, applies examples/ (Nodes and pods made ready as a kubelet would, and one Service of
-# each kind), then shows what a user of seed 000 expects: `kubectl get svc` with CLUSTER-IP,
-# EXTERNAL-IP and PORT(S) like 8081:32255/TCP, `kubectl get endpointslices` and
-# `kubectl get endpoints`.
+# (real etcd + kube-apiserver), installs the LoadBalancerIPPool CRD and the pool object of
+# examples/ip-pool.yaml, runs service-controller-manager with the local load-balancer provider,
+# applies examples/ (Nodes and pods made ready as a kubelet would, and one Service of each
+# kind), then shows what a user of seed 000 expects: `kubectl get svc` with CLUSTER-IP,
+# EXTERNAL-IP and PORT(S) like 8081:32255/TCP, `kubectl get endpointslices`,
+# `kubectl get endpoints` and the pool's counts (`kubectl get loadbalancerippools`).
 #
 #   tests/scripts/demo.sh           run, print, clean up
 #   tests/scripts/demo.sh --keep    leave the control plane and the manager running
@@ -118,12 +119,16 @@ grep -q '^controlplane ready' "$DEMO_DIR/controlplane.out" || { echo "the contro
 note "$(cat "$DEMO_DIR/controlplane.out")"
 
 # ---------------------------------------------------------------------------------------------
+step "Installing the LoadBalancerIPPool CRD (service-controller-manager crd) and the pool (examples/ip-pool.yaml)"
+"$MANAGER" crd | kc apply -f - >&2
+kc wait --for condition=established --timeout=60s crd/loadbalancerippools.service-controller-manager.io >&2
+kc apply -f examples/ip-pool.yaml >&2
+
 HTTP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-step "Starting service-controller-manager (--cloud-provider=local, pools from examples/local-pools.yaml)"
+step "Starting service-controller-manager (--cloud-provider=local, addresses from the pool object)"
 setsid "$MANAGER" \
   --kubeconfig "$KUBECONFIG_PATH" \
   --cloud-provider=local \
-  --cloud-config="$SCM_ROOT/examples/local-pools.yaml" \
   --service-cluster-ip-range=10.43.0.0/16 \
   --http-address="127.0.0.1:$HTTP_PORT" \
   --secure-port=0 \
@@ -190,6 +195,8 @@ done
 for s in example alpha alpha-nodeport alpha-headless; do
   wait_until "$s: 3 addresses in its Endpoints" three_in_endpoints "$s"
 done
+pool_counts_one() { [ "$(kc get loadbalancerippool demo -o jsonpath='{.status.allocated.ipv4}')" = 1 ]; }
+wait_until "pool demo: 1 address allocated in its status" pool_counts_one
 
 # ---------------------------------------------------------------------------------------------
 step "Result"
@@ -197,6 +204,7 @@ show() { printf '\n$ kubectl %s\n' "$*"; kc "$@" 2> >(grep -v 'v1 Endpoints is d
 show get svc
 show get endpointslices
 show get endpoints
+show get loadbalancerippools
 printf '\n$ service-controller-manager explain default/example\n'
 "$MANAGER" explain default/example --kubeconfig "$KUBECONFIG_PATH"
 echo
