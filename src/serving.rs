@@ -41,7 +41,10 @@ pub async fn serve_secure(
     if flags.secure_port == 0 {
         return Ok(None);
     }
-    let tls = cert::server_config(flags)?;
+    let (tls, serving_cert) = cert::server_config(flags)?;
+    if serving_cert.from_files() {
+        tokio::spawn(reload_certificate(serving_cert, shutdown.clone()));
+    }
     // Clients of their own, not the controllers' rate-limited one: scrapes must not spend the
     // controllers' --kube-api-qps budget (and reviews are bounded and cached instead).
     let authn = client_for(
@@ -81,6 +84,30 @@ pub async fn serve_secure(
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
     })))
+}
+
+/// How often the given certificate files are looked at. Upstream watches them with inotify
+/// (and re-reads each minute); a poll of two small files is as prompt and needs no watcher.
+const CERT_POLL: Duration = Duration::from_secs(1);
+
+/// Serves a changed `--tls-cert-file`/`--tls-private-key-file` pair from the next handshake on,
+/// until `shutdown`.
+async fn reload_certificate(cert: Arc<cert::ServingCert>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CERT_POLL) => {}
+        }
+        let c = cert.clone();
+        match tokio::task::spawn_blocking(move || c.reload()).await {
+            Ok(Ok(true)) => info!("secure port: loaded a new serving certificate"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %format!("{e:#}"), "secure port: the changed serving certificate was not loaded; serving the previous one")
+            }
+            Err(e) => warn!(error = %e, "secure port: certificate reload task failed"),
+        }
+    }
 }
 
 async fn client_for(

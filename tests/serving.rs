@@ -1,7 +1,7 @@
 //! The secure port against the real local control plane: delegated authentication
 //! (TokenReview) and authorization (SubjectAccessReview) in front of `/metrics`, health paths
-//! always allowed (but a bad token is 401 there too, as upstream's), and `/healthz` with a
-//! subpath per check as kube-controller-manager has.
+//! always allowed (but a bad token is 401 there too, as upstream's), `/healthz` with a subpath
+//! per check as kube-controller-manager has, and the serving certificate reloaded from its files.
 
 use std::time::Duration;
 
@@ -200,3 +200,73 @@ async fn metrics_need_a_token_with_rbac_and_health_paths_do_not() {
     }
 }
 
+/// The certificate a fresh connection to `url` is served (a client per call: no pooled
+/// connection keeps the old one).
+async fn served_certificate(url: &str) -> Option<Vec<u8>> {
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .ok()?;
+    let r = client.get(url).send().await.ok()?;
+    r.extensions()
+        .get::<reqwest::tls::TlsInfo>()?
+        .peer_certificate()
+        .map(<[u8]>::to_vec)
+}
+
+/// Writes a fresh self-signed pair to `cert`/`key`; returns the certificate's DER.
+fn write_pair(cert: &std::path::Path, key: &std::path::Path) -> Vec<u8> {
+    let g = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".into()])
+        .expect("pair");
+    // The key first, then the certificate: between the two writes the pair does not match and
+    // must not be served.
+    std::fs::write(key, g.signing_key.serialize_pem()).expect("key");
+    std::fs::write(cert, g.cert.pem()).expect("cert");
+    g.cert.der().to_vec()
+}
+
+/// As kube-controller-manager's dynamic serving certificate: new files are served from the
+/// next connection on, without a restart.
+#[tokio::test]
+async fn a_changed_certificate_is_served_without_a_restart() {
+    let cp = ControlPlane::shared().await.expect("control plane");
+    let client = cp.client().await.expect("client");
+    let ns = namespace(&client, "serving-cert").await.expect("namespace");
+    let dir = std::env::temp_dir().join(format!("scm-serving-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let first = write_pair(&crt, &key);
+    let addr = free_addr();
+    let port = addr.rsplit(':').next().expect("port").to_string();
+    let m = Manager::start(
+        cp,
+        &[
+            &format!("--secure-port={port}"),
+            "--bind-address=127.0.0.1",
+            &format!("--tls-cert-file={}", crt.display()),
+            &format!("--tls-private-key-file={}", key.display()),
+            &format!("--leader-elect-resource-namespace={ns}"),
+            "--controllers=endpointslice",
+        ],
+    )
+    .expect("manager");
+    let url = format!("https://{addr}/healthz");
+    let served = wait_for("the first certificate", WAIT, || async {
+        served_certificate(&url).await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs: {:?}", m.log_lines()));
+    assert_eq!(served, first);
+    let second = write_pair(&crt, &key);
+    assert_ne!(first, second);
+    wait_for("the new certificate served", WAIT, || async {
+        served_certificate(&url).await.filter(|c| *c == second)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; logs: {:?}", m.log_lines()));
+    let (code, body) = https_get(&url, None).await.expect("answer");
+    assert_eq!((code, body.as_str()), (200, "ok"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
