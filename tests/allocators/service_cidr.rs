@@ -188,3 +188,128 @@ async fn without_a_flag_ranges_follow_service_cidr_objects() {
     cip.stop().await;
     ctl.stop().await;
 }
+
+/// Upstream's only ServiceCIDR Event: a Warning `KubernetesServiceCIDRError` when the Ready=True
+/// condition cannot be written. A 409 (our replace is preconditioned; upstream's apply never
+/// conflicts) is retried without one. A private control plane, so no other test's controller
+/// sets the condition first; the faults come from the proxy in front of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_ready_write_is_upstreams_warning_event() {
+    use reqwest::Method;
+    use test_support::apiproxy::{Action, ApiProxy, Match};
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane");
+    let admin = cp.client().await.expect("client");
+    let proxy = ApiProxy::start(admin.clone()).await.expect("proxy");
+    let through = Client::try_from(proxy.config().expect("proxy config")).expect("client");
+    let ctl = start_service_cidr(&through);
+    let cidrs: Api<ServiceCIDR> = Api::all(admin.clone());
+    let ready = |name: &'static str| {
+        let cidrs = cidrs.clone();
+        move || {
+            let cidrs = cidrs.clone();
+            async move {
+                let o = cidrs.get_opt(name).await.ok()??;
+                o.status?
+                    .conditions?
+                    .into_iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+                    .then_some(())
+            }
+        }
+    };
+    // Everything that exists settles first, so the faults meet only ours: the API server's own
+    // ServiceCIDR, and a sentinel created after it, which our controller must have finalized
+    // and made Ready (it queued `kubernetes` at its first list, before the sentinel).
+    wait_for(
+        "kubernetes ServiceCIDR ready",
+        DEADLINE,
+        ready("kubernetes"),
+    )
+    .await
+    .expect("default ready");
+    create_service_cidr(&cidrs, "scm-test-sentinel", "10.203.0.0/24").await;
+    wait_for("sentinel ready", DEADLINE, ready("scm-test-sentinel"))
+        .await
+        .expect("sentinel ready");
+    wait_for("sentinel finalized", DEADLINE, || {
+        let cidrs = cidrs.clone();
+        async move {
+            let o = cidrs.get_opt("scm-test-sentinel").await.ok()??;
+            o.metadata
+                .finalizers?
+                .iter()
+                .any(|f| f == "networking.k8s.io/service-cidr-finalizer")
+                .then_some(())
+        }
+    })
+    .await
+    .expect("sentinel finalized");
+    proxy.fail(
+        Match::writes(Method::PUT, "servicecidrs"),
+        Action::Status {
+            code: 409,
+            retry_after: None,
+        },
+        1,
+    );
+    proxy.fail(
+        Match::writes(Method::PUT, "servicecidrs"),
+        Action::Status {
+            code: 500,
+            retry_after: None,
+        },
+        1,
+    );
+    // Created with its finalizer, so the first write is the status.
+    let name = "scm-test-status-error";
+    cidrs
+        .create(
+            &PostParams::default(),
+            &ServiceCIDR {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    finalizers: Some(vec!["networking.k8s.io/service-cidr-finalizer".into()]),
+                    ..Default::default()
+                },
+                spec: Some(ServiceCIDRSpec {
+                    cidrs: Some(vec!["10.202.0.0/24".into()]),
+                }),
+                status: None,
+            },
+        )
+        .await
+        .expect("create servicecidr");
+    wait_for("Ready=True after the faults", DEADLINE, ready(name))
+        .await
+        .expect("ready");
+    assert_eq!(proxy.injected(), 2, "{:?}", proxy.seen());
+    // Events of cluster-scoped objects go to `default`.
+    let events = wait_for("the Warning Event", DEADLINE, || {
+        let admin = admin.clone();
+        async move {
+            let e = events_for(&admin, "default", name, "KubernetesServiceCIDRError").await;
+            (!e.is_empty()).then_some(e)
+        }
+    })
+    .await
+    .expect("event");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        e.note.as_deref(),
+        Some("The ServiceCIDR Status can not be set to Ready=True")
+    );
+    assert_eq!(
+        e.regarding.as_ref().and_then(|r| r.kind.as_deref()),
+        Some("ServiceCIDR")
+    );
+    assert_eq!(
+        e.reporting_controller.as_deref(),
+        Some("service-cidr-controller")
+    );
+    assert!(e.series.is_none(), "the 409 made an Event too: {e:?}");
+    ctl.stop().await;
+}

@@ -1,18 +1,26 @@
 //! The kube shell of the `service-cidr` controller: subscriptions to the process's ServiceCIDR
 //! and IPAddress informers, and workers (leader only) that apply [`crate::servicecidr::plan`] with resourceVersion
 //! preconditions.
+//!
+//! Events, as upstream's `servicecidrs` controller (v1.37) emits them: only a Warning
+//! `KubernetesServiceCIDRError` ("The ServiceCIDR Status can not be set to Ready=True") on the
+//! ServiceCIDR when writing its Ready=True condition fails. Upstream writes that condition with
+//! a server-side apply, which never conflicts; we replace the status with a resourceVersion
+//! precondition, so a 409 (a stale cache, retried at once) is not such a failure and has no
+//! Event. Every other failure has one (repeats fold into one Event's series).
 
 use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::{IPAddress, ServiceCIDR, ServiceCIDRStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use kube::api::{Api, PostParams};
 use scm_runtime::{
     Backoff, Change, ControllerContext, Informer, ObjectKey, ReconcileError, Requeue, WorkQueue,
     WorkerConfig,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::servicecidr::{self, CidrPlan, FINALIZER};
 
@@ -139,6 +147,10 @@ async fn set_condition(
     Ok(())
 }
 
+fn is_conflict(e: &CidrError) -> bool {
+    matches!(e, CidrError::Kube(kube::Error::Api(s)) if s.code == 409)
+}
+
 async fn reconcile(
     ctx: &ControllerContext,
     shared: &Shared,
@@ -169,13 +181,26 @@ async fn reconcile(
                 current = api.replace(&name, &PostParams::default(), &current).await?;
                 info!(servicecidr = %name, "added finalizer");
             }
-            if set_ready {
-                set_condition(
+            if set_ready
+                && let Err(e) = set_condition(
                     &api,
                     &current,
                     ready_condition("True", "", servicecidr::MESSAGE_READY),
                 )
-                .await?;
+                .await
+            {
+                if !is_conflict(&e) {
+                    warn!(servicecidr = %name, error = %e, "setting Ready=True failed");
+                    ctx.events
+                        .warning(
+                            &current.object_ref(&()),
+                            servicecidr::REASON_STATUS_ERROR,
+                            "UpdateStatus",
+                            servicecidr::MESSAGE_STATUS_ERROR.into(),
+                        )
+                        .await;
+                }
+                return Err(e);
             }
             Ok(Requeue::Done)
         }

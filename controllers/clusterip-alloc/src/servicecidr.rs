@@ -20,6 +20,10 @@ pub const REASON_TERMINATING: &str = "Terminating";
 pub const MESSAGE_TERMINATING: &str = "There are still IPAddresses referencing the ServiceCIDR, please remove them or create a new ServiceCIDR";
 /// Message of the Ready condition.
 pub const MESSAGE_READY: &str = "Kubernetes Service CIDR is ready";
+/// Reason of the Warning Event when the Ready=True condition cannot be written (upstream's).
+pub const REASON_STATUS_ERROR: &str = "KubernetesServiceCIDRError";
+/// Note of that Event (upstream's).
+pub const MESSAGE_STATUS_ERROR: &str = "The ServiceCIDR Status can not be set to Ready=True";
 /// Label naming who manages an IPAddress.
 pub const LABEL_MANAGED_BY: &str = "ipaddress.kubernetes.io/managed-by";
 /// The manager of IPAddresses kube-apiserver allocates for Services.
