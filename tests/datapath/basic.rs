@@ -47,10 +47,13 @@ pub async fn run(s: &Setup, rows: &mut Vec<Row>) -> Result<()> {
         let srv = format!("_http._tcp.{name}");
         let want = vec![format!("80 {name}")];
         wait_for(&format!("{srv} SRV {want:?}"), T, || async {
-            (s.net.client_srv(&srv, "10.0.0.11:53").await == want).then_some(())
+            (s.net.client_dns("SRV", &srv, "10.0.0.11:53").await == want).then_some(())
         })
         .await?;
-        let spec = web_spec("ClusterIP", &[("app", "web")], json!({"clusterIP": "None"}));
+        // Dual-stack, for the AAAA records dns.rs asks for.
+        let extra = json!({"clusterIP": "None", "ipFamilyPolicy": "RequireDualStack",
+            "ipFamilies": ["IPv4", "IPv6"]});
+        let spec = web_spec("ClusterIP", &[("app", "web")], extra);
         cluster::service(c, ns, "web-headless", spec).await?;
         let name = format!("web-headless.{ns}.svc.cluster.local");
         // Pods a and b are the `app: web` ones.

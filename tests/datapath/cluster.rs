@@ -159,7 +159,8 @@ pub async fn node(client: &kube::Client, name: &str, ips: (&str, &str), zone: &s
 }
 
 /// Creates the Pod object of `pod` on `node_name`, labelled `app: <app>` and `pod: <name>`,
-/// with a named port `http` 8080, Running and Ready at its address.
+/// with a named port `http` 8080, Running and Ready at its addresses. `app: web` pods have
+/// their name as hostname in subdomain `web-headless` (per-hostname DNS records).
 pub async fn pod(
     client: &kube::Client,
     ns: &str,
@@ -169,6 +170,10 @@ pub async fn pod(
     let mut b = PodBuilder::new(ns, &pod.name, &[("app", app), ("pod", &pod.name)]);
     b.node_name = Some(node_name.into());
     b.ports = vec![(Some("http".into()), 8080, "TCP".into())];
+    if app == "web" {
+        b.hostname = Some(pod.name.clone());
+        b.subdomain = Some("web-headless".into());
+    }
     create_pod(client, &b).await?;
     set_pod_status(client, ns, &pod.name, true, &pod.ips()).await?;
     Ok(())

@@ -10,8 +10,9 @@
 //!   socket `SOCKET` (the test process relays that to the API server on the host's loopback);
 //! - `resolve NAME`: the IPv4 addresses the namespace's resolver gives for `NAME`, one
 //!   `DP <ip>` line each, or `DP ERR <why>`;
-//! - `srv NAME SERVER`: one SRV query for `NAME` over UDP to `SERVER` (`ip:port`), a
-//!   `DP <port> <target>` line per answer, or `DP ERR <why>`;
+//! - `dns TYPE NAME SERVER`: one query of TYPE (`SRV`, `AAAA`, `CNAME`, `A`) for `NAME` over
+//!   UDP to `SERVER` (`ip:port`), a `DP` line per answer of that type (SRV: `<port> <target>`),
+//!   or `DP ERR <why>`;
 //! - `get ADDR:PORT COUNT TIMEOUT_MS`: COUNT sequential GETs, one output line each:
 //!   `DP <body>` or `DP ERR <why>`;
 //! - `scrape ADDR:PORT PREFIX`: GET `/metrics`, a `DP <line>` per line starting with PREFIX,
@@ -48,8 +49,8 @@ pub fn run(role: &str) -> Result<(), String> {
             }
             Ok(())
         }
-        ["srv", name, server] => {
-            match srv(name, server) {
+        ["dns", qtype, name, server] => {
+            match query(qtype, name, server) {
                 Ok(answers) => answers.iter().for_each(|a| println!("DP {a}")),
                 Err(e) => println!("DP ERR {e}"),
             }
@@ -184,14 +185,25 @@ fn scrape(addr: &str, prefix: &str) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// One SRV query (RFC 1035 wire format, recursion desired): `port target` per answer.
-fn srv(name: &str, server: &str) -> Result<Vec<String>, String> {
+/// One query of `qtype` (RFC 1035 wire format, recursion desired): the answers of that type,
+/// SRV as `port target`, AAAA and A as addresses, CNAME as the target name.
+fn query(qtype: &str, name: &str, server: &str) -> Result<Vec<String>, String> {
+    let want: u16 = match qtype {
+        "A" => 1,
+        "CNAME" => 5,
+        "AAAA" => 28,
+        "SRV" => 33,
+        _ => return Err(format!("query type {qtype} not supported")),
+    };
     let mut q = vec![0x13, 0x37, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     for label in name.trim_end_matches('.').split('.') {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
-    q.extend_from_slice(&[0, 0, 33, 0, 1]);
+    // The root label, then QTYPE and QCLASS IN.
+    q.push(0);
+    q.extend_from_slice(&want.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
@@ -214,9 +226,22 @@ fn srv(name: &str, server: &str) -> Result<Vec<String>, String> {
         let (_, next) = read_name(m, i)?;
         let (rtype, rdlen) = (u16_at(next)?, u16_at(next + 8)?);
         let rdata = next + 10;
-        if rtype == 33 {
-            let (target, _) = read_name(m, rdata + 6)?;
-            out.push(format!("{} {target}", u16_at(rdata + 4)?));
+        let data = m.get(rdata..rdata + rdlen).ok_or("record past the end")?;
+        match rtype {
+            _ if usize::from(want) != rtype => {}
+            33 => {
+                let (target, _) = read_name(m, rdata + 6)?;
+                out.push(format!("{} {target}", u16_at(rdata + 4)?));
+            }
+            5 => out.push(read_name(m, rdata)?.0),
+            28 if rdlen == 16 => {
+                let b: [u8; 16] = data.try_into().map_err(|_| "short AAAA")?;
+                out.push(std::net::Ipv6Addr::from(b).to_string());
+            }
+            1 if rdlen == 4 => {
+                out.push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]).to_string())
+            }
+            _ => {}
         }
         i = rdata + rdlen;
     }

@@ -7,6 +7,7 @@
 
 mod basic;
 mod cluster;
+mod dns;
 mod dualstack;
 mod helper;
 mod net;

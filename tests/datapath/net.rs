@@ -338,9 +338,14 @@ impl Net {
         v
     }
 
-    /// The client's SRV query for `name` to `server`: `port target` per answer.
-    pub async fn client_srv(&self, name: &str, server: &str) -> Vec<String> {
-        self.client_helper(&format!("srv {name} {server}")).await
+    /// The client's `qtype` query (`SRV`, `AAAA`, `CNAME`, `A`) for `name` to `server`, its
+    /// answers sorted (SRV: `port target`).
+    pub async fn client_dns(&self, qtype: &str, name: &str, server: &str) -> Vec<String> {
+        let mut v = self
+            .client_helper(&format!("dns {qtype} {name} {server}"))
+            .await;
+        v.sort();
+        v
     }
 
     /// Runs helper `role` in the client and returns its `DP` lines.

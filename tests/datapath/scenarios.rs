@@ -10,7 +10,7 @@ use tokio::sync::Mutex;
 
 use crate::cluster::{self, T};
 use crate::net::{self, Net, PodNet};
-use crate::{basic, dualstack, terminating};
+use crate::{basic, dns, dualstack, terminating};
 
 /// One data-path test at a time: each starts its own manager against the shared control plane.
 pub static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -211,6 +211,12 @@ pub async fn run_mode(tag: &str, mode: &str, slices: Slices) -> Result<()> {
     if let Err(e) = basic::run(&s, &mut rows).await {
         rows.push(Row {
             scenario: "basic (stopped)",
+            result: Err(e),
+        });
+    }
+    if let Err(e) = dns::scenario(&s, &mut rows).await {
+        rows.push(Row {
+            scenario: "dns-records (stopped)",
             result: Err(e),
         });
     }
