@@ -26,6 +26,8 @@ use test_support::{
 };
 use tokio_util::sync::CancellationToken;
 
+#[path = "endpointslice/conditions.rs"]
+mod conditions;
 #[path = "endpointslice/legacy.rs"]
 mod legacy;
 #[path = "endpointslice/mirroring.rs"]

@@ -72,6 +72,8 @@ pub struct SlicePlan {
     pub num_slices: usize,
     /// Slices needed with perfect packing (for `desired_endpoint_slices`).
     pub desired_slices: usize,
+    /// The Service's `EndpointsReady` condition after this sync ([`condition`]).
+    pub condition: Option<scm_runtime::conditions::Desired>,
 }
 
 impl SlicePlan {
@@ -522,9 +524,11 @@ pub fn plan<P: PodView>(input: &SliceInput<'_, P>) -> SlicePlan {
     out.missing_nodes = missing.into_iter().collect();
     out.hints_populated = populated;
     out.num_slices = (input.existing.len() + out.create.len()).saturating_sub(out.delete.len());
+    out.condition = Some(condition::endpoints_ready(svc, &input.pods));
     out
 }
 
+pub mod condition;
 mod port_mapping;
 pub mod trigger_time;
 use port_mapping::reconcile_by_port_mapping;

@@ -95,10 +95,46 @@ pub struct Explanation {
     pub dns: Vec<DnsRecord>,
     /// Environment variables of pods started after the Service (same namespace).
     pub env: Vec<EnvVar>,
+    /// `status.conditions` (ours: `EndpointsReady`, `LoadBalancerReady`, `ClusterIPValid`; and
+    /// any other writer's), in the Service's order.
+    pub conditions: Vec<ConditionLine>,
     /// The last Events about the Service, oldest first.
     pub events: Vec<EventLine>,
     /// Caveats: what the explanation cannot see or leaves out.
     pub notes: Vec<String>,
+}
+
+/// One of the Service's conditions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConditionLine {
+    /// `type`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Reason.
+    pub reason: String,
+    /// Message.
+    pub message: String,
+    /// When the status last flipped (RFC 3339).
+    pub last_transition_time: String,
+}
+
+/// The Service's `status.conditions`, as they are.
+pub fn conditions(svc: &Service) -> Vec<ConditionLine> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|c| ConditionLine {
+            type_: c.type_.clone(),
+            status: c.status.clone(),
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            last_transition_time: c.last_transition_time.0.to_string(),
+        })
+        .collect()
 }
 
 /// One Event, as `kubectl describe` shows it.
@@ -169,6 +205,7 @@ pub fn explain(o: &Observed) -> Explanation {
         iptables,
         dns: dns::records(svc, domain, &chain::dns_endpoints(o)),
         env: env::service_env(svc),
+        conditions: conditions(svc),
         events: events(svc, &o.events),
         notes,
     }

@@ -216,6 +216,18 @@ pub fn text(x: &Explanation) -> String {
         }
     }
 
+    let _ = writeln!(out, "\nConditions:");
+    if x.conditions.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for c in &x.conditions {
+        let _ = writeln!(
+            out,
+            "  {} {} {} (since {}): {}",
+            c.type_, c.status, c.reason, c.last_transition_time, c.message
+        );
+    }
+
     let _ = writeln!(out, "\nEvents:");
     if x.events.is_empty() {
         let _ = writeln!(out, "  none (Events expire after an hour)");

@@ -116,6 +116,11 @@ async fn bench() -> Result<()> {
         NS.to_string(),
         tally.clone(),
     ));
+    tokio::spawn(tally::watch_services(
+        client.clone(),
+        NS.to_string(),
+        tally.clone(),
+    ));
 
     let exe = std::env::current_exe()?;
     // Our child's metrics, for the latency mode's breakdown.

@@ -10,7 +10,7 @@ use test_support::set_pod_status;
 use tokio::process::Child;
 
 use crate::shape::{Mode, Shape};
-use crate::tally::{Shared, lock};
+use crate::tally::{CONDITIONS, Shared, lock};
 
 pub mod breakdown;
 pub mod latency;
@@ -133,6 +133,11 @@ impl Side<'_> {
         lock(self.tally).writes_of(self.managed_by)
     }
 
+    /// Condition writes seen on the Services (ours only: upstream writes none).
+    fn condition_writes(&self) -> usize {
+        lock(self.tally).writes_of(CONDITIONS)
+    }
+
     /// Runs the side through the mode's phases; `ready` is every pod's readiness, updated
     /// with the changes made.
     pub async fn run(&self, ready: &mut HashMap<String, bool>, seed: u64) -> Result<Figures> {
@@ -143,8 +148,11 @@ impl Side<'_> {
             ..Default::default()
         };
         eprintln!(
-            "  {}: converged in {:.1?} with {} writes",
-            self.managed_by, f.cold.converge, f.cold.writes
+            "  {}: converged in {:.1?} with {} writes, {} Service condition writes",
+            self.managed_by,
+            f.cold.converge,
+            f.cold.writes,
+            self.condition_writes()
         );
         if self.shape.mode == Mode::Default {
             f.flips = self.flips(ready, seed).await?;
@@ -175,6 +183,7 @@ impl Side<'_> {
             let mut t = lock(self.tally);
             t.watching_for = self.managed_by.to_string();
             t.writes.remove(self.managed_by);
+            t.writes.remove(CONDITIONS);
             t.latencies.clear();
             t.pending.clear();
         }
@@ -218,9 +227,13 @@ impl Side<'_> {
     async fn flips(&self, ready: &mut HashMap<String, bool>, seed: u64) -> Result<Flips> {
         let m = self.managed_by;
         let cold_writes = self.writes();
+        let cold_conditions = self.condition_writes();
         tokio::time::sleep(Duration::from_secs(STEADY_SECONDS)).await;
         let steady_writes = self.writes() - cold_writes;
-        eprintln!("  {m}: {steady_writes} writes in {STEADY_SECONDS} s at steady state");
+        eprintln!(
+            "  {m}: {steady_writes} writes, {} Service condition writes in {STEADY_SECONDS} s at steady state",
+            self.condition_writes() - cold_conditions
+        );
         let mut rng = Xorshift(seed);
         let before = self.writes();
         let n = CHANGES_PER_SEC * CHANGE_SECONDS as usize;
@@ -315,6 +328,7 @@ impl Side<'_> {
         let _ = old.kill().await;
         let _ = old.wait().await;
         let base = self.writes();
+        let base_conditions = self.condition_writes();
         let start = Instant::now();
         let mut child = (self.spawn)()?;
         let pid = child.id().context("restarted child pid")?;
@@ -355,7 +369,10 @@ impl Side<'_> {
             }
         };
         let before_canary = self.writes() - base;
-        eprintln!("  {m}: restart stable after {settle:.1?} with {before_canary} writes");
+        eprintln!(
+            "  {m}: restart stable after {settle:.1?} with {before_canary} writes, {} Service condition writes",
+            self.condition_writes() - base_conditions
+        );
         let canary_at = Instant::now();
         self.flip(0, ready).await??;
         self.wait_pending(Duration::from_secs(300)).await?;

@@ -7,12 +7,17 @@ use std::time::{Duration, Instant};
 
 use endpointslice::common::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::shape::Shape;
+
+/// The key of [`Tally::writes`] under which changes of the Services' `status.conditions` are
+/// counted (only our controller writes them: its `EndpointsReady`).
+pub const CONDITIONS: &str = "(Service conditions)";
 
 /// A slice as the bench sees it: (managed-by, service, endpoints as (pod, ready)).
 pub type SliceSeen = (String, String, Vec<(String, bool)>);
@@ -158,6 +163,36 @@ pub async fn watch_slices(client: Client, namespace: String, tally: Shared) {
                 }
             }
             watcher::Event::Init => {}
+        }
+    }
+}
+
+/// Watches the Services of `namespace` into `tally`, counting each change of a Service's
+/// `status.conditions` under [`CONDITIONS`] until the process ends.
+pub async fn watch_services(client: Client, namespace: String, tally: Shared) {
+    let api: Api<Service> = Api::namespaced(client, &namespace);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let conditions = |s: &Service| {
+        serde_json::to_string(&s.status.as_ref().and_then(|st| st.conditions.clone()))
+            .unwrap_or_default()
+    };
+    while let Some(ev) = stream.next().await {
+        let Ok(ev) = ev else { continue };
+        match ev {
+            watcher::Event::InitApply(s) => {
+                seen.insert(s.metadata.uid.clone().unwrap_or_default(), conditions(&s));
+            }
+            watcher::Event::Apply(s) => {
+                let now = conditions(&s);
+                let uid = s.metadata.uid.clone().unwrap_or_default();
+                let before = seen.insert(uid, now.clone());
+                if before.is_some_and(|b| b != now) {
+                    lock(&tally).count_write(CONDITIONS);
+                }
+            }
+            _ => {}
         }
     }
 }

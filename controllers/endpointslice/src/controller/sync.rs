@@ -9,6 +9,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use tracing::{debug, warn};
 
+use scm_runtime::conditions::{self, Desired};
 use scm_runtime::{ObjectKey, Requeue};
 
 use super::{Shared, service_ref};
@@ -17,7 +18,7 @@ use crate::common::*;
 use crate::metrics::{ChangedLabels, ControllerLabel};
 use crate::slice_store::managed_by;
 use crate::slices::trigger_time::{self, SeenTimes};
-use crate::slices::{self, SliceInput};
+use crate::slices::{self, SliceInput, condition};
 use crate::topology::{self, ZoneRatios};
 use crate::writer::{SliceWrites, Written};
 
@@ -66,7 +67,9 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
     };
     let spec = svc.spec.clone().unwrap_or_default();
     if spec.type_.as_deref() == Some("ExternalName") || spec.selector.is_none() {
-        // As upstream: a Service without selector (or ExternalName) is not ours to fill.
+        // As upstream: a Service without selector (or ExternalName) is not ours to fill; an
+        // EndpointsReady of ours from when it had one goes (no write when there is none).
+        apply_condition(&s, &svc, &[]).await?;
         return Ok(Requeue::Done);
     }
     if s.slices.tracker.stale(&key, &snap.existing) {
@@ -184,6 +187,10 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
     }
     // Only once applied: a failed write is retried with the same trigger time.
     s.state().trigger_times.record(&key, seen);
+    // After the slices, so True never shows before the endpoints exist.
+    if let Some(c) = &plan.condition {
+        apply_condition(&s, &svc, std::slice::from_ref(c)).await?;
+    }
     if !plan.missing_nodes.is_empty() {
         m.sync("error");
         return Err(Error::NodeNotFound(format!(
@@ -196,6 +203,15 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         debug!(service = %key, creates = plan.create.len(), updates = plan.update.len(), deletes = plan.delete.len(), "applied EndpointSlice plan");
     }
     Ok(Requeue::Done)
+}
+
+/// Brings our `EndpointsReady` on `svc` to `desired` (empty: removed): one server-side apply
+/// on a transition, nothing at steady state.
+async fn apply_condition(s: &Shared, svc: &Service, desired: &[Desired]) -> Result<(), Error> {
+    conditions::apply(&s.base.ctx, svc, condition::OWNED, desired)
+        .await
+        .map(|_| ())
+        .map_err(Error::Kube)
 }
 
 /// A Service absent from our cache: deleted, or outside our scope. Only when the API server
