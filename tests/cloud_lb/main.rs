@@ -14,6 +14,7 @@ mod adopt;
 mod aws;
 mod batches;
 mod binary;
+mod conditions;
 mod drain;
 mod ec2;
 mod elbv2;

@@ -75,6 +75,11 @@ impl Ctrl {
             .unwrap_or(0)
     }
 
+    /// Condition applies sent (`LoadBalancerReady`), counted by the controller.
+    fn condition_writes(&self) -> u64 {
+        self.metrics.condition_writes("cloud-lb")
+    }
+
     async fn stop(self) {
         self.token.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
@@ -223,6 +228,28 @@ async fn main() -> anyhow::Result<()> {
         start.elapsed(),
         &proxy.counts(),
     );
+    // The condition follows the status in the same reconcile: let every one land.
+    wait_for(
+        "every Service shows LoadBalancerReady=True",
+        Duration::from_secs(600),
+        || async {
+            let l = services.list(&ListParams::default()).await.ok()?;
+            l.items
+                .iter()
+                .all(|s| {
+                    s.status
+                        .as_ref()
+                        .and_then(|st| st.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c.type_ == "LoadBalancerReady" && c.status == "True")
+                        })
+                })
+                .then_some(())
+        },
+    )
+    .await?;
+    println!("  Service condition writes {:>22}", ctrl.condition_writes());
     ctrl.stop().await;
 
     // 2. Steady-state resync: a new controller (empty memory) ensures everything again.
@@ -251,6 +278,8 @@ async fn main() -> anyhow::Result<()> {
         start.elapsed(),
         &proxy.counts(),
     );
+    println!("  Service condition writes {:>22}", ctrl.condition_writes());
+    let conditions_before = ctrl.condition_writes();
 
     // 3. One node added.
     proxy.reset_counts();
@@ -274,6 +303,11 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     report("one node added", start.elapsed(), &proxy.counts());
+    println!(
+        "  Service condition writes {:>22}",
+        ctrl.condition_writes() - conditions_before
+    );
+    let conditions_before = ctrl.condition_writes();
 
     // 4. One node removed.
     proxy.reset_counts();
@@ -296,6 +330,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     report("one node removed", start.elapsed(), &proxy.counts());
+    println!(
+        "  Service condition writes {:>22}",
+        ctrl.condition_writes() - conditions_before
+    );
     ctrl.stop().await;
     cp.stop().await;
     Ok(())

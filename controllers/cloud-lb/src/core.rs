@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service};
 
+pub mod condition;
 mod decide;
 pub mod targets;
 
@@ -113,7 +114,8 @@ pub fn action(svc: &Service, filter: &ClassFilter) -> Action {
     }
 }
 
-fn has_ingress(svc: &Service) -> bool {
+/// Whether `status.loadBalancer` has an ingress (an address or hostname is published).
+pub(crate) fn has_ingress(svc: &Service) -> bool {
     svc.status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())

@@ -10,7 +10,9 @@ use kube::Resource;
 use scm_runtime::{ObjectKey, Requeue};
 use tracing::{debug, info, warn};
 
-use crate::core::{self, LastSync, Observed, Step};
+use scm_runtime::conditions::{self, Desired};
+
+use crate::core::{self, LastSync, Observed, Step, condition};
 use crate::metrics::ReasonLabel;
 use crate::shell::Shell;
 use crate::{Error, status};
@@ -38,6 +40,25 @@ fn reference(svc: &Service) -> ObjectReference {
 }
 
 impl Shell {
+    /// Brings our `LoadBalancerReady` on `svc` to `desired` (`None`: leave it): one
+    /// server-side apply on a transition, nothing at steady state. A failed write is logged,
+    /// not returned: retrying the reconcile would repeat its cloud calls, and the next
+    /// reconcile computes the condition again. Returns the Service as written, if it wrote.
+    async fn condition(
+        &self,
+        svc: Option<&Service>,
+        desired: Option<Vec<Desired>>,
+    ) -> Option<Service> {
+        let (svc, desired) = (svc?, desired?);
+        match conditions::apply(&self.ctx, svc, condition::OWNED, &desired).await {
+            Ok(written) => written,
+            Err(e) => {
+                warn!(service = %ObjectKey::of(svc), error = %e, "could not write the LoadBalancerReady condition");
+                None
+            }
+        }
+    }
+
     /// Executes `step` for `key`, decided from `o` with the stable node set `nodes`.
     pub(crate) async fn execute(
         &self,
@@ -57,6 +78,8 @@ impl Shell {
             }
             Step::Ignore => {
                 self.memory().edit(key, |r| r.last = None);
+                self.condition(o.service.as_ref(), condition::after_success(step, false))
+                    .await;
                 Ok(Requeue::Done)
             }
             Step::Forget => {
@@ -79,7 +102,15 @@ impl Shell {
                 debug!(service = %key, "waiting for the Service to change after a permanent error");
                 Ok(Requeue::Done)
             }
-            Step::InSync => Ok(Requeue::Done),
+            Step::InSync => {
+                // Also how a Service served before conditions existed gets its True.
+                if let Some(svc) = &o.service {
+                    let published = core::has_ingress(svc);
+                    self.condition(Some(svc), condition::after_success(step, published))
+                        .await;
+                }
+                Ok(Requeue::Done)
+            }
             Step::StatusOnly | Step::HostsOnly { .. } => {
                 let (Some(svc), Some(last)) = (o.service, o.last) else {
                     return Ok(Requeue::Done);
@@ -91,22 +122,32 @@ impl Shell {
                             rewrite_status: true
                         }
                 );
+                let mut current = svc.clone();
                 if rewrite {
                     // Usually our own status write has not reached the cache yet (the
                     // conditional write then conflicts, re-reads and finds it in place);
                     // otherwise someone changed the status and ours is put back. No cloud call.
                     let fresh = status::write_status(client, svc.clone(), &last.status).await?;
+                    current = fresh.clone();
                     self.memory().edit(key, |r| {
                         if let Some(l) = r.last.as_mut() {
                             l.service = fresh;
                         }
                     });
                 }
-                if step == Step::StatusOnly {
-                    return Ok(Requeue::Done);
-                }
-                // Only the node set changed: update hosts, as upstream's node sync does.
-                self.update_hosts(key, &svc, &nodes, o.nodes).await
+                let res = if step == Step::StatusOnly {
+                    Ok(Requeue::Done)
+                } else {
+                    // Only the node set changed: update hosts, as upstream's node sync does.
+                    self.update_hosts(key, &svc, &nodes, o.nodes).await
+                };
+                let desired = match &res {
+                    Err(Error::Provider(e)) => Some(vec![condition::failed(e)]),
+                    Err(_) => None,
+                    Ok(_) => condition::after_success(step, core::has_ingress(&current)),
+                };
+                self.condition(Some(&current), desired).await;
+                res
             }
             Step::Ensure => {
                 let Some(svc) = o.service else {
@@ -147,6 +188,8 @@ impl Shell {
                 let Some(svc) = o.service else {
                     return Ok(Requeue::Done);
                 };
+                self.condition(Some(&svc), condition::after_success(step, false))
+                    .await;
                 if warn {
                     warn!(service = %key, "class-less Service already served by another controller: not serving it");
                     self.ctx
@@ -215,6 +258,8 @@ impl Shell {
                         )),
                     )
                     .await;
+                self.condition(Some(&svc), Some(vec![condition::failed(&e)]))
+                    .await;
                 if e.is_permanent() {
                     let reason = e.code().unwrap_or("InvalidService").to_string();
                     warn!(service = %key, %reason, error = %e, "refused: not retrying until the Service changes");
@@ -237,7 +282,17 @@ impl Shell {
                 "Ensured load balancer".into(),
             )
             .await;
-        let svc = status::write_status(&self.ctx.client, svc, &lb).await?;
+        let mut svc = status::write_status(&self.ctx.client, svc, &lb).await?;
+        let published = core::has_ingress(&svc);
+        if let Some(s) = self
+            .condition(
+                Some(&svc),
+                condition::after_success(Step::Ensure, published),
+            )
+            .await
+        {
+            svc = s;
+        }
         let last = LastSync {
             service: svc,
             spec,
@@ -389,11 +444,21 @@ impl Shell {
             self.provider.ensure_deleted(cluster, &svc).await?;
         }
         let client = &self.ctx.client;
-        let svc = match status::write_status(client, svc, &LoadBalancerStatus::default()).await {
+        let mut svc = match status::write_status(client, svc, &LoadBalancerStatus::default()).await
+        {
             Ok(s) => s,
             Err(Error::Kube(e)) if status::is_not_found(&e) => return Ok(Requeue::Done),
             Err(e) => return Err(e),
         };
+        // Not served any more (type or class changed): our condition goes too. A Service
+        // being deleted keeps it; it is gone with the Service.
+        if svc.metadata.deletion_timestamp.is_none()
+            && let Some(s) = self
+                .condition(Some(&svc), condition::after_success(Step::Cleanup, false))
+                .await
+        {
+            svc = s;
+        }
         status::remove_finalizer(client, svc).await?;
         events
             .normal(

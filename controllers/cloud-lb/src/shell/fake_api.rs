@@ -154,7 +154,7 @@ async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
         return None;
     }
     let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
+    let mut method = parts.next()?.to_string();
     let path = parts.next()?.split('?').next()?.to_string();
     let mut len = 0usize;
     loop {
@@ -168,6 +168,13 @@ async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
             && k.eq_ignore_ascii_case("content-length")
         {
             len = v.trim().parse().ok()?;
+        }
+        // A server-side apply (the conditions) is logged as APPLY, told apart from a merge patch.
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-type")
+            && v.contains("apply-patch")
+        {
+            method = "APPLY".into();
         }
     }
     let mut buf = vec![0; len];
@@ -192,7 +199,7 @@ fn handle(st: &Mutex<State>, log: &Log, method: &str, path: &str, body: &Value) 
             record(log, format!("api: GET {short}"));
             (200, s.service.clone())
         }
-        "PATCH" => {
+        "PATCH" | "APPLY" => {
             let to_status = short.ends_with("/status");
             let kind = if to_status {
                 Before::StatusPatch
@@ -238,7 +245,7 @@ fn handle(st: &Mutex<State>, log: &Log, method: &str, path: &str, body: &Value) 
                 }
                 (200, s.service.clone())
             };
-            record(log, format!("api: PATCH {short} rv={sent} -> {}", res.0));
+            record(log, format!("api: {method} {short} rv={sent} -> {}", res.0));
             res
         }
         _ => status(405, "MethodNotAllowed"),

@@ -276,7 +276,7 @@ async fn finalizer_then_ensure_then_status() {
     cached.metadata.resource_version = Some("1".into());
     let provider = FakeProvider::new(&log, vec![]);
     let r = Running::start(&api, &log, cached, provider).await;
-    let got = r.wait_for("api: PATCH services/web/status").await;
+    let got = r.wait_for("api: APPLY services/web/status").await;
     let want = lines(&[
         "provider: restore 1",
         "api: event EnsuringLoadBalancer",
@@ -284,6 +284,8 @@ async fn finalizer_then_ensure_then_status() {
         "provider: ensure ns/web [\"a\"]",
         "api: event EnsuredLoadBalancer",
         "api: PATCH services/web/status rv=2 -> 200",
+        // LoadBalancerReady=True, on the copy the status write returned.
+        "api: APPLY services/web/status rv=3 -> 200",
     ]);
     assert_eq!(got, want);
     // The node-sync pass that the first node list started finds everything in sync: no call.
@@ -307,7 +309,7 @@ async fn a_relist_without_a_remembered_service_deletes_its_load_balancer() {
     cached.metadata.resource_version = Some("1".into());
     let provider = FakeProvider::new(&log, vec![]);
     let r = Running::start(&api, &log, cached, provider).await;
-    let before = r.wait_for("api: PATCH services/web/status").await;
+    let before = r.wait_for("api: APPLY services/web/status").await;
     // The watch was down while someone removed our finalizer and deleted the Service; the
     // new list no longer has it.
     r.services.deliver(Change::Relisted(vec![]));
@@ -334,7 +336,7 @@ async fn a_failed_delete_of_a_vanished_service_is_retried() {
         .unwrap_or_else(|e| e.into_inner())
         .push_back(Err(ProviderError::retryable("cloud unavailable")));
     let r = Running::start(&api, &log, cached, provider).await;
-    r.wait_for("api: PATCH services/web/status").await;
+    r.wait_for("api: APPLY services/web/status").await;
     r.services.deliver(Change::Relisted(vec![]));
     // The first delete fails; the retry (after the backoff) must still know what to delete.
     let deadline = Instant::now() + T;
@@ -369,7 +371,7 @@ async fn conflicts_re_read_and_recompute_both_writes() {
     let provider = FakeProvider::new(&log, vec![]);
     let r = Running::start(&api, &log, cached, provider).await;
     let got = r
-        .wait_for("api: PATCH services/web/status rv=7 -> 200")
+        .wait_for("api: APPLY services/web/status rv=8 -> 200")
         .await;
     let want = lines(&[
         "provider: restore 1",
@@ -382,6 +384,7 @@ async fn conflicts_re_read_and_recompute_both_writes() {
         "api: PATCH services/web/status rv=6 -> 409",
         "api: GET services/web",
         "api: PATCH services/web/status rv=7 -> 200",
+        "api: APPLY services/web/status rv=8 -> 200",
     ]);
     assert_eq!(got, want);
     r.wait_node_pass().await;
@@ -508,7 +511,7 @@ async fn the_periodic_pass_recreates_a_load_balancer_deleted_out_of_band() {
         Duration::from_millis(200),
     )
     .await;
-    let first = r.wait_for("api: PATCH services/web/status").await;
+    let first = r.wait_for("api: APPLY services/web/status").await;
     // A few passes with the load balancer in place: one `get` each, nothing else.
     let deadline = Instant::now() + T;
     while r.log().len() < first.len() + 2 {

@@ -168,8 +168,10 @@ impl AwsProvider {
                 .await?;
             let tables = self.route_tables(&vpc).await?;
             let internal = d.scheme == crate::aws::spec::Scheme::Internal;
-            let chosen = discovery::choose(&subnets, &tables, cluster, internal)
-                .map_err(|e| ProviderError::retryable(format!("VPC {vpc}: {e}")))?;
+            let chosen = discovery::choose(&subnets, &tables, cluster, internal).map_err(|e| {
+                ProviderError::retryable(format!("VPC {vpc}: {e}"))
+                    .with_code(crate::core::condition::SUBNETS_NOT_FOUND)
+            })?;
             info!(lb = %d.name, %vpc, subnets = ?chosen, "discovered subnets");
             return Ok(chosen);
         }
@@ -191,7 +193,8 @@ impl AwsProvider {
                     return Err(ProviderError::permanent(format!(
                         "annotation {}subnets: no subnet named {n:?} in VPC {vpc}",
                         crate::aws::spec::ANN
-                    )));
+                    ))
+                    .with_code(crate::core::condition::SUBNETS_NOT_FOUND));
                 }
                 _ => {
                     return Err(ProviderError::permanent(format!(

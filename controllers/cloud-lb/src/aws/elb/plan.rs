@@ -132,6 +132,7 @@ pub fn plan(
                     "no subnets resolved to create load balancer {}",
                     d.name
                 ))
+                .with_code(crate::core::condition::SUBNETS_NOT_FOUND)
             })?;
             // One address per subnet, or refused before anything is made.
             subnet_mappings(&subnets, &d.eip_allocations, &d.private_ipv4_addresses)?;

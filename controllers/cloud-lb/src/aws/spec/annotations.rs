@@ -86,7 +86,8 @@ pub(super) fn health_check(svc: &Service) -> Result<HealthCheck, ProviderError> 
         if port == 0 {
             return Err(ProviderError::retryable(
                 "externalTrafficPolicy is Local but healthCheckNodePort is not allocated yet",
-            ));
+            )
+            .with_code(crate::core::condition::AWAITING_NODE_PORT));
         }
         HealthCheck {
             protocol: "HTTP".into(),

@@ -268,7 +268,8 @@ pub fn desired(
             return Err(ProviderError::retryable(format!(
                 "port {}: node port not allocated yet",
                 p.port
-            )));
+            ))
+            .with_code(crate::core::condition::AWAITING_NODE_PORT));
         }
         if proto == "TCP"
             && tls
