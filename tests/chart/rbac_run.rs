@@ -449,6 +449,21 @@ async fn exercise_controllers(
         )
         .await
         .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
+        // Its condition, a server-side apply on services/status as the chart's ServiceAccount.
+        wait_for(
+            "EndpointsReady=True on web",
+            Duration::from_secs(60),
+            || async {
+                let s = svcs.get_opt("web").await.ok()??;
+                s.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "EndpointsReady" && c.status == "True")
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", logs()));
     }
     let eps: Api<Endpoints> = Api::namespaced(client.clone(), ns);
     if !disabled.contains(&"endpoints") {

@@ -323,16 +323,24 @@ async fn disabling_a_controller_removes_its_rules() {
         "{c:?}"
     );
 
-    // cloud-lb off: no status writes, no Service patches.
+    // cloud-lb off: no Service patches; the status patch stays for endpointslice's condition.
     let mut sets = AWS.to_vec();
     sets.push("controllers.cloud-lb=false");
     let (r, _) = role_for(sets).await;
-    assert!(verbs_of(&r, "", "services/status").is_empty());
+    assert_eq!(verbs_of(&r, "", "services/status"), vec!["patch"]);
     assert!(!verbs_of(&r, "", "services").contains(&"patch".to_string()));
+    // ... and goes with it.
+    let mut sets = AWS.to_vec();
+    sets.extend([
+        "controllers.cloud-lb=false",
+        "controllers.endpointslice=false",
+    ]);
+    let (r, _) = role_for(sets).await;
+    assert!(verbs_of(&r, "", "services/status").is_empty());
 
     // No provider: cloud-lb cannot run, so its rules are not granted either.
     let (r, _) = role_for(vec![]).await;
-    assert!(verbs_of(&r, "", "services/status").is_empty());
+    assert!(!verbs_of(&r, "", "services").contains(&"patch".to_string()));
 
     // service-cidr off: ServiceCIDR writes go; clusterip-alloc still reads IPAddresses.
     let (r, _) = role_for(vec!["controllers.service-cidr=false"]).await;
@@ -369,6 +377,7 @@ async fn disabling_a_controller_removes_its_rules() {
             "/pods",
             "/services",
             "/services/finalizers",
+            "/services/status",
             "authentication.k8s.io/tokenreviews",
             "authorization.k8s.io/subjectaccessreviews",
             "discovery.k8s.io/endpointslices",

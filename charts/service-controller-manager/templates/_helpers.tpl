@@ -80,7 +80,9 @@ narrowed or widened to what our controllers actually call:
   write a Service (update) only to assign a ClusterIP or NodePort the API server did not, which a
   stock API server never leaves undone: update is granted only with rbac.serviceUpdates;
 - nothing reads single pods, nodes or EndpointSlices (informers list and watch them), and
-  ServiceCIDRs and their status are written with update, Service status with a merge patch;
+  ServiceCIDRs and their status are written with update, Service status with a merge patch
+  (cloud-lb's status.loadBalancer) or a server-side apply (the conditions of endpointslice and
+  cloud-lb, each under its own field manager; a conflict re-reads the Service with get);
 - cloud-lb puts its finalizer on with a merge patch (services patch) and reads a Service back
   after a status conflict (get); with the local provider it also watches LoadBalancerIPPools and
   Namespaces (for namespaceSelector) and writes pool status (re-read with get on a conflict);
@@ -102,6 +104,7 @@ nodeport-alloc:
   - {group: "", resource: services, verbs: [get, list, watch{{ if .Values.rbac.serviceUpdates }}, update{{ end }}]}
 endpointslice:
   - {group: "", resource: services, verbs: [get, list, watch]}
+  - {group: "", resource: services/status, verbs: [patch]}
   - {group: "", resource: pods, verbs: [list, watch]}
   - {group: "", resource: nodes, verbs: [list, watch]}
   - {group: "", resource: services/finalizers, verbs: [update]}
