@@ -42,7 +42,7 @@ pub async fn serve_secure(
         return Ok(None);
     }
     let (tls, serving_cert) = cert::server_config(flags)?;
-    if serving_cert.from_files() {
+    if serving_cert.reloadable() {
         tokio::spawn(reload_certificate(serving_cert, shutdown.clone()));
     }
     // Clients of their own, not the controllers' rate-limited one: scrapes must not spend the

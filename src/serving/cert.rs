@@ -37,6 +37,8 @@ struct Files {
     cert: PathBuf,
     key: PathBuf,
     seen: Mutex<(Vec<u8>, Vec<u8>)>,
+    /// The last read error, so a file missing for a while is reported once.
+    unreadable: Mutex<Option<String>>,
 }
 
 impl ResolvesServerCert for ServingCert {
@@ -53,7 +55,7 @@ impl ResolvesServerCert for ServingCert {
 impl ServingCert {
     /// Whether the pair comes from `--tls-cert-file`/`--tls-private-key-file` (and so can
     /// change on disk).
-    pub fn from_files(&self) -> bool {
+    pub fn reloadable(&self) -> bool {
         self.files.is_some()
     }
 
@@ -64,10 +66,31 @@ impl ServingCert {
         let Some(f) = &self.files else {
             return Ok(false);
         };
-        let cert = std::fs::read(&f.cert)
-            .with_context(|| format!("--tls-cert-file: reading {}", f.cert.display()))?;
-        let key = std::fs::read(&f.key)
-            .with_context(|| format!("--tls-private-key-file: reading {}", f.key.display()))?;
+        let read = std::fs::read(&f.cert)
+            .with_context(|| format!("--tls-cert-file: reading {}", f.cert.display()))
+            .and_then(|c| {
+                let k = std::fs::read(&f.key).with_context(|| {
+                    format!("--tls-private-key-file: reading {}", f.key.display())
+                })?;
+                Ok((c, k))
+            });
+        let (cert, key) = {
+            let mut last = f.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+            match read {
+                Ok(pair) => {
+                    *last = None;
+                    pair
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if last.as_deref() == Some(msg.as_str()) {
+                        return Ok(false);
+                    }
+                    *last = Some(msg);
+                    return Err(e);
+                }
+            }
+        };
         {
             let mut seen = f.seen.lock().unwrap_or_else(|e| e.into_inner());
             if seen.0 == cert && seen.1 == key {
@@ -103,6 +126,7 @@ pub fn server_config(flags: &ServingFlags) -> Result<(ServerConfig, Arc<ServingC
                     cert_bytes.unwrap_or_default(),
                     key_bytes.unwrap_or_default(),
                 )),
+                unreadable: Mutex::new(None),
             });
             pair
         }
@@ -281,7 +305,7 @@ mod tests {
             &format!("--tls-private-key-file={}", key.display()),
         ]))
         .expect("config");
-        assert!(cert.from_files());
+        assert!(cert.reloadable());
         assert_eq!(served(&cert), a);
         assert!(!cert.reload().expect("unchanged"), "nothing changed");
         // Half a rotation: b's certificate with a's key. Refused once, a still served.
@@ -292,11 +316,16 @@ mod tests {
             "a refused pair is not retried"
         );
         assert_eq!(served(&cert), a);
+        // A file missing for a while (a rotation by rename): reported once, a still served.
+        std::fs::remove_file(&key).expect("rm");
+        assert!(cert.reload().is_err());
+        assert!(!cert.reload().expect("reported"), "reported once");
+        assert_eq!(served(&cert), a);
         copy("b");
         assert!(cert.reload().expect("reloaded"));
         assert_eq!(served(&cert), b);
         let (_, generated) = server_config(&flags(&[])).expect("self-signed");
-        assert!(!generated.from_files());
+        assert!(!generated.reloadable());
         assert!(!generated.reload().expect("nothing to reload"));
         let _ = std::fs::remove_dir_all(&dir);
     }
