@@ -46,10 +46,18 @@ fn book_with(share: Option<Share>) -> Book {
     b
 }
 
+/// Name, holder's terms, newcomer's terms, and the outcome (an error names the reason).
+type Case = (
+    &'static str,
+    Option<Share>,
+    Option<Share>,
+    Result<(), &'static str>,
+);
+
 #[test]
 fn pins_share_only_on_matching_keys_policies_and_free_ports() {
     let http = terms("k", "", &[("TCP", 80)]);
-    let cases: &[(&str, Option<Share>, Option<Share>, Result<(), &str>)] = &[
+    let cases: &[Case] = &[
         (
             "same key, other port",
             Some(http.clone()),
