@@ -72,20 +72,37 @@ fn busy(dry: &DryRun, readiness: &Readiness, enabled: &[&'static str]) -> Option
 /// The plan as a table: one row per write, sorted by controller, resource and object (the
 /// order within one object kept), then a summary line.
 pub fn table(records: &[Record], dry: &DryRun) -> String {
-    let mut rows: Vec<&Record> = records.iter().collect();
-    rows.sort_by(|a, b| {
+    // A key reconciled again on a later change (the node set first listed, say) plans the
+    // same write again: shown once, with how often.
+    let mut seen: Vec<(&Record, usize)> = vec![];
+    for r in records {
+        match seen.iter_mut().find(|(s, _)| *s == r) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((r, 1)),
+        }
+    }
+    seen.sort_by(|(a, _), (b, _)| {
         (&a.controller, &a.resource, &a.object).cmp(&(&b.controller, &b.resource, &b.object))
     });
+    let changes: Vec<String> = seen
+        .iter()
+        .map(|(r, n)| match n {
+            1 => r.change.clone(),
+            n => format!("{} ({n} times)", r.change),
+        })
+        .collect();
+    let rows: Vec<&Record> = seen.iter().map(|(r, _)| *r).collect();
     let head = ["CONTROLLER", "VERB", "RESOURCE", "OBJECT", "CHANGE"];
     let cells: Vec<[&str; 5]> = rows
         .iter()
-        .map(|r| {
+        .zip(&changes)
+        .map(|(r, change)| {
             [
                 r.controller.as_str(),
                 r.verb.as_str(),
                 r.resource.as_str(),
                 r.object.as_str(),
-                r.change.as_str(),
+                change.as_str(),
             ]
         })
         .collect();
@@ -119,7 +136,7 @@ pub fn table(records: &[Record], dry: &DryRun) -> String {
         .collect();
     out.push_str(&format!(
         "\n{} write(s) planned, none made (dry run). Keys reconciled: {}.\n",
-        records.len(),
+        rows.len(),
         reconciled.join(", ")
     ));
     out
@@ -170,6 +187,21 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("3 write(s) planned, none made"), "{t}");
+    }
+
+    #[test]
+    fn a_write_planned_twice_is_one_row() {
+        let r = rec("cloud-lb", "CreateLoadBalancer", "elbv2", "lb", "x");
+        let t = table(&[r.clone(), r], &DryRun::new());
+        assert_eq!(
+            t.lines().filter(|l| l.starts_with("cloud-lb")).count(),
+            1,
+            "{t}"
+        );
+        assert!(
+            t.contains("x (2 times)") && t.contains("1 write(s) planned"),
+            "{t}"
+        );
     }
 
     #[test]

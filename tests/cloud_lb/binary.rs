@@ -233,3 +233,107 @@ async fn binary_killed_mid_create_then_restarted_adopts_the_load_balancer() -> R
     let _ = std::fs::remove_file(&config);
     Ok(())
 }
+
+/// `plan` with the AWS provider against moto: the plan lists the ELBv2 calls a new Service's
+/// load balancer needs and the log has one structured line per call, but moto gets no
+/// mutating call (its security groups are as before) and the Service no finalizer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_with_aws_lists_the_calls_and_makes_none() -> Result<()> {
+    use test_support::moto::{FaultProxy, is_mutating};
+    let _g = SERIAL.lock().await;
+    let cp = ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    let ns = namespace(&client, "cloudlb-bin-plan").await?;
+    let moto = Moto::start().await?;
+    let proxy = FaultProxy::start(&moto.addr).await?;
+    let subnets = moto.default_subnets().await?;
+    let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
+    std::fs::write(&config, format!("subnets: [{}]\n", subnets[0]))?;
+    let node = format!("bin-{ns}");
+    create_node(
+        &client,
+        NodeSpecBuilder {
+            name: node.clone(),
+            provider_id: Some("aws:///us-east-1a/i-0fedcba987654321f".into()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let class = format!("test.example.com/{ns}");
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &lb_service("web", &class))
+        .await?;
+    let groups_before = moto.ec2("DescribeSecurityGroups", &[]).await?;
+    proxy.reset_counts();
+
+    let mut cmd = tokio::process::Command::new(manager_binary());
+    cmd.arg("plan").arg("--kubeconfig").arg(&cp.kubeconfig);
+    cmd.args(args(
+        &ns,
+        &class,
+        "aws",
+        config.to_str().unwrap_or_default(),
+    ));
+    cmd.env("AWS_ENDPOINT_URL", &proxy.endpoint)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("SCM_LOG", "info")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output()).await??;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("plan output:\n{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for op in [
+        "CreateLoadBalancer",
+        "CreateTargetGroup",
+        "RegisterTargets",
+        "CreateListener",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("cloud-lb") && l.contains(op) && l.contains("elbv2")),
+            "{op} planned:\n{stdout}"
+        );
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("dry run: would write") && l.contains(op)),
+            "{op} logged:\n{stderr}"
+        );
+    }
+    assert!(
+        stdout.lines().any(|l| l.contains("i-0fedcba987654321f")),
+        "the node is a planned target:\n{stdout}"
+    );
+    let mutating: Vec<_> = proxy
+        .counts()
+        .into_iter()
+        .filter(|(op, n)| is_mutating(op) && *n > 0)
+        .collect();
+    assert!(
+        mutating.is_empty(),
+        "mutating calls reached moto: {mutating:?}"
+    );
+    assert!(
+        proxy.counts().keys().any(|op| op.starts_with("Describe")),
+        "the plan did observe AWS"
+    );
+    assert_eq!(
+        moto.ec2("DescribeSecurityGroups", &[]).await?,
+        groups_before
+    );
+    let svc = api.get("web").await?;
+    assert!(svc.metadata.finalizers.as_ref().is_none_or(Vec::is_empty));
+    assert!(ingress(&svc).is_none());
+
+    let _ = api.delete("web", &DeleteParams::default()).await;
+    let _ = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await;
+    let _ = std::fs::remove_file(&config);
+    Ok(())
+}
