@@ -72,6 +72,7 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
                 let cfg = clusterip_alloc::ClusterIpAllocConfig {
                     service_cluster_ip_range: ranges.clone(),
                     concurrent_syncs: usize::from(flags.concurrent_clusterip_syncs),
+                    assign: flags.assign,
                     ..Default::default()
                 };
                 tasks.spawn(async move {
@@ -98,6 +99,7 @@ pub async fn start(enabled: &[&'static str], flags: &Flags, base: &ContextBase) 
                 let cfg = nodeport_alloc::NodePortAllocConfig {
                     service_node_port_range: port_span,
                     concurrent_syncs: usize::from(flags.concurrent_nodeport_syncs),
+                    assign: flags.assign,
                 };
                 tasks.spawn(async move {
                     (

@@ -45,6 +45,12 @@ pub struct Flags {
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
     pub service_cluster_ip_range: Vec<IpNet>,
 
+    /// Write ClusterIPs and NodePorts into Services the API server left without them (an API
+    /// server that does not allocate). Off by default: a stock kube-apiserver allocates, and
+    /// then no Service is ever written (RBAC needs no `services` update).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub assign: bool,
+
     /// Port range reserved for Services with NodePort visibility (inclusive, e.g. 30000-32767).
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     pub service_node_port_range: PortRange,

@@ -63,10 +63,21 @@ impl Running {
     }
 }
 
+/// `clusterip-alloc` as the manager runs it by default (without `--assign`).
 fn start_clusterip(client: &Client, ranges: &[&str]) -> Running {
+    clusterip(client, ranges, false)
+}
+
+/// `clusterip-alloc` with `--assign`, for an API that does not allocate (the double).
+fn assigning_clusterip(client: &Client, ranges: &[&str]) -> Running {
+    clusterip(client, ranges, true)
+}
+
+fn clusterip(client: &Client, ranges: &[&str], assign: bool) -> Running {
     let cfg = clusterip_alloc::ClusterIpAllocConfig {
         service_cluster_ip_range: ranges.iter().map(|r| r.parse().expect("cidr")).collect(),
         concurrent_syncs: 2,
+        assign,
         ..Default::default()
     };
     Running::start(client, "clusterip-alloc", "clusterip-allocator", |ctx| {
@@ -74,10 +85,21 @@ fn start_clusterip(client: &Client, ranges: &[&str]) -> Running {
     })
 }
 
+/// `nodeport-alloc` as the manager runs it by default (without `--assign`).
 fn start_nodeport(client: &Client, range: &str) -> Running {
+    nodeport(client, range, false)
+}
+
+/// `nodeport-alloc` with `--assign`, for an API that does not allocate (the double).
+fn assigning_nodeport(client: &Client, range: &str) -> Running {
+    nodeport(client, range, true)
+}
+
+fn nodeport(client: &Client, range: &str, assign: bool) -> Running {
     let cfg = nodeport_alloc::NodePortAllocConfig {
         service_node_port_range: range.parse().expect("range"),
         concurrent_syncs: 2,
+        assign,
     };
     Running::start(client, "nodeport-alloc", "nodeport-allocator", |ctx| {
         nodeport_alloc::run(ctx, cfg)

@@ -35,6 +35,12 @@ fn defaults_match_kube_controller_manager() {
     );
     let on = flags(&["--endpoint-aware-load-balancer-targets"]).unwrap_or_else(|e| panic!("{e}"));
     assert!(on.endpoint_aware_load_balancer_targets);
+    assert!(
+        !f.assign,
+        "a stock API server allocates: never write Services"
+    );
+    assert!(flags(&["--assign"]).is_ok_and(|f| f.assign));
+    assert!(flags(&["--assign=false"]).is_ok_and(|f| !f.assign));
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The assign path, against the recording API double (an API that does not allocate).
+//! The assign path (`--assign`), against the recording API double (an API that does not
+//! allocate); and that without `--assign` nothing is written.
 
 use super::*;
 
@@ -62,8 +63,8 @@ async fn assigns_where_the_api_does_not_allocate_with_409_handling_and_duplicate
     d.conflict_next_write("ns", "contested");
     mk("contested", |_| {});
 
-    let cip = start_clusterip(&client, &["10.96.0.0/16", "fd00:10::/108"]);
-    let np = start_nodeport(&client, "30000-32767");
+    let cip = assigning_clusterip(&client, &["10.96.0.0/16", "fd00:10::/108"]);
+    let np = assigning_nodeport(&client, "30000-32767");
     let ready = |name: &'static str, check: fn(&ServiceSpec) -> bool| {
         let d = d.clone();
         move || {
@@ -281,7 +282,7 @@ async fn assigns_where_the_api_does_not_allocate_with_409_handling_and_duplicate
     before.sort();
     cip.stop().await;
     np.stop().await;
-    let cip2 = start_clusterip(&client, &["10.96.0.0/16", "fd00:10::/108"]);
+    let cip2 = assigning_clusterip(&client, &["10.96.0.0/16", "fd00:10::/108"]);
     let m = cip2.metrics.clone();
     let after = wait_for("rebuilt gauges", DEADLINE, || {
         let t = m.encode();
@@ -325,6 +326,7 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
     let cfg = clusterip_alloc::ClusterIpAllocConfig {
         service_cluster_ip_range: vec!["10.96.0.0/16".parse().expect("cidr")],
         concurrent_syncs: 2,
+        assign: true,
         ..Default::default()
     };
     procs.start("clusterip-alloc", "clusterip-allocator", |ctx| {
@@ -378,6 +380,72 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
     procs.stop(Duration::from_secs(10)).await.expect("stopped");
 }
 
+/// Without `--assign` (the default) a Service the API left without values is never written,
+/// while findings are still reported: the same rebuild that would queue the unassigned
+/// Services queues the duplicates, so once both duplicates' Events are out no write can follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_assign_nothing_is_written_but_findings_are_reported() {
+    let d = double::Double::new();
+    let client = double::serve(d.clone()).await;
+    let mk = |name: &str, f: fn(&mut ServiceSpec)| {
+        let mut s = svc(name, f);
+        s.metadata.namespace = Some("ns".into());
+        d.create(s)
+    };
+    mk("plain", |_| {});
+    mk("np", |s| s.type_ = Some("NodePort".into()));
+    let taken = |s: &mut ServiceSpec| {
+        s.type_ = Some("NodePort".into());
+        s.cluster_ip = Some("10.96.7.7".into());
+        s.cluster_ips = Some(vec!["10.96.7.7".into()]);
+        s.ip_families = Some(vec!["IPv4".into()]);
+        s.ip_family_policy = Some("SingleStack".into());
+        s.ports = Some(vec![ServicePort {
+            port: 80,
+            node_port: Some(30007),
+            ..Default::default()
+        }]);
+    };
+    mk("first", taken);
+    mk("copycat", taken);
+    let cip = start_clusterip(&client, &["10.96.0.0/16"]);
+    let np = start_nodeport(&client, "30000-32767");
+    for reason in ["ClusterIPAlreadyAllocated", "PortAlreadyAllocated"] {
+        wait_for(reason, DEADLINE, || {
+            let d = d.clone();
+            async move {
+                d.events()
+                    .iter()
+                    .any(|e| e["reason"] == reason && e["regarding"]["name"] == "copycat")
+                    .then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", d.events()));
+    }
+    let writes: Vec<String> = d
+        .calls_to("/api/v1/namespaces/ns/services")
+        .into_iter()
+        .filter(|c| !c.starts_with("GET"))
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    assert_eq!(d.stats().0, 0);
+    assert_eq!(
+        spec_of(&d.get("ns", "plain").expect("svc")).cluster_ip,
+        None
+    );
+    assert_eq!(
+        spec_of(&d.get("ns", "np").expect("svc"))
+            .ports
+            .as_ref()
+            .expect("ports")[0]
+            .node_port,
+        None
+    );
+    cip.stop().await;
+    np.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_range_is_reported_once_per_service_across_resyncs() {
     let d = double::Double::new();
@@ -390,8 +458,8 @@ async fn a_full_range_is_reported_once_per_service_across_resyncs() {
     mk("gets-it", |s| s.type_ = Some("NodePort".into()));
     mk("too-late", |s| s.type_ = Some("NodePort".into()));
     // Two usable addresses, one of them reserved for default/kubernetes; one node port.
-    let cip = start_clusterip(&client, &["10.96.0.0/30"]);
-    let np = start_nodeport(&client, "30000-30000");
+    let cip = assigning_clusterip(&client, &["10.96.0.0/30"]);
+    let np = assigning_nodeport(&client, "30000-30000");
     let count = |reason: &'static str| {
         let d = d.clone();
         move || {

@@ -79,7 +79,7 @@ async fn a_simple_assignment_is_exactly_one_replace_preconditioned_on_the_read()
     let d = double::Double::new();
     let client = double::serve(d.clone()).await;
     let rv = create_plain(&d, "plain");
-    let cip = start_clusterip(&client, &["10.96.0.0/16"]);
+    let cip = assigning_clusterip(&client, &["10.96.0.0/16"]);
     let got = assigned_and_mirrored(&d, &cip, "plain").await;
     let put = the_only_replace(&d, "plain", &rv.to_string());
     let sp = spec_of(&got);
@@ -99,7 +99,7 @@ async fn a_conflict_is_re_read_and_re_planned_with_the_new_resource_version() {
     let client = double::serve(d.clone()).await;
     d.conflict_next_write("ns", "contested");
     let rv = create_plain(&d, "contested");
-    let cip = start_clusterip(&client, &["10.96.0.0/16"]);
+    let cip = assigning_clusterip(&client, &["10.96.0.0/16"]);
     let got = assigned_and_mirrored(&d, &cip, "contested").await;
     // The double commits a concurrent change (rv + 1) before answering the first replace 409.
     assert_eq!(
@@ -142,7 +142,7 @@ async fn the_node_port_shell_writes_one_preconditioned_replace_too() {
     let mut s = svc("np", |s| s.type_ = Some("NodePort".into()));
     s.metadata.namespace = Some("ns".into());
     let rv = d.create(s).metadata.resource_version.expect("rv");
-    let np = start_nodeport(&client, "30000-32767");
+    let np = assigning_nodeport(&client, "30000-32767");
     let got = wait_for("node port assigned", DEADLINE, || {
         let d = d.clone();
         async move {

@@ -120,6 +120,7 @@ async fn ipaddress_findings_have_upstream_reasons_messages_and_metric() {
             leaked: Duration::ZERO,
             young: Duration::ZERO,
         },
+        assign: false,
     };
     let cip = Running::start(&client, "clusterip-alloc", REPORTER, |ctx| {
         clusterip_alloc::run(ctx, cfg)
@@ -351,6 +352,7 @@ async fn no_ipaddress_finding_while_the_ipaddress_watch_is_down() {
             leaked: Duration::ZERO,
             young: Duration::ZERO,
         },
+        assign: false,
     };
     let cip = Running::start(&client, "clusterip-alloc", REPORTER, |ctx| {
         clusterip_alloc::run(ctx, cfg)
@@ -414,7 +416,7 @@ async fn no_ipaddress_finding_while_the_ipaddress_watch_is_down() {
     assert_eq!(
         our_notes(&admin, &ns, "marker", "ClusterIPOutOfRange").await,
         vec![format!(
-            "Cluster IP [IPv4]:{marker_ip} is not within the service CIDR 10.96.0.0/17; please recreate service"
+            "Cluster IP [IPv4]: {marker_ip} is not within any configured Service CIDR; please recreate service"
         )]
     );
     let spurious = our_notes(&admin, &ns, "during", "ClusterIPNotAllocated").await;

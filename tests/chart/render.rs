@@ -145,6 +145,10 @@ async fn renders_for_every_provider_and_the_api_server_accepts_it() {
             !args.iter().any(|a| a.starts_with("--http-address")),
             "{name}: plain HTTP only when httpAddress is set: {args:?}"
         );
+        assert!(
+            !args.iter().any(|a| a.starts_with("--assign")),
+            "{name}: Services are written only with assign set: {args:?}"
+        );
         assert_eq!(
             args.iter().any(|a| a.starts_with("--cloud-provider=")),
             name != "default"
@@ -267,9 +271,11 @@ async fn disabling_a_controller_removes_its_rules() {
         }
     };
 
-    let (all, _) = role_for(AWS.to_vec()).await;
+    let (all, args) = role_for(AWS.to_vec()).await;
+    assert!(!args.iter().any(|a| a.starts_with("--assign")), "{args:?}");
     // Least privilege: only verbs the code uses (issue 16). Services are updated only to
-    // assign where the API server did not, so that is opt-in.
+    // assign where the API server did not, so that is opt-in (the assign value: --assign and
+    // the grant together).
     assert_eq!(
         verbs_of(&all, "", "services"),
         vec!["get", "list", "watch", "patch"]
@@ -295,8 +301,9 @@ async fn disabling_a_controller_removes_its_rules() {
         vec!["create"]
     );
     let mut sets = AWS.to_vec();
-    sets.push("rbac.serviceUpdates=true");
-    let (r, _) = role_for(sets).await;
+    sets.push("assign=true");
+    let (r, args) = role_for(sets).await;
+    assert!(args.contains(&"--assign".to_string()), "{args:?}");
     assert_eq!(
         verbs_of(&r, "", "services"),
         vec!["get", "list", "watch", "update", "patch"]

@@ -139,6 +139,7 @@ async fn deletes_and_type_changes_while_no_leader_runs_converge_once_one_leads()
         },
         scene.ours.base.informers.services(),
         MetricsOf::<NodePorts>::default(),
+        false,
     );
     let holder = |port: i32| {
         ledger.rebuild();

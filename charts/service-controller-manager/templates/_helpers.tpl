@@ -78,7 +78,7 @@ endpoint-controller, service-cidrs-controller, and the cloud-provider service-co
 narrowed or widened to what our controllers actually call:
 - the allocators (clusterip-alloc, nodeport-alloc) read Services back after a conflict (get) and
   write a Service (update) only to assign a ClusterIP or NodePort the API server did not, which a
-  stock API server never leaves undone: update is granted only with rbac.serviceUpdates;
+  stock API server never leaves undone: update is granted only with assign (--assign);
 - nothing reads single pods, nodes or EndpointSlices (informers list and watch them), and
   ServiceCIDRs and their status are written with update, Service status with a merge patch
   (cloud-lb's status.loadBalancer) or a server-side apply (the conditions of endpointslice and
@@ -92,7 +92,7 @@ Events are one shared rule (see clusterrole.yaml); the Lease is a namespaced Rol
 */}}
 {{- define "scm.controllerRules" -}}
 clusterip-alloc:
-  - {group: "", resource: services, verbs: [get, list, watch{{ if .Values.rbac.serviceUpdates }}, update{{ end }}]}
+  - {group: "", resource: services, verbs: [get, list, watch{{ if .Values.assign }}, update{{ end }}]}
   - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch]}
   - {group: networking.k8s.io, resource: ipaddresses, verbs: [list, watch]}
 service-cidr:
@@ -101,7 +101,7 @@ service-cidr:
   - {group: networking.k8s.io, resource: servicecidrs/status, verbs: [update]}
   - {group: networking.k8s.io, resource: ipaddresses, verbs: [get, list, watch]}
 nodeport-alloc:
-  - {group: "", resource: services, verbs: [get, list, watch{{ if .Values.rbac.serviceUpdates }}, update{{ end }}]}
+  - {group: "", resource: services, verbs: [get, list, watch{{ if .Values.assign }}, update{{ end }}]}
 endpointslice:
   - {group: "", resource: services, verbs: [get, list, watch]}
   - {group: "", resource: services/status, verbs: [patch]}

@@ -4,8 +4,10 @@
 //! replica: it subscribes to the process's Service informer (and whatever else the core reads),
 //! rebuilds the [`Mirror`] after each burst of changes (a relist included: the informer's store
 //! is already the new list, so deleted Services drop out), keeps the capacity gauges, and runs
-//! workers (leader only) that report findings once and write assignments with a resourceVersion
-//! precondition, re-reading and re-planning on 409.
+//! workers (leader only) that report findings once and, only when assigning is on (`--assign`),
+//! write assignments with a resourceVersion precondition, re-reading and re-planning on 409.
+//! With assigning off (the default) nothing but Events is ever written: a stock API server
+//! allocates by itself, and `services` update would let us rewrite any Service.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -272,12 +274,16 @@ pub struct Shell<A: Allocator> {
     queue: WorkQueue<ObjectKey>,
     /// When each standing finding that waits was first seen.
     first_seen: FirstSeen,
+    /// `--assign`: write assignments where the API server left them undone.
+    assign: bool,
 }
 
 impl<A: Allocator> Shell<A> {
-    /// A shell over `services` (tests feed a detached informer; [`run`] the process's).
-    pub fn new(core: A, services: Informer<Service>, metrics: MetricsOf<A>) -> Self {
+    /// A shell over `services` (tests feed a detached informer; [`run`] the process's);
+    /// `assign` as `--assign`.
+    pub fn new(core: A, services: Informer<Service>, metrics: MetricsOf<A>, assign: bool) -> Self {
         Shell {
+            assign,
             core,
             services,
             mirror: Mutex::new(None),
@@ -319,7 +325,11 @@ impl<A: Allocator> Shell<A> {
         };
         let next = self.core.build(&services, &pending);
         let mut guard = lock(&self.mirror);
-        let mut changed: BTreeSet<ObjectKey> = next.needs_assign.clone();
+        let mut changed: BTreeSet<ObjectKey> = if self.assign {
+            next.needs_assign.clone()
+        } else {
+            BTreeSet::new()
+        };
         match guard.as_ref() {
             Some(prev) => {
                 for (k, f) in &next.findings {
@@ -362,8 +372,9 @@ impl<A: Allocator> Shell<A> {
     }
 }
 
-/// Runs allocator `core` until `ctx.shutdown` is cancelled, `concurrency` Services at a time.
-pub async fn run<A: Allocator>(ctx: ControllerContext, core: A, concurrency: usize) {
+/// Runs allocator `core` until `ctx.shutdown` is cancelled, `concurrency` Services at a time;
+/// `assign` as `--assign` (off: the Services are never written).
+pub async fn run<A: Allocator>(ctx: ControllerContext, core: A, concurrency: usize, assign: bool) {
     let notify = Arc::new(Notify::new());
     let services = ctx.informers.services();
     let n = notify.clone();
@@ -371,7 +382,7 @@ pub async fn run<A: Allocator>(ctx: ControllerContext, core: A, concurrency: usi
     services.subscribe(move |_| n.notify_one());
     core.watch(&notify);
     let metrics = AllocMetrics::register(&ctx, &A::METRICS);
-    let shell = Arc::new(Shell::new(core, services, metrics));
+    let shell = Arc::new(Shell::new(core, services, metrics, assign));
     let synced = || shell.services.is_synced() && shell.core.synced();
     if !scm_runtime::wait_for_sync(&ctx, synced).await {
         return;
@@ -432,7 +443,7 @@ async fn reconcile<A: Allocator>(
     let again = report(ctx, shell, &key, &oref, &findings).await;
     // A written assignment not yet in the store: nothing to do until the store shows it.
     let in_flight = lock(&shell.pending).contains_key(&key);
-    if needs && !in_flight {
+    if needs && !in_flight && shell.assign {
         assign(ctx, shell, &key, svc).await?;
     }
     Ok(again)

@@ -32,6 +32,9 @@ pub struct ClusterIpAllocConfig {
     /// How long IPAddress findings wait, as upstream's repair loop waits (no flag: tests
     /// shorten it so that our report comes before the API server's own repair).
     pub ip_address_grace: Grace,
+    /// `--assign`: write ClusterIPs where the API server left them empty (default off: a
+    /// stock API server allocates them, and we never write a Service).
+    pub assign: bool,
 }
 
 impl Default for ClusterIpAllocConfig {
@@ -40,6 +43,7 @@ impl Default for ClusterIpAllocConfig {
             service_cluster_ip_range: Vec::new(),
             concurrent_syncs: 5,
             ip_address_grace: Grace::default(),
+            assign: false,
         }
     }
 }
@@ -273,6 +277,6 @@ pub async fn run(ctx: ControllerContext, config: ClusterIpAllocConfig) -> Result
         services: Some(ctx.informers.services()),
         grace: config.ip_address_grace,
     };
-    shell::run(ctx, core, config.concurrent_syncs).await;
+    shell::run(ctx, core, config.concurrent_syncs, config.assign).await;
     Ok(())
 }

@@ -18,6 +18,9 @@ pub struct NodePortAllocConfig {
     pub service_node_port_range: PortSpan,
     /// `--concurrent-nodeport-syncs`: Services reconciled at once (default 5).
     pub concurrent_syncs: usize,
+    /// `--assign`: write NodePorts where the API server left them empty (default off: a stock
+    /// API server allocates them, and we never write a Service).
+    pub assign: bool,
 }
 
 impl Default for NodePortAllocConfig {
@@ -28,6 +31,7 @@ impl Default for NodePortAllocConfig {
                 size: 2768,
             },
             concurrent_syncs: 5,
+            assign: false,
         }
     }
 }
@@ -134,7 +138,7 @@ pub async fn run(ctx: ControllerContext, config: NodePortAllocConfig) -> Result<
     let core = NodePorts {
         span: config.service_node_port_range,
     };
-    shell::run(ctx, core, config.concurrent_syncs).await;
+    shell::run(ctx, core, config.concurrent_syncs, config.assign).await;
     Ok(())
 }
 
@@ -178,6 +182,7 @@ mod tests {
             },
             services.clone(),
             MetricsOf::<NodePorts>::default(),
+            false,
         );
         services.deliver(Change::Relisted(vec![svc("a", 30001), svc("b", 30002)]));
         shell.rebuild();
