@@ -16,6 +16,9 @@ use crate::provider::ProviderError;
 /// The controller name dry-run records carry.
 const CONTROLLER: &str = "cloud-lb";
 
+/// The wanted target groups (ARN, port) a dry-run plan leaves in place.
+pub(crate) type DryGroups = Option<Vec<(String, i32)>>;
+
 /// The error ending a dry-run plan that would have created something.
 pub(crate) const NOT_CREATED: &str = "dry run: a new load balancer or target group is not created, so the steps after it (listener targets, security-group rules, status) are not planned";
 
@@ -115,7 +118,7 @@ impl AwsProvider {
         &self,
         name: &str,
         plan: &ElbPlan,
-    ) -> Option<Result<Option<Vec<(String, i32)>>, ProviderError>> {
+    ) -> Option<Result<DryGroups, ProviderError>> {
         let dry = self.dry()?;
         for call in &plan.calls {
             dry.record(CONTROLLER, call.operation(), "elbv2", name, &summary(call));
