@@ -26,5 +26,6 @@ mod parity;
 mod pool_objects;
 mod quota;
 mod repair;
+mod sharing;
 mod tenant;
 mod throttle;

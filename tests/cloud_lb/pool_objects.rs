@@ -51,12 +51,16 @@ pub async fn install_crd(client: &kube::Client) -> Result<()> {
     Ok(())
 }
 
-fn pools(client: &kube::Client) -> Api<LoadBalancerIPPool> {
+pub(crate) fn pools(client: &kube::Client) -> Api<LoadBalancerIPPool> {
     Api::all(client.clone())
 }
 
 /// Creates (or replaces) pool `name` with `cidrs`.
-async fn put_pool(client: &kube::Client, name: &str, spec: LoadBalancerIPPoolSpec) -> Result<()> {
+pub(crate) async fn put_pool(
+    client: &kube::Client,
+    name: &str,
+    spec: LoadBalancerIPPoolSpec,
+) -> Result<()> {
     let api = pools(client);
     match api.get_opt(name).await? {
         Some(mut p) => {
@@ -71,14 +75,14 @@ async fn put_pool(client: &kube::Client, name: &str, spec: LoadBalancerIPPoolSpe
     Ok(())
 }
 
-fn cidrs(c: &[&str]) -> LoadBalancerIPPoolSpec {
+pub(crate) fn cidrs(c: &[&str]) -> LoadBalancerIPPoolSpec {
     LoadBalancerIPPoolSpec {
         cidrs: c.iter().map(|s| s.to_string()).collect(),
         ..LoadBalancerIPPoolSpec::default()
     }
 }
 
-async fn delete_pool(client: &kube::Client, name: &str) {
+pub(crate) async fn delete_pool(client: &kube::Client, name: &str) {
     let _ = pools(client).delete(name, &DeleteParams::default()).await;
 }
 
@@ -109,17 +113,17 @@ fn condition<'a>(s: &'a LoadBalancerIPPoolStatus, t: &str) -> Option<(&'a str, &
 }
 
 /// A provider with no file pools: every pool is an object.
-fn objects_only() -> Arc<LocalProvider> {
+pub(crate) fn objects_only() -> Arc<LocalProvider> {
     Arc::new(LocalProvider::new(LocalCloudConfig::default()).expect("no pools is valid"))
 }
 
-fn pinned(ns: &str, name: &str, class: &str, ip: &str) -> Service {
+pub(crate) fn pinned(ns: &str, name: &str, class: &str, ip: &str) -> Service {
     let mut s = lb_service(ns, name, Some(class), &[("http", 80, "TCP", None)]);
     s.metadata.annotations = Some([(REQUESTED_IPS_ANNOTATION.to_string(), ip.to_string())].into());
     s
 }
 
-async fn ips_of(client: &kube::Client, ns: &str, name: &str) -> Result<Vec<String>> {
+pub(crate) async fn ips_of(client: &kube::Client, ns: &str, name: &str) -> Result<Vec<String>> {
     Ok(ips(&get(client, ns, name)
         .await
         .ok_or_else(|| anyhow!("{name} gone"))?))
