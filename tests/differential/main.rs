@@ -15,8 +15,12 @@
 //! controllers necessarily saw the same change (`trigger`), and kube-controller-manager's
 //! `endpoint` controller runs too, its legacy Endpoints checked against our core (`legacy`).
 //! Pods get a Ready `lastTransitionTime` at each transition, as a kubelet sets it.
+//!
+//! Mirroring has a test of its own (`mirroring`): hand-made Endpoints of unusual shapes against
+//! kube-controller-manager's `endpointslicemirroring` controller.
 
 mod legacy;
+mod mirroring;
 mod trigger;
 
 use std::collections::BTreeMap;
