@@ -179,3 +179,72 @@ async fn load_balancer_ready_appears_clears_and_stays_quiet() -> Result<()> {
     ctrl.stop().await;
     Ok(())
 }
+
+/// The AWS provider's failures against moto (faults injected in front of it): `Throttled`,
+/// `QuotaExceeded` and `SubnetsNotFound` appear, and each clears to `True` once the cloud
+/// answers again (the permanent one after the Service changes, as a refusal waits for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_balancer_ready_reasons_from_aws() -> Result<()> {
+    use crate::aws::Aws;
+    use test_support::moto::Fault;
+
+    let _g = SERIAL.lock().await;
+    let (client, ns) = setup().await?;
+    let aws = Aws::start("it-cond-aws").await?;
+    let class = "test.example.com/cond-aws";
+    node(&client, "cond-aws-a").await?;
+    let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
+    let port = [("http", 80, "TCP", None)];
+    let cases = [
+        (
+            "t",
+            Fault::throttle(Some("CreateLoadBalancer"), 10_000),
+            "Throttled",
+        ),
+        (
+            "q",
+            Fault::code(
+                Some("CreateLoadBalancer"),
+                400,
+                "TooManyLoadBalancers",
+                10_000,
+            ),
+            "QuotaExceeded",
+        ),
+        (
+            "s",
+            Fault::code(Some("CreateLoadBalancer"), 400, "SubnetNotFound", 10_000),
+            "SubnetsNotFound",
+        ),
+    ];
+    for (name, fault, reason) in cases {
+        aws.proxy.inject(fault);
+        create(&client, &lb_service(&ns, name, Some(class), &port)).await?;
+        let c = wait_reason(&client, &ns, name, "False", reason).await?;
+        assert!(!c.message.is_empty());
+        aws.proxy.clear_faults();
+        if reason == "SubnetsNotFound" {
+            // Refused for good: retried once the Service changes.
+            patch(
+                &client,
+                &ns,
+                name,
+                serde_json::json!({"metadata": {"annotations": {"example.com/touch": "1"}}}),
+            )
+            .await?;
+        }
+        wait_reason(&client, &ns, name, "True", "LoadBalancerProvisioned").await?;
+    }
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    for name in ["t", "q", "s"] {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    for name in ["t", "q", "s"] {
+        test_support::wait_for("deleted", T, || async {
+            get(&client, &ns, name).await.is_none().then_some(())
+        })
+        .await?;
+    }
+    ctrl.stop().await;
+    Ok(())
+}
