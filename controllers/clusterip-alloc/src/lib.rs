@@ -1,7 +1,8 @@
 //! ClusterIP allocation with kube-apiserver's semantics, as a controller: mirrors and guards
 //! the addresses a stock API server assigned (reporting what upstream's repair loops report),
-//! assigns addresses where a non-allocating API server left them empty, and runs the
-//! ServiceCIDR controller (finalizer, Ready condition, deletion blocking).
+//! with `--assign` only ([`ClusterIpAllocConfig::assign`]) assigns addresses where a
+//! non-allocating API server left them empty, and runs the ServiceCIDR controller (finalizer,
+//! Ready condition, deletion blocking, and upstream's `KubernetesServiceCIDRError` Event).
 //!
 //! Layout: [`core`] is pure (ranges, findings, the ledger built from all Services and the
 //! IPAddress objects, the assign plan); [`shell`] only implements

@@ -1,6 +1,7 @@
 //! NodePort and health-check node port allocation with kube-apiserver's semantics, as a
 //! controller: mirrors and guards what a stock API server assigned (reporting what upstream's
-//! repair loop reports), and assigns ports where a non-allocating API server left them empty.
+//! repair loop reports), and, only with `--assign` ([`NodePortAllocConfig::assign`]), assigns
+//! ports where a non-allocating API server left them empty.
 //!
 //! Deliberate differences from upstream: the state is rebuilt from Services (no leak or
 //! "repair" findings), contested ports belong to the oldest Service, refusals of requested
