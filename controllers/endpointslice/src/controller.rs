@@ -66,6 +66,8 @@ struct State {
     zone_ratios: ZoneRatios,
     hints_populated: HashSet<ObjectKey>,
     trigger_times: TriggerTimes,
+    /// Writes `EndpointsReady` off the reconcile's path (started by the first sync).
+    conditions: std::sync::OnceLock<scm_runtime::conditions::Writer>,
 }
 
 type Shared = SliceShell<EndpointSliceConfig, State>;

@@ -182,5 +182,8 @@ pub async fn apply(
     ))
 }
 
+mod writer;
+pub use writer::Writer;
+
 #[cfg(test)]
 mod tests;
