@@ -20,6 +20,7 @@ use test_support::moto::Fault;
 use test_support::wait_for;
 
 use crate::aws::*;
+use crate::conditions::wait_reason;
 use crate::harness::*;
 
 const ADOPT: &str = "service-controller-manager.io/adopt-load-balancer";
@@ -332,6 +333,9 @@ async fn adoption_is_refused_for_another_cluster_or_a_non_network_load_balancer(
         svc.metadata.annotations = Some([(ADOPT.to_string(), target.to_string())].into());
         create(&client, &svc).await?;
         wait_event(&client, &ns, svc_name, "SyncLoadBalancerFailed", why).await?;
+        // The refusal stands on the Service as a condition, not only in an Event that expires.
+        let c = wait_reason(&client, &ns, svc_name, "False", "Conflicting").await?;
+        assert!(c.message.contains(why), "{}", c.message);
     }
     assert_eq!(tags_of(&aws, &foreign).await, before_tags, "no tag added");
     assert_eq!(
@@ -349,6 +353,17 @@ async fn adoption_is_refused_for_another_cluster_or_a_non_network_load_balancer(
         "no target group of ours was made"
     );
     assert_eq!(aws.listeners(&alb).await.len(), 1);
+    // Asking for no adoption any more: the Service gets a load balancer of its own and the
+    // condition clears.
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), &ns);
+    let unadopt = serde_json::json!({"metadata": {"annotations": {ADOPT: null}}});
+    api.patch(
+        "steal",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&unadopt),
+    )
+    .await?;
+    wait_reason(&client, &ns, "steal", "True", "LoadBalancerProvisioned").await?;
     ctrl.stop().await;
     Ok(())
 }

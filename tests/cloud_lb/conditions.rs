@@ -54,7 +54,8 @@ where
     }
 }
 
-async fn wait_reason(
+/// Polls until `name`'s `LoadBalancerReady` has `status` and `reason`.
+pub(crate) async fn wait_reason(
     client: &kube::Client,
     ns: &str,
     name: &str,
