@@ -465,4 +465,4 @@ impl Flags {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

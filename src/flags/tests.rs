@@ -2,7 +2,8 @@
 
 use super::*;
 
-fn flags(args: &[&str]) -> Result<Flags, String> {
+/// Parses and validates `args` as the binary does (the serving flags' tests use it too).
+pub(crate) fn flags(args: &[&str]) -> Result<Flags, String> {
     let mut all = vec!["service-controller-manager"];
     all.extend_from_slice(args);
     let f = Flags::try_parse_from(all).map_err(|e| e.to_string())?;

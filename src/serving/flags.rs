@@ -95,17 +95,7 @@ impl ServingFlags {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
-    use crate::flags::Flags;
-
-    fn flags(args: &[&str]) -> Result<Flags, String> {
-        let mut all = vec!["service-controller-manager"];
-        all.extend_from_slice(args);
-        let f = Flags::try_parse_from(all).map_err(|e| e.to_string())?;
-        f.validate()?;
-        Ok(f)
-    }
+    use crate::flags::tests::flags;
 
     #[test]
     fn defaults_match_kube_controller_manager() {
