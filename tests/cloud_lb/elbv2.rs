@@ -169,7 +169,12 @@ async fn nodes_added_removed_and_excluded() -> Result<()> {
     };
     wait_targets(&aws, &tg_arn, set(&["n-a", "n-b"])).await?;
 
-    // Additions: a batch of nodes arrives; every one becomes a target.
+    // Additions: a batch of nodes arrives; every one becomes a target. (The term's inventory
+    // sweep lists every load balancer: let it finish before counting.)
+    wait_for("the term's inventory sweep", T, || async {
+        (ctrl.inventory_sweeps() >= 1).then_some(())
+    })
+    .await?;
     aws.proxy.reset_counts();
     for n in ["n-c", "n-d", "n-e", "n-f"] {
         node(&client, n).await?;

@@ -97,6 +97,11 @@ impl Ctrl {
         self.count("service_controller_manager_reconcile_duration_seconds_count")
     }
 
+    /// Inventory sweeps completed so far (one runs at the start of each term).
+    pub fn inventory_sweeps(&self) -> u64 {
+        self.count("service_controller_cloud_inventory_sweeps_total")
+    }
+
     /// The value of a metric line starting with `name` (0 when absent).
     pub fn count(&self, name: &str) -> u64 {
         self.metrics

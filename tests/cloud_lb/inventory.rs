@@ -23,7 +23,6 @@ const INTERVAL: Duration = Duration::from_secs(2);
 
 const ORPHANED: &str = "service_controller_orphaned_cloud_resources";
 const DELETED: &str = "service_controller_orphaned_cloud_resources_deleted_total";
-const SWEEPS: &str = "service_controller_cloud_inventory_sweeps_total";
 
 fn gauge(ctrl: &Ctrl, family: &str, kind: &str) -> u64 {
     ctrl.count(&format!("{family}{{kind=\"{kind}\"}}"))
@@ -95,9 +94,9 @@ async fn delete_behind_our_back(client: &kube::Client, ns: &str, name: &str) -> 
 
 /// Waits until the controller has completed `n` more sweeps than now.
 async fn more_sweeps(ctrl: &Ctrl, n: u64) -> Result<()> {
-    let start = ctrl.count(SWEEPS);
+    let start = ctrl.inventory_sweeps();
     wait_for(&format!("{n} more inventory sweeps"), T, || async {
-        (ctrl.count(SWEEPS) >= start + n).then_some(())
+        (ctrl.inventory_sweeps() >= start + n).then_some(())
     })
     .await
 }
