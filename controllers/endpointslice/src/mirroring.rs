@@ -215,7 +215,7 @@ async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
         update: &plan.update,
         delete: &plan.delete,
         before: Some(&before),
-        defer_ordinary: false,
+        ..Default::default()
     };
     let creates = ep.metadata.deletion_timestamp.is_none();
     s.slices

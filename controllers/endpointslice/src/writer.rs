@@ -14,6 +14,12 @@
 //!   With `defer_ordinary`, a plan holding such writes makes only them and leaves the rest to
 //!   the next sync, so the owner's key is free for the next urgent change instead of held
 //!   while writes that only add capacity wait for the budget.
+//! - With `interrupt`, the writer stops between two calls once the owner has changed again
+//!   (where stopping leaves no endpoint the plan keeps ready missing), so the caller plans the
+//!   rest from fresher state: under a saturated budget each write then carries every change
+//!   up to its turn instead of the state when the plan began, and slices not yet written in
+//!   this pass (`written`) go first, so an owner that keeps changing gets every slice written
+//!   in turn.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -22,13 +28,16 @@ use tokio::time::Instant;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use scm_runtime::ObjectKey;
 use scm_runtime::client::with_priority;
-use scm_runtime::{ObjectKey, Priority};
 use tracing::debug;
 
 use crate::Error;
 use crate::metrics::SliceMetrics;
 use crate::slice_store::Slices;
+
+mod order;
+use order::{Op, Ordered};
 
 /// The three calls the writer makes. `kube::Client` is the real one; tests record them.
 pub trait SliceApi {
@@ -79,6 +88,9 @@ impl SliceApi for kube::Client {
     }
 }
 
+/// Says whether what a plan was made from is out of date (the owner changed since).
+pub type Interrupt<'a> = &'a (dyn Fn() -> bool + Send + Sync);
+
 /// The writes of one plan.
 #[derive(Clone, Copy, Default)]
 pub struct SliceWrites<'a> {
@@ -93,70 +105,15 @@ pub struct SliceWrites<'a> {
     pub before: Option<&'a [&'a EndpointSlice]>,
     /// Make only the urgent writes when there are any, and say [`Written::Deferred`].
     pub defer_ordinary: bool,
-}
-
-/// The addresses of a slice's ready endpoints.
-fn ready_addresses(s: &EndpointSlice) -> impl Iterator<Item = &str> {
-    s.endpoints
-        .iter()
-        .flatten()
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-        .flat_map(|e| e.addresses.iter().map(String::as_str))
-}
-
-/// Which of a plan's writes traffic waits for, as (create, update, delete) priorities: an
-/// update or delete that takes away a ready address no slice keeps ready after the plan (an
-/// endpoint that stopped serving), and the creates of a Service that has no slice yet.
-fn priorities(w: &SliceWrites<'_>) -> (Priority, Vec<Priority>, Vec<Priority>) {
-    let Some(before) = w.before else {
-        return (
-            Priority::Ordinary,
-            vec![Priority::Ordinary; w.update.len()],
-            vec![Priority::Ordinary; w.delete.len()],
-        );
-    };
-    let name = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
-    let touched: HashSet<String> = w.update.iter().chain(w.delete).map(name).collect();
-    let ready_after: HashSet<&str> = w
-        .create
-        .iter()
-        .chain(w.update)
-        .chain(
-            before
-                .iter()
-                .copied()
-                .filter(|b| !touched.contains(&name(b))),
-        )
-        .flat_map(ready_addresses)
-        .collect();
-    let drops_ready = |s: &EndpointSlice| {
-        if ready_addresses(s).any(|a| !ready_after.contains(a)) {
-            Priority::Urgent
-        } else {
-            Priority::Ordinary
-        }
-    };
-    let update = w
-        .update
-        .iter()
-        .map(|u| {
-            before
-                .iter()
-                .find(|b| b.metadata.name == u.metadata.name)
-                .map_or(Priority::Ordinary, |b| drops_ready(b))
-        })
-        .collect();
-    let delete = w.delete.iter().map(drops_ready).collect();
-    let create = if before.is_empty() {
-        Priority::Urgent
-    } else {
-        Priority::Ordinary
-    };
-    (create, update, delete)
+    /// Asked after each call while others remain: when true (and stopping is safe), the
+    /// writer stops and says [`Written::Interrupted`].
+    pub interrupt: Option<Interrupt<'a>>,
+    /// Slices (by name) already written in this pass: their updates go after the others'.
+    pub written: Option<&'a HashSet<String>>,
 }
 
 /// How a plan ended when no call failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Written {
     /// Every write was made.
     All,
@@ -164,6 +121,9 @@ pub enum Written {
     NamespaceTerminating,
     /// Only the urgent writes were made (`defer_ordinary`); the owner needs another sync.
     Deferred,
+    /// The owner changed while the plan was being written: the writer stopped after the
+    /// slices named here (created ones by the names the server gave them).
+    Interrupted(Vec<String>),
 }
 
 fn namespace_terminating(e: &kube::Error) -> bool {
@@ -182,60 +142,52 @@ impl Slices {
         metrics: &SliceMetrics,
     ) -> Result<Written, Error> {
         let ns = key.namespace.as_str();
-        let (create_p, update_p, delete_p) = priorities(&w);
-        let urgent = |p: &Priority| *p == Priority::Urgent;
-        let creates_ordinary = create && !w.create.is_empty() && !urgent(&create_p);
-        let mixed = update_p.iter().chain(&delete_p).any(urgent)
-            && (creates_ordinary || !update_p.iter().chain(&delete_p).all(urgent));
-        // Urgent updates and deletes only take away addresses no slice keeps ready, so making
-        // them without the plan's creates cannot make a ready endpoint dip.
-        let deferred = w.defer_ordinary && mixed;
-        let mut updates: Vec<(Priority, &EndpointSlice)> =
-            update_p.into_iter().zip(w.update).collect();
-        let mut deletes: Vec<(Priority, &EndpointSlice)> =
-            delete_p.into_iter().zip(w.delete).collect();
-        if deferred {
-            updates.retain(|(p, _)| urgent(p));
-            deletes.retain(|(p, _)| urgent(p));
-        }
-        for c in w.create.iter().filter(|_| create && !deferred) {
+        let ordered = Ordered::new(&w, create);
+        let mut written = Vec::new();
+        for (i, (p, op)) in ordered.ops.iter().enumerate() {
             let t = Instant::now();
-            match with_priority(create_p, api.create(ns, c)).await {
-                Ok(created) => {
-                    self.tracker.update(key, &created);
-                    metrics.wrote("create", t.elapsed());
-                    self.cache().write_through(key, created);
+            match *op {
+                Op::Create(c) => match with_priority(*p, api.create(ns, c)).await {
+                    Ok(created) => {
+                        self.tracker.update(key, &created);
+                        metrics.wrote("create", t.elapsed());
+                        written.extend(created.metadata.name.clone());
+                        self.cache().write_through(key, created);
+                    }
+                    Err(e) if namespace_terminating(&e) => {
+                        debug!(owner = %key, "namespace is being terminated; no slices created");
+                        return Ok(Written::NamespaceTerminating);
+                    }
+                    Err(e) => return Err(Error::Kube(e)),
+                },
+                Op::Update(u) => {
+                    let updated = with_priority(*p, api.replace(ns, u))
+                        .await
+                        .map_err(Error::Kube)?;
+                    self.tracker.update(key, &updated);
+                    metrics.wrote("update", t.elapsed());
+                    written.extend(updated.metadata.name.clone());
+                    self.cache().write_through(key, updated);
                 }
-                Err(e) if namespace_terminating(&e) => {
-                    debug!(owner = %key, "namespace is being terminated; no slices created");
-                    return Ok(Written::NamespaceTerminating);
+                Op::Delete(d) => {
+                    let name = d.metadata.name.as_deref().unwrap_or_default();
+                    match with_priority(*p, api.delete(ns, name, d.metadata.uid.clone())).await {
+                        Ok(()) => {}
+                        Err(kube::Error::Api(s)) if s.code == 404 => {}
+                        Err(e) => return Err(Error::Kube(e)),
+                    }
+                    self.tracker.expect_deletion(key, d);
+                    metrics.wrote("delete", t.elapsed());
+                    written.push(name.to_string());
+                    self.cache().forget(key, name);
                 }
-                Err(e) => return Err(Error::Kube(e)),
+            }
+            let more = i + 1 < ordered.ops.len();
+            if more && w.interrupt.is_some_and(|f| f()) && ordered.can_stop_after(i + 1) {
+                return Ok(Written::Interrupted(written));
             }
         }
-        // Urgent updates first (stable): the rest of the plan may wait behind the budget.
-        updates.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
-        for (p, u) in updates {
-            let t = Instant::now();
-            let updated = with_priority(p, api.replace(ns, u))
-                .await
-                .map_err(Error::Kube)?;
-            self.tracker.update(key, &updated);
-            metrics.wrote("update", t.elapsed());
-            self.cache().write_through(key, updated);
-        }
-        for (p, d) in deletes {
-            let name = d.metadata.name.as_deref().unwrap_or_default();
-            let t = Instant::now();
-            match with_priority(p, api.delete(ns, name, d.metadata.uid.clone())).await {
-                Ok(()) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(Error::Kube(e)),
-            }
-            self.tracker.expect_deletion(key, d);
-            metrics.wrote("delete", t.elapsed());
-            self.cache().forget(key, name);
-        }
+        let deferred = ordered.deferred;
         Ok(if deferred {
             Written::Deferred
         } else {

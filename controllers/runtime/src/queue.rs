@@ -213,6 +213,13 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
         self.lock().processing.get(key).copied().unwrap_or_default()
     }
 
+    /// True when `key` is being processed and was added again meanwhile: what its worker
+    /// read is already out of date (a writer can stop and plan again from fresher state).
+    pub fn added_while_processing(&self, key: &K) -> bool {
+        let g = self.lock();
+        g.processing.contains_key(key) && g.dirty.contains_key(key)
+    }
+
     /// Forgets `key`'s failure history, so its next failure starts at the base delay.
     pub fn forget(&self, key: &K) {
         self.lock().failures.remove(key);
@@ -322,10 +329,13 @@ mod tests {
         q.add(1);
         let k = q.get().await;
         assert_eq!(k, Some(1));
+        assert!(!q.added_while_processing(&1));
         q.add(1);
+        assert!(q.added_while_processing(&1));
         // Not handed to a second worker while the first still holds it.
         assert!(q.is_empty());
         q.done(&1);
+        assert!(!q.added_while_processing(&1), "waiting, not processing");
         assert_eq!(q.len(), 1);
         assert_eq!(q.get().await, Some(1));
     }

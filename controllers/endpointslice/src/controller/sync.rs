@@ -1,6 +1,6 @@
 //! One reconcile of one Service: snapshot the indexes, plan with the core, apply the plan.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use crate::slice_store::managed_by;
 use crate::slices::trigger_time::{self, SeenTimes};
 use crate::slices::{self, SliceInput, condition};
 use crate::topology::{self, ZoneRatios};
-use crate::writer::{SliceWrites, Written};
+use crate::writer::{Interrupt, SliceWrites, Written};
 
 /// What a reconcile copies out of the caches (so no lock is held across awaits).
 struct Snapshot {
@@ -60,19 +60,57 @@ fn snapshot(s: &Shared, key: &ObjectKey) -> Snapshot {
     }
 }
 
+/// How one plan of a pass ended.
+enum Step {
+    /// The reconcile is over.
+    Done(Requeue),
+    /// The Service changed while its plan was being written; these slices were written.
+    Interrupted(Vec<String>),
+}
+
+/// Plans and writes until the Service's slices match what it was when the last plan was made.
+/// A plan is made again whenever the Service (or its pods) changed while the previous one was
+/// being written: under a saturated client budget each write waits for its token, and a write
+/// planned from state seconds old would have to be made again for the changes since. Slices
+/// already written in this pass go last in each new plan; once a plan holds nothing else, the
+/// rest waits for the next sync (the key is queued again, as it changed).
 pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue, Error> {
-    let snap = snapshot(&s, &key);
+    let mut pass: HashSet<String> = HashSet::new();
+    // Each plan of a pass writes at least one slice not written before in it; bound it anyway.
+    let mut plans_left = MAX_PLANS_PER_PASS;
+    loop {
+        match sync_once(&s, &key, &pass, plans_left > 1).await? {
+            Step::Done(r) => return Ok(r),
+            Step::Interrupted(names) => {
+                s.metrics.sync("interrupted");
+                pass.extend(names);
+                plans_left -= 1;
+            }
+        }
+    }
+}
+
+/// The most plans one reconcile makes before it leaves the rest to the next sync.
+const MAX_PLANS_PER_PASS: usize = 256;
+
+async fn sync_once(
+    s: &Shared,
+    key: &ObjectKey,
+    pass: &HashSet<String>,
+    may_interrupt: bool,
+) -> Result<Step, Error> {
+    let snap = snapshot(s, key);
     let Some(svc) = snap.svc else {
-        return cleanup_absent(&s, &key, snap.existing).await;
+        return cleanup_absent(s, key, snap.existing).await.map(Step::Done);
     };
     let spec = svc.spec.clone().unwrap_or_default();
     if spec.type_.as_deref() == Some("ExternalName") || spec.selector.is_none() {
         // As upstream: a Service without selector (or ExternalName) is not ours to fill; an
         // EndpointsReady of ours from when it had one goes (no write when there is none).
-        apply_condition(&s, &svc, &[]).await?;
-        return Ok(Requeue::Done);
+        apply_condition(s, &svc, &[]).await?;
+        return Ok(Step::Done(Requeue::Done));
     }
-    if s.slices.tracker.stale(&key, &snap.existing) {
+    if s.slices.tracker.stale(key, &snap.existing) {
         s.metrics.sync("stale");
         return Err(Error::StaleCache(key.to_string()));
     }
@@ -99,11 +137,12 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         if plan.hints_populated {
             st.hints_populated.insert(key.clone());
         } else {
-            st.hints_populated.remove(&key);
+            st.hints_populated.remove(key);
         }
     }
     let sref = service_ref(&svc);
-    for ev in &plan.events {
+    // A later plan of the pass would repeat the first one's hint Events.
+    for ev in plan.events.iter().filter(|_| pass.is_empty()) {
         if ev.warning {
             s.base
                 .ctx
@@ -119,18 +158,32 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         }
     }
     let writes = plan.writes();
+    let creates = svc.metadata.deletion_timestamp.is_none();
+    let written_in_pass =
+        |sl: &EndpointSlice| sl.metadata.name.as_ref().is_some_and(|n| pass.contains(n));
+    if !pass.is_empty()
+        && (plan.create.is_empty() || !creates)
+        && plan.update.iter().chain(&plan.delete).all(written_in_pass)
+    {
+        // Every slice this plan touches was written in this pass already, and the Service
+        // has changed since: the next sync writes them again, after other keys' turn.
+        return Ok(Step::Done(Requeue::After(Duration::ZERO)));
+    }
     let before: Vec<&EndpointSlice> = snap.existing.iter().map(|s| s.as_ref()).collect();
+    let queue = &s.base.queue;
+    let changed = || queue.added_while_processing(key);
     let w = SliceWrites {
         create: &plan.create,
         update: &plan.update,
         delete: &plan.delete,
         before: Some(&before),
         defer_ordinary: true,
+        interrupt: may_interrupt.then_some(&changed as Interrupt),
+        written: Some(pass),
     };
-    let creates = svc.metadata.deletion_timestamp.is_none();
     let result = s
         .slices
-        .write(&s.base.ctx.client, &key, w, creates, &s.metrics)
+        .write(&s.base.ctx.client, key, w, creates, &s.metrics)
         .await;
     let m = &s.metrics;
     m.added.get_or_create(&vec![]).observe(plan.added as f64);
@@ -143,7 +196,7 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         .filter(|t| topology::valid_traffic_distribution(Some(t)))
         .filter(|_| !topology::hints_annotation_enabled(&labels_of(&svc.metadata.annotations)));
     m.set_service(
-        &key,
+        key,
         plan.desired_endpoints,
         plan.num_slices,
         plan.desired_slices,
@@ -164,6 +217,10 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
             controller: s.base.ctx.name.clone(),
         })
         .observe(writes as f64);
+    let result = match result {
+        Ok(Written::Interrupted(names)) => return Ok(Step::Interrupted(names)),
+        other => other,
+    };
     let deferred = matches!(result, Ok(Written::Deferred));
     if let Err(e) = result {
         m.sync("error");
@@ -183,13 +240,13 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
         // The writes traffic waits for are made; the rest is planned again from the slices as
         // they are now, behind other urgent work, as ordinary work (trigger time unrecorded,
         // as for a failed write: the rest still carries it).
-        return Ok(Requeue::After(Duration::ZERO));
+        return Ok(Step::Done(Requeue::After(Duration::ZERO)));
     }
     // Only once applied: a failed write is retried with the same trigger time.
-    s.state().trigger_times.record(&key, seen);
+    s.state().trigger_times.record(key, seen);
     // After the slices, so True never shows before the endpoints exist.
     if let Some(c) = &plan.condition {
-        apply_condition(&s, &svc, std::slice::from_ref(c)).await?;
+        apply_condition(s, &svc, std::slice::from_ref(c)).await?;
     }
     if !plan.missing_nodes.is_empty() {
         m.sync("error");
@@ -202,7 +259,7 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
     if writes > 0 {
         debug!(service = %key, creates = plan.create.len(), updates = plan.update.len(), deletes = plan.delete.len(), "applied EndpointSlice plan");
     }
-    Ok(Requeue::Done)
+    Ok(Step::Done(Requeue::Done))
 }
 
 /// Wants our `EndpointsReady` on `svc` to be `desired` (empty: removed): one server-side

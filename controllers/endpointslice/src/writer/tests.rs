@@ -134,7 +134,7 @@ async fn creates_then_updates_then_uid_preconditioned_deletes() {
         update: &u,
         delete: &d,
         before: None,
-        defer_ordinary: false,
+        ..Default::default()
     };
     assert_eq!(
         s.write(&api, &key, w, true, &m).await.unwrap(),
@@ -267,7 +267,7 @@ async fn updates_that_drop_a_ready_endpoint_go_first_in_the_urgent_class() {
         update: &[a2, b2],
         delete: std::slice::from_ref(&c),
         before: Some(&before),
-        defer_ordinary: false,
+        ..Default::default()
     };
     slices.write(&api, &key, w, true, &metrics).await.unwrap();
     assert_eq!(
@@ -320,6 +320,7 @@ async fn deferring_makes_only_the_urgent_writes_of_a_mixed_plan() {
         delete: std::slice::from_ref(&gone),
         before: Some(&before),
         defer_ordinary: true,
+        ..Default::default()
     };
     let api = Recorder::default();
     let got = slices
@@ -359,4 +360,77 @@ async fn deferring_makes_only_the_urgent_writes_of_a_mixed_plan() {
         .unwrap();
     assert_eq!(got, Written::All);
     assert_eq!(api.calls(), ["replace ns/b rv=7"]);
+}
+
+/// Once the owner has changed again, the writer stops between two calls, but only where
+/// stopping leaves every endpoint the plan keeps ready in some slice; slices already written
+/// in the pass go after the others.
+#[tokio::test]
+async fn an_interrupt_stops_between_calls_where_no_kept_endpoint_is_missing() {
+    let (slices, metrics, key) = fixture();
+    let a = with_endpoints(slice(Some("a"), "ua", 1), &[("10.0.0.1", true)]);
+    let b = with_endpoints(slice(Some("b"), "ub", 1), &[("10.0.0.2", true)]);
+    let before = [&a, &b];
+    let a2 = with_endpoints(a.clone(), &[("10.0.0.1", true), ("10.0.0.3", true)]);
+    let b2 = with_endpoints(b.clone(), &[("10.0.0.2", true), ("10.0.0.4", true)]);
+    let updates = [a2.clone(), b2.clone()];
+    let changed = || true;
+    let w = SliceWrites {
+        update: &updates,
+        before: Some(&before),
+        interrupt: Some(&changed),
+        ..Default::default()
+    };
+    let api = Recorder::default();
+    let got = slices.write(&api, &key, w, true, &metrics).await.unwrap();
+    assert_eq!(got, Written::Interrupted(vec!["a".into()]));
+    assert_eq!(api.calls(), ["replace ns/a rv=7"]);
+
+    // Next plan of the pass: a was written, so b goes first.
+    let pass = ["a".to_string()].into();
+    let w = SliceWrites {
+        written: Some(&pass),
+        ..w
+    };
+    let api = Recorder::default();
+    let got = slices.write(&api, &key, w, true, &metrics).await.unwrap();
+    assert_eq!(got, Written::Interrupted(vec!["b".into()]));
+    assert_eq!(api.calls(), ["replace ns/b rv=7"]);
+
+    // Unchanged owner: the whole plan.
+    let unchanged = || false;
+    let w = SliceWrites {
+        interrupt: Some(&unchanged),
+        ..w
+    };
+    let api = Recorder::default();
+    let got = slices.write(&api, &key, w, true, &metrics).await.unwrap();
+    assert_eq!(got, Written::All);
+    assert_eq!(api.calls(), ["replace ns/b rv=7", "replace ns/a rv=7"]);
+
+    // 10.0.0.2 moves from b to a: stopping after b's update would leave it in no slice, so
+    // the writer goes on to a's; it may stop after that (nothing kept is missing any more).
+    let b3 = with_endpoints(b.clone(), &[("10.0.0.4", true)]);
+    let a3 = with_endpoints(a.clone(), &[("10.0.0.1", true), ("10.0.0.2", true)]);
+    let c = with_endpoints(slice(Some("c"), "uc", 1), &[("10.0.0.5", true)]);
+    let c3 = with_endpoints(c.clone(), &[("10.0.0.5", true), ("10.0.0.6", true)]);
+    let before = [&a, &b, &c];
+    let updates = [b3, a3, c3];
+    let w = SliceWrites {
+        update: &updates,
+        before: Some(&before),
+        interrupt: Some(&changed),
+        ..Default::default()
+    };
+    let api = Recorder::default();
+    let got = slices.write(&api, &key, w, true, &metrics).await.unwrap();
+    assert_eq!(got, Written::Interrupted(vec!["b".into(), "a".into()]));
+    assert_eq!(api.calls(), ["replace ns/b rv=7", "replace ns/a rv=7"]);
+
+    // With no known prior state nothing can be judged: never interrupted.
+    let w = SliceWrites { before: None, ..w };
+    let api = Recorder::default();
+    let got = slices.write(&api, &key, w, true, &metrics).await.unwrap();
+    assert_eq!(got, Written::All);
+    assert_eq!(api.calls().len(), 3);
 }

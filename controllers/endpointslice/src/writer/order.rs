@@ -1,0 +1,162 @@
+//! Which of a plan's writes traffic waits for, in what order the writer makes them, and where
+//! the writer may stop before the plan is done (all judged against the owner's slices the plan
+//! was made from).
+
+use std::collections::HashSet;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use scm_runtime::Priority;
+
+use super::SliceWrites;
+
+/// One call of a plan.
+#[derive(Clone, Copy)]
+pub(super) enum Op<'a> {
+    Create(&'a EndpointSlice),
+    Update(&'a EndpointSlice),
+    Delete(&'a EndpointSlice),
+}
+
+impl Op<'_> {
+    fn name(&self) -> Option<&str> {
+        match self {
+            Op::Create(_) => None,
+            Op::Update(s) | Op::Delete(s) => s.metadata.name.as_deref(),
+        }
+    }
+}
+
+fn name(s: &EndpointSlice) -> &str {
+    s.metadata.name.as_deref().unwrap_or_default()
+}
+
+/// The addresses of a slice's ready endpoints.
+fn ready_addresses(s: &EndpointSlice) -> impl Iterator<Item = &str> {
+    s.endpoints
+        .iter()
+        .flatten()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.iter().map(String::as_str))
+}
+
+/// Ready addresses once `done` is applied to `before`.
+fn ready_after<'a>(before: &[&'a EndpointSlice], done: &[Op<'a>]) -> HashSet<&'a str> {
+    let touched: HashSet<&str> = done.iter().filter_map(Op::name).collect();
+    let written = done.iter().filter_map(|op| match op {
+        Op::Create(s) | Op::Update(s) => Some(*s),
+        Op::Delete(_) => None,
+    });
+    before
+        .iter()
+        .copied()
+        .filter(|b| !touched.contains(name(b)))
+        .chain(written)
+        .flat_map(ready_addresses)
+        .collect()
+}
+
+/// The writes of one plan in the order they are made, each with its token-bucket class.
+pub(super) struct Ordered<'a> {
+    /// The calls, first to last.
+    pub ops: Vec<(Priority, Op<'a>)>,
+    /// Only the urgent part of a mixed plan is in `ops` (`defer_ordinary`).
+    pub deferred: bool,
+    // Ready before the plan and after the whole of it: no stop may leave one of these out.
+    keep: HashSet<&'a str>,
+    before: Vec<&'a EndpointSlice>,
+    known: bool,
+}
+
+impl<'a> Ordered<'a> {
+    /// Orders `w`: creates (when `create`), then updates, urgent ones first and, within a
+    /// class, slices not yet written in this pass before those that were, then deletes.
+    ///
+    /// Urgent: an update or delete that takes away a ready address no slice keeps ready after
+    /// the plan (an endpoint that stopped serving), and the creates of a Service that has no
+    /// slice yet. With no known prior state, nothing is urgent.
+    pub fn new(w: &SliceWrites<'a>, create: bool) -> Self {
+        let before: Vec<&EndpointSlice> = w.before.map(<[_]>::to_vec).unwrap_or_default();
+        let full: Vec<Op> = w
+            .create
+            .iter()
+            .map(Op::Create)
+            .chain(w.update.iter().map(Op::Update))
+            .chain(w.delete.iter().map(Op::Delete))
+            .collect();
+        let after = ready_after(&before, &full);
+        let keep: HashSet<&str> = before
+            .iter()
+            .flat_map(|b| ready_addresses(b))
+            .filter(|a| after.contains(a))
+            .collect();
+        let known = w.before.is_some();
+        let drops_ready = |s: &EndpointSlice| {
+            if known && ready_addresses(s).any(|a| !after.contains(a)) {
+                Priority::Urgent
+            } else {
+                Priority::Ordinary
+            }
+        };
+        let create_p = if known && before.is_empty() {
+            Priority::Urgent
+        } else {
+            Priority::Ordinary
+        };
+        let urgent = |p: &Priority| *p == Priority::Urgent;
+        let mut updates: Vec<(Priority, Op)> = w
+            .update
+            .iter()
+            .map(|u| {
+                let p = before
+                    .iter()
+                    .find(|b| b.metadata.name == u.metadata.name)
+                    .map_or(Priority::Ordinary, |b| drops_ready(b));
+                (p, Op::Update(u))
+            })
+            .collect();
+        let mut deletes: Vec<(Priority, Op)> = w
+            .delete
+            .iter()
+            .map(|d| (drops_ready(d), Op::Delete(d)))
+            .collect();
+        let creates_ordinary = create && !w.create.is_empty() && !urgent(&create_p);
+        let mixed = updates.iter().chain(&deletes).any(|(p, _)| urgent(p))
+            && (creates_ordinary || !updates.iter().chain(&deletes).all(|(p, _)| urgent(p)));
+        // Urgent updates and deletes only take away addresses no slice keeps ready, so making
+        // them without the plan's creates cannot make a ready endpoint dip.
+        let deferred = w.defer_ordinary && mixed;
+        if deferred {
+            updates.retain(|(p, _)| urgent(p));
+            deletes.retain(|(p, _)| urgent(p));
+        }
+        let written_before = |op: &Op| {
+            op.name()
+                .is_some_and(|n| w.written.is_some_and(|set| set.contains(n)))
+        };
+        updates.sort_by_key(|(p, op)| (std::cmp::Reverse(*p), written_before(op)));
+        let creates = w
+            .create
+            .iter()
+            .filter(|_| create && !deferred)
+            .map(|c| (create_p, Op::Create(c)));
+        Ordered {
+            ops: creates.chain(updates).chain(deletes).collect(),
+            deferred,
+            keep,
+            before,
+            known,
+        }
+    }
+
+    /// True when stopping after the first `n` calls leaves every address that is ready before
+    /// and after the whole plan ready (an endpoint moved between slices is never missing).
+    /// Never when the prior state is unknown.
+    pub fn can_stop_after(&self, n: usize) -> bool {
+        if !self.known {
+            return false;
+        }
+        let done: Vec<Op> = self.ops.iter().take(n).map(|(_, op)| *op).collect();
+        let ready = ready_after(&self.before, &done);
+        self.keep.iter().all(|a| ready.contains(a))
+    }
+}
