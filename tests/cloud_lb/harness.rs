@@ -104,7 +104,17 @@ impl Ctrl {
 
     /// The value of a metric line starting with `name` (0 when absent).
     pub fn count(&self, name: &str) -> u64 {
-        self.metrics
+        Self::count_in(&self.metrics, name)
+    }
+
+    /// The controller's metrics, for reading them from another task.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    /// The value of a line of `metrics` starting with `name` (0 when absent).
+    pub fn count_in(metrics: &Metrics, name: &str) -> u64 {
+        metrics
             .encode()
             .lines()
             .find(|l| l.starts_with(name))

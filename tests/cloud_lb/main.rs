@@ -12,6 +12,7 @@
 
 mod adopt;
 mod aws;
+mod backoff;
 mod batches;
 mod binary;
 mod conditions;

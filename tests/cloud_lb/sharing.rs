@@ -1,7 +1,7 @@
 //! The local provider's address sharing (`service-controller-manager.io/allow-shared-ip`, as
 //! MetalLB's) and pins held by another implementation, against the control plane.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use cloud_lb::local::ALLOW_SHARED_IP_ANNOTATION;
@@ -10,12 +10,11 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use test_support::wait_for;
 
+use crate::backoff::{RETRYABLE, Refusals, assert_served_before_backoff};
 use crate::harness::*;
 use crate::pool_objects::{
     cidrs, delete_pool, install_crd, ips_of, objects_only, pinned, put_pool,
 };
-
-const RETRYABLE: &str = "service_controller_manager_reconcile_errors_total{controller=\"cloud-lb\",error=\"provider_retryable\"}";
 
 /// A Service of `class` on `port`/TCP that shares under `key`, pinned to `pin` if given.
 fn sharer(ns: &str, name: &str, class: &str, key: &str, port: i32, pin: Option<&str>) -> Service {
@@ -106,6 +105,7 @@ async fn services_with_one_key_share_an_address_until_the_last_goes() -> Result<
     // A restart (a new provider, state rebuilt from the statuses) keeps the sharing.
     ctrl.stop().await;
     let ctrl = Ctrl::start(&client, local_config("it-sharing", class), objects_only());
+    let refusals = Refusals::watch(&ctrl);
     wait_for("lone refused again after the restart", T, || async {
         (ctrl.count(RETRYABLE) >= 1).then_some(())
     })
@@ -127,7 +127,9 @@ async fn services_with_one_key_share_an_address_until_the_last_goes() -> Result<
     .await?;
     assert!(ips_of(&client, &ns, "lone").await?.is_empty());
     assert_eq!(ips_of(&client, &ns, "https").await?, vec!["10.216.0.1"]);
-    // The last sharer goes: lone gets it within seconds, unedited.
+    // The last sharer goes once no retry of lone's is due soon: lone gets it before one can
+    // come (the release brings it back), unedited.
+    let next_retry = refusals.wait_quiet(1).await?;
     let released = Instant::now();
     delete_and_wait(&client, &ns, "https").await?;
     let served = wait_for("lone gets its pin", T, || async {
@@ -136,13 +138,9 @@ async fn services_with_one_key_share_an_address_until_the_last_goes() -> Result<
             .filter(|s| !ips(s).is_empty())
     })
     .await?;
+    assert_served_before_backoff("lone", released, Instant::now(), next_retry);
     assert_eq!(ips(&served), vec!["10.216.0.1"]);
     assert_eq!(served.spec, lone.spec);
-    assert!(
-        released.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        released.elapsed()
-    );
     ctrl.stop().await;
     delete_pool(&client, p).await;
     Ok(())
@@ -183,6 +181,7 @@ async fn a_pin_held_by_another_class_is_served_as_soon_as_it_lets_go() -> Result
         local_config("it-foreign-pin", class),
         objects_only(),
     );
+    let refusals = Refusals::watch(&ctrl);
     let asked = create(&client, &pinned(&ns, "waiter", class, "10.217.0.1")).await?;
     wait_event(
         &client,
@@ -192,12 +191,10 @@ async fn a_pin_held_by_another_class_is_served_as_soon_as_it_lets_go() -> Result
         "published by another implementation",
     )
     .await?;
-    // Three refusals come at once (the finalizer patch and the Warning queue it again), the
-    // fourth after the 5 s backoff: the next retry is then 10 s away.
-    wait_for("four refusals", T, || async {
-        (ctrl.count(RETRYABLE) >= 4).then_some(())
-    })
-    .await?;
+    // Three refusals come at once (the finalizer patch and the Warning queue it again), then
+    // one per backoff timer (each refusal sets its own: 5, 10, 20, 40 s after it): release
+    // once none is due soon.
+    let next_retry = refusals.wait_quiet(4).await?;
     let released = Instant::now();
     api.patch_status(
         "theirs",
@@ -211,13 +208,9 @@ async fn a_pin_held_by_another_class_is_served_as_soon_as_it_lets_go() -> Result
             .filter(|s| !ips(s).is_empty())
     })
     .await?;
+    assert_served_before_backoff("the waiter", released, Instant::now(), next_retry);
     assert_eq!(ips(&served), vec!["10.217.0.1"]);
     assert_eq!(served.spec, asked.spec, "nobody edited the waiter");
-    assert!(
-        released.elapsed() < Duration::from_secs(3),
-        "served {:?} after the release",
-        released.elapsed()
-    );
     ctrl.stop().await;
     delete_pool(&client, p).await;
     Ok(())
