@@ -37,6 +37,10 @@ pub struct Tally {
     pub latencies: Vec<Duration>,
     /// The same, of the changes to not ready only (latency mode).
     pub removals: Vec<Duration>,
+    /// Of those, the ones of the large Service's pods (where a plan spans many slices).
+    pub big_removals: Vec<Duration>,
+    /// And those of the small Services' pods.
+    pub small_removals: Vec<Duration>,
     /// The manager whose slices close pending changes.
     pub watching_for: String,
 }
@@ -148,6 +152,11 @@ pub async fn watch_slices(client: Client, namespace: String, tally: Shared) {
                             t.latencies.push(d);
                             if !want {
                                 t.removals.push(d);
+                                if p.starts_with("big-") {
+                                    t.big_removals.push(d);
+                                } else {
+                                    t.small_removals.push(d);
+                                }
                             }
                         }
                     }

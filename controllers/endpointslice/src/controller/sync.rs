@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -93,12 +93,17 @@ pub(super) async fn reconcile(s: Arc<Shared>, key: ObjectKey) -> Result<Requeue,
 /// The most plans one reconcile makes before it leaves the rest to the next sync.
 const MAX_PLANS_PER_PASS: usize = 256;
 
+/// A plan is made again only once it is this many times as old as making it took (planning
+/// then costs at most about a tenth of the pass).
+const REPLAN_AFTER_COSTS: u32 = 10;
+
 async fn sync_once(
     s: &Shared,
     key: &ObjectKey,
     pass: &HashSet<String>,
     may_interrupt: bool,
 ) -> Result<Step, Error> {
+    let planning = Instant::now();
     let snap = snapshot(s, key);
     let Some(svc) = snap.svc else {
         return cleanup_absent(s, key, snap.existing).await.map(Step::Done);
@@ -171,7 +176,13 @@ async fn sync_once(
     }
     let before: Vec<&EndpointSlice> = snap.existing.iter().map(|s| s.as_ref()).collect();
     let queue = &s.base.queue;
-    let changed = || queue.added_while_processing(key);
+    // Planning again costs a plan: only once the plan is old enough for that to be a small
+    // part of the time spent writing it. Under a saturated budget a write waits long for its
+    // token and this holds after the first one; when tokens are free a plan of a large
+    // Service is written whole, instead of planned again after every write.
+    let (planned, cost) = (Instant::now(), planning.elapsed());
+    let changed =
+        || planned.elapsed() >= cost * REPLAN_AFTER_COSTS && queue.added_while_processing(key);
     let w = SliceWrites {
         create: &plan.create,
         update: &plan.update,

@@ -190,6 +190,8 @@ impl Side<'_> {
             let mut t = lock(self.tally);
             t.latencies.clear();
             t.removals.clear();
+            t.big_removals.clear();
+            t.small_removals.clear();
         }
         let n = CHANGES_PER_SEC * CHANGE_SECONDS as usize;
         let mut tick = tokio::time::interval(Duration::from_secs(1) / CHANGES_PER_SEC as u32);
@@ -220,6 +222,14 @@ impl Side<'_> {
             t0.elapsed()
         );
         let t = lock(self.tally);
+        let (big, small) = (
+            Percentiles::of(t.big_removals.clone()),
+            Percentiles::of(t.small_removals.clone()),
+        );
+        eprintln!(
+            "  {}: removals p50/p99: large Service {:.0?}/{:.0?} ({} flips), small ones {:.0?}/{:.0?} ({})",
+            self.managed_by, big.p50, big.p99, big.n, small.p50, small.p99, small.n,
+        );
         Ok((
             Percentiles::of(t.latencies.clone()),
             Percentiles::of(t.removals.clone()),
