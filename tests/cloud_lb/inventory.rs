@@ -142,10 +142,11 @@ struct Orphaned {
 }
 
 impl Orphaned {
-    async fn make(cluster: &str, node_name: &str) -> Result<Orphaned> {
+    /// `class` is the test's own: a Service another test left behind (`keep` keeps its
+    /// finalizer) must not be served by this test's controllers.
+    async fn make(cluster: &str, class: &'static str, node_name: &str) -> Result<Orphaned> {
         let (client, ns) = setup().await?;
         let aws = Aws::start(cluster).await?;
-        let class = "test.example.com/inventory";
         let sg = real_node(&aws, &client, node_name).await?;
         let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
         for name in ["web", "keep"] {
@@ -200,7 +201,12 @@ impl Orphaned {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn report_mode_counts_the_orphans_of_a_service_deleted_while_no_leader_ran() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let o = Orphaned::make("it-inv-report", "inv-report-a").await?;
+    let o = Orphaned::make(
+        "it-inv-report",
+        "test.example.com/inventory-report",
+        "inv-report-a",
+    )
+    .await?;
     let ctrl = o.controller(OrphanMode::Report);
     let Orphaned {
         client,
@@ -256,7 +262,12 @@ async fn report_mode_counts_the_orphans_of_a_service_deleted_while_no_leader_ran
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delete_mode_removes_the_orphans_and_leaves_live_services_alone() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let o = Orphaned::make("it-inv-delete", "inv-delete-a").await?;
+    let o = Orphaned::make(
+        "it-inv-delete",
+        "test.example.com/inventory-delete",
+        "inv-delete-a",
+    )
+    .await?;
     let ctrl = o.controller(OrphanMode::Delete);
     let Orphaned {
         client,
@@ -326,7 +337,7 @@ async fn a_target_group_whose_deletion_failed_before_a_restart_is_deleted() -> R
     let _g = SERIAL.lock().await;
     let (client, ns) = setup().await?;
     let aws = Aws::start("it-inv-defect5").await?;
-    let class = "test.example.com/inventory";
+    let class = "test.example.com/inventory-defect5";
     node(&client, "inv-d5-a").await?;
     let ctrl = Ctrl::start(&client, aws.config(class, false), aws.provider());
     create(
