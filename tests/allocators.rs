@@ -9,8 +9,8 @@
 //! detection and the exact calls a shell makes.
 //!
 //! Modules: [`mirror`] and [`ipaddress`] (stock API server: IPAddress findings, gauges equal to
-//! the IPAddress count, a `10.0.0.0/8` range), [`service_cidr`], [`assign`] and [`calls`]
-//! (double).
+//! the IPAddress count, a `10.0.0.0/8` range), [`condition`] (the `ClusterIPValid` condition),
+//! [`service_cidr`], [`assign`] and [`calls`] (double).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -253,6 +253,8 @@ fn spec_of(s: &Service) -> &ServiceSpec {
 mod assign;
 #[path = "allocators/calls.rs"]
 mod calls;
+#[path = "allocators/condition.rs"]
+mod condition;
 #[path = "allocators/ipaddress.rs"]
 mod ipaddress;
 #[path = "allocators/mirror.rs"]

@@ -271,7 +271,43 @@ async fn assigns_where_the_api_does_not_allocate_with_409_handling_and_duplicate
         "{nt}"
     );
     assert_eq!(d.event_patches(), 0, "an Event was repeated");
-    // Restart: a fresh controller rebuilds the same state and writes nothing more.
+    // Restart: a fresh controller rebuilds the same state and writes nothing more. The gauges
+    // follow the mirror's rebuilds, which can trail the last write seen above: first let them
+    // account for every address the Services hold (plus default/kubernetes's reserved one).
+    let names = [
+        "plain",
+        "dual",
+        "headless",
+        "np",
+        "lb",
+        "first",
+        "copycat",
+        "asks-free",
+        "asks-taken",
+        "contested",
+    ];
+    let held: BTreeSet<String> = names
+        .iter()
+        .filter_map(|n| d.get("ns", n))
+        .flat_map(|s| spec_of(&s).cluster_ips.clone().unwrap_or_default())
+        .filter(|ip| ip != "None")
+        .collect();
+    let v6 = held.iter().filter(|ip| ip.contains(':')).count();
+    let want = [
+        format!(
+            "kube_apiserver_clusterip_allocator_allocated_ips{{cidr=\"10.96.0.0/16\"}} {}",
+            held.len() - v6 + 1
+        ),
+        format!("kube_apiserver_clusterip_allocator_allocated_ips{{cidr=\"fd00:10::/108\"}} {v6}"),
+    ];
+    let m = cip.metrics.clone();
+    let t = wait_for("gauges account for every address", DEADLINE, || {
+        let t = m.encode();
+        let ok = want.iter().all(|w| t.lines().any(|l| l == w));
+        async move { ok.then_some(t) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: want {want:?}\n{}", cip.metrics.encode()));
     let writes = d.stats().0;
     // Label sets of a family come out in hash order: compare sorted.
     let mut before = t
@@ -381,7 +417,8 @@ async fn a_follower_mirrors_but_writes_nothing_until_it_leads() {
 }
 
 /// Without `--assign` (the default) a Service the API left without values is never written,
-/// while findings are still reported: the same rebuild that would queue the unassigned
+/// while findings are still reported (as Events, and the ClusterIP duplicate as its
+/// ClusterIPValid condition, a status apply): the same rebuild that would queue the unassigned
 /// Services queues the duplicates, so once both duplicates' Events are out no write can follow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_assign_nothing_is_written_but_findings_are_reported() {
@@ -423,10 +460,39 @@ async fn without_assign_nothing_is_written_but_findings_are_reported() {
         .await
         .unwrap_or_else(|e| panic!("{e}: {:?}", d.events()));
     }
+    // The duplicate's ClusterIPValid condition: a status apply (which the double does not
+    // serve; a 404 ends the write), never a write of the spec.
+    let status = "/api/v1/namespaces/ns/services/copycat/status";
+    let apply = wait_for("copycat's ClusterIPValid apply", DEADLINE, || {
+        let d = d.clone();
+        async move {
+            d.calls()
+                .into_iter()
+                .find(|c| c.method == "PATCH" && c.uri.starts_with(status))
+        }
+    })
+    .await
+    .expect("condition apply");
+    assert!(
+        apply
+            .uri
+            .contains("fieldManager=service-controller-manager%2Fclusterip-alloc"),
+        "{}",
+        apply.uri
+    );
+    let conditions = &apply.body["status"]["conditions"];
+    assert_eq!(conditions.as_array().map(Vec::len), Some(1), "{conditions}");
+    assert_eq!(conditions[0]["type"], "ClusterIPValid");
+    assert_eq!(conditions[0]["status"], "False");
+    assert_eq!(conditions[0]["reason"], "ClusterIPAlreadyAllocated");
+    assert_eq!(
+        conditions[0]["message"],
+        "Cluster IP [IPv4]:10.96.7.7 was assigned to multiple services; please recreate service"
+    );
     let writes: Vec<String> = d
         .calls_to("/api/v1/namespaces/ns/services")
         .into_iter()
-        .filter(|c| !c.starts_with("GET"))
+        .filter(|c| !c.starts_with("GET") && !c.starts_with(&format!("PATCH {status}?")))
         .collect();
     assert!(writes.is_empty(), "{writes:?}");
     assert_eq!(d.stats().0, 0);

@@ -145,6 +145,8 @@ async fn ipaddress_findings_have_upstream_reasons_messages_and_metric() {
     })
     .await
     .expect("mirrored");
+    // Every version of the holder from now on: its ClusterIPValid comes and goes within moments.
+    let seen = watch_valid(&svcs, "holder").await;
     let mut candidates = (1..250).map(|i| format!("10.96.254.{i}"));
     // Names a Service that does not exist.
     let leaked = create_free(&ips, &mut candidates, &ns, "gone").await;
@@ -182,10 +184,44 @@ async fn ipaddress_findings_have_upstream_reasons_messages_and_metric() {
     let errors = |t: &str| m.sum("apiserver_clusterip_repair_ip_errors_total", &[("type", t)]);
     assert!(errors("leak") >= 2.0, "leak: {}", cip.metrics.encode());
     assert!(errors("repair") >= 1.0, "repair: {}", cip.metrics.encode());
-    // Report only: the holder's IPAddress is still missing (we create nothing) and the other
-    // Service is untouched; the leaked one is still there (we delete nothing; the API server's
-    // repair deletes it 60 s after its creation).
-    assert!(ips.get_opt(&held).await.expect("get").is_none());
+    // The holder's ClusterIPValid=False with the Event's reason and message. That status write
+    // is a Service event, on which the API server's repair loop recreates the IPAddress; the
+    // finding goes, and so does the condition.
+    let note = format!("Cluster IP [IPv4]: {held} is not allocated; repairing");
+    wait_for(
+        "the holder's ClusterIPValid to come and go",
+        DEADLINE,
+        || {
+            let seen = seen.clone();
+            let note = note.clone();
+            async move {
+                let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let came = seen.iter().position(|c| {
+                    c.as_ref().is_some_and(|c| {
+                        c.status == "False"
+                            && c.reason == "ClusterIPNotAllocated"
+                            && c.message == note
+                    })
+                })?;
+                seen[came..].iter().any(Option::is_none).then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", seen.lock().map(|s| s.clone())));
+    // Report only: the holder's IPAddress is back, but the API server made it, not us; the
+    // leaked one is still there (we delete nothing; the API server's repair deletes it 60 s
+    // after its creation).
+    let back = ips.get_opt(&held).await.expect("get").expect("recreated");
+    let managers: Vec<String> = back
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    // The API server's own client (the harness's kube-apiserver binary is `controlplane`).
+    assert_eq!(managers, vec!["controlplane".to_string()]);
     assert!(ips.get_opt(&leaked).await.expect("get").is_some());
     // Put the holder's IPAddress back so the shared control plane stays consistent.
     let _ = ips
@@ -194,6 +230,38 @@ async fn ipaddress_findings_have_upstream_reasons_messages_and_metric() {
     let _ = ips.delete(&leaked, &DeleteParams::default()).await;
     let _ = ips.delete(&wrong, &DeleteParams::default()).await;
     cip.stop().await;
+}
+
+/// Collects `name`'s ClusterIPValid condition from every version of the Service from now on.
+async fn watch_valid(
+    api: &Api<Service>,
+    name: &str,
+) -> Arc<std::sync::Mutex<Vec<Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>>> {
+    use futures::StreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let rv = api
+        .get(name)
+        .await
+        .expect("get")
+        .metadata
+        .resource_version
+        .expect("resourceVersion");
+    let wp = WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(290);
+    let mut stream = api.watch(&wp, &rv).await.expect("watch").boxed();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = seen.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(WatchEvent::Modified(s))) = stream.next().await {
+            let c = s
+                .status
+                .and_then(|st| st.conditions)
+                .and_then(|cs| cs.into_iter().find(|c| c.type_ == "ClusterIPValid"));
+            into.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        }
+    });
+    seen
 }
 
 /// The allocator's IPAddresses of `cidr`'s family inside it, as kube-apiserver counts them.
@@ -336,7 +404,11 @@ async fn create_at(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_ipaddress_finding_while_the_ipaddress_watch_is_down() {
     use test_support::apiproxy::{Action, ApiProxy, Match};
-    let cp = ControlPlane::shared().await.expect("control plane");
+    // Its own control plane: with a range that leaves out half the API server's, this
+    // clusterip-alloc would put ClusterIPValid conditions on other tests' Services.
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane");
     let admin = cp.client().await.expect("client");
     let ns = test_support::namespace(&admin, "ipoutage")
         .await
@@ -426,4 +498,5 @@ async fn no_ipaddress_finding_while_the_ipaddress_watch_is_down() {
     );
     assert!(proxy.injected() > 0);
     cip.stop().await;
+    cp.stop().await;
 }

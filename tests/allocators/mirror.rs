@@ -224,7 +224,11 @@ async fn mirrors_every_kind_of_service_without_writes_and_capacity_matches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_values_are_reported_once_with_upstream_reason_and_metric() {
-    let cp = ControlPlane::shared().await.expect("control plane");
+    // Its own control plane: with ranges that leave out every Service, this clusterip-alloc
+    // would put ClusterIPValid conditions on other tests' Services.
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane");
     let client = cp.client().await.expect("client");
     let ns = test_support::namespace(&client, "oor").await.expect("ns");
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -315,8 +319,8 @@ async fn out_of_range_values_are_reported_once_with_upstream_reason_and_metric()
         again[0].series.is_none(),
         "event repeated as a series: {again:?}"
     );
-    // The metric counts each Service once (every pre-existing Service of the shared control
-    // plane is out of range too, so compare against the number of Services with an IP).
+    // The metric counts each Service once (every other Service, default/kubernetes included,
+    // is out of range too, so compare against the number of Services with an IP).
     let (ips, _) = cluster_usage(&client).await;
     let t = cip.metrics.encode();
     let n = sample(
@@ -339,4 +343,5 @@ async fn out_of_range_values_are_reported_once_with_upstream_reason_and_metric()
     );
     cip.stop().await;
     np.stop().await;
+    cp.stop().await;
 }

@@ -6,13 +6,20 @@
 //! is already the new list, so deleted Services drop out), keeps the capacity gauges, and runs
 //! workers (leader only) that report findings once and, only when assigning is on (`--assign`),
 //! write assignments with a resourceVersion precondition, re-reading and re-planning on 409.
-//! With assigning off (the default) nothing but Events is ever written: a stock API server
-//! allocates by itself, and `services` update would let us rewrite any Service.
+//! With assigning off (the default) nothing but Events (and, for an allocator with a
+//! [`Allocator::CONDITION`], that condition in the Service's status) is ever written: a stock
+//! API server allocates by itself, and `services` update would let us rewrite any Service.
+//!
+//! The condition is `False` while a finding about the Service is due (the same rule as its
+//! Event, so a finding that settles away never shows), with the first due finding's reason and
+//! every due finding's message, and removed (our field manager applies an empty set) once none
+//! is; a healthy Service never gets one. It is written by a [`conditions::Writer`], off the
+//! reconcile's path, and only while leading.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
@@ -22,6 +29,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Metric;
+use scm_runtime::conditions;
 use scm_runtime::{
     Backoff, ControllerContext, Informer, ObjectKey, ReconcileError, Requeue, WorkQueue,
     WorkerConfig,
@@ -31,7 +39,9 @@ use tracing::{debug, info, warn};
 
 use crate::mirror::{Mirror, Pending, Pool, Report};
 
+mod condition;
 mod settle;
+pub use condition::wanted_condition;
 pub use settle::{FirstSeen, due_at};
 
 /// The ledger of allocator `A`, keyed by Service.
@@ -206,6 +216,9 @@ pub trait Allocator: Send + Sync + Sized + 'static {
     const REFUSAL_REASONS: &'static [&'static str];
     /// Metric names, as kube-apiserver's.
     const METRICS: MetricNames;
+    /// The condition type this allocator keeps on a Service while a finding about it stands
+    /// (`False`, reason = the finding's Event reason); `None`: findings are only Events.
+    const CONDITION: Option<&'static str>;
 
     /// Subscribes `notify` to every informer besides Services the mirror is built from.
     fn watch(&self, _notify: &Arc<Notify>) {}
@@ -276,6 +289,8 @@ pub struct Shell<A: Allocator> {
     first_seen: FirstSeen,
     /// `--assign`: write assignments where the API server left them undone.
     assign: bool,
+    /// Writes [`Allocator::CONDITION`], started by the first reconcile that wants it.
+    conditions: OnceLock<conditions::Writer>,
 }
 
 impl<A: Allocator> Shell<A> {
@@ -291,6 +306,7 @@ impl<A: Allocator> Shell<A> {
             metrics,
             queue: WorkQueue::new(Backoff::default()),
             first_seen: FirstSeen::default(),
+            conditions: OnceLock::new(),
         }
     }
 
@@ -345,6 +361,7 @@ impl<A: Allocator> Shell<A> {
             }
             None => changed.extend(next.findings.keys().cloned()),
         }
+        changed.extend(condition::stale::<A>(&services, &next));
         self.core.publish(&self.metrics, guard.as_ref(), &next);
         self.first_seen.note(&next.findings, SystemTime::now());
         debug!(
@@ -441,6 +458,7 @@ async fn reconcile<A: Allocator>(
         )
     };
     let again = report(ctx, shell, &key, &oref, &findings).await;
+    condition::want(ctx, shell, &key, &svc, &findings);
     // A written assignment not yet in the store: nothing to do until the store shows it.
     let in_flight = lock(&shell.pending).contains_key(&key);
     if needs && !in_flight && shell.assign {

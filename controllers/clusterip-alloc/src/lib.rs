@@ -45,6 +45,9 @@
 //!   bitmap path: where the API server keeps IPAddresses a full range is the create's error,
 //!   so it is `ClusterIPAllocationFailed` too).
 //! - Events and repair counters come from the leader only; gauges from every replica.
+//! - A finding about a Service's ClusterIP is also kept as the Service's [`CLUSTER_IP_VALID`]
+//!   condition (`False`, the Event's reason and message) until it goes; upstream has no such
+//!   condition (issue 15).
 //! - The first usable address of the primary range is held for `default/kubernetes` even
 //!   before that Service exists, as kube-apiserver's bootstrap controller would take it.
 
@@ -54,6 +57,10 @@ pub mod servicecidr;
 pub mod shell;
 
 pub use cidr_shell::{CidrError, ServiceCidrConfig};
+
+/// The condition `clusterip-alloc` keeps on a Service while a repair finding about its
+/// ClusterIP stands (`False`, reason = the finding's Event reason); a healthy Service has none.
+pub const CLUSTER_IP_VALID: &str = "ClusterIPValid";
 pub use shell::{ClusterIpAllocConfig, Error, run};
 
 /// Runs the `service-cidr` controller until `ctx.shutdown` is cancelled.

@@ -130,6 +130,7 @@ impl Allocator for ClusterIps {
         nouns: ("IPs", "Cluster IPs"),
         repair_help: "Number of errors detected on clusterips by the repair loop broken down by type of error: leak, repair, full, outOfRange, duplicate, unknown, invalid",
     };
+    const CONDITION: Option<&'static str> = Some(crate::CLUSTER_IP_VALID);
 
     fn watch(&self, notify: &Arc<Notify>) {
         if let Some(c) = &self.cidrs {

@@ -71,6 +71,8 @@ impl Allocator for NodePorts {
         nouns: ("NodePorts", "NodePort"),
         repair_help: "Number of errors detected on ports by the repair loop broken down by type of error: leak, repair, full, outOfRange, duplicate, unknown",
     };
+    /// NodePort findings are only Events (issue 15 asks for `ClusterIPValid` alone).
+    const CONDITION: Option<&'static str> = None;
 
     fn build(&self, services: &[&Service], pending: &Pending<ObjectKey, i32>) -> MirrorOf<Self> {
         core::build(self.span, services, pending)
