@@ -330,18 +330,23 @@ async fn disabling_a_controller_removes_its_rules() {
         "{c:?}"
     );
 
-    // cloud-lb off: no Service patches; the status patch stays for endpointslice's condition.
+    // cloud-lb off: no Service patches; the status patch stays for endpointslice's and
+    // clusterip-alloc's conditions.
     let mut sets = AWS.to_vec();
     sets.push("controllers.cloud-lb=false");
     let (r, _) = role_for(sets).await;
     assert_eq!(verbs_of(&r, "", "services/status"), vec!["patch"]);
     assert!(!verbs_of(&r, "", "services").contains(&"patch".to_string()));
-    // ... and goes with it.
+    // clusterip-alloc alone keeps it (ClusterIPValid) ...
     let mut sets = AWS.to_vec();
     sets.extend([
         "controllers.cloud-lb=false",
         "controllers.endpointslice=false",
     ]);
+    let (r, _) = role_for(sets.clone()).await;
+    assert_eq!(verbs_of(&r, "", "services/status"), vec!["patch"]);
+    // ... and it goes with the last of them.
+    sets.push("controllers.clusterip-alloc=false");
     let (r, _) = role_for(sets).await;
     assert!(verbs_of(&r, "", "services/status").is_empty());
 

@@ -93,6 +93,7 @@ Events are one shared rule (see clusterrole.yaml); the Lease is a namespaced Rol
 {{- define "scm.controllerRules" -}}
 clusterip-alloc:
   - {group: "", resource: services, verbs: [get, list, watch{{ if .Values.assign }}, update{{ end }}]}
+  - {group: "", resource: services/status, verbs: [patch]}
   - {group: networking.k8s.io, resource: servicecidrs, verbs: [get, list, watch]}
   - {group: networking.k8s.io, resource: ipaddresses, verbs: [list, watch]}
 service-cidr:
