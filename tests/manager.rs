@@ -273,15 +273,46 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
     let killed = Instant::now();
     leader.signal(9).expect("SIGKILL");
     let _ = leader.child.wait().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease_times = || async {
+        let spec = leases
+            .get("service-controller-manager")
+            .await
+            .expect("lease")
+            .spec
+            .expect("lease spec");
+        let micros = |t: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime>| {
+            t.expect("lease time").0.as_microsecond()
+        };
+        (
+            spec.holder_identity.unwrap_or_default(),
+            micros(spec.acquire_time),
+            micros(spec.renew_time),
+        )
+    };
+    // The dead leader's last renewal: nothing renews it any more.
+    let (dead, _, last_renewal) = lease_times().await;
+    // How soon is measured and printed, not asserted: on busy cores the follower's read of
+    // the renewal, its acquire and our poll of its metrics can take more than the second
+    // a bound of lease + retry + 1 s left them.
     wait_for(
         "the follower to take over",
-        lease_duration + retry + Duration::from_secs(1),
+        Duration::from_secs(30),
         || async { leader_status(&follower_addr).await.filter(|v| *v == 1) },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}; follower logs:\n{}", follower.log_lines().join("\n")));
     let took = killed.elapsed();
     eprintln!("failover took {took:?} (lease {lease_duration:?} + retry {retry:?})");
+    // Not before the dead leader's lease expired: acquired at least a lease duration after
+    // its last renewal, by the API server's record (one machine, one clock).
+    let (holder, acquired, _) = lease_times().await;
+    assert_ne!(holder, dead, "the lease changed hands");
+    let waited = Duration::from_micros(u64::try_from(acquired - last_renewal).unwrap_or(0));
+    assert!(
+        waited >= lease_duration,
+        "taken over {waited:?} after the last renewal, before the lease ({lease_duration:?}) expired"
+    );
     // The new leader reconciles: its caches were warm, so the new Service gets its slice.
     create_service(&client, &ns, "after-failover").await;
     let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
@@ -345,8 +376,10 @@ async fn a_leader_whose_lease_is_taken_stops_leading() {
         )
         .await
         .expect("steal the lease");
-    // The next renewal attempt (one retry period) sees another holder and steps down.
-    wait_for("step down", Duration::from_secs(3), || async {
+    // The next renewal attempt (one retry period) sees another holder and steps down. (A
+    // leader that kept or took back the lease would never step down: a longer wait loses
+    // nothing, and busy cores may need more than 3 s for the attempt and our poll.)
+    wait_for("step down", Duration::from_secs(30), || async {
         leader_status(&addr).await.filter(|v| *v == 0)
     })
     .await
