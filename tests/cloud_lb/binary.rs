@@ -195,11 +195,14 @@ async fn binary_killed_mid_create_then_restarted_adopts_the_load_balancer() -> R
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
     api.create(&PostParams::default(), &lb_service("web", &class))
         .await?;
-    wait_for("CreateLoadBalancer sent", T, || async {
-        proxy
-            .counts()
-            .contains_key("CreateLoadBalancer")
-            .then_some(())
+    // The fault layer counts the call before it forwards it: wait for moto to hold the load
+    // balancer too, else the restarted manager may look it up before it exists and rightly
+    // create it again.
+    let elb = cloud_lb::aws::emulator_client(&moto.endpoint, test_support::moto::REGION, 1);
+    wait_for("CreateLoadBalancer taken effect in moto", T, || async {
+        let sent = proxy.counts().contains_key("CreateLoadBalancer");
+        let lbs = elb.describe_load_balancers().send().await.ok()?;
+        (sent && !lbs.load_balancers().is_empty()).then_some(())
     })
     .await?;
     first.signal(9)?;
