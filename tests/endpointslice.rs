@@ -258,6 +258,50 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Like [`Env::wait_slices`], then waits until our slices of `svc` stop changing (the same
+    /// names and resourceVersions for 1 s) and still pass `check`: a sync writes its creates,
+    /// updates and deletes one by one, so a state that passes `check` can be the middle of a
+    /// sync (e.g. a new slice made, the placeholder not yet deleted).
+    async fn wait_slices_settled<F>(
+        &self,
+        svc: &str,
+        what: &str,
+        check: F,
+    ) -> Result<Vec<EndpointSlice>>
+    where
+        F: Fn(&[EndpointSlice]) -> bool,
+    {
+        self.wait_slices(svc, what, &check).await?;
+        let versions = |s: &[EndpointSlice]| -> BTreeMap<String, String> {
+            s.iter()
+                .map(|s| {
+                    (
+                        s.metadata.name.clone().unwrap_or_default(),
+                        s.metadata.resource_version.clone().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+        let settled = test_support::wait_stable(
+            &format!("{what}, settled"),
+            WAIT,
+            Duration::from_millis(200),
+            5,
+            || async {
+                let s = self.slices(svc).await.ok()?;
+                check(&s).then(|| versions(&s))
+            },
+        )
+        .await?;
+        let s = self.slices(svc).await?;
+        if versions(&s) != settled {
+            bail!("{what}: our slices changed again after settling");
+        }
+        Ok(s)
+    }
+}
+
 fn pod_ip(i: usize) -> String {
     format!(
         "10.{}.{}.{}",

@@ -12,7 +12,7 @@ async fn readiness_termination_and_deletion() -> Result<()> {
     e.pod(1, "web", true, 8080).await?;
     e.pod(2, "web", false, 8080).await?;
     let s = e
-        .wait_slices("web", "three endpoints", |s| endpoints(s).len() == 3)
+        .wait_slices_settled("web", "three endpoints", |s| endpoints(s).len() == 3)
         .await?;
     assert_eq!(s.len(), 1);
     let eps = endpoints(&s);
@@ -126,8 +126,9 @@ async fn more_than_100_endpoints_are_packed() -> Result<()> {
     let c = start_slices(&e.client, &e.ns, EndpointSliceConfig::default());
     e.service("web", basic_spec(serde_json::json!({}))).await?;
     e.pods(250, "web", true).await?;
+    // Settled: the resourceVersions below are the "before" of one readiness flip.
     let s = e
-        .wait_slices("web", "250 endpoints", |s| total_endpoints(s) == 250)
+        .wait_slices_settled("web", "250 endpoints", |s| total_endpoints(s) == 250)
         .await?;
     let mut sizes: Vec<usize> = s
         .iter()
@@ -186,7 +187,7 @@ async fn more_than_1000_endpoints_and_legacy_truncation() -> Result<()> {
     e.service("web", basic_spec(serde_json::json!({}))).await?;
     e.pods(1100, "web", true).await?;
     let s = e
-        .wait_slices("web", "1100 endpoints", |s| total_endpoints(s) == 1100)
+        .wait_slices_settled("web", "1100 endpoints", |s| total_endpoints(s) == 1100)
         .await?;
     assert_eq!(s.len(), 2);
     assert!(
