@@ -55,21 +55,36 @@ fn ready_after<'a>(before: &[&'a EndpointSlice], done: &[Op<'a>]) -> HashSet<&'a
         .collect()
 }
 
-/// The writes of one plan in the order they are made, each with its token-bucket class.
+/// The writes of one plan in the order they are started, each with its token-bucket class.
 pub(super) struct Ordered<'a> {
     /// The calls, first to last.
     pub ops: Vec<(Priority, Op<'a>)>,
     /// Only the urgent part of a mixed plan is in `ops` (`defer_ordinary`).
     pub deferred: bool,
+    // The wave of each call: calls of one wave may be in flight together, a wave starts once
+    // the earlier ones are done.
+    waves: Vec<Wave>,
     // Ready before the plan and after the whole of it: no stop may leave one of these out.
     keep: HashSet<&'a str>,
     before: Vec<&'a EndpointSlice>,
     known: bool,
 }
 
+/// Creates only add; an update that takes away no address the plan keeps ready is safe in any
+/// order; one that does (an endpoint moving to another slice) goes alone, after the slices it
+/// may move to are written; deletes go last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Wave {
+    Create,
+    Update,
+    Move,
+    Delete,
+}
+
 impl<'a> Ordered<'a> {
-    /// Orders `w`: creates (when `create`), then updates, urgent ones first and, within a
-    /// class, slices not yet written in this pass before those that were, then deletes.
+    /// Orders `w`: creates (when `create`), updates, moves, deletes; within a wave urgent
+    /// calls first and, within a class, slices not yet written in this pass before those that
+    /// were.
     ///
     /// Urgent: an update or delete that takes away a ready address no slice keeps ready after
     /// the plan (an endpoint that stopped serving), and the creates of a Service that has no
@@ -103,15 +118,20 @@ impl<'a> Ordered<'a> {
             Priority::Ordinary
         };
         let urgent = |p: &Priority| *p == Priority::Urgent;
+        let prior = |u: &EndpointSlice| {
+            before
+                .iter()
+                .copied()
+                .find(|b| b.metadata.name == u.metadata.name)
+        };
         let mut updates: Vec<(Priority, Op)> = w
             .update
             .iter()
             .map(|u| {
-                let p = before
-                    .iter()
-                    .find(|b| b.metadata.name == u.metadata.name)
-                    .map_or(Priority::Ordinary, |b| drops_ready(b));
-                (p, Op::Update(u))
+                (
+                    prior(u).map_or(Priority::Ordinary, drops_ready),
+                    Op::Update(u),
+                )
             })
             .collect();
         let mut deletes: Vec<(Priority, Op)> = w
@@ -129,18 +149,35 @@ impl<'a> Ordered<'a> {
             updates.retain(|(p, _)| urgent(p));
             deletes.retain(|(p, _)| urgent(p));
         }
+        let wave = |op: &Op| match op {
+            Op::Create(_) => Wave::Create,
+            Op::Update(u) => {
+                let now: HashSet<&str> = ready_addresses(u).collect();
+                let moves = prior(u).is_some_and(|b| {
+                    ready_addresses(b).any(|a| keep.contains(a) && !now.contains(a))
+                });
+                if moves { Wave::Move } else { Wave::Update }
+            }
+            Op::Delete(_) => Wave::Delete,
+        };
         let written_before = |op: &Op| {
             op.name()
                 .is_some_and(|n| w.written.is_some_and(|set| set.contains(n)))
         };
-        updates.sort_by_key(|(p, op)| (std::cmp::Reverse(*p), written_before(op)));
         let creates = w
             .create
             .iter()
             .filter(|_| create && !deferred)
             .map(|c| (create_p, Op::Create(c)));
+        let mut ops: Vec<(Wave, Priority, Op)> = creates
+            .chain(updates)
+            .chain(deletes)
+            .map(|(p, op)| (wave(&op), p, op))
+            .collect();
+        ops.sort_by_key(|(wv, p, op)| (*wv, std::cmp::Reverse(*p), written_before(op)));
         Ordered {
-            ops: creates.chain(updates).chain(deletes).collect(),
+            waves: ops.iter().map(|(wv, _, _)| *wv).collect(),
+            ops: ops.into_iter().map(|(_, p, op)| (p, op)).collect(),
             deferred,
             keep,
             before,
@@ -148,15 +185,31 @@ impl<'a> Ordered<'a> {
         }
     }
 
-    /// True when stopping after the first `n` calls leaves every address that is ready before
-    /// and after the whole plan ready (an endpoint moved between slices is never missing).
-    /// Never when the prior state is unknown.
-    pub fn can_stop_after(&self, n: usize) -> bool {
+    /// True when stopping with the calls `done` (by index into `ops`) made leaves every
+    /// address that is ready before and after the whole plan ready (an endpoint moved between
+    /// slices is never missing). Never when the prior state is unknown.
+    pub fn can_stop(&self, done: &[bool]) -> bool {
         if !self.known {
             return false;
         }
-        let done: Vec<Op> = self.ops.iter().take(n).map(|(_, op)| *op).collect();
+        let done: Vec<Op> = self
+            .ops
+            .iter()
+            .zip(done)
+            .filter(|(_, d)| **d)
+            .map(|((_, op), _)| *op)
+            .collect();
         let ready = ready_after(&self.before, &done);
         self.keep.iter().all(|a| ready.contains(a))
+    }
+
+    /// Whether call `i` may start, with `done` (by index) made and `in_flight` calls under
+    /// way: every call of an earlier wave is done, and a move goes alone.
+    pub fn may_start(&self, i: usize, done: &[bool], in_flight: usize) -> bool {
+        let wave = self.waves[i];
+        if wave == Wave::Move {
+            return in_flight == 0 && done[..i].iter().all(|d| *d);
+        }
+        (0..i).all(|j| done[j] || self.waves[j] == wave)
     }
 }

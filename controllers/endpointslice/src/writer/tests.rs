@@ -174,10 +174,14 @@ async fn no_creates_while_the_owner_is_deleted() {
 async fn a_terminating_namespace_ends_the_plan_quietly() {
     let (s, m, key) = fixture();
     let api = Recorder::default();
-    api.script(vec![api_error(
-        403,
-        "endpointslices \"svc-\" is forbidden: unable to create new content in namespace ns because it is being terminated",
-    )]);
+    let terminating = || {
+        api_error(
+            403,
+            "endpointslices \"svc-\" is forbidden: unable to create new content in namespace ns because it is being terminated",
+        )
+    };
+    // Both creates are in flight together; both are refused.
+    api.script(vec![terminating(), terminating()]);
     let (c, u) = (
         [slice(None, "", 0), slice(None, "", 0)],
         [slice(Some("svc-a"), "ua", 3)],
@@ -191,7 +195,11 @@ async fn a_terminating_namespace_ends_the_plan_quietly() {
         s.write(&api, &key, w, true, &m).await.unwrap(),
         Written::NamespaceTerminating
     );
-    assert_eq!(api.calls(), vec!["create ns/svc-"]);
+    assert_eq!(
+        api.calls(),
+        vec!["create ns/svc-", "create ns/svc-"],
+        "no update"
+    );
     let none: &[EndpointSlice] = &[];
     assert!(!s.tracker.stale(&key, none), "nothing recorded");
     // Any other 403 is an error.
@@ -375,46 +383,56 @@ async fn run(
     (got, api.calls().join(", "))
 }
 
-/// Once the owner has changed again, the writer stops between two calls, but only where
-/// stopping leaves every endpoint the plan keeps ready in some slice; slices already written
-/// in the pass go after the others.
+/// Once the owner has changed again, the writer starts no further call and stops when those
+/// in flight are done, but only where stopping leaves every endpoint the plan keeps ready in
+/// some slice; slices already written in the pass go after the others.
 #[tokio::test]
 async fn an_interrupt_stops_between_calls_where_no_kept_endpoint_is_missing() {
     let (slices, metrics, key) = fixture();
-    let a = with_endpoints(slice(Some("a"), "ua", 1), &[("10.0.0.1", true)]);
-    let b = with_endpoints(slice(Some("b"), "ub", 1), &[("10.0.0.2", true)]);
-    let before = [&a, &b];
-    let a2 = with_endpoints(a.clone(), &[("10.0.0.1", true), ("10.0.0.3", true)]);
-    let b2 = with_endpoints(b.clone(), &[("10.0.0.2", true), ("10.0.0.4", true)]);
-    let updates = [a2.clone(), b2.clone()];
+    // More slices than calls in flight at once, each gaining an endpoint.
+    let n = MAX_IN_FLIGHT + 2;
+    let names: Vec<String> = (0..n).map(|i| format!("s{i:02}")).collect();
+    let olds: Vec<EndpointSlice> = (0..n)
+        .map(|i| {
+            let ip = format!("10.0.1.{i}");
+            with_endpoints(slice(Some(&names[i]), "u", 1), &[(ip.as_str(), true)])
+        })
+        .collect();
+    let news: Vec<EndpointSlice> = (0..n)
+        .map(|i| {
+            let (a, b) = (format!("10.0.1.{i}"), format!("10.0.2.{i}"));
+            with_endpoints(olds[i].clone(), &[(a.as_str(), true), (b.as_str(), true)])
+        })
+        .collect();
+    let before: Vec<&EndpointSlice> = olds.iter().collect();
     let changed = || true;
     let w = SliceWrites {
-        update: &updates,
+        update: &news,
         before: Some(&before),
         interrupt: Some(&changed),
         ..Default::default()
     };
-    assert_eq!(
-        run(&slices, &key, &metrics, w).await,
-        (
-            Written::Interrupted(vec!["a".into()]),
-            "replace ns/a rv=7".into()
-        )
-    );
+    let (got, calls) = run(&slices, &key, &metrics, w).await;
+    let first: Vec<String> = names[..MAX_IN_FLIGHT].to_vec();
+    let Written::Interrupted(mut stopped_after) = got else {
+        panic!("{got:?}")
+    };
+    stopped_after.sort();
+    assert_eq!(stopped_after, first);
+    assert_eq!(calls.matches("replace").count(), MAX_IN_FLIGHT);
 
-    // Next plan of the pass: a was written, so b goes first.
-    let pass = ["a".to_string()].into();
+    // Next plan of the pass: the slices not written yet go first.
+    let pass = first.into_iter().collect();
     let w = SliceWrites {
         written: Some(&pass),
         ..w
     };
-    assert_eq!(
-        run(&slices, &key, &metrics, w).await,
-        (
-            Written::Interrupted(vec!["b".into()]),
-            "replace ns/b rv=7".into()
-        )
+    let (got, calls) = run(&slices, &key, &metrics, w).await;
+    assert!(
+        calls.starts_with("replace ns/s08 rv=7, replace ns/s09 rv=7"),
+        "{calls}"
     );
+    assert!(matches!(got, Written::Interrupted(_)), "{got:?}");
 
     // Unchanged owner: the whole plan.
     let unchanged = || false;
@@ -422,16 +440,16 @@ async fn an_interrupt_stops_between_calls_where_no_kept_endpoint_is_missing() {
         interrupt: Some(&unchanged),
         ..w
     };
-    assert_eq!(
-        run(&slices, &key, &metrics, w).await,
-        (Written::All, "replace ns/b rv=7, replace ns/a rv=7".into())
-    );
+    let (got, calls) = run(&slices, &key, &metrics, w).await;
+    assert_eq!((got, calls.matches("replace").count()), (Written::All, n));
 
-    // 10.0.0.2 moves from b to a: stopping after b's update would leave it in no slice, so
-    // the writer goes on to a's; it may stop after that (nothing kept is missing any more).
+    // 10.0.0.2 moves from b to a: b's update waits until a's (and c's) are written, and the
+    // writer may stop before it (nothing kept is missing then), never after it alone.
+    let a = with_endpoints(slice(Some("a"), "ua", 1), &[("10.0.0.1", true)]);
+    let b = with_endpoints(slice(Some("b"), "ub", 1), &[("10.0.0.2", true)]);
+    let c = with_endpoints(slice(Some("c"), "uc", 1), &[("10.0.0.5", true)]);
     let b3 = with_endpoints(b.clone(), &[("10.0.0.4", true)]);
     let a3 = with_endpoints(a.clone(), &[("10.0.0.1", true), ("10.0.0.2", true)]);
-    let c = with_endpoints(slice(Some("c"), "uc", 1), &[("10.0.0.5", true)]);
     let c3 = with_endpoints(c.clone(), &[("10.0.0.5", true), ("10.0.0.6", true)]);
     let before = [&a, &b, &c];
     let updates = [b3, a3, c3];
@@ -444,13 +462,28 @@ async fn an_interrupt_stops_between_calls_where_no_kept_endpoint_is_missing() {
     assert_eq!(
         run(&slices, &key, &metrics, w).await,
         (
-            Written::Interrupted(vec!["b".into(), "a".into()]),
-            "replace ns/b rv=7, replace ns/a rv=7".into()
+            Written::Interrupted(vec!["a".into(), "c".into()]),
+            "replace ns/a rv=7, replace ns/c rv=7".into()
+        )
+    );
+    let w = SliceWrites {
+        interrupt: Some(&unchanged),
+        ..w
+    };
+    assert_eq!(
+        run(&slices, &key, &metrics, w).await,
+        (
+            Written::All,
+            "replace ns/a rv=7, replace ns/c rv=7, replace ns/b rv=7".into()
         )
     );
 
     // With no known prior state nothing can be judged: never interrupted.
-    let w = SliceWrites { before: None, ..w };
+    let w = SliceWrites {
+        before: None,
+        interrupt: Some(&changed),
+        ..w
+    };
     let (got, calls) = run(&slices, &key, &metrics, w).await;
     assert_eq!((got, calls.matches("replace").count()), (Written::All, 3));
 }
