@@ -98,6 +98,22 @@ async fn deletes_and_type_changes_while_no_leader_runs_converge_once_one_leads()
         (up == moved).then_some(())
     })
     .await?;
+    // Upstream having followed says nothing of our watch: wait until our controllers' shared
+    // informer has seen every change (a writer would act on them now), else "nothing moved"
+    // can be read before ours had its chance.
+    let informer = scene.ours.base.informers.services();
+    wait_for("our informer to see the changes", WAIT, || async {
+        let get = |name: &str| informer.get(&ObjectKey::new(ns.clone(), name));
+        let type_of = |name: &str| get(name)?.spec.as_ref()?.type_.clone();
+        let selector = get("svc-3")?.spec.as_ref()?.selector.clone()?;
+        let deleted = get("svc-0").is_none_or(|s| s.metadata.deletion_timestamp.is_some());
+        (deleted
+            && type_of("svc-1").as_deref() == Some("NodePort")
+            && type_of("svc-2").as_deref() == Some("ClusterIP")
+            && selector.get("app").map(String::as_str) == Some("svc-3-b"))
+        .then_some(())
+    })
+    .await?;
     assert!(
         !slices_of(&admin, &ns, "svc-0", OURS).await?.is_empty(),
         "our slices of the deleted svc-0 were removed while no one led"
