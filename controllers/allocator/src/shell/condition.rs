@@ -35,11 +35,12 @@ pub(super) fn stale<A: Allocator>(services: &[&Service], next: &MirrorOf<A>) -> 
     let Some(t) = A::CONDITION else {
         return vec![];
     };
+    // Only Services showing the condition get a key built: most show none.
     services
         .iter()
-        .map(|s| (ObjectKey::of(*s), *s))
-        .filter(|(k, s)| !next.findings.contains_key(k) && shows_condition(s, t))
-        .map(|(k, _)| k)
+        .filter(|s| shows_condition(s, t))
+        .map(|s| ObjectKey::of(*s))
+        .filter(|k| !next.findings.contains_key(k))
         .collect()
 }
 
