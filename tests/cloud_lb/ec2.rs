@@ -142,7 +142,9 @@ async fn source_ranges_are_enforced_in_node_security_groups() -> Result<()> {
     })
     .await?;
 
-    // Steady state: a resync changes no rule.
+    // Steady state: a resync changes no rule. (Counted from idle: the new node's host update
+    // may still be running when its rules show.)
+    ctrl.wait_idle().await?;
     aws.proxy.reset_counts();
     patch(
         &client,
@@ -158,6 +160,8 @@ async fn source_ranges_are_enforced_in_node_security_groups() -> Result<()> {
             .then_some(())
     })
     .await?;
+    // The describe comes before any grant or revoke: read the counts once that resync is done.
+    ctrl.wait_idle().await?;
     let c = aws.proxy.counts();
     assert!(
         !c.contains_key("AuthorizeSecurityGroupIngress")

@@ -175,6 +175,7 @@ async fn nodes_added_removed_and_excluded() -> Result<()> {
         (ctrl.inventory_sweeps() >= 1).then_some(())
     })
     .await?;
+    ctrl.wait_idle().await?;
     aws.proxy.reset_counts();
     for n in ["n-c", "n-d", "n-e", "n-f"] {
         node(&client, n).await?;
@@ -219,7 +220,9 @@ async fn nodes_added_removed_and_excluded() -> Result<()> {
     nodes.delete("n-c", &DeleteParams::default()).await?;
     wait_targets(&aws, &tg_arn, set(&["n-d", "n-e", "n-f"])).await?;
 
-    // A label unrelated to load balancing triggers nothing.
+    // A label unrelated to load balancing triggers nothing. (Counted from idle: the
+    // deletions' passes may still be finishing when the targets show.)
+    ctrl.wait_idle().await?;
     aws.proxy.reset_counts();
     let done = ctrl.reconciles_done();
     let other = serde_json::json!({"metadata": {"labels": {"team": "blue"}}});

@@ -14,7 +14,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use scm_runtime::{ContextBase, LeaderGate, Metrics};
-use test_support::{ControlPlane, NodeSpecBuilder, create_node, namespace, wait_for};
+use test_support::{ControlPlane, NodeSpecBuilder, create_node, namespace, wait_for, wait_stable};
 use tokio_util::sync::CancellationToken;
 
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -95,6 +95,30 @@ impl Ctrl {
     /// Reconciles completed so far.
     pub fn reconciles_done(&self) -> u64 {
         self.count("service_controller_manager_reconcile_duration_seconds_count")
+    }
+
+    /// Waits until nothing is queued or being reconciled, the same for 1 s (five readings
+    /// 250 ms apart: a node-sync pass queues its Services 500 ms after a node event). What a
+    /// count reset or a "nothing (more) happened" check needs first: a reconcile still running
+    /// from an earlier step would otherwise land in the window, or the check would be read
+    /// before a queued Service had its turn. (A backoff retry that is not due yet is not seen.)
+    pub async fn wait_idle(&self) -> Result<()> {
+        wait_stable(
+            "the controller idle",
+            T,
+            Duration::from_millis(250),
+            5,
+            || async {
+                let (depth, taken) = (
+                    self.count("workqueue_depth{"),
+                    self.count("workqueue_adds_total{"),
+                );
+                let done = self.reconciles_done();
+                (depth == 0 && taken == done).then_some(done)
+            },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Inventory sweeps completed so far (one runs at the start of each term).

@@ -105,7 +105,9 @@ async fn tls_listeners_follow_the_ssl_annotations() -> Result<()> {
             .all(|t| t.protocol().map(|p| p.as_str()) == Some("TCP"))
     );
 
-    // Converged: a resync makes no mutating call.
+    // Converged: a resync makes no mutating call. (Counted from idle, and read once that
+    // resync is done: its last describe comes before any change it would make.)
+    ctrl.wait_idle().await?;
     aws.proxy.reset_counts();
     patch(
         &client,
@@ -121,6 +123,7 @@ async fn tls_listeners_follow_the_ssl_annotations() -> Result<()> {
             .then_some(())
     })
     .await?;
+    ctrl.wait_idle().await?;
     let c = aws.proxy.counts();
     assert!(!c.keys().any(|op| is_mutating(op)), "{c:?}");
 

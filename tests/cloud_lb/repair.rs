@@ -214,6 +214,9 @@ async fn a_class_less_service_served_by_another_controller_is_left_alone() -> Re
     ctrl.stop().await;
     let ctrl = Ctrl::start(&client, config(), local_pool(POOL));
     wait_gauge(&client, &ctrl, 2).await?;
+    // The gauge can be right before ours had its turn: what follows says nothing happened
+    // to ours, so let every listed Service be reconciled first.
+    ctrl.wait_idle().await?;
     let fin = get(&client, &ns, "theirs-fin")
         .await
         .ok_or_else(|| anyhow!("gone"))?;
