@@ -148,8 +148,16 @@ impl Ctrl {
 
     pub async fn stop(mut self) {
         self.token.cancel();
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        if let Some(mut t) = self.task.take() {
+            // A controller that has not stopped in time must not go on into the next step or
+            // test (dropping a JoinHandle detaches the task; it does not end it).
+            if tokio::time::timeout(Duration::from_secs(10), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+                let _ = t.await;
+            }
         }
     }
 
