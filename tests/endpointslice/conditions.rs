@@ -211,22 +211,25 @@ async fn steady_state_writes_no_condition() -> Result<()> {
     }
     e.wait_slices("web", "four ready endpoints", |s| ready_count(s) == 4)
         .await?;
-    // Every reconcile those pods caused has finished (a condition write would come in the
-    // same reconcile, right after the slice writes).
+    // Every reconcile those pods caused has finished, and so has any condition write one of
+    // them wished for: the conditions writer applies wishes after the reconcile, on its own
+    // task (scm_runtime::conditions::Writer), so the write count must settle too.
     test_support::wait_stable(
-        "reconciles settled",
+        "reconciles and condition writes settled",
         WAIT,
         Duration::from_millis(200),
         5,
         || async {
-            c.metrics
+            let reconciles = c
+                .metrics
                 .encode()
                 .lines()
                 .find(|l| {
                     l.starts_with("service_controller_manager_reconcile_total{")
                         && l.contains("controller=\"endpointslice\"")
                 })
-                .map(String::from)
+                .map(String::from)?;
+            Some((reconciles, c.metrics.condition_writes("endpointslice")))
         },
     )
     .await?;
