@@ -101,9 +101,15 @@ async fn service_cidr_finalizer_ready_and_deletion_blocking() {
     ctl.stop().await;
 }
 
+/// A private control plane: on the shared one, another test's clusterip-alloc with a fixed
+/// range (ipaddress_findings_have_upstream_reasons_messages_and_metric, 10.96.0.0/16, findings
+/// reported at once) mirrors every Service in the cluster and may record the very
+/// ClusterIPOutOfRange Event on `in-new` that this test asserts nobody recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_flag_ranges_follow_service_cidr_objects() {
-    let cp = ControlPlane::shared().await.expect("control plane");
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane");
     let client = cp.client().await.expect("client");
     let ctl = start_service_cidr(&client);
     let cip = start_clusterip(&client, &[]);
