@@ -139,6 +139,8 @@ async fn local_targets_follow_ready_endpoints_and_drain_before_the_pod_goes() ->
             .then_some(())
     })
     .await?;
+    // The slice showing says nothing of whether the cloud-lb controller has acted on it yet.
+    wait_idle(&c.base.metrics, "cloud-lb").await?;
     assert_eq!(
         aws.targets(&tg).await,
         want(&["drain-a", "drain-b"], port),

@@ -97,28 +97,10 @@ impl Ctrl {
         self.count("service_controller_manager_reconcile_duration_seconds_count")
     }
 
-    /// Waits until nothing is queued or being reconciled, the same for 1 s (five readings
-    /// 250 ms apart: a node-sync pass queues its Services 500 ms after a node event). What a
-    /// count reset or a "nothing (more) happened" check needs first: a reconcile still running
-    /// from an earlier step would otherwise land in the window, or the check would be read
-    /// before a queued Service had its turn. (A backoff retry that is not due yet is not seen.)
+    /// Waits until nothing is queued or being reconciled, the same for 1 s: see
+    /// [`wait_idle`].
     pub async fn wait_idle(&self) -> Result<()> {
-        wait_stable(
-            "the controller idle",
-            T,
-            Duration::from_millis(250),
-            5,
-            || async {
-                let (depth, taken) = (
-                    self.count("workqueue_depth{"),
-                    self.count("workqueue_adds_total{"),
-                );
-                let done = self.reconciles_done();
-                (depth == 0 && taken == done).then_some(done)
-            },
-        )
-        .await
-        .map(|_| ())
+        wait_idle(&self.metrics, "cloud-lb").await
     }
 
     /// Inventory sweeps completed so far (one runs at the start of each term).
@@ -176,6 +158,34 @@ impl Drop for Ctrl {
             t.abort();
         }
     }
+}
+
+/// Waits until `controller` (its metrics in `metrics`) has nothing queued and every key it
+/// took up has finished, the same for 1 s (five readings 250 ms apart: a node-sync pass queues
+/// its Services 500 ms after a node event). What a count reset or a "nothing (more) happened"
+/// check needs first: a reconcile still running from an earlier step would otherwise land in
+/// the window, or the check would be read before a queued Service had its turn. (A backoff
+/// retry that is not due yet is not seen.)
+pub async fn wait_idle(metrics: &Metrics, controller: &str) -> Result<()> {
+    let line = |prefix: String| Ctrl::count_in(metrics, &prefix);
+    wait_stable(
+        &format!("{controller} idle"),
+        T,
+        Duration::from_millis(250),
+        5,
+        || async {
+            let depth = line(format!("workqueue_depth{{name=\"{controller}\"}}"));
+            let taken = line(format!("workqueue_adds_total{{name=\"{controller}\"}}"));
+            let done = line(format!(
+                "service_controller_manager_reconcile_duration_seconds_count{{controller=\"{controller}\"}}"
+            ));
+            // taken > 0: every caller waits after some work, and a misspelt metric (read as
+            // 0) must not pass for idle.
+            (depth == 0 && taken > 0 && taken == done).then_some(done)
+        },
+    )
+    .await
+    .map(|_| ())
 }
 
 /// A local provider with one pool.
