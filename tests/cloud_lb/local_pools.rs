@@ -92,10 +92,14 @@ async fn local_pools_requests_exhaustion_and_restart() -> Result<()> {
     // Restart with empty memory: a and b keep their addresses; c still waits.
     ctrl.stop().await;
     let ctrl = Ctrl::start(&client, config.clone(), pools());
+    // Five finished reconciles need not be five Services (c is retried, and a write queues
+    // its Service again): "a and b keep their addresses" means something once every listed
+    // Service had its turn.
     wait_for("reconciles after restart", T, || async {
         (ctrl.reconciles_done() >= 5).then_some(())
     })
     .await?;
+    ctrl.wait_idle().await?;
     assert_eq!(
         ips(&get(&client, &ns, "a").await.ok_or_else(|| anyhow!("a"))?),
         vec!["10.200.0.2"]
