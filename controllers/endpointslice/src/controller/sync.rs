@@ -181,6 +181,17 @@ async fn sync_once(
     // token and this holds after the first one; when tokens are free a plan of a large
     // Service is written whole, instead of planned again after every write.
     let (planned, cost) = (Instant::now(), planning.elapsed());
+    // When each pod's readiness last changed, so that updates carrying older changes go first
+    // (only worth a map when there is an order to choose).
+    let ages: HashMap<&str, i64> = if plan.update.len() > 1 {
+        snap.pods
+            .iter()
+            .filter_map(|p| Some((&*p.name, p.ready_transition()?)))
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let age = |pod: &str| ages.get(pod).copied();
     let changed =
         || planned.elapsed() >= cost * REPLAN_AFTER_COSTS && queue.added_while_processing(key);
     let w = SliceWrites {
@@ -191,6 +202,7 @@ async fn sync_once(
         defer_ordinary: true,
         interrupt: may_interrupt.then_some(&changed as Interrupt),
         written: Some(pass),
+        age: Some(&age),
     };
     let result = s
         .slices

@@ -2,12 +2,12 @@
 //! the writer may stop before the plan is done (all judged against the owner's slices the plan
 //! was made from).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use scm_runtime::Priority;
 
-use super::SliceWrites;
+use super::{PodAge, SliceWrites};
 
 /// One call of a plan.
 #[derive(Clone, Copy)]
@@ -55,6 +55,26 @@ fn ready_after<'a>(before: &[&'a EndpointSlice], done: &[Op<'a>]) -> HashSet<&'a
         .collect()
 }
 
+/// When the oldest change an update carries happened (seconds since the epoch): the earliest
+/// time `age` gives for a pod whose endpoint the update adds, removes or changes.
+fn oldest_change(old: Option<&EndpointSlice>, new: &EndpointSlice, age: PodAge<'_>) -> Option<i64> {
+    let target = |e: &Endpoint| e.target_ref.as_ref().and_then(|r| r.name.clone());
+    let by_target = |s: Option<&EndpointSlice>| -> HashMap<String, Endpoint> {
+        s.and_then(|s| s.endpoints.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((target(e)?, e.clone())))
+            .collect()
+    };
+    let (olds, news) = (by_target(old), by_target(Some(new)));
+    let changed = news
+        .iter()
+        .filter(|(n, e)| olds.get(*n) != Some(e))
+        .map(|(n, _)| n)
+        .chain(olds.keys().filter(|n| !news.contains_key(*n)));
+    changed.filter_map(|n| age(n)).min()
+}
+
 /// The writes of one plan in the order they are started, each with its token-bucket class.
 pub(super) struct Ordered<'a> {
     /// The calls, first to last.
@@ -84,7 +104,8 @@ enum Wave {
 impl<'a> Ordered<'a> {
     /// Orders `w`: creates (when `create`), updates, moves, deletes; within a wave urgent
     /// calls first and, within a class, slices not yet written in this pass before those that
-    /// were.
+    /// were, then updates carrying older changes first (`w.age`), so under a saturated budget
+    /// no slice of a large Service waits while others are written again and again.
     ///
     /// Urgent: an update or delete that takes away a ready address no slice keeps ready after
     /// the plan (an endpoint that stopped serving), and the creates of a Service that has no
@@ -174,7 +195,13 @@ impl<'a> Ordered<'a> {
             .chain(deletes)
             .map(|(p, op)| (wave(&op), p, op))
             .collect();
-        ops.sort_by_key(|(wv, p, op)| (*wv, std::cmp::Reverse(*p), written_before(op)));
+        let oldest = |op: &Op| match (op, w.age) {
+            (Op::Update(u), Some(age)) => oldest_change(prior(u), u, age).unwrap_or(i64::MAX),
+            _ => i64::MAX,
+        };
+        ops.sort_by_cached_key(|(wv, p, op)| {
+            (*wv, std::cmp::Reverse(*p), written_before(op), oldest(op))
+        });
         Ordered {
             waves: ops.iter().map(|(wv, _, _)| *wv).collect(),
             ops: ops.into_iter().map(|(_, p, op)| (p, op)).collect(),
