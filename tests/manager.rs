@@ -328,6 +328,21 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
     )
     .await
     .expect("new leader reconciles");
+    // The other tests of this binary run managers on the same control plane at the same time
+    // (each leading in its own Lease namespace, every controller on, cluster-wide): the slice
+    // may be theirs, with the same field manager. The new leader's own count, 0 while it
+    // followed, says it reconciled.
+    wait_for(
+        "the new leader's own reconciles",
+        Duration::from_secs(30),
+        || async {
+            reconciles(&follower_addr, "endpointslice")
+                .await
+                .filter(|n| *n > 0)
+        },
+    )
+    .await
+    .expect("new leader reconciles");
     // The API server names the field manager after our User-Agent (it was `unknown`).
     let managers: Vec<String> = made.items[0]
         .metadata
