@@ -421,6 +421,9 @@ async fn annotations_reach_elbv2() -> Result<()> {
         (tg.health_check_interval_seconds() == Some(30)).then_some(())
     })
     .await?;
+    // The new interval shows once ModifyTargetGroup is done, not the reconcile that made it:
+    // read the calls once it has finished, so a needless call after it would be seen.
+    ctrl.wait_idle().await?;
     let c = aws.proxy.counts();
     let mutating: BTreeMap<_, _> = c.iter().filter(|(k, _)| is_mutating(k)).collect();
     assert_eq!(
