@@ -26,13 +26,14 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
-use scm_runtime::client::with_priority;
+use scm_runtime::client::{Class, with_class};
 use scm_runtime::{ObjectKey, Priority};
 use tracing::debug;
 
@@ -149,21 +150,28 @@ pub const MAX_IN_FLIGHT: usize = 1;
 /// What a call returned: the slice as written, or nothing for a delete.
 type CallResult = Result<Option<EndpointSlice>, kube::Error>;
 
-/// Makes call `i` in its token-bucket class.
+/// Makes call `i` in its token-bucket class: its priority, and when the oldest change it
+/// carries happened (`age`, seconds since the epoch), which orders urgent calls.
 async fn call(
     api: &impl SliceApi,
     ns: &str,
     i: usize,
-    p: Priority,
-    op: Op<'_>,
+    (p, op): (Priority, Op<'_>),
+    age: Option<i64>,
 ) -> (usize, Instant, CallResult) {
     let t = Instant::now();
+    let class = Class {
+        priority: p,
+        since: age
+            .and_then(|s| u64::try_from(s).ok())
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+    };
     let r = match op {
-        Op::Create(c) => with_priority(p, api.create(ns, c)).await.map(Some),
-        Op::Update(u) => with_priority(p, api.replace(ns, u)).await.map(Some),
+        Op::Create(c) => with_class(class, api.create(ns, c)).await.map(Some),
+        Op::Update(u) => with_class(class, api.replace(ns, u)).await.map(Some),
         Op::Delete(d) => {
             let name = d.metadata.name.as_deref().unwrap_or_default();
-            match with_priority(p, api.delete(ns, name, d.metadata.uid.clone())).await {
+            match with_class(class, api.delete(ns, name, d.metadata.uid.clone())).await {
                 Ok(()) => Ok(None),
                 Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
                 Err(e) => Err(e),
@@ -201,8 +209,7 @@ impl Slices {
                 && in_flight.len() < MAX_IN_FLIGHT
                 && ordered.may_start(next, &done, in_flight.len())
             {
-                let (p, op) = ordered.ops[next];
-                in_flight.push(call(api, ns, next, p, op));
+                in_flight.push(call(api, ns, next, ordered.ops[next], ordered.ages[next]));
                 next += 1;
             }
             let Some((i, t, r)) = in_flight.next().await else {

@@ -15,7 +15,7 @@ pub mod dry_run;
 pub mod metrics;
 
 use bucket::Bucket;
-pub use bucket::{current_priority, with_priority};
+pub use bucket::{Class, current_class, current_priority, with_class, with_priority};
 use metrics::{RequestMetricsLayer, RequestVerb, observe_limiter_wait};
 
 /// A token bucket: `qps` tokens a second, at most `burst` saved up.
@@ -98,7 +98,7 @@ where
         let fut = self.inner.call(req);
         let bucket = self.bucket.clone();
         Box::pin(async move {
-            let waited = bucket.acquire(current_priority()).await;
+            let waited = bucket.acquire(current_class()).await;
             observe_limiter_wait(&verb, waited);
             fut.await
         })

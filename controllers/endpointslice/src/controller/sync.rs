@@ -181,16 +181,13 @@ async fn sync_once(
     // token and this holds after the first one; when tokens are free a plan of a large
     // Service is written whole, instead of planned again after every write.
     let (planned, cost) = (Instant::now(), planning.elapsed());
-    // When each pod's readiness last changed, so that updates carrying older changes go first
-    // (only worth a map when there is an order to choose).
-    let ages: HashMap<&str, i64> = if plan.update.len() > 1 {
-        snap.pods
-            .iter()
-            .filter_map(|p| Some((&*p.name, p.ready_transition()?)))
-            .collect()
-    } else {
-        HashMap::new()
-    };
+    // When each pod's readiness last changed: updates carrying older changes go first, in
+    // the plan and for the client's tokens.
+    let ages: HashMap<&str, i64> = snap
+        .pods
+        .iter()
+        .filter_map(|p| Some((&*p.name, p.ready_transition()?)))
+        .collect();
     let age = |pod: &str| ages.get(pod).copied();
     let changed =
         || planned.elapsed() >= cost * REPLAN_AFTER_COSTS && queue.added_while_processing(key);

@@ -79,6 +79,8 @@ fn oldest_change(old: Option<&EndpointSlice>, new: &EndpointSlice, age: PodAge<'
 pub(super) struct Ordered<'a> {
     /// The calls, first to last.
     pub ops: Vec<(Priority, Op<'a>)>,
+    /// When the oldest change each call carries happened (seconds since the epoch), if known.
+    pub ages: Vec<Option<i64>>,
     /// Only the urgent part of a mixed plan is in `ops` (`defer_ordinary`).
     pub deferred: bool,
     // The wave of each call: calls of one wave may be in flight together, a wave starts once
@@ -190,21 +192,33 @@ impl<'a> Ordered<'a> {
             .iter()
             .filter(|_| create && !deferred)
             .map(|c| (create_p, Op::Create(c)));
-        let mut ops: Vec<(Wave, Priority, Op)> = creates
+        let ops: Vec<(Wave, Priority, Op)> = creates
             .chain(updates)
             .chain(deletes)
             .map(|(p, op)| (wave(&op), p, op))
             .collect();
         let oldest = |op: &Op| match (op, w.age) {
-            (Op::Update(u), Some(age)) => oldest_change(prior(u), u, age).unwrap_or(i64::MAX),
-            _ => i64::MAX,
+            (Op::Update(u), Some(age)) => oldest_change(prior(u), u, age),
+            (Op::Create(c), Some(age)) => oldest_change(None, c, age),
+            (Op::Delete(d), Some(age)) => oldest_change(Some(d), &EndpointSlice::default(), age),
+            _ => None,
         };
-        ops.sort_by_cached_key(|(wv, p, op)| {
-            (*wv, std::cmp::Reverse(*p), written_before(op), oldest(op))
+        let mut ops: Vec<(Wave, Priority, Op, Option<i64>)> = ops
+            .into_iter()
+            .map(|(wv, p, op)| (wv, p, op, oldest(&op)))
+            .collect();
+        ops.sort_by_key(|(wv, p, op, age)| {
+            (
+                *wv,
+                std::cmp::Reverse(*p),
+                written_before(op),
+                age.unwrap_or(i64::MAX),
+            )
         });
         Ordered {
-            waves: ops.iter().map(|(wv, _, _)| *wv).collect(),
-            ops: ops.into_iter().map(|(_, p, op)| (p, op)).collect(),
+            waves: ops.iter().map(|(wv, ..)| *wv).collect(),
+            ages: ops.iter().map(|(.., age)| *age).collect(),
+            ops: ops.into_iter().map(|(_, p, op, _)| (p, op)).collect(),
             deferred,
             keep,
             before,

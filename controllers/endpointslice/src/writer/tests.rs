@@ -17,13 +17,21 @@ struct Recorder {
     calls: Mutex<Vec<String>>,
     // The token-bucket class each call was made in (`with_priority`).
     classes: Mutex<Vec<scm_runtime::Priority>>,
+    // The change each call said it carries (`with_class`), in seconds since the epoch.
+    ages: Mutex<Vec<Option<u64>>>,
     answers: Mutex<VecDeque<Option<kube::Error>>>,
 }
 
 impl Recorder {
     fn answer(&self) -> Result<(), kube::Error> {
-        let class = scm_runtime::client::current_priority();
-        self.classes.lock().unwrap().push(class);
+        let class = scm_runtime::client::current_class();
+        self.classes.lock().unwrap().push(class.priority);
+        let age = class.since.map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs()
+        });
+        self.ages.lock().unwrap().push(age);
         match self.answers.lock().unwrap().pop_front().flatten() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -524,10 +532,14 @@ async fn updates_carrying_older_changes_go_first() {
         age: Some(&age),
         ..Default::default()
     };
+    let api = Recorder::default();
+    let got = slices.write(&api, &key, w, true, &metrics).await.unwrap();
     assert_eq!(
-        run(&slices, &key, &metrics, w).await,
+        (got, api.calls().join(", ")),
         (Written::All, "replace ns/y rv=7, replace ns/x rv=7".into())
     );
+    // Each call tells the client's token bucket the change it carries.
+    assert_eq!(*api.ages.lock().unwrap(), [Some(50), Some(100)]);
     // Without ages, the plan's order.
     let w = SliceWrites { age: None, ..w };
     assert_eq!(

@@ -5,11 +5,17 @@
 //! cannot serve) goes before ordinary ones (watches, lists, Events, leases, writes that only
 //! add capacity). An ordinary request that has waited [`ORDINARY_MAX_WAIT`] goes first, so a
 //! stream of urgent writes can delay a lease renewal by seconds, never starve it.
+//!
+//! Urgent requests go in the order of the changes they carry ([`with_class`]: the oldest
+//! change a slice write makes visible goes first, so one large Service's backlog is not served
+//! at the pace of one worker among several while its changes are the oldest); one that names
+//! no change counts from when it arrived, and no change counts from more than
+//! [`MAX_AGE_CREDIT`] before that.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -24,26 +30,69 @@ pub const ORDINARY_MAX_WAIT: Duration = Duration::from_secs(2);
 /// The longest one wait lasts, whatever the rate (a rate too small to wait for must not panic).
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 
+/// The most an urgent request's change may predate its arrival for its place in line (a pod
+/// reporting an ancient transition time does not jump ahead of everything).
+pub const MAX_AGE_CREDIT: Duration = Duration::from_secs(300);
+
+/// A request's place in the token order: its priority and, for an urgent request, when the
+/// oldest change it carries happened (earlier goes first).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Class {
+    /// Urgent or ordinary.
+    pub priority: Priority,
+    /// The oldest change the request carries, if known.
+    pub since: Option<SystemTime>,
+}
+
+impl From<Priority> for Class {
+    fn from(priority: Priority) -> Self {
+        Class {
+            priority,
+            since: None,
+        }
+    }
+}
+
 tokio::task_local! {
-    static PRIORITY: Priority;
+    static CLASS: Class;
 }
 
 /// Runs `f` with its API requests in class `p` for this client's token bucket.
 pub async fn with_priority<F: Future>(p: Priority, f: F) -> F::Output {
-    PRIORITY.scope(p, f).await
+    with_class(p.into(), f).await
+}
+
+/// Runs `f` with its API requests in class `c` for this client's token bucket.
+pub async fn with_class<F: Future>(c: Class, f: F) -> F::Output {
+    CLASS.scope(c, f).await
 }
 
 /// The class of the requests the current task makes now ([`Priority::Ordinary`] by default).
 pub fn current_priority() -> Priority {
-    PRIORITY.try_with(|p| *p).unwrap_or_default()
+    current_class().priority
+}
+
+/// The whole class of the requests the current task makes now.
+pub fn current_class() -> Class {
+    CLASS.try_with(|c| *c).unwrap_or_default()
+}
+
+/// Milliseconds since the epoch of `c`'s change, bounded to `[arrival - MAX_AGE_CREDIT,
+/// arrival]`; the arrival when it names none.
+fn order_key(c: &Class, arrival: SystemTime) -> u64 {
+    let floor = arrival.checked_sub(MAX_AGE_CREDIT).unwrap_or(UNIX_EPOCH);
+    let t = c.since.unwrap_or(arrival).clamp(floor, arrival);
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 struct State {
     tokens: f64,
     last: Instant,
     next_ticket: u64,
-    // Waiting requests by class, in arrival order: (ticket, since).
-    urgent: VecDeque<(u64, Instant)>,
+    // Waiting urgent requests by (order key, ticket), the next first.
+    urgent: VecDeque<(u64, u64)>,
+    // Waiting ordinary requests in arrival order: (ticket, since).
     ordinary: VecDeque<(u64, Instant)>,
 }
 
@@ -56,13 +105,13 @@ impl State {
             .front()
             .filter(|(_, since)| now.duration_since(*since) >= ORDINARY_MAX_WAIT);
         overdue
-            .or(self.urgent.front())
-            .or(self.ordinary.front())
             .map(|(t, _)| *t)
+            .or(self.urgent.front().map(|(_, t)| *t))
+            .or(self.ordinary.front().map(|(t, _)| *t))
     }
 
     fn remove(&mut self, ticket: u64) {
-        self.urgent.retain(|(t, _)| *t != ticket);
+        self.urgent.retain(|(_, t)| *t != ticket);
         self.ordinary.retain(|(t, _)| *t != ticket);
     }
 }
@@ -112,15 +161,20 @@ impl Bucket {
             .min(MAX_WAIT)
     }
 
-    /// Waits for a token in class `p`; returns how long it waited.
-    pub async fn acquire(&self, p: Priority) -> Duration {
+    /// Waits for a token in class `c`; returns how long it waited.
+    pub async fn acquire(&self, c: impl Into<Class>) -> Duration {
+        let c: Class = c.into();
         let start = Instant::now();
         let ticket = {
             let mut s = self.lock();
             let t = s.next_ticket;
             s.next_ticket += 1;
-            match p {
-                Priority::Urgent => s.urgent.push_back((t, start)),
+            match c.priority {
+                Priority::Urgent => {
+                    let entry = (order_key(&c, SystemTime::now()), t);
+                    let at = s.urgent.partition_point(|e| *e < entry);
+                    s.urgent.insert(at, entry);
+                }
                 Priority::Ordinary => s.ordinary.push_back((t, start)),
             }
             t
@@ -292,6 +346,41 @@ mod tests {
         }
         assert_eq!(log.lock().unwrap().clone(), ["o0"]);
         assert!(start.elapsed() <= Duration::from_millis(1001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn urgent_requests_go_in_the_order_of_the_changes_they_carry() {
+        let b = bucket(10.0, 1);
+        b.acquire(Priority::Ordinary).await; // empty the bucket
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let now = SystemTime::now();
+        let ago = |s: u64| Class {
+            priority: Priority::Urgent,
+            since: Some(now - Duration::from_secs(s)),
+        };
+        // Arriving in this order: no change named (counts from now), 5 s old, 20 s old, and
+        // one claiming an hour (counts as MAX_AGE_CREDIT, still the oldest).
+        let classes = [
+            ("none", Priority::Urgent.into()),
+            ("5s", ago(5)),
+            ("20s", ago(20)),
+            ("1h", ago(3600)),
+        ];
+        let mut all = vec![];
+        for (name, c) in classes {
+            let (b, log) = (b.clone(), log.clone());
+            all.push(tokio::spawn(async move {
+                b.acquire(c).await;
+                log.lock().unwrap().push(name);
+            }));
+            settle().await;
+        }
+        for h in all {
+            h.await.unwrap();
+        }
+        assert_eq!(*log.lock().unwrap(), ["1h", "20s", "5s", "none"]);
+        let credit = order_key(&ago(3600), now);
+        assert_eq!(credit, order_key(&ago(MAX_AGE_CREDIT.as_secs()), now));
     }
 
     #[tokio::test(start_paused = true)]
