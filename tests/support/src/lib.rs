@@ -485,6 +485,19 @@ pub async fn set_pod_status(
     ready: bool,
     ips: &[&str],
 ) -> Result<Pod> {
+    set_pod_status_at(client, namespace, name, ready, ips, None).await
+}
+
+/// [`set_pod_status`] with the Ready condition's `lastTransitionTime` (a kubelet sets it on
+/// every flip; the controllers order urgent writes by it).
+pub async fn set_pod_status_at(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    ready: bool,
+    ips: &[&str],
+    transition: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+) -> Result<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let ready_s = if ready { "True" } else { "False" };
     let status = PodStatus {
@@ -495,6 +508,7 @@ pub async fn set_pod_status(
             PodCondition {
                 type_: "Ready".into(),
                 status: ready_s.into(),
+                last_transition_time: transition,
                 ..Default::default()
             },
             PodCondition {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kube::Client;
-use test_support::set_pod_status;
+use test_support::set_pod_status_at;
 use tokio::process::Child;
 
 use crate::shape::{Mode, Shape};
@@ -294,7 +294,11 @@ impl Side<'_> {
         let ip = self.shape.pod_ip(i);
         let ns = self.ns.to_string();
         tokio::spawn(async move {
-            set_pod_status(&c, &ns, &name, want, &[ip.as_str()])
+            // As a kubelet does, the flip carries its transition time.
+            let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            set_pod_status_at(&c, &ns, &name, want, &[ip.as_str()], Some(now))
                 .await
                 .map(|_| ())
         })
