@@ -150,6 +150,7 @@ async fn ipaddress_findings_have_upstream_reasons_messages_and_metric() {
     let mut candidates = (1..250).map(|i| format!("10.96.254.{i}"));
     // Names a Service that does not exist.
     let leaked = create_free(&ips, &mut candidates, &ns, "gone").await;
+    let leaked_at = std::time::Instant::now();
     // Names a Service that exists but does not hold the address.
     let wrong = create_free(&ips, &mut candidates, &ns, "other").await;
     // A Service whose IPAddress is gone (the API server recreates it only at its next resync).
@@ -222,7 +223,15 @@ async fn ipaddress_findings_have_upstream_reasons_messages_and_metric() {
         .collect();
     // The API server's own client (the harness's kube-apiserver binary is `controlplane`).
     assert_eq!(managers, vec!["controlplane".to_string()]);
-    assert!(ips.get_opt(&leaked).await.expect("get").is_some());
+    // Only while the API server's own 60 s have not run out (a slow machine can get there).
+    if leaked_at.elapsed() < Duration::from_secs(50) {
+        assert!(ips.get_opt(&leaked).await.expect("get").is_some());
+    } else {
+        eprintln!(
+            "leaked IPAddress not checked: {:?} old",
+            leaked_at.elapsed()
+        );
+    }
     // Put the holder's IPAddress back so the shared control plane stays consistent.
     let _ = ips
         .create(&PostParams::default(), &ip_address(&held, &ns, "holder"))

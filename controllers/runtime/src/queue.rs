@@ -82,9 +82,22 @@ struct Inner<K> {
 }
 
 impl<K: Clone + Eq + Hash> Inner<K> {
+    /// Queues a dirty key in class `p`. Urgent keys wait in the order they were first added
+    /// since last handed out, not the order they were queued: a key that changed while a worker
+    /// held it (a large Service under churn) queues ahead of keys that changed after it, instead
+    /// of behind every key that came while it was being processed.
     fn push(&mut self, key: K, p: Priority) {
         match p {
-            Priority::Urgent => self.urgent.push_back(key),
+            Priority::Urgent => {
+                let since = |k: &K| self.dirty.get(k).map(|w| w.since);
+                let at = match since(&key) {
+                    Some(s) => self
+                        .urgent
+                        .partition_point(|k| since(k).is_none_or(|t| t <= s)),
+                    None => self.urgent.len(),
+                };
+                self.urgent.insert(at, key);
+            }
             Priority::Ordinary => self.ordinary.push_back(key),
         }
     }
@@ -158,7 +171,7 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
                     if let Some(i) = g.ordinary.iter().position(|k| *k == key) {
                         g.ordinary.remove(i);
                     }
-                    g.urgent.push_back(key);
+                    g.push(key, Priority::Urgent);
                 }
             }
             return;
@@ -441,6 +454,32 @@ mod tests {
         assert_eq!(q.len(), 2);
         q.done(&"o1");
         assert_eq!(drain(&q).await, vec!["k", "o2"]);
+    }
+
+    /// A key that turned urgent while a worker held it queues, once done, ahead of urgent keys
+    /// added after it changed (not behind every key that came while it was processed).
+    #[tokio::test(start_paused = true)]
+    async fn an_urgent_key_requeued_on_done_keeps_its_place_in_time() {
+        let q = WorkQueue::new(Backoff::default());
+        q.add_urgent("big");
+        assert_eq!(q.get().await, Some("big"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        q.add_urgent("big"); // changed while processed
+        for k in ["a", "b"] {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            q.add_urgent(k);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        q.done(&"big");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        q.add_urgent("c");
+        // An ordinary key promoted later keeps its own (earlier) place too.
+        assert_eq!(drain(&q).await, vec!["big", "a", "b", "c"]);
+        q.add("o");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        q.add_urgent("d");
+        q.add_urgent("o");
+        assert_eq!(drain(&q).await, vec!["o", "d"]);
     }
 
     #[tokio::test(start_paused = true)]
