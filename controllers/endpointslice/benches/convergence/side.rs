@@ -154,6 +154,7 @@ impl Side<'_> {
             f.cold.writes,
             self.condition_writes()
         );
+        self.settle_conditions().await;
         if self.shape.mode == Mode::Default {
             f.flips = self.flips(ready, seed).await?;
         }
@@ -222,6 +223,27 @@ impl Side<'_> {
             converge: start.elapsed(),
             writes: self.writes(),
         })
+    }
+
+    /// Waits until no Service condition write has been seen for 3 s (at most 10 minutes): ours
+    /// writes `EndpointsReady=True` once per Service after its slices, at ordinary priority,
+    /// so those writes trail the slices' convergence; the phases after the cold start (steady
+    /// state, churn) then count only what they cause.
+    async fn settle_conditions(&self) {
+        let (start, quiet) = (Instant::now(), Duration::from_secs(3));
+        let (mut last, mut since) = (self.condition_writes(), Instant::now());
+        while since.elapsed() < quiet && start.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = self.condition_writes();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        eprintln!(
+            "  {}: {last} Service condition writes in all, the last {:.1?} after the slices converged",
+            self.managed_by,
+            since.duration_since(start),
+        );
     }
 
     async fn flips(&self, ready: &mut HashMap<String, bool>, seed: u64) -> Result<Flips> {
