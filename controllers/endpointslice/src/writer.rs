@@ -165,6 +165,7 @@ async fn call(
         since: age
             .and_then(|s| u64::try_from(s).ok())
             .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+        ..p.into()
     };
     let r = match op {
         Op::Create(c) => with_class(class, api.create(ns, c)).await.map(Some),

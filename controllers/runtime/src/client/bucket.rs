@@ -27,6 +27,10 @@ use super::RateLimit;
 /// How long an ordinary request may wait behind urgent ones before it takes the next token.
 pub const ORDINARY_MAX_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a background request may wait behind everything else before it takes the next
+/// token.
+pub const BACKGROUND_MAX_WAIT: Duration = Duration::from_secs(30);
+
 /// The longest one wait lasts, whatever the rate (a rate too small to wait for must not panic).
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 
@@ -42,6 +46,19 @@ pub struct Class {
     pub priority: Priority,
     /// The oldest change the request carries, if known.
     pub since: Option<SystemTime>,
+    /// An ordinary request that may wait until nothing else does (a status condition): it
+    /// takes a token only when no urgent or ordinary request waits, or once it has waited
+    /// [`BACKGROUND_MAX_WAIT`].
+    pub background: bool,
+}
+
+impl Class {
+    /// The class of background requests.
+    pub const BACKGROUND: Class = Class {
+        priority: Priority::Ordinary,
+        since: None,
+        background: true,
+    };
 }
 
 impl From<Priority> for Class {
@@ -49,6 +66,7 @@ impl From<Priority> for Class {
         Class {
             priority,
             since: None,
+            background: false,
         }
     }
 }
@@ -94,25 +112,37 @@ struct State {
     urgent: VecDeque<(u64, u64)>,
     // Waiting ordinary requests in arrival order: (ticket, since).
     ordinary: VecDeque<(u64, Instant)>,
+    // Waiting background requests in arrival order: (ticket, since).
+    background: VecDeque<(u64, Instant)>,
 }
 
 impl State {
-    /// The ticket that takes the next token: an overdue ordinary request, else the first
-    /// urgent one, else the first ordinary one.
+    /// The ticket that takes the next token: an overdue ordinary request, else an overdue
+    /// background one, else the first urgent one, else the first ordinary one, else the first
+    /// background one.
     fn head(&self, now: Instant) -> Option<u64> {
-        let overdue = self
-            .ordinary
-            .front()
-            .filter(|(_, since)| now.duration_since(*since) >= ORDINARY_MAX_WAIT);
-        overdue
-            .map(|(t, _)| *t)
+        let overdue = |q: &VecDeque<(u64, Instant)>, limit: Duration| {
+            q.front()
+                .filter(|(_, since)| now.duration_since(*since) >= limit)
+                .map(|(t, since)| (*since, *t))
+        };
+        // Of the two overdue heads, the one waiting longer.
+        let ordinary = overdue(&self.ordinary, ORDINARY_MAX_WAIT);
+        let background = overdue(&self.background, BACKGROUND_MAX_WAIT);
+        ordinary
+            .into_iter()
+            .chain(background)
+            .min()
+            .map(|(_, t)| t)
             .or(self.urgent.front().map(|(_, t)| *t))
             .or(self.ordinary.front().map(|(t, _)| *t))
+            .or(self.background.front().map(|(t, _)| *t))
     }
 
     fn remove(&mut self, ticket: u64) {
         self.urgent.retain(|(_, t)| *t != ticket);
         self.ordinary.retain(|(t, _)| *t != ticket);
+        self.background.retain(|(t, _)| *t != ticket);
     }
 }
 
@@ -145,6 +175,7 @@ impl Bucket {
                 next_ticket: 0,
                 urgent: VecDeque::new(),
                 ordinary: VecDeque::new(),
+                background: VecDeque::new(),
             }),
             changed: Notify::new(),
         }
@@ -175,6 +206,7 @@ impl Bucket {
                     let at = s.urgent.partition_point(|e| *e < entry);
                     s.urgent.insert(at, entry);
                 }
+                Priority::Ordinary if c.background => s.background.push_back((t, start)),
                 Priority::Ordinary => s.ordinary.push_back((t, start)),
             }
             t
@@ -204,6 +236,8 @@ impl Bucket {
                 } else if s.ordinary.front().is_some_and(|(t, _)| *t == ticket) {
                     // Not next yet, but becomes next once overdue, which nobody else signals.
                     Next::Sleep(ORDINARY_MAX_WAIT.saturating_sub(now.duration_since(start)))
+                } else if s.background.front().is_some_and(|(t, _)| *t == ticket) {
+                    Next::Sleep(BACKGROUND_MAX_WAIT.saturating_sub(now.duration_since(start)))
                 } else {
                     Next::WaitForChange
                 }
@@ -357,6 +391,7 @@ mod tests {
         let ago = |s: u64| Class {
             priority: Priority::Urgent,
             since: Some(now - Duration::from_secs(s)),
+            background: false,
         };
         // Arriving in this order: no change named (counts from now), 5 s old, 20 s old, and
         // one claiming an hour (counts as MAX_AGE_CREDIT, still the oldest).
@@ -381,6 +416,38 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), ["1h", "20s", "5s", "none"]);
         let credit = order_key(&ago(3600), now);
         assert_eq!(credit, order_key(&ago(MAX_AGE_CREDIT.as_secs()), now));
+    }
+
+    /// A background request waits while anything else does, but not for more than
+    /// BACKGROUND_MAX_WAIT.
+    #[tokio::test(start_paused = true)]
+    async fn background_requests_go_last_until_overdue() {
+        // One token a second: forty ordinary requests hold it for forty seconds.
+        let b = bucket(1.0, 1);
+        b.acquire(Priority::Ordinary).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let bg = {
+            let (b, log) = (b.clone(), log.clone());
+            tokio::spawn(async move {
+                b.acquire(Class::BACKGROUND).await;
+                log.lock().unwrap().push("bg".to_string());
+            })
+        };
+        settle().await;
+        let all = waiters(&b, &log, "o", Priority::Ordinary, 40);
+        settle().await;
+        bg.await.unwrap();
+        for h in all {
+            h.await.unwrap();
+        }
+        let got = log.lock().unwrap().clone();
+        let at = got.iter().position(|n| n == "bg").unwrap();
+        // Overdue after 30 s: about 30 ordinary grants went first, not all 40, not none.
+        assert!((28..=31).contains(&at), "{at}: {got:?}");
+        // With nothing else waiting it goes at once.
+        let t = Instant::now();
+        b.acquire(Class::BACKGROUND).await;
+        assert!(t.elapsed() <= Duration::from_millis(1001));
     }
 
     #[tokio::test(start_paused = true)]

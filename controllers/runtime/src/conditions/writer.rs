@@ -1,5 +1,6 @@
 //! Condition writes off a reconcile's path: the latest wanted set per Service, applied by one
-//! task at the client's ordinary priority. A wish for a key not yet written replaces the older
+//! task in the client's background class (after every urgent and ordinary request waiting,
+//! or once it has waited 30 s). A wish for a key not yet written replaces the older
 //! one (only the newest matters), and one task writes keys in turn, so an older set can never
 //! land after a newer one. The reconcile that computed the set does not wait for it, so its
 //! own writes (an EndpointSlice traffic waits for) are not held back by it.
@@ -13,6 +14,7 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use super::{Desired, apply, transition};
+use crate::client::{Class, with_class};
 use crate::{ControllerContext, ObjectKey};
 
 /// What is wanted for one Service, and how many writes of it failed.
@@ -85,7 +87,11 @@ impl Writer {
                 if !ctx.leader.is_leader() {
                     continue;
                 }
-                if let Err(e) = apply(&ctx, &svc, owned, &desired).await {
+                // In the client's background class: a condition trails the writes it reports on
+                // (a cold start's slices first), taking a token only when nothing else waits, or
+                // after 30 s.
+                let write = apply(&ctx, &svc, owned, &desired);
+                if let Err(e) = with_class(Class::BACKGROUND, write).await {
                     warn!(service = %key, controller = %ctx.name, error = %e, "could not write the Service's conditions");
                     if failed < RETRIES {
                         tokio::time::sleep(std::time::Duration::from_secs(u64::from(failed) + 1))
