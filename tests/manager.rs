@@ -344,14 +344,10 @@ async fn exactly_one_of_two_leads_and_the_other_takes_over_after_sigkill() {
     .await
     .expect("new leader reconciles");
     // The API server names the field manager after our User-Agent (it was `unknown`).
-    let managers: Vec<String> = made.items[0]
-        .metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .filter_map(|m| m.manager.clone())
-        .collect();
-    assert_eq!(managers, vec!["service-controller-manager".to_string()]);
+    assert_eq!(
+        test_support::field_managers(&made.items[0].metadata),
+        vec!["service-controller-manager".to_string()]
+    );
     follower.signal(15).expect("SIGTERM");
     let _ = follower.child.wait().await;
 }

@@ -214,15 +214,11 @@ async fn ipaddress_findings_have_upstream_reasons_messages_and_metric() {
     // leaked one is still there (we delete nothing; the API server's repair deletes it 60 s
     // after its creation).
     let back = ips.get_opt(&held).await.expect("get").expect("recreated");
-    let managers: Vec<String> = back
-        .metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .filter_map(|m| m.manager.clone())
-        .collect();
     // The API server's own client (the harness's kube-apiserver binary is `controlplane`).
-    assert_eq!(managers, vec!["controlplane".to_string()]);
+    assert_eq!(
+        test_support::field_managers(&back.metadata),
+        vec!["controlplane".to_string()]
+    );
     // Only while the API server's own 60 s have not run out (a slow machine can get there).
     if leaked_at.elapsed() < Duration::from_secs(50) {
         assert!(ips.get_opt(&leaked).await.expect("get").is_some());

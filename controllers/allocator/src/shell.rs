@@ -41,6 +41,8 @@ use crate::mirror::{Mirror, Pending, Pool, Report};
 
 mod condition;
 mod settle;
+#[cfg(test)]
+mod test_finding;
 pub use condition::wanted_condition;
 pub use settle::{FirstSeen, due_at};
 

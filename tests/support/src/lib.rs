@@ -471,6 +471,15 @@ impl PodBuilder {
     }
 }
 
+/// The field managers in an object's managedFields, in order.
+pub fn field_managers(meta: &ObjectMeta) -> Vec<String> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect()
+}
+
 /// Creates a pod.
 pub async fn create_pod(client: &Client, b: &PodBuilder) -> Result<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), &b.namespace);

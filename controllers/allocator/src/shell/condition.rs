@@ -80,34 +80,7 @@ mod tests {
 
     use super::*;
 
-    #[derive(Clone)]
-    struct F {
-        reason: &'static str,
-        msg: &'static str,
-        settle: Duration,
-    }
-
-    impl Report for F {
-        fn reason(&self) -> &'static str {
-            self.reason
-        }
-        fn action(&self) -> &'static str {
-            "A"
-        }
-        fn message(&self) -> String {
-            self.msg.into()
-        }
-        fn metric_type(&self) -> &'static str {
-            "t"
-        }
-        fn settle(&self) -> Duration {
-            self.settle
-        }
-    }
-
-    fn t(s: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + s)
-    }
+    use super::super::test_finding::{F, t};
 
     #[test]
     fn false_once_a_finding_is_due_and_none_without_findings() {
@@ -115,16 +88,8 @@ mod tests {
         let key = ObjectKey::new("a", "s");
         let none: Vec<F> = vec![];
         assert!(wanted_condition(&seen, "C", &key, &none, t(0)).is_empty());
-        let quick = F {
-            reason: "Out",
-            msg: "out of range",
-            settle: Duration::ZERO,
-        };
-        let slow = F {
-            reason: "NotAllocated",
-            msg: "not allocated",
-            settle: Duration::from_secs(1),
-        };
+        let quick = F::new("Out", "out of range", Duration::ZERO);
+        let slow = F::new("NotAllocated", "not allocated", Duration::from_secs(1));
         let both = vec![slow.clone(), quick.clone()];
         seen.note(&BTreeMap::from([(key.clone(), both.clone())]), t(0));
         // The waiting one is not in the condition yet; the one that never waits is.

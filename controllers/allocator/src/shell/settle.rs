@@ -65,37 +65,7 @@ impl FirstSeen {
 mod tests {
     use super::*;
 
-    #[derive(Clone)]
-    struct F {
-        msg: &'static str,
-        settle: Duration,
-        not_before: Option<SystemTime>,
-    }
-
-    impl Report for F {
-        fn reason(&self) -> &'static str {
-            "R"
-        }
-        fn action(&self) -> &'static str {
-            "A"
-        }
-        fn message(&self) -> String {
-            self.msg.into()
-        }
-        fn metric_type(&self) -> &'static str {
-            "t"
-        }
-        fn not_before(&self) -> Option<SystemTime> {
-            self.not_before
-        }
-        fn settle(&self) -> Duration {
-            self.settle
-        }
-    }
-
-    fn t(s: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + s)
-    }
+    use super::super::test_finding::{F, t};
 
     #[test]
     fn due_once_settled_and_not_before_the_grace_ends() {
@@ -110,11 +80,7 @@ mod tests {
     fn first_seen_survives_rebuilds_and_a_recurrence_starts_over() {
         let seen = FirstSeen::default();
         let key = ObjectKey::new("a", "s");
-        let f = F {
-            msg: "m",
-            settle: Duration::from_secs(1),
-            not_before: None,
-        };
+        let f = F::new("R", "m", Duration::from_secs(1));
         let standing = BTreeMap::from([(key.clone(), vec![f.clone()])]);
         seen.note(&standing, t(0));
         seen.note(&standing, t(5));
@@ -123,11 +89,7 @@ mod tests {
         seen.note(&standing, t(7));
         assert_eq!(seen.due(&key, &f), t(8), "gone, then back: starts over");
         // A finding that never waits is not kept, and is due at once.
-        let quick = F {
-            msg: "q",
-            settle: Duration::ZERO,
-            not_before: None,
-        };
+        let quick = F::new("R", "q", Duration::ZERO);
         seen.note(&BTreeMap::from([(key.clone(), vec![quick.clone()])]), t(9));
         assert_eq!(seen.due(&key, &quick), SystemTime::UNIX_EPOCH);
     }
