@@ -37,7 +37,6 @@ use test_support::{
     ControlPlane, ControlPlaneOptions, NodeSpecBuilder, PodBuilder, create_node, create_pod,
     namespace,
 };
-use tokio::process::Command;
 use trigger::{Readiness, StepKind};
 
 #[derive(Deserialize, Debug)]
@@ -294,18 +293,7 @@ async fn ours_and_upstream_agree_on_every_scenario() -> Result<()> {
     let cp = ControlPlane::start(ControlPlaneOptions::default()).await?;
     let client = cp.client().await?;
     // kube-controller-manager's EndpointSlice controller, and its legacy Endpoints one.
-    let mut kcm = Command::new(test_support::tool("kube-controller-manager")?)
-        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
-        .args([
-            "--leader-elect=false",
-            "--controllers=endpointslice,endpoint",
-        ])
-        .args(["--secure-port=0", "--use-service-account-credentials=false"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting kube-controller-manager")?;
+    let mut kcm = test_support::upstream_controllers(&cp, "endpointslice,endpoint")?;
     let (gate, _tx) = LeaderGate::fixed(true);
     let base = ContextBase::new(client.clone(), gate);
     let shutdown = base.shutdown.clone();

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
@@ -24,7 +24,6 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use scm_runtime::{ContextBase, LeaderGate};
 use serde_json::{Value, json};
 use test_support::{ControlPlane, ControlPlaneOptions, namespace};
-use tokio::process::Command;
 use tokio::time::Instant;
 
 const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
@@ -198,40 +197,23 @@ async fn side(client: &Client, ns: &str, svc: &str, managed_by: &str) -> Result<
 /// Waits until both sides agree for every Service and keep agreeing for 1.5 s; returns how
 /// many slices were compared.
 async fn converge(client: &Client, ns: &str, names: &[&str], what: &str) -> Result<usize> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut agreed_since: Option<Instant> = None;
-    loop {
-        let mut diff = None;
+    test_support::invariants::agree_steadily(what, Duration::from_secs(60), || async {
         let mut compared = 0;
         for s in names {
             let ours = side(client, ns, s, OURS).await?;
             let up = side(client, ns, s, UPSTREAM).await?;
             if ours != up {
-                diff = Some(format!(
-                    "{s}:\nours     {}\nupstream {}",
+                return Ok(Err(format!(
+                    "mirrored slices differ: {s}:\nours     {}\nupstream {}",
                     ours.join("\n         "),
                     up.join("\n         ")
-                ));
-                break;
+                )));
             }
             compared += ours.len();
         }
-        match diff {
-            None => {
-                let since = *agreed_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= Duration::from_millis(1500) {
-                    return Ok(compared);
-                }
-            }
-            Some(d) => {
-                agreed_since = None;
-                if Instant::now() >= deadline {
-                    bail!("{what}: mirrored slices differ: {d}");
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+        Ok(Ok(compared))
+    })
+    .await
 }
 
 async fn put_endpoints(
@@ -261,18 +243,7 @@ async fn put_endpoints(
 async fn mirrored_slices_agree_with_upstream_on_hand_made_endpoints() -> Result<()> {
     let cp = ControlPlane::start(ControlPlaneOptions::default()).await?;
     let client = cp.client().await?;
-    let mut kcm = Command::new(test_support::tool("kube-controller-manager")?)
-        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
-        .args([
-            "--leader-elect=false",
-            "--controllers=endpointslicemirroring,endpoint",
-        ])
-        .args(["--secure-port=0", "--use-service-account-credentials=false"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting kube-controller-manager")?;
+    let mut kcm = test_support::upstream_controllers(&cp, "endpointslicemirroring,endpoint")?;
     let (gate, _tx) = LeaderGate::fixed(true);
     let base = ContextBase::new(client.clone(), gate);
     let shutdown = base.shutdown.clone();

@@ -141,55 +141,64 @@ pub async fn converge(
     hint_counts: bool,
     what: &str,
 ) -> Result<Compared> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut agreed_since: Option<Instant> = None;
-    loop {
-        let mut diff = None;
+    agree_steadily(what, Duration::from_secs(90), || async {
         let mut compared = Compared::default();
         for s in svcs {
             let ours = side(client, ns, s, OURS, hint_counts).await?;
             let up = side(client, ns, s, UPSTREAM, hint_counts).await?;
-            if ours.view != up.view {
-                diff = Some(format!(
-                    "service {s}: ours {:?}\nupstream {:?}",
-                    ours.view, up.view
-                ));
-                break;
-            }
-            if ours.labels != up.labels {
-                diff = Some(format!(
+            let diff = if ours.view != up.view {
+                format!("service {s}: ours {:?}\nupstream {:?}", ours.view, up.view)
+            } else if ours.labels != up.labels {
+                format!(
                     "service {s} labels: ours {:?} upstream {:?}",
                     ours.labels, up.labels
-                ));
-                break;
-            }
-            if ours.slices != up.slices {
-                diff = Some(format!(
+                )
+            } else if ours.slices != up.slices {
+                format!(
                     "service {s}: {} slices here, {} upstream",
                     ours.slices, up.slices
-                ));
-                break;
-            }
-            compared.endpoints += ours.view.0.values().map(BTreeMap::len).sum::<usize>();
-            compared.hinted += ours
-                .view
-                .1
-                .iter()
-                .filter(|(k, _)| k.as_str() != "None")
-                .map(|(_, n)| n)
-                .sum::<usize>();
+                )
+            } else {
+                compared.endpoints += ours.view.0.values().map(BTreeMap::len).sum::<usize>();
+                compared.hinted += ours
+                    .view
+                    .1
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "None")
+                    .map(|(_, n)| n)
+                    .sum::<usize>();
+                continue;
+            };
+            return Ok(Err(format!("ours and upstream differ:\n{diff}")));
         }
-        match diff {
-            None => {
+        Ok(Ok(compared))
+    })
+    .await
+}
+
+/// Polls `round` every 150 ms until it agrees (`Ok`) in every round for 1.5 s, and returns what
+/// the last round counted; fails with the last difference (`Err`) once `limit` has passed
+/// without that. Both sides of a differential test settle at their own pace, so one agreeing
+/// look is not enough.
+pub async fn agree_steadily<T, F, Fut>(what: &str, limit: Duration, mut round: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Result<T, String>>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut agreed_since: Option<Instant> = None;
+    loop {
+        match round().await? {
+            Ok(compared) => {
                 let since = *agreed_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= Duration::from_millis(1500) {
                     return Ok(compared);
                 }
             }
-            Some(d) => {
+            Err(d) => {
                 agreed_since = None;
                 if Instant::now() >= deadline {
-                    bail!("{what}: ours and upstream differ:\n{d}");
+                    bail!("{what}: {d}");
                 }
             }
         }
