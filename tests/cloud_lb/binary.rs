@@ -139,9 +139,7 @@ async fn binary_serves_nlbs_through_the_sdk_default_chain() -> Result<()> {
     let client = cp.client().await?;
     let ns = namespace(&client, "cloudlb-bin-aws").await?;
     let moto = Moto::start().await?;
-    let subnets = moto.default_subnets().await?;
-    let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
-    std::fs::write(&config, format!("subnets: [{}]\n", subnets[0]))?;
+    let config = cloud_config(&moto, &ns).await?;
     // A node with an AWS provider ID, so the load balancer has a target.
     let node = format!("bin-{ns}");
     create_node(
@@ -180,9 +178,7 @@ async fn binary_killed_mid_create_then_restarted_adopts_the_load_balancer() -> R
     let ns = namespace(&client, "cloudlb-bin-kill").await?;
     let moto = Moto::start().await?;
     let proxy = FaultProxy::start(&moto.addr).await?;
-    let subnets = moto.default_subnets().await?;
-    let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
-    std::fs::write(&config, format!("subnets: [{}]\n", subnets[0]))?;
+    let config = cloud_config(&moto, &ns).await?;
     let class = format!("test.example.com/{ns}");
     let manager = || aws_manager(cp, &ns, &class, &config, &proxy.endpoint);
     // CreateLoadBalancer takes effect in moto, but its answer never reaches the manager.
@@ -249,9 +245,7 @@ async fn plan_with_aws_lists_the_calls_and_makes_none() -> Result<()> {
     let ns = namespace(&client, "cloudlb-bin-plan").await?;
     let moto = Moto::start().await?;
     let proxy = FaultProxy::start(&moto.addr).await?;
-    let subnets = moto.default_subnets().await?;
-    let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
-    std::fs::write(&config, format!("subnets: [{}]\n", subnets[0]))?;
+    let config = cloud_config(&moto, &ns).await?;
     let node = format!("bin-{ns}");
     create_node(
         &client,
@@ -339,4 +333,12 @@ async fn plan_with_aws_lists_the_calls_and_makes_none() -> Result<()> {
         .await;
     let _ = std::fs::remove_file(&config);
     Ok(())
+}
+
+/// A `--cloud-config` file naming moto's first default subnet, in the temp dir.
+async fn cloud_config(moto: &Moto, ns: &str) -> Result<std::path::PathBuf> {
+    let subnets = moto.default_subnets().await?;
+    let config = std::env::temp_dir().join(format!("{ns}-cloud.yaml"));
+    std::fs::write(&config, format!("subnets: [{}]\n", subnets[0]))?;
+    Ok(config)
 }

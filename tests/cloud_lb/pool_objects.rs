@@ -83,6 +83,19 @@ pub(crate) fn cidrs(c: &[&str]) -> LoadBalancerIPPoolSpec {
     }
 }
 
+/// A namespace for a pool test, with the pool CRD installed (hold [`SERIAL`] first).
+pub(crate) async fn pool_setup() -> Result<(kube::Client, String)> {
+    let (client, ns) = setup().await?;
+    install_crd(&client).await?;
+    Ok((client, ns))
+}
+
+/// Pool `name` made anew (any leftover of an earlier run deleted first) with `ranges`.
+pub(crate) async fn fresh_pool(client: &kube::Client, name: &str, ranges: &[&str]) -> Result<()> {
+    delete_pool(client, name).await;
+    put_pool(client, name, cidrs(ranges)).await
+}
+
 pub(crate) async fn delete_pool(client: &kube::Client, name: &str) {
     let _ = pools(client).delete(name, &DeleteParams::default()).await;
 }
@@ -133,8 +146,7 @@ pub(crate) async fn ips_of(client: &kube::Client, ns: &str, name: &str) -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pool_objects_edited_shrunk_and_deleted_never_move_an_address() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let (client, ns) = setup().await?;
-    install_crd(&client).await?;
+    let (client, ns) = pool_setup().await?;
     let class = "test.example.com/pool-objects";
     let (p1, p2) = ("it-objects-a", "it-objects-b");
     delete_pool(&client, p1).await;
@@ -262,12 +274,10 @@ async fn pool_objects_edited_shrunk_and_deleted_never_move_an_address() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pinned_request_is_served_as_soon_as_its_holder_releases_it() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let (client, ns) = setup().await?;
-    install_crd(&client).await?;
+    let (client, ns) = pool_setup().await?;
     let class = "test.example.com/pins";
     let p = "it-pins";
-    delete_pool(&client, p).await;
-    put_pool(&client, p, cidrs(&["10.211.0.0/30"])).await?;
+    fresh_pool(&client, p, &["10.211.0.0/30"]).await?;
     let ctrl = Ctrl::start(&client, local_config("it-pins", class), objects_only());
     let refusals = Refusals::watch(&ctrl);
     create(&client, &pinned(&ns, "holder", class, "10.211.0.1")).await?;
@@ -318,8 +328,7 @@ async fn a_pinned_request_is_served_as_soon_as_its_holder_releases_it() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn selectors_decide_which_services_draw_from_a_pool() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let (client, ns) = setup().await?;
-    install_crd(&client).await?;
+    let (client, ns) = pool_setup().await?;
     let class = "test.example.com/selectors";
     let (team, bad) = ("it-sel-team", "it-sel-bad");
     delete_pool(&client, team).await;
@@ -379,8 +388,7 @@ async fn selectors_decide_which_services_draw_from_a_pool() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failover_in_the_middle_of_assignments_gives_no_address_twice() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let (client, ns) = setup().await?;
-    install_crd(&client).await?;
+    let (client, ns) = pool_setup().await?;
     let watch = test_support::invariants::AddressWatch::start(&client);
     let class = "test.example.com/pool-failover";
     let p = "it-failover";

@@ -12,9 +12,7 @@ use test_support::wait_for;
 
 use crate::backoff::{RETRYABLE, Refusals, assert_served_before_backoff};
 use crate::harness::*;
-use crate::pool_objects::{
-    cidrs, delete_pool, install_crd, ips_of, objects_only, pinned, put_pool,
-};
+use crate::pool_objects::{delete_pool, fresh_pool, ips_of, objects_only, pinned, pool_setup};
 
 /// A Service of `class` on `port`/TCP that shares under `key`, pinned to `pin` if given.
 fn sharer(ns: &str, name: &str, class: &str, key: &str, port: i32, pin: Option<&str>) -> Service {
@@ -44,13 +42,11 @@ async fn delete_and_wait(client: &kube::Client, ns: &str, name: &str) -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn services_with_one_key_share_an_address_until_the_last_goes() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let (client, ns) = setup().await?;
-    install_crd(&client).await?;
+    let (client, ns) = pool_setup().await?;
     let class = "test.example.com/sharing";
     let p = "it-sharing";
-    delete_pool(&client, p).await;
     // .1 and .2 usable.
-    put_pool(&client, p, cidrs(&["10.216.0.0/30"])).await?;
+    fresh_pool(&client, p, &["10.216.0.0/30"]).await?;
     let ctrl = Ctrl::start(&client, local_config("it-sharing", class), objects_only());
     create(&client, &sharer(&ns, "http", class, "web", 80, None)).await?;
     assert_eq!(
@@ -151,12 +147,10 @@ async fn services_with_one_key_share_an_address_until_the_last_goes() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pin_held_by_another_class_is_served_as_soon_as_it_lets_go() -> Result<()> {
     let _g = SERIAL.lock().await;
-    let (client, ns) = setup().await?;
-    install_crd(&client).await?;
+    let (client, ns) = pool_setup().await?;
     let class = "test.example.com/foreign-pin";
     let p = "it-foreign-pin";
-    delete_pool(&client, p).await;
-    put_pool(&client, p, cidrs(&["10.217.0.0/30"])).await?;
+    fresh_pool(&client, p, &["10.217.0.0/30"]).await?;
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
     // Another implementation's Service publishes .1.
     create(
